@@ -1,0 +1,1 @@
+"""HTTP API served by the worker: profile lookup, edge evaluation, audiences, metrics."""

@@ -1,0 +1,65 @@
+"""Builds the Faust worker app: topics from the registry, RocksDB tables with declared changelogs, agents."""
+
+from __future__ import annotations
+
+import time
+
+import faust
+
+from pipeline.profiles.ops import ProfileProcessor
+from pipeline.runtime import ROCKSDB_OPTIONS, Runtime
+from pipeline.segments import SegmentEngine
+from pipeline.settings import PipelineConfig, Settings
+from pipeline.topics import TopicRegistry
+
+
+def build_app(settings: Settings, config: PipelineConfig | None = None,
+              registry: TopicRegistry | None = None) -> Runtime:
+    """1. load config and topics; 2. create the app; 3. declare tables; 4. register each area's agents."""
+    config = config or PipelineConfig.load(settings.config_dir)
+    registry = registry or TopicRegistry.load(prefix=settings.topic_prefix)
+    ops_partitions = registry["internal.profile-ops"].partitions
+    (settings.data_dir / settings.worker_name).mkdir(parents=True, exist_ok=True)
+    app = faust.App(
+        settings.app_id,
+        broker=f"kafka://{settings.bootstrap}",
+        store="rocksdb://",
+        datadir=str(settings.data_dir / settings.worker_name),
+        topic_partitions=ops_partitions,
+        topic_replication_factor=1,
+        topic_allow_declare=True,  # only for faust's own leader topic; ours come from topics.yaml (internal=False)
+        table_standby_replicas=0,
+        consumer_auto_offset_reset="earliest",
+        producer_acks=-1,
+        producer_linger_ms=2,
+        broker_commit_every=1000,
+        broker_commit_interval=1.0,
+        stream_wait_empty=False,
+        web_enabled=True,
+        web_bind="127.0.0.1",
+        web_port=settings.web_port,
+        web_in_thread=False,
+        logging_config=None,
+    )
+    history_ms = config.profile.datasets.event_history.retention_ms
+    engine = SegmentEngine(config.audiences, history_retention_ms=history_ms)
+    processor = ProfileProcessor(config.profile, engine, time.time)
+    rt = Runtime(settings, config, registry, app, engine, processor)
+    for logical, table in (("state.identity-changelog", "identity"), ("state.profiles-changelog", "profiles")):
+        spec = registry[logical]
+        rt.tables[table] = app.Table(
+            table, partitions=spec.partitions, key_type=bytes, value_type=bytes,  # bytes => raw serde
+            options=dict(ROCKSDB_OPTIONS),
+            changelog_topic=app.topic(spec.name, key_type=bytes, value_type=bytes, key_serializer="raw",
+                                      value_serializer="raw", partitions=spec.partitions, internal=False))
+
+    from pipeline.api import routes as api_routes
+    from pipeline.identity import agents as identity_agents
+    from pipeline.ingest import agents as ingest_agents
+    from pipeline.profiles import agents as profile_agents
+
+    ingest_agents.register(rt)
+    identity_agents.register(rt)
+    profile_agents.register(rt)
+    api_routes.register(rt)
+    return rt

@@ -1,0 +1,219 @@
+"""The `pipeline` command: worker, topics, produce, tail, profile, segments, sample, destinations."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import ConfigError, PipelineError
+from pipeline.settings import PipelineConfig, Settings
+from pipeline.topics import TopicRegistry
+
+
+def _registry(settings: Settings) -> TopicRegistry:
+    return TopicRegistry.load(prefix=settings.topic_prefix)
+
+
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    import faust
+
+    from pipeline.app import build_app
+
+    try:
+        import uvloop  # noqa: F401
+        loop = "uvloop"
+    except ImportError:
+        loop = "aio"
+    config = PipelineConfig.load(settings.config_dir)  # a bad config stops here, before any connection
+    rt = build_app(settings, config)
+    logging.getLogger(__name__).info("worker %s: %d audiences, config %s", settings.worker_name,
+                                     len(config.audiences), settings.config_dir)
+    worker = faust.Worker(rt.app, loglevel=args.loglevel, loop=None if loop == "aio" else None)
+    worker.execute_from_commandline()
+    return 0
+
+
+def cmd_topics(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline.topics import apply
+
+    apply(_registry(settings), settings.bootstrap, dry_run=args.dry_run)
+    return 0
+
+
+def cmd_produce(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline.clients import produce_json_lines
+
+    reg = _registry(settings)
+    src = sys.stdin if args.file == "-" else open(args.file)  # noqa: SIM115
+    with src:
+        n = produce_json_lines(reg, settings.bootstrap, args.topic, src)
+    print(f"published {n} records to {reg.name(args.topic)}", file=sys.stderr)
+    return 0
+
+
+def cmd_tail(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline.clients import tail
+
+    for rec in tail(_registry(settings), settings.bootstrap, args.topic, from_beginning=args.from_beginning,
+                    max_messages=args.max, idle_timeout_s=args.timeout):
+        print(json.dumps(rec, default=str), flush=True)
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace, settings: Settings) -> int:
+    import httpx
+
+    url = args.url or f"http://127.0.0.1:{settings.web_port}"
+    r = httpx.get(f"{url}/profiles", params={"namespace": args.namespace, "id": args.id}, timeout=10)
+    print(json.dumps(r.json(), indent=2))
+    return 0 if r.status_code == 200 else 1
+
+
+def cmd_segments(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline.segments import SegmentEngine
+
+    config = PipelineConfig.load(settings.config_dir)
+    engine = SegmentEngine(config.audiences,
+                           history_retention_ms=config.profile.datasets.event_history.retention_ms)
+    if args.action == "explain":
+        for e in engine.explain(args.ids[0] if args.ids else None):
+            modes = [m for m, ok in (("streaming", e.streaming), ("batch", e.batch), ("edge", e.edge)) if ok]
+            print(f"{e.audience_id}: {', '.join(modes)} - {e.reason}")
+        return 0
+    if args.action == "list":
+        for a in config.audiences:
+            print(f"{a.id} (v{a.version}): {a.query}")
+        return 0
+    return run_batch(settings, [] if args.all else list(args.ids), since_ms=args.since_ms)
+
+
+def run_batch(settings: Settings, audiences: list[str], since_ms: int = 0, timeout_s: float = 600) -> int:
+    """Ask every partition's owner to evaluate, then follow progress on the control topic."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    from pipeline.clients import producer
+
+    reg = _registry(settings)
+    ops, control = reg["internal.profile-ops"], reg["control.segments"]
+    run = f"run-{uuid.uuid4().hex[:10]}"
+    c = Consumer({"bootstrap.servers": settings.bootstrap, "group.id": f"cdp-batch-{run}",
+                  "enable.auto.commit": False})
+    c.assign([TopicPartition(control.name, 0, -1)])  # latest: only this run's progress
+    c.poll(0.5)
+    p = producer(settings.bootstrap)
+    for part in range(ops.partitions):
+        p.produce(ops.name, key=run.encode(), partition=part, value=ops.codec.encode(
+            {"op": "batch", "run": run, "audiences": audiences, "since_ms": since_ms, "kind": "batch"}))
+    p.flush(10)
+    progress: dict[int, tuple[int, int]] = {}
+    finals: dict[int, dict[str, Any]] = {}
+    bar = _progress_bar(ops.partitions)
+    deadline = time.monotonic() + timeout_s
+    while len(finals) < ops.partitions and time.monotonic() < deadline:
+        msg = c.poll(0.5)
+        if msg is None or msg.error():
+            continue
+        v = control.codec.decode(msg.value())
+        if v.get("run") != run:
+            continue
+        progress[v["partition"]] = (v["seen"], v["total"])
+        if v["final"]:
+            finals[v["partition"]] = v
+        bar(progress, len(finals))
+    c.close()
+    if len(finals) < ops.partitions:
+        print(f"\nbatch run {run} timed out: {len(finals)}/{ops.partitions} partitions reported", file=sys.stderr)
+        return 1
+    total = sum(f["evaluated"] for f in finals.values())
+    changes = sum(f["changes"] for f in finals.values())
+    print(f"\nbatch run {run}: {total} profiles evaluated, {changes} membership changes emitted")
+    return 0
+
+
+def _progress_bar(parts: int) -> Any:
+    tty = sys.stderr.isatty()
+    last = [0.0]
+
+    def show(progress: dict[int, tuple[int, int]], finished: int) -> None:
+        seen = sum(s for s, _ in progress.values())
+        total = sum(t for _, t in progress.values()) or 1
+        if tty:
+            width = 30
+            filled = int(width * seen / total)
+            sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {seen}/{total} profiles, "
+                             f"{finished}/{parts} partitions done")
+            sys.stderr.flush()
+        elif time.monotonic() - last[0] > 2 or finished == parts:
+            last[0] = time.monotonic()
+            print(f"batch progress: {seen}/{total} profiles, {finished}/{parts} partitions done", file=sys.stderr)
+
+    return show
+
+
+def cmd_sample(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline.sample import write
+
+    ev, rec = write(args.people, Path(args.out), int(time.time() * 1000), seed=args.seed)
+    print(f"wrote {ev} and {rec}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="pipeline", description="Real-time customer data pipeline")
+    ap.add_argument("--config", help="configuration folder (default $PIPELINE_CONFIG or config/example)")
+    sub = ap.add_subparsers(dest="command", required=True)
+    w = sub.add_parser("worker", help="run the stream-processing worker")
+    w.add_argument("--loglevel", default="info")
+    w.set_defaults(func=cmd_worker)
+    t = sub.add_parser("topics", help="manage the topics declared in topics.yaml")
+    t.add_argument("action", choices=["apply"])
+    t.add_argument("--dry-run", action="store_true")
+    t.set_defaults(func=cmd_topics)
+    p = sub.add_parser("produce", help="publish JSON-lines records as Avro to a pipeline topic")
+    p.add_argument("--topic", required=True, help="logical topic name from topics.yaml")
+    p.add_argument("--file", required=True, help="JSON-lines file, or - for stdin")
+    p.set_defaults(func=cmd_produce)
+    tl = sub.add_parser("tail", help="print a pipeline topic's messages decoded, as JSON lines")
+    tl.add_argument("topic")
+    tl.add_argument("--from-beginning", action="store_true")
+    tl.add_argument("--max", type=int)
+    tl.add_argument("--timeout", type=float, default=5.0, help="exit after this many idle seconds")
+    tl.set_defaults(func=cmd_tail)
+    pr = sub.add_parser("profile", help="look up a merged profile")
+    pr.add_argument("action", choices=["get"])
+    pr.add_argument("--namespace", required=True)
+    pr.add_argument("--id", required=True)
+    pr.add_argument("--url")
+    pr.set_defaults(func=cmd_profile)
+    s = sub.add_parser("segments", help="explain, list or batch-run audiences")
+    s.add_argument("action", choices=["explain", "list", "run"])
+    s.add_argument("ids", nargs="*")
+    s.add_argument("--all", action="store_true")
+    s.add_argument("--since-ms", type=int, default=0, help="incremental: only profiles changed since")
+    s.set_defaults(func=cmd_segments)
+    sm = sub.add_parser("sample", help="write reproducible sample data (events.jsonl, profiles.jsonl)")
+    sm.add_argument("--people", type=int, default=2000)
+    sm.add_argument("--seed", type=int, default=7)
+    sm.add_argument("--out", default="data/sample")
+    sm.set_defaults(func=cmd_sample)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(levelname)s %(name)s: %(message)s")
+    settings = Settings.from_env(args.config)
+    try:
+        return int(args.func(args, settings))
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,59 @@
+"""Activation: deliver membership and profile changes to HTTP webhooks, Kafka topics and file exports."""
+
+from pipeline.destinations.base import (
+    DeadLetterSink,
+    Destination,
+    DestinationContext,
+    DestinationFactory,
+    Payload,
+    PayloadKind,
+    PayloadStatus,
+    TopicResolver,
+    create_destination,
+    destination_kinds,
+    register_kind,
+)
+from pipeline.destinations.config import (
+    BatchConfig,
+    BreakerConfig,
+    ConsentConfig,
+    DestinationConfig,
+    DestinationsConfig,
+    FileSettings,
+    HttpSettings,
+    IdentityMapping,
+    KafkaSettings,
+    RetryConfig,
+    load_destinations,
+    parse_destinations,
+)
+from pipeline.destinations.files import ExportFile, ExportManifest, FileDestination
+from pipeline.destinations.http import CircuitBreaker, HttpDestination, TokenBucket
+from pipeline.destinations.kafka_topic import KafkaTopicDestination
+from pipeline.destinations.mapping import (
+    Skip,
+    map_change,
+    map_identities,
+    map_message,
+    map_profile_change,
+    transform_identity,
+)
+from pipeline.destinations.runner import (
+    Decoder,
+    DestinationRunner,
+    DestinationStatus,
+    LogicalTopics,
+    RunnerSettings,
+    json_decoder,
+)
+
+__all__ = [
+    "BatchConfig", "BreakerConfig", "CircuitBreaker", "ConsentConfig", "DeadLetterSink", "Decoder",
+    "Destination", "DestinationConfig", "DestinationContext", "DestinationFactory", "DestinationRunner",
+    "DestinationStatus", "DestinationsConfig", "ExportFile", "ExportManifest", "FileDestination",
+    "FileSettings", "HttpDestination", "HttpSettings", "IdentityMapping", "KafkaSettings",
+    "KafkaTopicDestination", "LogicalTopics", "Payload", "PayloadKind", "PayloadStatus", "RetryConfig",
+    "RunnerSettings", "Skip", "TokenBucket", "TopicResolver", "create_destination", "destination_kinds",
+    "json_decoder", "load_destinations", "map_change", "map_identities", "map_message",
+    "map_profile_change", "parse_destinations", "register_kind", "transform_identity",
+]

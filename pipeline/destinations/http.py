@@ -1,0 +1,320 @@
+"""HTTP webhook destination: micro-batches, retries with jittered backoff, rate limit, circuit breaker."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import logging
+import random
+import time
+from collections.abc import Callable
+from typing import Any, Literal
+
+import aiohttp
+
+from pipeline.destinations.base import Destination, DestinationContext, Payload, register_kind
+from pipeline.destinations.config import BreakerConfig, DestinationConfig, HttpSettings
+from pipeline.errors import DeliveryError
+
+log = logging.getLogger(__name__)
+
+BreakerState = Literal["closed", "open", "half_open"]
+
+
+class CircuitBreaker:
+    """closed -> open after N consecutive failures -> half_open after the reset timeout -> closed on
+    one success (or back to open on one failure). `state` and `transitions` are observable."""
+
+    def __init__(self, config: BreakerConfig, clock: Callable[[], float] = time.monotonic) -> None:
+        self.failure_threshold = config.failure_threshold
+        self.reset_timeout_s = config.reset_timeout_s
+        self._clock = clock
+        self._state: BreakerState = "closed"
+        self._failures = 0
+        self._opened_at = 0.0
+        self.transitions: list[tuple[float, BreakerState]] = []  # (monotonic time, new state)
+
+    @property
+    def state(self) -> BreakerState:
+        # half_open is derived lazily so nothing has to run a timer.
+        if self._state == "open" and self._clock() - self._opened_at >= self.reset_timeout_s:
+            self._set("half_open")
+        return self._state
+
+    def allow(self) -> bool:
+        return self.state != "open"
+
+    def seconds_until_trial(self) -> float:
+        if self.state != "open":
+            return 0.0
+        return max(0.0, self.reset_timeout_s - (self._clock() - self._opened_at))
+
+    def record_success(self) -> None:
+        self._failures = 0
+        if self.state != "closed":
+            self._set("closed")
+
+    def record_failure(self) -> None:
+        self._failures += 1
+        if self.state == "half_open" or self._failures >= self.failure_threshold:
+            self._opened_at = self._clock()
+            if self._state != "open":
+                self._set("open")
+
+    def _set(self, state: BreakerState) -> None:
+        self._state = state
+        self.transitions.append((self._clock(), state))
+        log.info("circuit breaker -> %s", state)
+
+
+class TokenBucket:
+    """At most `rate` acquisitions per second on average, bursts up to `burst`."""
+
+    def __init__(self, rate: float, burst: float | None = None) -> None:
+        self.rate = rate
+        self.capacity = burst if burst is not None else max(1.0, rate)
+        self._tokens = self.capacity
+        self._last = time.monotonic()
+
+    async def acquire(self) -> None:
+        while True:
+            now = time.monotonic()
+            self._tokens = min(self.capacity, self._tokens + (now - self._last) * self.rate)
+            self._last = now
+            if self._tokens >= 1.0:
+                self._tokens -= 1.0
+                return
+            await asyncio.sleep((1.0 - self._tokens) / self.rate)
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Retry-After in seconds (the usual form) or as an HTTP date; None if absent or unparsable."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def backoff_delay_s(attempt: int, base_ms: int, max_ms: int, rng: random.Random | None = None) -> float:
+    """Full jitter: uniform(0, min(max, base * 2**(attempt-1))) for the `attempt`-th failure (1-based)."""
+    cap = min(float(max_ms), base_ms * (2.0 ** max(0, attempt - 1)))
+    return (rng or random).uniform(0.0, cap) / 1000.0
+
+
+class HttpDestination(Destination):
+    """Posts JSON batches {"destination": name, "records": [...]} to a webhook.
+
+    `deliver()` only enqueues (blocking when the bounded queue is full: backpressure on this
+    destination's consumer only); one sender task batches by count and age and sends in order.
+    Records that fail for good go to the context's dead-letter sink with the reason.
+    """
+
+    def __init__(self, config: DestinationConfig, context: DestinationContext,
+                 session: aiohttp.ClientSession | None = None) -> None:
+        super().__init__(config, context)
+        if config.http is None:
+            raise DeliveryError(f"destination {config.name} has no http settings", retryable=False)
+        self.settings: HttpSettings = config.http
+        self.breaker = CircuitBreaker(self.settings.circuit_breaker)
+        self._bucket = TokenBucket(self.settings.rate_limit_per_s) if self.settings.rate_limit_per_s else None
+        self._queue: asyncio.Queue[Payload] = asyncio.Queue(maxsize=self.settings.queue_max_records)
+        self._session = session
+        self._own_session = session is None
+        self._task: asyncio.Task[None] | None = None
+        self._unfinished = 0  # accepted by deliver(), not yet delivered or dead-lettered
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._flush_requested = asyncio.Event()
+        self._failure: BaseException | None = None  # a dead-letter sink error: flush() must report it
+        self._closed = False
+        self.delivered = 0
+        self.requests = 0
+        self.failed_attempts = 0
+        self.dead_lettered = 0
+        self.last_delivery_ms: int | None = None
+        self.last_error: str | None = None
+
+    async def start(self) -> None:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self.settings.timeout_s))
+        self._task = asyncio.create_task(self._run(), name=f"http-dest-{self.name}")
+
+    async def deliver(self, batch: list[Payload]) -> None:
+        if self._closed or self._task is None:
+            raise DeliveryError(f"destination {self.name} is not running", retryable=True)
+        for p in batch:
+            self._unfinished += 1
+            self._idle.clear()
+            await self._queue.put(p)  # blocks when full: that is the backpressure
+
+    async def flush(self) -> None:
+        """Wait until everything enqueued so far is delivered or dead-lettered.
+
+        1. Ask the sender to stop waiting for batches to fill (no max_age wait).
+        2. Wait for the in-flight counter to reach zero, or for the sender task to die.
+        3. Report a dead-letter sink failure as a retryable DeliveryError (nothing may be committed).
+        """
+        if self._unfinished > 0:
+            assert self._task is not None
+            self._flush_requested.set()
+            idle = asyncio.create_task(self._idle.wait())
+            try:
+                await asyncio.wait({idle, self._task}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                idle.cancel()
+            if self._task.done() and self._unfinished > 0:
+                raise DeliveryError(f"sender of {self.name} stopped: {self._task.exception()!r}",
+                                    retryable=True)
+        if self._failure is not None:
+            failure, self._failure = self._failure, None
+            raise DeliveryError(f"dead-letter sink failed: {failure!r}", retryable=True)
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._session is not None and self._own_session:
+            await self._session.close()
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "breaker": self.breaker.state,
+            "queued": self._queue.qsize(),
+            "unfinished": self._unfinished,
+            "delivered": self.delivered,
+            "requests": self.requests,
+            "failed_attempts": self.failed_attempts,
+            "dead_lettered": self.dead_lettered,
+            "last_delivery_ms": self.last_delivery_ms,
+            "last_error": self.last_error,
+        }
+
+    # -- sender -------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            batch = await self._next_batch()
+            try:
+                await self._send(batch)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a bug or a failing dead-letter sink: keep the sender alive
+                log.exception("destination %s: batch of %d neither delivered nor dead-lettered",
+                              self.name, len(batch))
+                self._failure = exc
+            self._unfinished -= len(batch)
+            if self._unfinished == 0:
+                self._flush_requested.clear()
+                self._idle.set()
+
+    async def _next_batch(self) -> list[Payload]:
+        batch = [await self._queue.get()]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.batch.max_age_ms / 1000.0
+        while len(batch) < self.settings.batch.max_records:
+            try:
+                batch.append(self._queue.get_nowait())
+                continue
+            except asyncio.QueueEmpty:
+                pass
+            remaining = deadline - loop.time()
+            if self._flush_requested.is_set() or remaining <= 0:
+                break
+            getter = asyncio.ensure_future(self._queue.get())
+            flusher = asyncio.ensure_future(self._flush_requested.wait())
+            done, _ = await asyncio.wait({getter, flusher}, timeout=remaining,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            flusher.cancel()
+            if getter in done:
+                batch.append(getter.result())
+            else:
+                getter.cancel()  # a cancelled Queue.get never removes an item
+                with contextlib.suppress(asyncio.CancelledError):
+                    await getter
+                if getter.done() and not getter.cancelled():
+                    batch.append(getter.result())  # it completed while we cancelled
+        return batch
+
+    async def _send(self, batch: list[Payload]) -> None:
+        retry = self.settings.retry
+        attempt = 0
+        while True:
+            while not self.breaker.allow():
+                # Open breaker: wait for the trial instead of burning attempts against a dead host.
+                await asyncio.sleep(max(0.005, self.breaker.seconds_until_trial()))
+            if self._bucket is not None:
+                await self._bucket.acquire()
+            attempt += 1
+            try:
+                await self._post(batch)
+            except DeliveryError as err:
+                reason = str(err)
+                self.last_error = reason
+                self.failed_attempts += 1
+                if not err.retryable:
+                    # The receiver answered, so it is up: do not count this against the breaker.
+                    self.breaker.record_success()
+                    await self._dead_letter(batch, reason)
+                    return
+                self.breaker.record_failure()
+                if attempt >= retry.max_attempts:
+                    await self._dead_letter(batch, f"retries_exhausted:{reason}")
+                    return
+                delay = backoff_delay_s(attempt, retry.base_delay_ms, retry.max_delay_ms)
+                if err.retry_after_s is not None:
+                    delay = max(delay, err.retry_after_s)
+                await asyncio.sleep(delay)
+                continue
+            self.breaker.record_success()
+            self.delivered += len(batch)
+            self.last_delivery_ms = int(time.time() * 1000)
+            return
+
+    async def _dead_letter(self, batch: list[Payload], reason: str) -> None:
+        log.warning("destination %s: %d record(s) to dead-letter: %s", self.name, len(batch), reason)
+        await self.context.dead_letter(batch, reason)
+        self.dead_lettered += len(batch)
+
+    async def _post(self, batch: list[Payload]) -> None:
+        assert self._session is not None
+        body = {"destination": self.name, "records": [_record(p) for p in batch]}
+        headers = dict(self.settings.headers)
+        if len(batch) == 1:
+            headers["Idempotency-Key"] = batch[0].idempotency_key
+        self.requests += 1
+        try:
+            async with self._session.request(
+                    self.settings.method, self.settings.url, json=body, headers=headers,
+                    timeout=aiohttp.ClientTimeout(total=self.settings.timeout_s)) as resp:
+                await resp.read()
+                if 200 <= resp.status < 300:
+                    return
+                reason = f"http_{resp.status}"
+                if resp.status == 429 or resp.status >= 500:
+                    raise DeliveryError(reason, retryable=True,
+                                        retry_after_s=parse_retry_after(resp.headers.get("Retry-After")))
+                raise DeliveryError(reason, retryable=False)
+        except TimeoutError as exc:
+            raise DeliveryError("timeout", retryable=True) from exc
+        except aiohttp.ClientError as exc:
+            raise DeliveryError(f"connection_error:{type(exc).__name__}", retryable=True) from exc
+
+
+def _record(p: Payload) -> dict[str, Any]:
+    d = p.to_dict()
+    del d["destination"]  # it is in the envelope
+    return d
+
+
+register_kind("http", HttpDestination)

@@ -1,0 +1,456 @@
+"""Runs every destination: one Kafka consumer group each, map, deliver, commit (at-least-once), DLQ."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, Message, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from pipeline.destinations.base import (
+    Destination,
+    DestinationContext,
+    Payload,
+    TopicResolver,
+    create_destination,
+)
+from pipeline.destinations.config import DestinationConfig
+from pipeline.destinations.mapping import Skip, map_message
+from pipeline.errors import DeliveryError, UnknownNameError
+
+log = logging.getLogger(__name__)
+
+# (logical topic name, message value bytes) -> the message as a dict. The lead wires the Avro serde in;
+# `json_decoder` is the stand-in for tests and JSON topics.
+Decoder = Callable[[str, bytes], dict[str, Any]]
+
+
+def json_decoder(logical_topic: str, value: bytes) -> dict[str, Any]:
+    """Decode a JSON message value (any topic)."""
+    result = json.loads(value)
+    if not isinstance(result, dict):
+        raise ValueError(f"{logical_topic}: expected a JSON object")
+    return result
+
+
+class LogicalTopics:
+    """A TopicResolver that uses logical names as physical names (tests, single-cluster dev)."""
+
+    def name(self, logical: str) -> str:
+        return logical
+
+
+@dataclass(frozen=True)
+class RunnerSettings:
+    """Topics and tuning of the runner; topic names are logical (resolved by the TopicResolver)."""
+
+    membership_topic: str = "activation.memberships"
+    profile_change_topic: str = "activation.profile_changes"
+    # Physical dead-letter topic name per destination name.
+    dead_letter_topic: Callable[[str], str] = field(default=lambda name: f"cdp-dest-dlq-{name}")
+    create_dead_letter_topics: bool = True
+    max_poll_records: int = 500
+    poll_timeout_s: float = 0.2
+    commit_interval_ms: int = 1000
+    # For destinations whose deliver()/flush() raise retryable DeliveryErrors (kafka, file):
+    deliver_max_attempts: int = 5
+    retry_base_delay_ms: int = 200
+    retry_max_delay_ms: int = 5000
+    consumer_config: dict[str, Any] = field(default_factory=dict)
+    producer_config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DestinationStatus:
+    """One destination's health as `status()` reports it."""
+
+    name: str
+    kind: str
+    running: bool
+    lag: int | None  # messages on the source topics not yet committed by cdp-dest-<name>
+    last_delivery_ms: int | None
+    consumed: int
+    delivered: int
+    skipped: dict[str, int]
+    errors: dict[str, int]
+    dead_lettered: int
+    dead_letter_depth: int | None  # dead-letter messages not yet redriven
+    breaker: str | None
+
+
+@dataclass
+class _Lane:
+    """Mutable per-destination state of the runner."""
+
+    config: DestinationConfig
+    destination: Destination
+    consumer: Consumer | None = None
+    task: asyncio.Task[None] | None = None
+    uncommitted: list[Payload] = field(default_factory=list)  # delivered since the last commit
+    dirty: bool = False  # consumed something since the last commit
+    last_commit: float = 0.0
+    consumed: int = 0
+    delivered: int = 0
+    dead_lettered: int = 0
+    last_delivery_ms: int | None = None
+    skipped: Counter[str] = field(default_factory=Counter)
+    errors: Counter[str] = field(default_factory=Counter)
+
+
+class DestinationRunner:
+    """One consumer (group `cdp-dest-<name>`) per destination over the membership and profile-change
+    topics. Offsets are committed only after the destination's flush() (at-least-once); payloads that
+    fail for good go to that destination's dead-letter topic with the reason in headers."""
+
+    def __init__(self, destinations: Iterable[DestinationConfig], *, bootstrap: str,
+                 topics: TopicResolver | None = None, decode: Decoder = json_decoder,
+                 settings: RunnerSettings | None = None) -> None:
+        self.bootstrap = bootstrap
+        self.topics: TopicResolver = topics or LogicalTopics()
+        self.decode = decode
+        self.settings = settings or RunnerSettings()
+        self._configs = list(destinations)
+        self._lanes: dict[str, _Lane] = {}
+        self._producer: Producer | None = None
+        self._stopping = asyncio.Event()
+        self._logical = {
+            self.topics.name(self.settings.membership_topic): self.settings.membership_topic,
+            self.topics.name(self.settings.profile_change_topic): self.settings.profile_change_topic,
+        }
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """1. Create the dead-letter producer (and topics). 2. Build and start every destination.
+        3. Subscribe one consumer per destination and start its loop."""
+        self._producer = Producer({"bootstrap.servers": self.bootstrap, "enable.idempotence": True,
+                                   "linger.ms": 5, **self.settings.producer_config})
+        if self.settings.create_dead_letter_topics:
+            await asyncio.to_thread(self._create_dead_letter_topics)
+        for cfg in self._configs:
+            ctx = DestinationContext(dead_letter=self._dead_letter_sink(cfg.name),
+                                     kafka_bootstrap=self.bootstrap, topics=self.topics)
+            dest = create_destination(cfg, ctx)
+            await dest.start()
+            lane = _Lane(cfg, dest, last_commit=time.monotonic())
+            lane.consumer = Consumer({
+                "bootstrap.servers": self.bootstrap,
+                "group.id": f"cdp-dest-{cfg.name}",
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+                **self.settings.consumer_config,
+            })
+            lane.consumer.subscribe(list(self._logical))
+            self._lanes[cfg.name] = lane
+            lane.task = asyncio.create_task(self._run_lane(lane), name=f"dest-lane-{cfg.name}")
+
+    async def stop(self) -> None:
+        """1. Stop the loops. 2. Final flush + commit per destination. 3. Close destinations,
+        consumers and the dead-letter producer."""
+        self._stopping.set()
+        for lane in self._lanes.values():
+            if lane.task is not None:
+                with contextlib.suppress(Exception):
+                    await lane.task
+            try:
+                await self._commit(lane)
+            except Exception:
+                log.exception("destination %s: final commit failed (messages will be re-delivered)",
+                              lane.config.name)
+            with contextlib.suppress(Exception):
+                await lane.destination.close()
+            if lane.consumer is not None:
+                await asyncio.to_thread(lane.consumer.close)
+        if self._producer is not None:
+            await asyncio.to_thread(self._producer.flush, 10.0)
+
+    def destination(self, name: str) -> Destination:
+        return self._lane(name).destination
+
+    def _lane(self, name: str) -> _Lane:
+        if name not in self._lanes:
+            raise UnknownNameError("destination", name, list(self._lanes))
+        return self._lanes[name]
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    async def _run_lane(self, lane: _Lane) -> None:
+        assert lane.consumer is not None
+        consumer = lane.consumer
+        while not self._stopping.is_set():
+            try:
+                msgs = await asyncio.to_thread(consumer.consume, self.settings.max_poll_records,
+                                               self.settings.poll_timeout_s)
+                payloads: list[Payload] = []
+                for m in msgs:
+                    payloads.extend(await self._map(lane, m))
+                if payloads:
+                    await self._deliver(lane, payloads)
+                due = (time.monotonic() - lane.last_commit) * 1000 >= self.settings.commit_interval_ms
+                if lane.dirty and (due or not msgs):
+                    await self._commit(lane)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # Keep the lane alive: uncommitted messages are re-read after a restart at worst.
+                lane.errors[f"loop:{type(exc).__name__}"] += 1
+                log.exception("destination %s: loop error", lane.config.name)
+                await asyncio.sleep(1.0)
+
+    async def _map(self, lane: _Lane, m: Message) -> list[Payload]:
+        err = m.error()
+        if err is not None:
+            if err.code() != KafkaError._PARTITION_EOF:
+                lane.errors["consume"] += 1
+            return []
+        lane.consumed += 1
+        lane.dirty = True
+        logical = self._logical.get(m.topic() or "", m.topic() or "")
+        try:
+            msg = self.decode(logical, m.value() or b"")
+            result = map_message(msg, lane.config)
+        except Exception as exc:
+            lane.errors["decode"] += 1
+            await self._produce_raw_dead_letter(lane, m, f"decode_error:{type(exc).__name__}")
+            return []
+        if isinstance(result, Skip):
+            lane.skipped[result.reason] += 1
+            return []
+        return result
+
+    async def _deliver(self, lane: _Lane, payloads: list[Payload]) -> None:
+        """Hand payloads to the destination, retrying retryable errors with backoff, else DLQ."""
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                await lane.destination.deliver(payloads)
+                lane.uncommitted.extend(payloads)
+                return
+            except DeliveryError as err:
+                lane.errors[f"deliver:{err}"[:80]] += 1
+                if not err.retryable or attempt >= self.settings.deliver_max_attempts:
+                    reason = str(err) if not err.retryable else f"retries_exhausted:{err}"
+                    await self._dead_letter(lane, payloads, reason)
+                    return
+                await asyncio.sleep(self._backoff(attempt, err.retry_after_s))
+
+    async def _commit(self, lane: _Lane) -> None:
+        """Commit what was consumed, after it is safe.
+
+        1. flush() the destination: everything delivered is now delivered or dead-lettered.
+           On a retryable error re-deliver the uncommitted payloads and flush again (duplicates are
+           fine, they carry idempotency keys); when attempts run out or it is not retryable,
+           dead-letter the uncommitted payloads.
+        2. Flush the dead-letter producer, so dead-lettered payloads are acknowledged by Kafka.
+        3. Commit the consumer's positions synchronously.
+        """
+        if lane.consumer is None:
+            return
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                await lane.destination.flush()
+                break
+            except DeliveryError as err:
+                lane.errors[f"flush:{err}"[:80]] += 1
+                if not err.retryable or attempt >= self.settings.deliver_max_attempts:
+                    await self._dead_letter(lane, lane.uncommitted, f"flush_failed:{err}")
+                    break
+                await asyncio.sleep(self._backoff(attempt, err.retry_after_s))
+                with contextlib.suppress(DeliveryError):
+                    await lane.destination.deliver(list(lane.uncommitted))
+        assert self._producer is not None
+        remaining = await asyncio.to_thread(self._producer.flush, 30.0)
+        if remaining:
+            raise DeliveryError(f"{remaining} dead-letter message(s) unacknowledged", retryable=True)
+        if lane.dirty:
+            try:
+                await asyncio.to_thread(lane.consumer.commit, asynchronous=False)
+            except Exception as exc:
+                # Nothing consumed since assignment, or a rebalance: offsets get re-read, not lost.
+                lane.errors["commit"] += 1
+                log.warning("destination %s: commit failed: %s", lane.config.name, exc)
+        if lane.uncommitted:
+            lane.delivered += len(lane.uncommitted)
+            stats_ms = lane.destination.stats().get("last_delivery_ms")
+            lane.last_delivery_ms = stats_ms if stats_ms else int(time.time() * 1000)
+        lane.uncommitted = []
+        lane.dirty = False
+        lane.last_commit = time.monotonic()
+
+    def _backoff(self, attempt: int, retry_after_s: float | None) -> float:
+        cap = min(self.settings.retry_max_delay_ms, self.settings.retry_base_delay_ms * 2 ** (attempt - 1))
+        delay = random.uniform(0, cap) / 1000.0
+        return max(delay, retry_after_s or 0.0)
+
+    # -- dead letters ----------------------------------------------------------------------------
+
+    def _dead_letter_sink(self, name: str) -> Callable[[list[Payload], str], Any]:
+        async def sink(payloads: list[Payload], reason: str) -> None:
+            await self._dead_letter(self._lanes[name], payloads, reason)
+        return sink
+
+    async def _dead_letter(self, lane: _Lane, payloads: list[Payload], reason: str) -> None:
+        assert self._producer is not None
+        topic = self.settings.dead_letter_topic(lane.config.name)
+        headers: list[tuple[str, str | bytes | None]] = [
+            ("dlq.reason", reason.encode()), ("dlq.destination", lane.config.name.encode()),
+            ("dlq.time_ms", str(int(time.time() * 1000)).encode())]
+        for p in payloads:
+            value = json.dumps(p.to_dict(), separators=(",", ":")).encode("utf-8")
+            await self._produce(topic, p.profile_id.encode("utf-8"), value, headers)
+        lane.dead_lettered += len(payloads)
+        # Dead-lettered payloads are settled: they must not be re-delivered or counted again.
+        dead = {id(p) for p in payloads}
+        lane.uncommitted = [p for p in lane.uncommitted if id(p) not in dead]
+
+    async def _produce_raw_dead_letter(self, lane: _Lane, m: Message, reason: str) -> None:
+        headers: list[tuple[str, str | bytes | None]] = [
+            ("dlq.reason", reason.encode()), ("dlq.destination", lane.config.name.encode()),
+            ("dlq.source_topic", (m.topic() or "").encode()),
+                   ("dlq.source_offset", str(m.offset()).encode())]
+        await self._produce(self.settings.dead_letter_topic(lane.config.name), m.key(), m.value() or b"",
+                            headers)
+        lane.dead_lettered += 1
+
+    async def _produce(self, topic: str, key: bytes | str | None, value: bytes,
+                       headers: list[tuple[str, str | bytes | None]]) -> None:
+        assert self._producer is not None
+        while True:
+            try:
+                self._producer.produce(topic, key=key, value=value, headers=headers)
+                self._producer.poll(0)
+                return
+            except BufferError:
+                await asyncio.to_thread(self._producer.poll, 0.1)
+
+    def _create_dead_letter_topics(self) -> None:
+        admin = AdminClient({"bootstrap.servers": self.bootstrap})
+        existing = set(admin.list_topics(timeout=10).topics)
+        wanted = [self.settings.dead_letter_topic(c.name) for c in self._configs]
+        new = [NewTopic(t, num_partitions=1, replication_factor=1) for t in wanted if t not in existing]
+        if not new:
+            return
+        for topic, fut in admin.create_topics(new).items():
+            try:
+                fut.result(timeout=30)
+            except Exception as exc:  # already created by a concurrent runner is fine
+                if "TOPIC_ALREADY_EXISTS" not in str(exc):
+                    raise DeliveryError(f"cannot create dead-letter topic {topic}: {exc}",
+                                        retryable=True) from exc
+
+    # -- redrive ---------------------------------------------------------------------------------
+
+    async def redrive(self, name: str) -> int:
+        """Re-deliver the dead-letter topic of `name` up to its current end; returns the count.
+
+        1. Snapshot the end offsets, so payloads that fail again (and are dead-lettered anew) are not
+           read again in this same redrive.
+        2. Read from the redrive group's committed offsets (`cdp-dest-<name>-redrive`).
+        3. Deliver and flush through the normal path (failures go back to the dead-letter topic).
+        4. Commit the redrive group's offsets.
+        """
+        lane = self._lane(name)
+        topic = self.settings.dead_letter_topic(name)
+        consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": f"cdp-dest-{name}-redrive",
+                             "enable.auto.commit": False, "auto.offset.reset": "earliest",
+                             **self.settings.consumer_config})
+        try:
+            ends, starts = await asyncio.to_thread(self._dead_letter_bounds, consumer, topic)
+            todo = {p for p in ends if starts[p] < ends[p]}
+            if not todo:
+                return 0
+            consumer.assign([TopicPartition(topic, p, starts[p]) for p in todo])
+            count = 0
+            deadline = time.monotonic() + 60.0
+            while todo and time.monotonic() < deadline:
+                msgs = await asyncio.to_thread(consumer.consume, self.settings.max_poll_records, 0.5)
+                payloads: list[Payload] = []
+                for m in msgs:
+                    if m.error() is not None or m.partition() not in todo:
+                        continue
+                    part, offset = m.partition() or 0, m.offset() or 0
+                    if offset >= ends[part]:
+                        continue
+                    try:
+                        payloads.append(Payload.from_dict(json.loads(m.value() or b"")))
+                    except (ValueError, KeyError, TypeError):
+                        lane.errors["redrive_undecodable"] += 1  # a raw (decode-error) dead letter
+                    if offset + 1 >= ends[part]:
+                        todo.discard(part)
+                if payloads:
+                    await self._deliver(lane, payloads)
+                    lane.dirty = True
+                    await self._commit(lane)
+                    count += len(payloads)
+                if msgs:
+                    await asyncio.to_thread(consumer.commit, asynchronous=False)
+            return count
+        finally:
+            await asyncio.to_thread(consumer.close)
+
+    def _dead_letter_bounds(self, consumer: Consumer, topic: str) -> tuple[dict[int, int], dict[int, int]]:
+        md = consumer.list_topics(topic, timeout=10)
+        meta = md.topics.get(topic)
+        if meta is None or meta.error is not None:
+            return {}, {}
+        tps = [TopicPartition(topic, p) for p in meta.partitions]
+        committed = {tp.partition: tp.offset for tp in consumer.committed(tps, timeout=10)}
+        ends: dict[int, int] = {}
+        starts: dict[int, int] = {}
+        for tp in tps:
+            low, high = consumer.get_watermark_offsets(tp, timeout=10)
+            ends[tp.partition] = high
+            c = committed.get(tp.partition, OFFSET_INVALID)
+            starts[tp.partition] = c if c is not None and c >= 0 else low
+        return ends, starts
+
+    # -- status ----------------------------------------------------------------------------------
+
+    async def status(self) -> dict[str, DestinationStatus]:
+        """Per destination: lag, last delivery time, error counts, dead-letter depth, breaker state."""
+        out: dict[str, DestinationStatus] = {}
+        for name, lane in self._lanes.items():
+            lag, depth = await asyncio.to_thread(self._offsets_status, name)
+            stats = lane.destination.stats()
+            out[name] = DestinationStatus(
+                name=name, kind=lane.config.kind,
+                running=lane.task is not None and not lane.task.done(),
+                lag=lag, last_delivery_ms=lane.last_delivery_ms, consumed=lane.consumed,
+                delivered=lane.delivered, skipped=dict(lane.skipped), errors=dict(lane.errors),
+                dead_lettered=lane.dead_lettered, dead_letter_depth=depth, breaker=stats.get("breaker"))
+        return out
+
+    def _offsets_status(self, name: str) -> tuple[int | None, int | None]:
+        try:
+            probe = Consumer({"bootstrap.servers": self.bootstrap, "group.id": f"cdp-dest-{name}",
+                              "enable.auto.commit": False})
+            try:
+                lag = 0
+                for topic in self._logical:
+                    ends, starts = self._dead_letter_bounds(probe, topic)
+                    lag += sum(ends[p] - starts[p] for p in ends)
+            finally:
+                probe.close()
+            probe = Consumer({"bootstrap.servers": self.bootstrap, "group.id": f"cdp-dest-{name}-redrive",
+                              "enable.auto.commit": False})
+            try:
+                ends, starts = self._dead_letter_bounds(probe, self.settings.dead_letter_topic(name))
+                depth = sum(ends[p] - starts[p] for p in ends)
+            finally:
+                probe.close()
+            return lag, depth
+        except Exception:
+            log.exception("destination %s: cannot read offsets for status", name)
+            return None, None

@@ -1,0 +1,76 @@
+"""The one exception hierarchy of the pipeline; library errors are wrapped with context."""
+
+from __future__ import annotations
+
+
+class PipelineError(Exception):
+    """Base of every error the pipeline raises on purpose."""
+
+
+class ConfigError(PipelineError):
+    """A configuration file is invalid; the message names the file, the line and the problem."""
+
+    def __init__(self, problem: str, *, file: str | None = None, line: int | None = None,
+                 column: int | None = None) -> None:
+        self.problem = problem
+        self.file = file
+        self.line = line
+        self.column = column
+        where = ""
+        if file:
+            where = file
+            if line is not None:
+                where += f":{line}"
+                if column is not None:
+                    where += f":{column}"
+            where += ": "
+        super().__init__(f"{where}{problem}")
+
+
+class UnknownNameError(ConfigError):
+    """A registry was asked for a name it does not hold; the message lists the valid names."""
+
+    def __init__(self, kind: str, name: str, valid: list[str] | tuple[str, ...] | set[str]) -> None:
+        self.kind = kind
+        self.name = name
+        self.valid = sorted(valid)
+        super().__init__(f"unknown {kind} {name!r}; valid: {', '.join(self.valid) or '(none)'}")
+
+
+class SerdeError(PipelineError):
+    """A record could not be encoded or decoded; `reason` is a short machine-readable cause."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}")
+
+
+class BadRecordError(PipelineError):
+    """A decoded record cannot be processed (e.g. no usable identity); it goes to the dead-letter topic."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}")
+
+
+class SegmentSyntaxError(ConfigError):
+    """A segment query does not parse; the message says where and what was expected."""
+
+
+class TopicPlanError(PipelineError):
+    """`topics apply` found an unsafe change (e.g. shrinking partitions) and refused it."""
+
+
+class DeliveryError(PipelineError):
+    """A destination refused or failed a delivery; `retryable` says whether to try again."""
+
+    def __init__(self, message: str, *, retryable: bool, retry_after_s: float | None = None) -> None:
+        self.retryable = retryable
+        self.retry_after_s = retry_after_s
+        super().__init__(message)
+
+
+class BrokerError(PipelineError):
+    """The local Kafka broker could not be fetched, started or reached."""

@@ -1,0 +1,1 @@
+"""Identity stitching: namespaces, normalisers, datasets config and a reference stitching model."""

@@ -1,0 +1,45 @@
+"""Ingest agents: decode each ingest topic's records and start stitching, or dead-letter them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipeline.identity.stitch import Send, start_resolve
+from pipeline.ingest.decode import Decoder, Rejected, Skipped
+from pipeline.ingest.wire import record_to_wire
+from pipeline.observability import metrics
+from pipeline.runtime import Runtime
+from pipeline.serde.avro import AvroCodec
+
+
+def dlq_headers(reason: str, detail: str, topic: str, partition: int, offset: int) -> dict[str, bytes]:
+    return {"reason": reason.encode(), "detail": detail[:1000].encode(), "source_topic": topic.encode(),
+            "source_partition": str(partition).encode(), "source_offset": str(offset).encode()}
+
+
+def register(rt: Runtime) -> None:
+    for logical, kind in (("ingest.events", "event"), ("ingest.profiles", "profile")):
+        spec = rt.registry[logical]
+        assert isinstance(spec.codec, AvroCodec)
+        decoder = Decoder(kind, spec.codec, rt.config.profile.identity, rt.config.profile.datasets)  # type: ignore[arg-type]
+        _ingest_agent(rt, logical, decoder)
+
+
+def _ingest_agent(rt: Runtime, logical: str, decoder: Decoder) -> None:
+    async def ingest(stream: Any) -> None:
+        async for event in stream.events():
+            msg = event.message
+            verdict = decoder.decode(event.value)
+            if isinstance(verdict, Rejected):  # the error path: original bytes, reason, source in headers
+                metrics.RECORDS_DEAD_LETTERED.labels(logical, verdict.reason).inc()
+                await rt.emit(Send("ingest.dlq", (event.key or b"").decode(errors="replace"), event.value),
+                              headers=dlq_headers(verdict.reason, verdict.detail, msg.topic, msg.partition,
+                                                  msg.offset))
+            elif isinstance(verdict, Skipped):
+                metrics.RECORDS_SKIPPED.labels(verdict.dataset, verdict.reason).inc()
+            else:
+                metrics.RECORDS_INGESTED.labels(logical).inc()
+                await rt.emit(start_resolve(record_to_wire(verdict), rt.now_ms()))
+
+    ingest.__name__ = f"ingest_{logical.replace('.', '_')}"
+    rt.app.agent(rt.topic(logical), name=f"ingest-{logical}")(ingest)

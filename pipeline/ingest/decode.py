@@ -1,0 +1,126 @@
+"""Pure ingest logic: Avro bytes -> ExperienceEvent / ProfileRecord, or a Rejected verdict with a reason.
+
+Identities come from the record's identityMap and from fields whose schema declares `"identity":
+{"namespace": ...}` (configuring identities is a schema edit). Payload records are flattened to dotted paths.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pipeline.errors import SerdeError
+from pipeline.identity.datasets import DatasetsConfig
+from pipeline.identity.namespaces import IdentityConfig, normalise_identities
+from pipeline.model import ExperienceEvent, Identity, IngestRecord, ProfileRecord, Scalar
+from pipeline.serde.avro import AvroCodec
+
+RecordKind = Literal["event", "profile"]
+
+# Top-level fields that are envelope, not payload.
+_ENVELOPE = {"eventId", "recordId", "timestamp", "eventType", "dataset", "identityMap", "fields", "attributes"}
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A record that goes to the dead-letter topic: `reason` is a short code, `detail` has no personal data."""
+
+    reason: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A valid record kept out of profiles by configuration (dataset not enabled for profile)."""
+
+    reason: str
+    dataset: str
+
+
+def identity_fields(schema: dict[str, Any]) -> dict[str, tuple[str, bool]]:
+    """Top-level fields annotated as identities: field name -> (namespace, primary)."""
+    out: dict[str, tuple[str, bool]] = {}
+    for f in schema.get("fields", []):
+        ann = f.get("identity")
+        if isinstance(ann, dict) and "namespace" in ann:
+            out[f["name"]] = (str(ann["namespace"]), bool(ann.get("primary", False)))
+    return out
+
+
+def flatten(value: Any, prefix: str, out: dict[str, Scalar]) -> None:
+    """Nested records -> dotted paths; nulls are 'not provided' and left out."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            flatten(v, f"{prefix}.{k}" if prefix else k, out)
+    elif value is not None and not isinstance(value, list):
+        out[prefix] = value
+
+
+@dataclass
+class Decoder:
+    """Decodes one ingest topic's records; built once per worker from the codec and the configuration."""
+
+    kind: RecordKind
+    codec: AvroCodec
+    identity: IdentityConfig
+    datasets: DatasetsConfig
+
+    def __post_init__(self) -> None:
+        self._annotated = identity_fields(self.codec.catalog.raw_schema(self.codec.name))
+
+    def decode(self, data: bytes | None) -> IngestRecord | Rejected | Skipped:
+        """1. Avro-decode; 2. check the dataset; 3. collect and normalise identities; 4. build the record."""
+        try:
+            raw = self.codec.decode(data)
+        except SerdeError as exc:
+            return Rejected(exc.reason, exc.detail)
+        dataset = str(raw.get("dataset") or "")
+        if dataset not in self.datasets.datasets:
+            return Rejected("unknown-dataset", f"dataset {dataset[:64]!r} is not configured; valid: "
+                            + ", ".join(sorted(self.datasets.datasets)))
+        if not self.datasets.profile_enabled(dataset):
+            return Skipped("dataset-not-enabled-for-profile", dataset)
+        pairs, primary_raw = self._raw_identities(raw)
+        identities, problems = normalise_identities(pairs, self.identity)
+        if not identities:
+            why = "; ".join(problems) if problems else "the record carries no identity"
+            return Rejected("no-usable-identity", why)
+        primary = _primary(identities, primary_raw, self.identity)
+        payload: dict[str, Scalar] = {}
+        for k, v in raw.items():
+            if k not in _ENVELOPE and k not in self._annotated:
+                flatten(v, k, payload)
+        custom = raw.get("fields" if self.kind == "event" else "attributes") or {}
+        payload.update({str(k): v for k, v in custom.items()})
+        ts = int(raw["timestamp"])
+        if self.kind == "event":
+            return ExperienceEvent(str(raw["eventId"]), ts, str(raw["eventType"]), dataset, tuple(identities),
+                                   primary, payload)
+        return ProfileRecord(str(raw["recordId"]), ts, dataset, tuple(identities), primary, payload)
+
+    def _raw_identities(self, raw: dict[str, Any]) -> tuple[list[tuple[str, str]], str | None]:
+        pairs: list[tuple[str, str]] = []
+        primary_ns: str | None = None
+        for ns, items in (raw.get("identityMap") or {}).items():
+            for item in items or ():
+                if item.get("id"):
+                    pairs.append((ns, str(item["id"])))
+                    if item.get("primary"):
+                        primary_ns = ns
+        for fname, (ns, is_primary) in self._annotated.items():
+            v = raw.get(fname)
+            if v:
+                pairs.append((ns, str(v)))
+                if is_primary and primary_ns is None:
+                    primary_ns = ns
+        return pairs, primary_ns
+
+
+def _primary(identities: Iterable[Identity], primary_ns: str | None, cfg: IdentityConfig) -> Identity:
+    ids = list(identities)
+    if primary_ns is not None:
+        for i in ids:
+            if i.namespace == primary_ns:
+                return i
+    return ids[0]  # highest priority (normalise_identities orders them)

@@ -1,0 +1,155 @@
+"""Core data model shared by every area: identities, ingested records, profile state, memberships.
+
+Messages are frozen dataclasses. `ProfileState` is the mutable value of the profile table; it is
+serialised by `pipeline.state.codec` and only ever mutated inside the profile agent's event context.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+# A scalar attribute or event-field value. Nested paths are flattened to dotted keys
+# ("person.birthDate", "commerce.order.total") so evaluation and merging work on flat maps.
+Scalar = None | bool | int | float | str
+
+MembershipStatus = Literal["realized", "existing", "exited"]
+EvaluationKind = Literal["streaming", "batch", "edge", "deadline", "merge", "definition"]
+
+
+@dataclass(frozen=True, order=True)
+class Identity:
+    """One identity value in a namespace (already normalised when it leaves ingest)."""
+
+    namespace: str
+    id: str
+
+    @property
+    def key(self) -> str:
+        """The identity table key: namespace and value, unambiguous because namespaces have no ':'."""
+        return f"{self.namespace}:{self.id}"
+
+    @classmethod
+    def from_key(cls, key: str) -> Identity:
+        ns, _, value = key.partition(":")
+        return cls(ns, value)
+
+
+@dataclass(frozen=True)
+class ExperienceEvent:
+    """An online or offline behavioural event (page view, product view, order...), already decoded."""
+
+    event_id: str
+    timestamp_ms: int
+    event_type: str
+    dataset: str
+    identities: tuple[Identity, ...]
+    primary: Identity | None
+    fields: dict[str, Scalar] = field(default_factory=dict)  # flattened payload
+
+
+@dataclass(frozen=True)
+class ProfileRecord:
+    """An attribute upsert from an offline source (CRM, loyalty, orders), already decoded."""
+
+    record_id: str
+    timestamp_ms: int
+    dataset: str
+    identities: tuple[Identity, ...]
+    primary: Identity | None
+    attributes: dict[str, Scalar] = field(default_factory=dict)  # flattened dotted paths
+
+
+IngestRecord = ExperienceEvent | ProfileRecord
+
+
+@dataclass
+class AttributeValue:
+    """A profile attribute with its provenance, which the merge policy uses."""
+
+    value: Scalar
+    dataset: str
+    ts_ms: int
+
+
+@dataclass
+class StoredEvent:
+    """An event as kept in the bounded per-profile history."""
+
+    event_id: str
+    event_type: str
+    ts_ms: int
+    dataset: str
+    fields: dict[str, Scalar]
+
+
+@dataclass
+class Membership:
+    """A profile's membership in one audience."""
+
+    audience_id: str
+    status: MembershipStatus
+    since_ms: int  # qualification time (or exit time for exited)
+    version: int  # audience definition version that decided it
+    reason: str
+    changed_ms: int
+
+
+@dataclass
+class ProfileState:
+    """The unified profile: identities, attributes, bounded event history and memberships."""
+
+    profile_id: str
+    created_ms: int
+    # namespace -> id -> first-seen ms (first-seen drives the size guardrail's "oldest drop first")
+    identities: dict[str, dict[str, int]] = field(default_factory=dict)
+    attributes: dict[str, AttributeValue] = field(default_factory=dict)
+    events: list[StoredEvent] = field(default_factory=list)  # sorted by ts_ms ascending
+    memberships: dict[str, Membership] = field(default_factory=dict)
+    next_deadline_ms: int | None = None
+    seq: int = 0  # bumped on every change; part of idempotency keys
+
+    def identity_list(self) -> list[Identity]:
+        return [Identity(ns, i) for ns, ids in sorted(self.identities.items()) for i in sorted(ids)]
+
+    def attribute_values(self) -> dict[str, Scalar]:
+        return {k: v.value for k, v in self.attributes.items()}
+
+    def active_segments(self) -> set[str]:
+        return {a for a, m in self.memberships.items() if m.status != "exited"}
+
+
+@dataclass(frozen=True)
+class MembershipChange:
+    """A profile entered or left an audience: the message on activation.memberships."""
+
+    profile_id: str
+    audience_id: str
+    audience_version: int
+    status: MembershipStatus
+    previous_status: MembershipStatus | None
+    identities: dict[str, list[str]]
+    attributes: dict[str, Scalar]
+    reason: str
+    cause_event_id: str | None
+    evaluation: EvaluationKind
+    event_time_ms: int
+    emit_time_ms: int
+    idempotency_key: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "profile_id": self.profile_id,
+            "audience_id": self.audience_id,
+            "audience_version": self.audience_version,
+            "status": self.status,
+            "previous_status": self.previous_status,
+            "identities": self.identities,
+            "attributes": self.attributes,
+            "reason": self.reason,
+            "cause_event_id": self.cause_event_id,
+            "evaluation": self.evaluation,
+            "event_time_ms": self.event_time_ms,
+            "emit_time_ms": self.emit_time_ms,
+            "idempotency_key": self.idempotency_key,
+        }

@@ -1,0 +1,1 @@
+"""Observability: every Prometheus metric of the pipeline, defined in one module."""

@@ -1,0 +1,24 @@
+"""All Prometheus metrics of the pipeline, defined once here and imported where they are updated."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+RECORDS_INGESTED = Counter("cdp_records_ingested_total", "Records decoded and accepted", ["topic"])
+RECORDS_DEAD_LETTERED = Counter("cdp_records_dead_lettered_total", "Records sent to the DLQ", ["topic", "reason"])
+RECORDS_SKIPPED = Counter("cdp_records_skipped_total", "Valid records kept out of profiles", ["dataset", "reason"])
+IDENTITY_OPS = Counter("cdp_identity_ops_total", "Identity-stage messages handled", ["op"])
+PROFILE_OPS = Counter("cdp_profile_ops_total", "Profile-stage messages handled", ["op"])
+PROFILE_EVENTS = Counter("cdp_profile_events_total", "Profile-stage outcomes (merges, refusals...)", ["what"])
+MEMBERSHIP_CHANGES = Counter("cdp_membership_changes_total", "Membership changes emitted",
+                             ["status", "evaluation"])
+EVALUATION_SECONDS = Histogram("cdp_profile_op_seconds", "Time to handle one profile-stage message",
+                               buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5))
+END_TO_END_SECONDS = Histogram("cdp_event_to_membership_seconds", "Event time to membership message",
+                               buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300))
+DEADLINES_PENDING = Gauge("cdp_deadlines_pending", "Profiles with a pending time-driven re-evaluation")
+BATCH_PROFILES = Counter("cdp_batch_profiles_total", "Profiles evaluated by batch runs")
+DESTINATION_DELIVERIES = Counter("cdp_destination_deliveries_total", "Payloads delivered", ["destination"])
+DESTINATION_FAILURES = Counter("cdp_destination_failures_total", "Failed delivery attempts",
+                               ["destination", "reason"])
+DESTINATION_SKIPS = Counter("cdp_destination_skips_total", "Payloads skipped by mapping", ["destination", "reason"])

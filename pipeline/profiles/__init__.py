@@ -1,0 +1,1 @@
+"""Profile logic: pure in-place merging of events, records and whole profiles."""

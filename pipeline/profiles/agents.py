@@ -1,0 +1,140 @@
+"""Profile agent: applies pipeline.profiles.ops to messages keyed by profile id, emits memberships,
+and fires time-driven re-evaluations (deadlines) through the same topic so writes stay in event context."""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+import time
+from typing import Any
+
+from pipeline.identity.stitch import PROFILE_TOPIC, Send
+from pipeline.model import ProfileState
+from pipeline.observability import metrics
+from pipeline.profiles.ops import MEMBERSHIP_TOPIC, OpResult
+from pipeline.runtime import Runtime
+from pipeline.state.codec import decode_profile_entry, encode_forward, encode_profile
+
+log = logging.getLogger(__name__)
+
+
+class Deadlines:
+    """In-memory min-heap of (due ms, profile id) for this worker; rebuilt from the table on start.
+    Stale entries are harmless: a tick re-checks the stored deadline before evaluating."""
+
+    def __init__(self) -> None:
+        self.heap: list[tuple[int, str]] = []
+
+    def note(self, pid: str, due: int | None) -> None:
+        if due is not None:
+            heapq.heappush(self.heap, (due, pid))
+            metrics.DEADLINES_PENDING.set(len(self.heap))
+
+    def due(self, now_ms: int) -> list[str]:
+        out: list[str] = []
+        while self.heap and self.heap[0][0] <= now_ms:
+            out.append(heapq.heappop(self.heap)[1])
+        if out:
+            metrics.DEADLINES_PENDING.set(len(self.heap))
+        return sorted(set(out))
+
+
+def register(rt: Runtime) -> None:
+    table = rt.tables["profiles"]
+    codec = rt.registry["internal.profile-ops"].codec
+    deadlines = Deadlines()
+    rt.tables["_deadlines"] = deadlines
+
+    async def publish(res: OpResult) -> None:
+        now = time.time()
+        for change in res.changes:
+            metrics.MEMBERSHIP_CHANGES.labels(change.status, change.evaluation).inc()
+            metrics.END_TO_END_SECONDS.observe(max(0.0, now - change.event_time_ms / 1000))
+            await rt.emit(Send(MEMBERSHIP_TOPIC, change.profile_id, change.to_dict()))
+        for send in res.sends:
+            await rt.emit(send)
+        for name, n in res.counters.items():
+            metrics.PROFILE_EVENTS.labels(name).inc(n)
+
+    async def profiles(stream: Any) -> None:
+        async for event in stream.events():
+            msg = codec.decode(event.value)
+            if msg["op"] == "batch":
+                await _batch(rt, table, event.message.partition, msg, publish, deadlines)
+                continue
+            started = time.perf_counter()
+            pid_b: bytes = event.key
+            raw = table.get(pid_b)
+            entry = decode_profile_entry(raw) if raw else None
+            res = rt.processor.handle(pid_b.decode(), entry, msg)
+            if res.write is not None:
+                if isinstance(res.write, ProfileState):
+                    table[pid_b] = encode_profile(res.write)
+                    deadlines.note(res.write.profile_id, res.write.next_deadline_ms)
+                else:
+                    table[pid_b] = encode_forward(res.write)
+            await publish(res)
+            metrics.PROFILE_OPS.labels(msg["op"]).inc()
+            metrics.EVALUATION_SECONDS.observe(time.perf_counter() - started)
+
+    rt.app.agent(rt.topic(PROFILE_TOPIC), name="profiles")(profiles)
+
+    @rt.app.timer(0.5)
+    async def fire_deadlines() -> None:
+        if not getattr(fire_deadlines, "scanned", False):
+            fire_deadlines.scanned = True  # type: ignore[attr-defined]
+            _rebuild_deadlines(table, deadlines)
+        for pid in deadlines.due(rt.now_ms()):
+            await rt.emit(Send(PROFILE_TOPIC, pid, {"op": "tick", "pid": pid}))
+
+
+def _rebuild_deadlines(table: Any, deadlines: Deadlines) -> None:
+    """After a restart the heap is empty: re-read the deadlines kept in the local profiles."""
+    n = 0
+    for _, raw in table.items():
+        entry = decode_profile_entry(raw)
+        if isinstance(entry, ProfileState) and entry.next_deadline_ms is not None:
+            deadlines.note(entry.profile_id, entry.next_deadline_ms)
+            n += 1
+    if n:
+        log.info("restored %d pending deadlines from the profile table", n)
+
+
+async def _batch(rt: Runtime, table: Any, partition: int, msg: dict[str, Any], publish: Any,
+                 deadlines: Deadlines) -> None:
+    """Evaluate audiences over every live profile of this partition (a batch run), reporting progress.
+
+    1. snapshot the partition's keys; 2. evaluate each live profile, write it, publish its changes;
+    3. report progress on the control topic every chunk and at the end."""
+    audiences = msg.get("audiences") or None
+    run = msg["run"]
+    since = int(msg.get("since_ms") or 0)
+    db = table.data._db_for_partition(partition)
+    keys = [k for k in db.keys() if not k.startswith(b"__faust")]
+    total, done, changed = len(keys), 0, 0
+    started = time.monotonic()
+    for i, key in enumerate(keys):
+        raw = table.get(key)
+        entry = decode_profile_entry(raw) if raw else None
+        if isinstance(entry, ProfileState) and (not since or _last_change(entry) >= since):
+            res = rt.processor.handle(key.decode(), entry,
+                                      {"op": "evaluate_op", "audiences": audiences, "kind": msg.get("kind", "batch")})
+            if res.write is not None and res.changes:
+                table[key] = encode_profile(res.write)  # type: ignore[arg-type]
+                changed += len(res.changes)
+            await publish(res)
+            done += 1
+            metrics.BATCH_PROFILES.inc()
+        if i % 2000 == 1999:
+            await rt.emit(Send("control.segments", run, {"op": "progress", "run": run, "partition": partition,
+                                                         "seen": i + 1, "total": total, "final": False}))
+            await asyncio.sleep(0)
+    await rt.emit(Send("control.segments", run, {
+        "op": "progress", "run": run, "partition": partition, "seen": total, "total": total,
+        "evaluated": done, "changes": changed, "final": True, "seconds": round(time.monotonic() - started, 3)}))
+
+
+def _last_change(p: ProfileState) -> int:
+    latest = max((e.ts_ms for e in p.events[-1:]), default=0)
+    return max(latest, max((a.ts_ms for a in p.attributes.values()), default=0), p.created_ms)

@@ -1,0 +1,7 @@
+"""Codecs for every topic: Avro in the Confluent wire format, msgpack for internal topics, raw bytes."""
+
+from pipeline.serde.avro import AvroCodec, EmbeddedCatalog, RegistryCatalog, SchemaCatalog, default_catalog
+from pipeline.serde.codecs import Codec, MsgpackCodec, RawCodec, codec_from_spec
+
+__all__ = ["AvroCodec", "Codec", "EmbeddedCatalog", "MsgpackCodec", "RawCodec", "RegistryCatalog",
+           "SchemaCatalog", "codec_from_spec", "default_catalog"]

@@ -1,0 +1,182 @@
+"""Avro in the Confluent wire format (magic byte 0, 4-byte schema id, Avro binary).
+
+Two catalogs resolve schema ids: `EmbeddedCatalog` (schemas/*.avsc, deterministic ids from the schema's
+canonical form, no service needed) and `RegistryCatalog` (a Confluent-compatible Schema Registry, used when
+SCHEMA_REGISTRY_URL is set). Records written by confluent-kafka's AvroSerializer decode with either.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import json
+import os
+import struct
+import threading
+from pathlib import Path
+from typing import Any, Protocol
+
+import fastavro
+from fastavro.schema import to_parsing_canonical_form
+
+from pipeline.errors import ConfigError, SerdeError, UnknownNameError
+
+SCHEMAS_DIR = Path(__file__).resolve().parents[2] / "schemas"
+MAGIC = 0
+_HEADER = struct.Struct(">bI")
+
+
+def _strip_logical(schema: Any) -> Any:
+    """Drop logicalType so timestamps decode as plain ints (the binary encoding is the same long)."""
+    if isinstance(schema, dict):
+        return {k: _strip_logical(v) for k, v in schema.items() if k != "logicalType"}
+    if isinstance(schema, list):
+        return [_strip_logical(s) for s in schema]
+    return schema
+
+
+def schema_id_for(schema: dict[str, Any]) -> int:
+    """Deterministic id of an embedded schema: the first 31 bits of sha256 of its canonical form."""
+    canonical = to_parsing_canonical_form(fastavro.parse_schema(copy.deepcopy(schema)))
+    return int.from_bytes(hashlib.sha256(canonical.encode()).digest()[:4], "big") & 0x7FFFFFFF
+
+
+class SchemaCatalog(Protocol):
+    """Resolves schemas by name (to write) and by id (to read)."""
+
+    def id_for(self, name: str) -> int:
+        """Called when encoding; the id of the current schema of record `name`. Unknown name: UnknownNameError."""
+        ...
+
+    def raw_schema(self, name: str) -> dict[str, Any]:
+        """The JSON schema of record `name` as declared (with its extra attributes, e.g. identity annotations)."""
+        ...
+
+    def parsed_by_id(self, schema_id: int) -> Any:
+        """Called when decoding; the parsed writer schema. Unknown id: SerdeError('unknown-schema-id')."""
+        ...
+
+
+class EmbeddedCatalog:
+    """The schemas shipped in schemas/, with deterministic ids; needs no service."""
+
+    def __init__(self, directory: Path = SCHEMAS_DIR) -> None:
+        self._raw: dict[str, dict[str, Any]] = {}
+        self._ids: dict[str, int] = {}
+        self._by_id: dict[int, Any] = {}
+        for path in sorted(directory.glob("*.avsc")):
+            try:
+                schema = json.loads(path.read_text())
+                parsed = fastavro.parse_schema(_strip_logical(schema))
+            except (ValueError, fastavro.schema.SchemaParseException) as exc:
+                raise ConfigError(f"invalid Avro schema: {exc}", file=str(path)) from exc
+            name = schema["name"]
+            sid = schema_id_for(schema)
+            self._raw[name] = schema
+            self._ids[name] = sid
+            self._by_id[sid] = parsed
+
+    def names(self) -> list[str]:
+        return sorted(self._raw)
+
+    def id_for(self, name: str) -> int:
+        if name not in self._ids:
+            raise UnknownNameError("schema", name, self._ids)
+        return self._ids[name]
+
+    def raw_schema(self, name: str) -> dict[str, Any]:
+        if name not in self._raw:
+            raise UnknownNameError("schema", name, self._raw)
+        return self._raw[name]
+
+    def parsed_by_id(self, schema_id: int) -> Any:
+        try:
+            return self._by_id[schema_id]
+        except KeyError:
+            raise SerdeError("unknown-schema-id", f"schema id {schema_id} is not in the catalog") from None
+
+
+class RegistryCatalog:
+    """A Confluent-compatible Schema Registry: registers schemas/ under `<topic>-value`-style subjects by
+    record name and resolves ids written by any producer. Falls back to the embedded raw schemas for
+    annotations, which the registry keeps verbatim anyway."""
+
+    def __init__(self, url: str, embedded: EmbeddedCatalog | None = None, client: Any = None) -> None:
+        from confluent_kafka.schema_registry import SchemaRegistryClient
+
+        self._client = client or SchemaRegistryClient({"url": url})
+        self._embedded = embedded or EmbeddedCatalog()
+        self._ids: dict[str, int] = {}
+        self._by_id: dict[int, Any] = {}
+        self._lock = threading.Lock()
+
+    def id_for(self, name: str) -> int:
+        from confluent_kafka.schema_registry import Schema
+
+        with self._lock:
+            if name not in self._ids:
+                raw = self._embedded.raw_schema(name)
+                self._ids[name] = self._client.register_schema(f"cdp.{name}", Schema(json.dumps(raw), "AVRO"))
+            return self._ids[name]
+
+    def raw_schema(self, name: str) -> dict[str, Any]:
+        return self._embedded.raw_schema(name)
+
+    def parsed_by_id(self, schema_id: int) -> Any:
+        with self._lock:
+            if schema_id not in self._by_id:
+                try:
+                    schema = self._client.get_schema(schema_id)
+                except Exception as exc:  # the client raises its own error types per transport
+                    raise SerdeError("unknown-schema-id", f"registry has no schema {schema_id}: {exc}") from exc
+                self._by_id[schema_id] = fastavro.parse_schema(_strip_logical(json.loads(schema.schema_str)))
+            return self._by_id[schema_id]
+
+
+_default: SchemaCatalog | None = None
+
+
+def default_catalog() -> SchemaCatalog:
+    """The registry catalog when SCHEMA_REGISTRY_URL is set, else the embedded one (built once)."""
+    global _default
+    if _default is None:
+        url = os.environ.get("SCHEMA_REGISTRY_URL")
+        _default = RegistryCatalog(url) if url else EmbeddedCatalog()
+    return _default
+
+
+class AvroCodec:
+    """Encodes dicts as record `name` and decodes any writer schema the catalog knows."""
+
+    def __init__(self, name: str, catalog: SchemaCatalog | None = None) -> None:
+        self.name = name
+        self.catalog = catalog or default_catalog()
+        self._write_id = self.catalog.id_for(name)
+        self._write_schema = self.catalog.parsed_by_id(self._write_id)
+
+    def encode(self, value: dict[str, Any]) -> bytes:
+        buf = io.BytesIO()
+        buf.write(_HEADER.pack(MAGIC, self._write_id))
+        try:
+            fastavro.schemaless_writer(buf, self._write_schema, value)
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise SerdeError("avro-encode-error", f"{self.name}: {exc}") from exc
+        return buf.getvalue()
+
+    def decode(self, data: bytes | None) -> dict[str, Any]:
+        if not data or len(data) < 5:
+            raise SerdeError("not-avro", f"{len(data or b'')} bytes, shorter than the 5-byte wire header")
+        magic, schema_id = _HEADER.unpack_from(data)
+        if magic != MAGIC:
+            raise SerdeError("not-avro", f"magic byte {magic}, expected {MAGIC}")
+        schema = self.catalog.parsed_by_id(schema_id)
+        if schema.get("name", "").split(".")[-1] != self.name:
+            raise SerdeError("wrong-schema", f"schema id {schema_id} is {schema.get('name')}, expected {self.name}")
+        try:
+            value = fastavro.schemaless_reader(io.BytesIO(data[5:]), schema, None)
+        except Exception as exc:  # fastavro raises many types (EOFError, UnicodeDecodeError, IndexError...)
+            raise SerdeError("avro-decode-error", f"{type(exc).__name__}: {exc}") from exc
+        if not isinstance(value, dict):
+            raise SerdeError("avro-decode-error", "payload is not a record")
+        return value

@@ -1,0 +1,57 @@
+"""The codec interface and the non-Avro codecs; `codec_from_spec` builds the codec a topic declares."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import msgpack
+
+from pipeline.errors import SerdeError, UnknownNameError
+
+
+class Codec(Protocol):
+    """Turns a topic's values into bytes and back."""
+
+    def encode(self, value: Any) -> bytes:
+        """Called before producing; SerdeError when the value does not fit the topic's format."""
+        ...
+
+    def decode(self, data: bytes | None) -> Any:
+        """Called on every consumed value; SerdeError (with a short reason) when the bytes are not valid."""
+        ...
+
+
+class RawCodec:
+    """Bytes as they are (dead-letter topics, changelogs, JSON payloads of destinations)."""
+
+    def encode(self, value: Any) -> bytes:
+        return value if isinstance(value, bytes) else str(value).encode()
+
+    def decode(self, data: bytes | None) -> Any:
+        return data or b""
+
+
+class MsgpackCodec:
+    """Internal topics: compact and fast, no schema evolution promises beyond our own workers."""
+
+    def encode(self, value: Any) -> bytes:
+        return msgpack.packb(value, use_bin_type=True)  # type: ignore[no-any-return]
+
+    def decode(self, data: bytes | None) -> Any:
+        try:
+            return msgpack.unpackb(data or b"", raw=False, strict_map_key=False)
+        except (ValueError, msgpack.UnpackException) as exc:
+            raise SerdeError("msgpack-decode-error", str(exc)) from exc
+
+
+def codec_from_spec(spec: str) -> Codec:
+    """`avro:<Record>`, `msgpack` or `raw`; an unknown codec lists the valid ones."""
+    kind, _, arg = spec.partition(":")
+    if kind == "avro":
+        from pipeline.serde.avro import AvroCodec
+
+        return AvroCodec(arg)
+    factories: dict[str, type] = {"msgpack": MsgpackCodec, "raw": RawCodec}
+    if kind not in factories:
+        raise UnknownNameError("codec", spec, ["avro:<Record>", *factories])
+    return factories[kind]()  # type: ignore[no-any-return]

@@ -1,0 +1,1 @@
+"""Profile-table state: the compact msgpack codec of profiles and forwarding records."""

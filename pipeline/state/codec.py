@@ -1,0 +1,129 @@
+"""Compact, versioned msgpack encoding of profile-table values: profiles and forwarding markers.
+
+Layout: byte 0 = format version, byte 1 = entry kind (b"P" profile, b"F" forward), then msgpack.
+A profile body is one array:
+
+    [profile_id, created_ms, next_deadline_ms, seq,
+     identities {ns: {id: first_seen}},
+     strings [dataset / event-type names, each once],
+     attributes [path, value, string_index, ts, ...]  (flat),
+     events [event_id, type_index, ts_delta, dataset_index, fields, ...]  (flat, ts delta-coded),
+     memberships [audience, audience_id or None if equal, status_code, since, version, reason,
+                  changed_ms, ...]  (flat)]
+
+Interning dataset and type names and delta-coding event timestamps keeps the value small (RocksDB
+and the changelog topic hold one per profile); flat arrays avoid one msgpack array header per item.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from pipeline.errors import SerdeError
+from pipeline.model import AttributeValue, Membership, MembershipStatus, ProfileState, StoredEvent
+
+FORMAT_VERSION = 1
+_PROFILE = b"P"[0]
+_FORWARD = b"F"[0]
+_STATUS: tuple[MembershipStatus, ...] = ("realized", "existing", "exited")
+_STATUS_CODE = {s: i for i, s in enumerate(_STATUS)}
+
+
+@dataclass(frozen=True)
+class Forward:
+    """The value left under a merged-away profile id: look up `into` (the survivor) instead."""
+
+    into: str
+
+
+def _pack(obj: Any) -> bytes:
+    try:
+        return msgpack.packb(obj, use_bin_type=True)  # type: ignore[no-any-return]
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise SerdeError("profile_encode", str(exc)) from exc
+
+
+def encode_profile(profile: ProfileState) -> bytes:
+    """Encode a profile; decode_profile(encode_profile(p)) == p exactly."""
+    strings: dict[str, int] = {}
+    intern = strings.setdefault
+    attrs: list[Any] = []
+    for path, av in profile.attributes.items():
+        attrs += (path, av.value, intern(av.dataset, len(strings)), av.ts_ms)
+    events: list[Any] = []
+    prev = 0
+    for e in profile.events:
+        events += (e.event_id, intern(e.event_type, len(strings)), e.ts_ms - prev,
+                   intern(e.dataset, len(strings)), e.fields)
+        prev = e.ts_ms
+    members: list[Any] = []
+    for aud, m in profile.memberships.items():
+        # The key is the audience id; store the field only in the (invalid but encodable) odd case.
+        members += (aud, None if m.audience_id == aud else m.audience_id, _STATUS_CODE[m.status],
+                    m.since_ms, m.version, m.reason, m.changed_ms)
+    body = [profile.profile_id, profile.created_ms, profile.next_deadline_ms, profile.seq,
+            profile.identities, list(strings), attrs, events, members]
+    return bytes((FORMAT_VERSION, _PROFILE)) + _pack(body)
+
+
+def encode_forward(forward: Forward) -> bytes:
+    """Encode a forwarding marker."""
+    return bytes((FORMAT_VERSION, _FORWARD)) + _pack(forward.into)
+
+
+def _unpack(data: bytes) -> tuple[int, Any]:
+    if len(data) < 3:
+        raise SerdeError("profile_decode", "value too short")
+    if data[0] != FORMAT_VERSION:
+        raise SerdeError("profile_version", f"unsupported profile format version {data[0]}")
+    try:
+        return data[1], msgpack.unpackb(memoryview(data)[2:], raw=False, use_list=True)
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise SerdeError("profile_decode", str(exc)) from exc
+
+
+def _profile_from_body(body: Any) -> ProfileState:
+    try:
+        pid, created, deadline, seq, identities, strings, attrs, events, members = body
+        attributes = {
+            attrs[i]: AttributeValue(attrs[i + 1], strings[attrs[i + 2]], attrs[i + 3])
+            for i in range(0, len(attrs), 4)
+        }
+        stored: list[StoredEvent] = []
+        ts = 0
+        for i in range(0, len(events), 5):
+            ts += events[i + 2]
+            stored.append(StoredEvent(events[i], strings[events[i + 1]], ts, strings[events[i + 3]],
+                                      events[i + 4]))
+        memberships = {
+            members[i]: Membership(members[i] if members[i + 1] is None else members[i + 1],
+                                   _STATUS[members[i + 2]], members[i + 3], members[i + 4],
+                                   members[i + 5], members[i + 6])
+            for i in range(0, len(members), 7)
+        }
+    except (ValueError, TypeError, IndexError, KeyError) as exc:
+        raise SerdeError("profile_decode", f"malformed profile body: {exc}") from exc
+    return ProfileState(pid, created, identities, attributes, stored, memberships, deadline, seq)
+
+
+def decode_profile_entry(data: bytes) -> ProfileState | Forward:
+    """Decode a profile-table value, which is either a profile or a forwarding marker."""
+    kind, body = _unpack(data)
+    if kind == _PROFILE:
+        return _profile_from_body(body)
+    if kind == _FORWARD:
+        if not isinstance(body, str):
+            raise SerdeError("profile_decode", "malformed forward marker")
+        return Forward(body)
+    raise SerdeError("profile_decode", f"unknown entry kind {kind}")
+
+
+def decode_profile(data: bytes) -> ProfileState:
+    """Decode a profile; a forwarding marker here is an error (use decode_profile_entry)."""
+    entry = decode_profile_entry(data)
+    if isinstance(entry, Forward):
+        raise SerdeError("profile_forward", f"value is a forward to {entry.into}, not a profile")
+    return entry

@@ -1,0 +1,195 @@
+"""The topic registry: topics.yaml loaded once, with each topic's codec; `apply` provisions them safely.
+
+Code names topics by their logical name (e.g. "ingest.events"); the physical name is the prefix
+(PIPELINE_TOPIC_PREFIX, so tests and tenants get their own topics) plus the declared name.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import ConfigError, TopicPlanError, UnknownNameError
+from pipeline.serde.codecs import Codec, codec_from_spec
+from pipeline.yamlconf import LineDict, check_keys, load_yaml, require
+
+TOPICS_FILE = Path(__file__).resolve().parents[1] / "topics.yaml"
+_KEYS = {"name", "partitions", "replication_factor", "cleanup_policy", "retention_ms", "codec", "description"}
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    logical: str
+    name: str  # physical, prefix included
+    partitions: int
+    replication_factor: int
+    cleanup_policy: str
+    retention_ms: int
+    codec_spec: str
+    description: str
+
+    @cached_property
+    def codec(self) -> Codec:
+        return codec_from_spec(self.codec_spec)
+
+    def config(self) -> dict[str, str]:
+        return {"cleanup.policy": self.cleanup_policy, "retention.ms": str(self.retention_ms)}
+
+
+class TopicRegistry:
+    """Every topic of the pipeline by logical name."""
+
+    def __init__(self, specs: dict[str, TopicSpec]) -> None:
+        self._specs = specs
+
+    @classmethod
+    def load(cls, path: Path = TOPICS_FILE, prefix: str | None = None) -> TopicRegistry:
+        prefix = os.environ.get("PIPELINE_TOPIC_PREFIX", "") if prefix is None else prefix
+        f = str(path)
+        doc = load_yaml(path)
+        if not isinstance(doc, LineDict):
+            raise ConfigError("expected a mapping with 'topics'", file=f, line=1)
+        defaults = doc.get("defaults", LineDict())
+        topics = require(doc, "topics", LineDict, f)
+        specs: dict[str, TopicSpec] = {}
+        for logical, body in topics.items():
+            if not isinstance(body, LineDict):
+                raise ConfigError(f"topic {logical!r} must be a mapping", file=f, line=topics.line_of(logical))
+            check_keys(body, _KEYS, f, f"topic {logical!r}: ")
+            merged: dict[str, Any] = {**defaults, **body}
+            try:
+                spec = TopicSpec(
+                    logical=logical,
+                    name=prefix + str(require(body, "name", str, f, f"topic {logical!r}: ")),
+                    partitions=int(require(body, "partitions", int, f, f"topic {logical!r}: ")),
+                    replication_factor=int(merged.get("replication_factor", 1)),
+                    cleanup_policy=str(merged.get("cleanup_policy", "delete")),
+                    retention_ms=int(merged.get("retention_ms", 604800000)),
+                    codec_spec=str(require(body, "codec", str, f, f"topic {logical!r}: ")),
+                    description=str(body.get("description", "")),
+                )
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"topic {logical!r}: {exc}", file=f, line=topics.line_of(logical)) from exc
+            if spec.partitions < 1:
+                raise ConfigError(f"topic {logical!r}: partitions must be >= 1", file=f,
+                                  line=body.line_of("partitions"))
+            if spec.cleanup_policy not in {"delete", "compact", "compact,delete"}:
+                raise ConfigError(f"topic {logical!r}: cleanup_policy must be delete, compact or compact,delete",
+                                  file=f, line=body.line_of("cleanup_policy"))
+            specs[logical] = spec
+        return cls(specs)
+
+    def __getitem__(self, logical: str) -> TopicSpec:
+        try:
+            return self._specs[logical]
+        except KeyError:
+            raise UnknownNameError("topic", logical, self._specs) from None
+
+    def name(self, logical: str) -> str:
+        return self[logical].name
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self._specs.values())
+
+    def by_physical(self, name: str) -> TopicSpec:
+        for spec in self._specs.values():
+            if spec.name == name or spec.logical == name:
+                return spec
+        raise UnknownNameError("topic", name, [s.logical for s in self._specs.values()])
+
+
+_registry: TopicRegistry | None = None
+
+
+def registry() -> TopicRegistry:
+    """The process-wide registry (topics.yaml with the prefix from the environment), loaded once."""
+    global _registry
+    if _registry is None:
+        _registry = TopicRegistry.load()
+    return _registry
+
+
+@dataclass(frozen=True)
+class PlanItem:
+    action: str  # create | update-config | add-partitions | ok
+    topic: TopicSpec
+    detail: str
+
+
+def plan(reg: TopicRegistry, admin: Any) -> list[PlanItem]:
+    """Compare the declared topics with the cluster; raise TopicPlanError for unsafe changes."""
+    from confluent_kafka.admin import ConfigResource
+
+    md = admin.list_topics(timeout=10)
+    items: list[PlanItem] = []
+    for spec in reg:
+        existing = md.topics.get(spec.name)
+        if existing is None or existing.error is not None:
+            items.append(PlanItem("create", spec, f"{spec.partitions} partitions, {spec.cleanup_policy}"))
+            continue
+        have = len(existing.partitions)
+        if have > spec.partitions:
+            raise TopicPlanError(
+                f"topic {spec.logical} ({spec.name}) has {have} partitions and topics.yaml asks for "
+                f"{spec.partitions}: Kafka cannot shrink partitions (and re-keying would break per-key order). "
+                "Raise it back in topics.yaml, or create a new topic and migrate.")
+        if have < spec.partitions:
+            items.append(PlanItem("add-partitions", spec, f"{have} -> {spec.partitions} (keys will re-hash)"))
+        res = ConfigResource("topic", spec.name)
+        current = admin.describe_configs([res])[res].result()
+        diffs = {k: v for k, v in spec.config().items() if current.get(k) is None or current[k].value != v}
+        if diffs:
+            items.append(PlanItem("update-config", spec, ", ".join(f"{k}={v}" for k, v in diffs.items())))
+        elif have == spec.partitions:
+            items.append(PlanItem("ok", spec, "up to date"))
+    return items
+
+
+def apply(reg: TopicRegistry, bootstrap: str, *, dry_run: bool = False, out: Any = print) -> list[PlanItem]:
+    """Create or update every declared topic idempotently; print the plan; refuse unsafe changes.
+
+    1. plan (raises on shrinking); 2. print it; 3. create missing topics; 4. add partitions;
+    5. alter configs (incremental, so unrelated settings stay).
+    """
+    from confluent_kafka.admin import (
+        AdminClient,
+        AlterConfigOpType,
+        ConfigEntry,
+        ConfigResource,
+        NewPartitions,
+        NewTopic,
+    )
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    items = plan(reg, admin)
+    for it in items:
+        out(f"{it.action:15} {it.topic.name:45} {it.detail}")
+    if dry_run:
+        return items
+    creates = [NewTopic(i.topic.name, i.topic.partitions, i.topic.replication_factor, config=i.topic.config())
+               for i in items if i.action == "create"]
+    if creates:
+        for name, fut in admin.create_topics(creates, operation_timeout=30).items():
+            try:
+                fut.result()
+            except Exception as exc:
+                if "TOPIC_ALREADY_EXISTS" not in str(exc):
+                    raise TopicPlanError(f"creating {name} failed: {exc}") from exc
+    adds = [NewPartitions(i.topic.name, i.topic.partitions) for i in items if i.action == "add-partitions"]
+    if adds:
+        for name, fut in admin.create_partitions(adds).items():
+            try:
+                fut.result()
+            except Exception as exc:
+                raise TopicPlanError(f"adding partitions to {name} failed: {exc}") from exc
+    for it in items:
+        if it.action != "update-config":
+            continue
+        res = ConfigResource("topic", it.topic.name, incremental_configs=[
+            ConfigEntry(k, v, incremental_operation=AlterConfigOpType.SET) for k, v in it.topic.config().items()])
+        for _, fut in admin.incremental_alter_configs([res]).items():
+            fut.result()
+    return items

@@ -1,0 +1,87 @@
+"""A real aiohttp webhook receiver for the HTTP destination tests, with injectable failures."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+
+@dataclass
+class Request:
+    """One request as the receiver saw it."""
+
+    path: str
+    headers: dict[str, str]
+    body: dict[str, Any]
+    at: float
+    outcome: str
+
+
+@dataclass
+class Receiver:
+    """Answers by a plan of outcomes per path, then by `default[path]` (or "ok").
+
+    Outcomes: "ok"; "500"/"503"/"400"/... (status, records not stored); "429:<secs>" (with Retry-After);
+    "hang" (never answers within the client timeout, records not stored); "store_then_hang" (stores the
+    records, then hangs: the client times out and retries, producing duplicates); "slow:<secs>" (ok
+    after a delay).
+    """
+
+    plans: dict[str, deque[str]] = field(default_factory=dict)
+    default: dict[str, str] = field(default_factory=dict)
+    requests: list[Request] = field(default_factory=list)
+    stored: dict[str, list[str]] = field(default_factory=dict)  # path -> idempotency keys in order
+    runner: web.AppRunner | None = None
+    base_url: str = ""
+
+    def plan(self, path: str, *outcomes: str) -> None:
+        self.plans.setdefault(path, deque()).extend(outcomes)
+
+    def keys(self, path: str) -> list[str]:
+        return self.stored.get(path, [])
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        path = request.path
+        queue = self.plans.get(path)
+        outcome = queue.popleft() if queue else self.default.get(path, "ok")
+        self.requests.append(Request(path, dict(request.headers), body, time.monotonic(), outcome))
+        keys = [r["idempotency_key"] for r in body["records"]]
+        if outcome == "ok":
+            self.stored.setdefault(path, []).extend(keys)
+            return web.json_response({"accepted": len(keys)})
+        if outcome.startswith("slow:"):
+            await asyncio.sleep(float(outcome.split(":")[1]))
+            self.stored.setdefault(path, []).extend(keys)
+            return web.json_response({"accepted": len(keys)})
+        if outcome.startswith("429:"):
+            return web.Response(status=429, headers={"Retry-After": outcome.split(":")[1]})
+        if outcome == "hang":
+            await asyncio.sleep(30)
+            return web.Response(status=200)
+        if outcome == "store_then_hang":
+            self.stored.setdefault(path, []).extend(keys)
+            await asyncio.sleep(30)
+            return web.Response(status=200)
+        return web.Response(status=int(outcome), text="refused")
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        self.runner = web.AppRunner(app, shutdown_timeout=0.1)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        server = site._server
+        assert server is not None
+        port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.base_url = f"http://127.0.0.1:{port}"
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()

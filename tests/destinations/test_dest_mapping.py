@@ -1,0 +1,140 @@
+"""Given/When/Then tests of the pure mapping: skip reasons, identity transforms, consent withdrawal."""
+
+from __future__ import annotations
+
+import hashlib
+
+from dest_helpers import dest_config, membership, profile_change
+
+from pipeline.destinations.base import Payload
+from pipeline.destinations.mapping import (
+    SKIP_AUDIENCE_NOT_ACTIVATED,
+    SKIP_CONSENT_DENIED,
+    SKIP_KIND_NOT_EXPORTED,
+    SKIP_NO_IDENTITY,
+    SKIP_NO_MAPPED_CHANGE,
+    SKIP_NOT_A_MEMBER,
+    Skip,
+    map_change,
+    map_message,
+    map_profile_change,
+    transform_identity,
+)
+
+
+def test_membership_is_mapped_with_transformed_identities_and_projected_attributes() -> None:
+    # Given a destination activating "vip" with Email as sha256_lower and CRMID as-is
+    dest = dest_config()
+    # When a realized membership arrives
+    result = map_change(membership(), dest)
+    # Then one membership payload carries only the mapped identities and attributes
+    assert isinstance(result, Payload)
+    assert result.kind == "membership" and result.status == "realized" and result.audience_id == "vip"
+    assert result.identities == {
+        "Email": [hashlib.sha256(b"jane.doe@example.com").hexdigest()],
+        "CRMID": ["C-1"],
+    }
+    assert "ECID" not in result.identities
+    assert result.attributes == {"loyalty.tier": "gold", "consents.email": "yes"}
+    assert result.idempotency_key == "p1:vip:realized:1000"
+    assert result.source_emit_ms == 1005 and result.destination == "d1"
+
+
+def test_audience_not_activated_is_skipped() -> None:
+    # Given a destination for vip/churn, When a membership of another audience arrives, Then skip
+    assert map_change(membership(audience_id="other"), dest_config()) == Skip(SKIP_AUDIENCE_NOT_ACTIVATED)
+
+
+def test_star_activates_every_audience() -> None:
+    assert isinstance(map_change(membership(audience_id="any"), dest_config(audiences='"*"')), Payload)
+
+
+def test_profile_without_any_needed_identity_is_skipped_not_sent_half_empty() -> None:
+    # Given a profile with neither Email nor CRMID (only ECID, which the destination does not take)
+    msg = membership(email=None, crm=None)
+    # Then it is skipped (and counted by the runner) rather than sent with empty identities
+    assert map_change(msg, dest_config()) == Skip(SKIP_NO_IDENTITY)
+
+
+def test_profile_with_some_identities_sends_only_those_it_has() -> None:
+    result = map_change(membership(email=None), dest_config())
+    assert isinstance(result, Payload)
+    assert result.identities == {"CRMID": ["C-1"]}
+
+
+def test_blank_identity_values_count_as_missing() -> None:
+    assert map_change(membership(email="  ", crm=None), dest_config()) == Skip(SKIP_NO_IDENTITY)
+
+
+def test_realized_membership_with_denied_consent_is_skipped() -> None:
+    # Given consent "no" (case-insensitive), When a realized membership arrives, Then it is skipped
+    assert map_change(membership(consent="No"), dest_config()) == Skip(SKIP_CONSENT_DENIED)
+
+
+def test_exit_is_sent_even_when_consent_denied() -> None:
+    result = map_change(membership(status="exited", consent="no"), dest_config())
+    assert isinstance(result, Payload) and result.status == "exited"
+
+
+def test_consent_withdrawal_sends_an_exit_per_activated_audience() -> None:
+    # Given a member of vip and churn (both activated) and of other (not activated)
+    msg = profile_change(changed_attributes=["consents.email"], memberships=["vip", "other", "churn"],
+                         consent="no")
+    # When the consent attribute changes to a deny value
+    result = map_profile_change(msg, dest_config())
+    # Then one exited membership payload per activated audience, with distinct idempotency keys
+    assert isinstance(result, list)
+    assert [(p.audience_id, p.status, p.kind) for p in result] == [
+        ("churn", "exited", "membership"), ("vip", "exited", "membership")]
+    assert len({p.idempotency_key for p in result}) == 2
+
+
+def test_consent_already_denied_sends_nothing_on_other_changes() -> None:
+    msg = profile_change(changed_attributes=["loyalty.tier"], memberships=["vip"], consent="no")
+    assert map_profile_change(msg, dest_config()) == Skip(SKIP_CONSENT_DENIED)
+
+
+def test_mapped_attribute_change_of_a_member_is_sent() -> None:
+    # Given a vip member, When a mapped attribute changes, Then one attributes payload (no audience)
+    msg = profile_change(changed_attributes=["loyalty.tier"], memberships=["vip"])
+    result = map_message(msg, dest_config())
+    assert isinstance(result, list) and len(result) == 1
+    p = result[0]
+    assert (p.kind, p.status, p.audience_id) == ("attributes", "updated", None)
+    assert p.attributes == {"loyalty.tier": "platinum", "consents.email": "yes"}
+    assert p.idempotency_key == "pc-1"
+
+
+def test_mapped_identity_change_of_a_member_is_sent() -> None:
+    msg = profile_change(changed_attributes=[], changed_identities=["CRMID"], memberships=["vip"])
+    assert isinstance(map_profile_change(msg, dest_config()), list)
+
+
+def test_unmapped_change_is_skipped() -> None:
+    msg = profile_change(changed_attributes=["person.age"], changed_identities=["ECID"], memberships=["vip"])
+    assert map_profile_change(msg, dest_config()) == Skip(SKIP_NO_MAPPED_CHANGE)
+
+
+def test_change_of_a_non_member_is_skipped() -> None:
+    msg = profile_change(changed_attributes=["loyalty.tier"], memberships=["other"])
+    assert map_profile_change(msg, dest_config()) == Skip(SKIP_NOT_A_MEMBER)
+
+
+def test_file_destinations_do_not_get_attribute_only_changes() -> None:
+    msg = profile_change(changed_attributes=["loyalty.tier"], memberships=["vip"])
+    assert map_profile_change(msg, dest_config("file")) == Skip(SKIP_KIND_NOT_EXPORTED)
+
+
+def test_identity_transforms_match_hashlib() -> None:
+    raw = "  Jane.Doe@Example.COM "
+    assert transform_identity(raw, "sha256_lower") == hashlib.sha256(b"jane.doe@example.com").hexdigest()
+    assert transform_identity(raw, "sha256") == hashlib.sha256(b"Jane.Doe@Example.COM").hexdigest()
+    assert transform_identity(raw, "lower") == "jane.doe@example.com"
+    assert transform_identity(raw, "none") == "Jane.Doe@Example.COM"
+
+
+def test_transform_collapsing_values_dedupes() -> None:
+    msg = membership()
+    msg["identities"]["Email"] = ["A@x.com", "a@X.com"]
+    result = map_change(msg, dest_config())
+    assert isinstance(result, Payload) and len(result.identities["Email"]) == 1

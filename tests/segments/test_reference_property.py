@@ -1,0 +1,154 @@
+"""Property tests: the compiled engine agrees with the reference interpreter, and next_check_ms is sound."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pipeline.model import Scalar
+from pipeline.segments import AudienceDef, SegmentEngine, parse_query, to_text
+from pipeline.segments.nodes import (
+    Aggregate,
+    And,
+    BirthdayWithin,
+    Compare,
+    Const,
+    Contains,
+    DateValue,
+    Duration,
+    EventExists,
+    EventSpec,
+    Exists,
+    InList,
+    InSegment,
+    Node,
+    Not,
+    Or,
+    Since,
+    StartsWith,
+    Value,
+    Within,
+)
+from pipeline.segments.nodes import Sequence as SeqNode
+from pipeline.segments.reference import reference_evaluate
+
+from .helpers import DAY, make_profile
+
+BASE = DAY  # 1970-01-02T00:00Z: events cluster around it so `since` dates cut through them
+DATES = ["1990-01-02", "1990-01-05", "1990-01-01", "2000-02-29", "1991-12-31", "1969-12-31"]
+STRINGS = ["x", "xy", "y", "", 'q"\\']
+ATTR_PATHS = ["a", "b.c", "d"]
+FIELD_PATHS = ["f", "g"]
+TYPES = ["A", "B"]
+WINDOW_S = [1, 2, 3, 5, 8]
+OPS = ["=", "!=", "<", "<=", ">", ">="]
+
+scalars: st.SearchStrategy[Scalar] = st.one_of(
+    st.none(), st.integers(-2, 5), st.sampled_from([0.5, 2.5, -1.5]), st.sampled_from(STRINGS),
+    st.booleans(), st.sampled_from(DATES + ["bad", "2000-13-01"]))
+dates = st.sampled_from(DATES).map(lambda s: DateValue(dt.date.fromisoformat(s).toordinal()))
+literals: st.SearchStrategy[Value] = st.one_of(
+    st.integers(-2, 5), st.sampled_from([0.5, 2.5]), st.sampled_from(STRINGS), dates)
+
+
+def leaf(paths: list[str]) -> st.SearchStrategy[Node]:
+    p = st.sampled_from(paths)
+    return st.one_of(
+        st.builds(Compare, p, st.sampled_from(OPS), literals),
+        st.builds(Compare, p, st.sampled_from(["=", "!="]), st.booleans()),
+        st.builds(InList, p, st.lists(st.one_of(literals, st.booleans()), max_size=3).map(tuple)),
+        st.builds(Exists, p),
+        st.builds(StartsWith, p, st.sampled_from(STRINGS)),
+        st.builds(Contains, p, st.sampled_from(STRINGS)),
+        st.builds(Const, st.booleans()),
+    )
+
+
+def boolean(base: st.SearchStrategy[Node], leaves: int) -> st.SearchStrategy[Node]:
+    return st.recursive(base, lambda ch: st.one_of(
+        st.builds(Not, ch),
+        st.lists(ch, min_size=2, max_size=3).map(lambda xs: And(tuple(xs))),
+        st.lists(ch, min_size=2, max_size=3).map(lambda xs: Or(tuple(xs)))), max_leaves=leaves)
+
+
+field_conds = boolean(leaf(FIELD_PATHS), 3)
+seconds = st.sampled_from(WINDOW_S).map(lambda k: Duration(k * 1000, f"{k}s"))
+windows = st.one_of(st.builds(Within, seconds), st.builds(Within, seconds), st.none(),
+                    st.sampled_from(["1970-01-02", "1970-01-01", "1970-01-03"]).map(
+                        lambda s: Since(DateValue(dt.date.fromisoformat(s).toordinal()))))
+specs = st.builds(EventSpec, st.sampled_from(TYPES), st.none() | field_conds, windows)
+followers = st.builds(EventSpec, st.sampled_from(TYPES), st.none() | field_conds, st.none())
+event_nodes: st.SearchStrategy[Node] = st.one_of(
+    st.builds(EventExists, specs),
+    st.builds(Aggregate, st.just("count"), st.none(), specs, st.sampled_from(OPS), st.integers(0, 4)),
+    st.builds(Aggregate, st.sampled_from(["sum", "avg", "min", "max"]), st.sampled_from(FIELD_PATHS), specs,
+              st.sampled_from(OPS), st.sampled_from([0, 1, 2, 3, 1.5, -1])),
+    st.builds(SeqNode, specs, followers, seconds, st.booleans()),
+)
+
+
+@st.composite
+def audiences(draw: st.DrawFn) -> list[AudienceDef]:
+    out: list[AudienceDef] = []
+    for i in range(draw(st.integers(1, 4))):
+        refs = [st.just(InSegment(a.id)) for a in out]
+        base = st.one_of(leaf(ATTR_PATHS), event_nodes,
+                         st.builds(BirthdayWithin, st.sampled_from(ATTR_PATHS), st.integers(1, 9)), *refs)
+        ast = draw(boolean(base, 4))
+        text = to_text(ast)
+        parsed = parse_query(text)  # the parser is exercised on every generated audience
+        assert parsed == ast, text
+        out.append(AudienceDef(f"s{i}", f"s{i}", "", text, 1, (), parsed))
+    return out
+
+
+@st.composite
+def profiles_and_times(draw: st.DrawFn) -> tuple[object, int]:
+    attrs = {p: v for p in ATTR_PATHS if (v := draw(scalars)) is not None}
+    n = draw(st.integers(0, 10))
+    # Timestamps on whole seconds (plus a few off-by-one) so windows and gaps hit them exactly.
+    stamps = st.builds(lambda s, d: BASE + 1000 * s + d, st.integers(-3, 15), st.sampled_from([0, 0, 0, 1, 999]))
+    events = [(draw(st.sampled_from(TYPES)), draw(stamps),
+               {f: v for f in FIELD_PATHS if (v := draw(scalars)) is not None}) for _ in range(n)]
+    profile = make_profile(attrs, events)
+    # `now` often sits exactly on (or one ms around) a window edge of some event.
+    edges = [ts + k * 1000 + d for _, ts, _ in events for k in [0, *WINDOW_S] for d in (-1, 0, 1)]
+    now = draw(st.one_of(st.sampled_from(edges) if edges else st.nothing(),
+                         st.sampled_from(edges) if edges else st.nothing(),
+                         st.integers(BASE - 6000, BASE + 30000), st.integers(BASE - 3 * DAY, BASE + 400 * DAY)))
+    return profile, now
+
+
+SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@SETTINGS
+@given(audiences(), profiles_and_times())
+def test_compiled_engine_agrees_with_reference(auds: list[AudienceDef], pt: tuple[object, int]) -> None:
+    # Given random audiences and a random profile, When both evaluators run, Then they agree.
+    profile, now = pt
+    engine = SegmentEngine(auds)
+    expected = reference_evaluate(auds, profile, now)  # type: ignore[arg-type]
+    got = {d.audience_id: d.qualified for d in engine.evaluate(profile, now)}  # type: ignore[arg-type]
+    assert got == expected, [a.query for a in auds]
+
+
+@SETTINGS
+@given(audiences(), profiles_and_times(), st.lists(st.integers(0, 10**6), max_size=4))
+def test_next_check_is_sound(auds: list[AudienceDef], pt: tuple[object, int], offsets: list[int]) -> None:
+    # Given a decision at `now`, When time passes without new data, Then the result is unchanged before
+    # next_check_ms (and forever when it is None).
+    profile, now = pt
+    engine = SegmentEngine(auds)
+    for d in engine.evaluate(profile, now):  # type: ignore[arg-type]
+        nxt = d.next_check_ms
+        if nxt is None:
+            probes = [now + 1, now + 13_000, now + 400 * DAY] + [now + o for o in offsets]
+        else:
+            assert nxt > now, d
+            probes = [nxt - 1] + [now + o % (nxt - now) for o in offsets]
+        for t in probes:
+            ref = reference_evaluate(auds, profile, t)  # type: ignore[arg-type]
+            assert ref[d.audience_id] == d.qualified, (d, t, [a.query for a in auds])

@@ -1,0 +1,99 @@
+"""Tests of the profile-table codec: exact round trips (hypothesis), forwards, versioning, errors."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline.errors import SerdeError
+from pipeline.model import AttributeValue, Membership, ProfileState, StoredEvent
+from pipeline.state.codec import (
+    FORMAT_VERSION,
+    Forward,
+    decode_profile,
+    decode_profile_entry,
+    encode_forward,
+    encode_profile,
+)
+
+text = st.text(max_size=12)
+ints = st.integers(-(2**63), 2**63 - 1)
+scalars = st.one_of(st.none(), st.booleans(), ints, st.floats(allow_nan=False), text)
+stored_events = st.builds(StoredEvent, text, text, st.integers(0, 2**62), text,
+                          st.dictionaries(text, scalars, max_size=4))
+profiles = st.builds(
+    ProfileState,
+    profile_id=text,
+    created_ms=ints,
+    identities=st.dictionaries(text, st.dictionaries(text, ints, max_size=3), max_size=3),
+    attributes=st.dictionaries(text, st.builds(AttributeValue, scalars, text, ints), max_size=5),
+    events=st.lists(stored_events, max_size=6).map(lambda es: sorted(es, key=lambda e: (e.ts_ms, e.event_id))),
+    memberships=st.dictionaries(text, st.builds(Membership, text, st.sampled_from(["realized", "existing", "exited"]),
+                                                ints, ints, text, ints), max_size=3),
+    next_deadline_ms=st.one_of(st.none(), ints),
+    seq=st.integers(0, 2**40),
+)
+
+
+def _typed(p: ProfileState) -> list[object]:
+    # == treats 1, 1.0 and True alike; the codec must keep the exact type too
+    vals: list[object] = [type(a.value) for a in p.attributes.values()]
+    vals += [type(v) for e in p.events for v in e.fields.values()]
+    return vals
+
+
+@settings(max_examples=200, deadline=None)
+@given(profiles)
+def test_profile_round_trips_exactly(profile: ProfileState) -> None:
+    decoded = decode_profile(encode_profile(profile))
+    assert decoded == profile
+    assert _typed(decoded) == _typed(profile)
+    assert decode_profile_entry(encode_profile(profile)) == profile
+
+
+def test_full_profile_round_trip_and_layout() -> None:
+    # Given a profile with every part filled
+    profile = ProfileState(
+        "p1", 5, {"ECID": {"c1": 5}, "CRMID": {"42": 7}},
+        {"person.name": AttributeValue("Ann", "crm", 7), "gone": AttributeValue(None, "crm", 8)},
+        [StoredEvent("e1", "web.pageview", 1_700_000_000_000, "web-events", {"url": "/"}),
+         StoredEvent("e2", "web.pageview", 1_700_000_000_500, "web-events", {"n": 1.5})],
+        {"aud": Membership("aud", "existing", 3, 2, "rule", 4)}, 99, 12)
+    data = encode_profile(profile)
+    # Then the header carries version and kind, and the body interns repeated names once
+    assert data[:2] == bytes((FORMAT_VERSION, ord("P")))
+    body = msgpack.unpackb(data[2:])
+    assert body[5] == ["crm", "web.pageview", "web-events"]
+    assert body[7][2::5] == [1_700_000_000_000, 500]  # delta-coded timestamps
+    assert decode_profile(data) == profile
+
+
+def test_forward_round_trip() -> None:
+    data = encode_forward(Forward("p0001"))
+    assert decode_profile_entry(data) == Forward("p0001")
+    with pytest.raises(SerdeError) as info:
+        decode_profile(data)
+    assert info.value.reason == "profile_forward"
+
+
+@pytest.mark.parametrize(("data", "reason"), [
+    (b"", "profile_decode"),
+    (bytes((99, ord("P"))) + msgpack.packb([1]), "profile_version"),
+    (bytes((FORMAT_VERSION, ord("X"))) + msgpack.packb("a"), "profile_decode"),
+    (bytes((FORMAT_VERSION, ord("P"))) + msgpack.packb([1, 2]), "profile_decode"),
+    (bytes((FORMAT_VERSION, ord("P"))) + b"\xc1\xc1\xc1", "profile_decode"),
+    (bytes((FORMAT_VERSION, ord("F"))) + msgpack.packb(5), "profile_decode"),
+])
+def test_bad_bytes_raise_serde_error(data: bytes, reason: str) -> None:
+    with pytest.raises(SerdeError) as info:
+        decode_profile_entry(data)
+    assert info.value.reason == reason
+
+
+def test_unencodable_value_raises_serde_error() -> None:
+    profile = ProfileState("p", 0, attributes={"big": AttributeValue(2**70, "crm", 0)})
+    with pytest.raises(SerdeError) as info:
+        encode_profile(profile)
+    assert info.value.reason == "profile_encode"
