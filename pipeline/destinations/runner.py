@@ -104,6 +104,9 @@ class _Lane:
     last_delivery_ms: int | None = None
     skipped: Counter[str] = field(default_factory=Counter)
     errors: Counter[str] = field(default_factory=Counter)
+    # Held for a whole consume-deliver-commit round, so a redrive never commits offsets of messages
+    # the loop consumed but has not delivered yet.
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 class DestinationRunner:
@@ -188,16 +191,19 @@ class DestinationRunner:
         consumer = lane.consumer
         while not self._stopping.is_set():
             try:
-                msgs = await asyncio.to_thread(consumer.consume, self.settings.max_poll_records,
-                                               self.settings.poll_timeout_s)
-                payloads: list[Payload] = []
-                for m in msgs:
-                    payloads.extend(await self._map(lane, m))
-                if payloads:
-                    await self._deliver(lane, payloads)
-                due = (time.monotonic() - lane.last_commit) * 1000 >= self.settings.commit_interval_ms
-                if lane.dirty and (due or not msgs):
-                    await self._commit(lane)
+                async with lane.lock:
+                    msgs = await asyncio.to_thread(consumer.consume, self.settings.max_poll_records,
+                                                   self.settings.poll_timeout_s)
+                    payloads: list[Payload] = []
+                    for m in msgs:
+                        payloads.extend(await self._map(lane, m))
+                    if payloads:
+                        await self._deliver(lane, payloads)
+                    due = (time.monotonic() - lane.last_commit) * 1000 >= self.settings.commit_interval_ms
+                    if lane.dirty and (due or not msgs):
+                        await self._commit(lane)
+                # Let a waiting redrive take the lock between rounds.
+                await asyncio.sleep(0)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -390,9 +396,9 @@ class DestinationRunner:
                     if offset + 1 >= ends[part]:
                         todo.discard(part)
                 if payloads:
-                    await self._deliver(lane, payloads)
-                    lane.dirty = True
-                    await self._commit(lane)
+                    async with lane.lock:
+                        await self._deliver(lane, payloads)
+                        await self._commit(lane)
                     count += len(payloads)
                 if msgs:
                     await asyncio.to_thread(consumer.commit, asynchronous=False)

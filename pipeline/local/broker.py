@@ -126,6 +126,10 @@ class LocalBroker:
         from confluent_kafka.admin import AdminClient
 
         deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and not _port_open(self.port):  # quiet wait for the socket
+            if self.proc is not None and self.proc.poll() is not None:
+                break
+            time.sleep(0.2)
         admin = AdminClient({"bootstrap.servers": self.bootstrap})
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
@@ -148,6 +152,12 @@ class LocalBroker:
             return
         _terminate(pid, timeout_s)
         (self.data_dir / "broker.pid").unlink(missing_ok=True)
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _read_pid(data_dir: Path) -> int | None:

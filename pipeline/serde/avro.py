@@ -105,7 +105,7 @@ class RegistryCatalog:
     def __init__(self, url: str, embedded: EmbeddedCatalog | None = None, client: Any = None) -> None:
         from confluent_kafka.schema_registry import SchemaRegistryClient
 
-        self._client = client or SchemaRegistryClient({"url": url})
+        self._client = client or SchemaRegistryClient.new_client({"url": url})
         self._embedded = embedded or EmbeddedCatalog()
         self._ids: dict[str, int] = {}
         self._by_id: dict[int, Any] = {}

@@ -79,7 +79,7 @@ class Receiver:
         await site.start()
         server = site._server
         assert server is not None
-        port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
         self.base_url = f"http://127.0.0.1:{port}"
 
     async def stop(self) -> None:

@@ -10,7 +10,7 @@ import json
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -269,14 +269,14 @@ def moto_endpoint() -> Iterator[str]:
 
 
 @pytest.fixture
-def s3(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[fsspec.AbstractFileSystem]:
+def s3(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[fsspec.AbstractFileSystem]:
     for var, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_SESSION_TOKEN": "testing"}.items():
         monkeypatch.setenv(var, value)
     fs = fsspec.filesystem("s3", client_kwargs={"endpoint_url": moto_endpoint}, skip_instance_cache=True)
     if not fs.exists("exports"):
         fs.mkdir("exports")
-    yield fs  # type: ignore[misc]
+    yield fs
 
 
 @pytest.mark.parametrize("fmt", ["csv", "parquet"])

@@ -11,8 +11,8 @@ from dest_helpers import dest_config
 from http_receiver import Receiver
 
 from pipeline.destinations.base import DestinationContext, Payload
-from pipeline.destinations.http import CircuitBreaker, HttpDestination, backoff_delay_s, parse_retry_after
 from pipeline.destinations.config import BreakerConfig
+from pipeline.destinations.http import CircuitBreaker, HttpDestination, backoff_delay_s, parse_retry_after
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ from pipeline.identity.namespaces import (
     NORMALISERS,
     IdentityConfig,
     InvalidValue,
+    Namespace,
     NormaliserSettings,
     get_normaliser,
     load_identity_config,
@@ -212,3 +213,21 @@ def test_problems_never_contain_raw_values_and_output_is_order_free(raw: list[tu
     assert set(problems) <= ALLOWED_PROBLEMS
     assert normalise_identities(list(reversed(raw)), config)[0] == identities
     assert len(set(identities)) == len(identities)
+
+
+def test_derived_namespace_cannot_derive_from_a_derived_one(identity_config: Callable[..., IdentityConfig]) -> None:
+    text = GOOD + "  - {name: H2, kind: person, priority: 1, normaliser: sha256hex, derived_from: EMAIL_LC_SHA256}\n"
+    with pytest.raises(ConfigError) as info:
+        identity_config(text)
+    assert (info.value.line, info.value.problem) == (
+        8, "namespace 'H2': derived_from must name a namespace that is not itself derived")
+
+
+def test_programmatic_build_checks_names() -> None:
+    # Given namespaces built in code rather than YAML / Then the same checks apply
+    email = Namespace("Email", "person", 60, False, "email")
+    with pytest.raises(UnknownNameError):
+        IdentityConfig.build([email, Namespace("H", "person", 1, False, "sha256hex", "Mail")], 5)
+    with pytest.raises(ConfigError, match="duplicate namespace 'Email'"):
+        IdentityConfig.build([email, email], 5)
+    assert IdentityConfig.build([email], 5).derived == {}

@@ -85,6 +85,8 @@ def test_forward_round_trip() -> None:
     (bytes((FORMAT_VERSION, ord("P"))) + msgpack.packb([1, 2]), "profile_decode"),
     (bytes((FORMAT_VERSION, ord("P"))) + b"\xc1\xc1\xc1", "profile_decode"),
     (bytes((FORMAT_VERSION, ord("F"))) + msgpack.packb(5), "profile_decode"),
+    (bytes((FORMAT_VERSION, ord("P"))) + msgpack.packb(["p", 0, None, 0, {}, [], [], ["e", 0, 1, 0], []]),
+     "profile_decode"),
 ])
 def test_bad_bytes_raise_serde_error(data: bytes, reason: str) -> None:
     with pytest.raises(SerdeError) as info:

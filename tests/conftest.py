@@ -1,0 +1,126 @@
+"""Shared fixtures: one real Kafka broker per test run, unique topics and groups per test, worker processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeline.local.broker import LocalBroker, free_port
+from pipeline.topics import TopicRegistry, apply
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: Any, call: Any) -> Iterator[None]:
+    outcome = yield
+    rep = outcome.get_result()
+    setattr(item, f"rep_{rep.when}", rep)
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A running broker: $KAFKA_BOOTSTRAP if set (reuse), else our own on free ports, stopped afterwards."""
+    if os.environ.get("KAFKA_BOOTSTRAP"):
+        yield os.environ["KAFKA_BOOTSTRAP"]
+        return
+    port = free_port()
+    broker = LocalBroker(tmp_path_factory.mktemp("kafka"), port, free_port())
+    broker.start(timeout_s=90)
+    try:
+        yield broker.bootstrap
+    finally:
+        broker.stop()
+
+
+@pytest.fixture
+def topic_prefix(request: pytest.FixtureRequest) -> str:
+    """Unique per test, so tests never see each other's data."""
+    return f"t{uuid.uuid4().hex[:8]}-"
+
+
+@pytest.fixture
+def registry(kafka_bootstrap: str, topic_prefix: str) -> TopicRegistry:
+    """The topic registry with this test's prefix, topics created on the broker."""
+    reg = TopicRegistry.load(prefix=topic_prefix)
+    apply(reg, kafka_bootstrap, out=lambda *_: None)
+    return reg
+
+
+@dataclass
+class WorkerProc:
+    name: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    web_port: int
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.web_port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def wait_ready(self, timeout_s: float = 90) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"worker {self.name} exited {self.proc.returncode}:\n{self.log()[-5000:]}")
+            if "Worker ready" in self.log() or "[^Worker]: Ready" in self.log():
+                return
+            time.sleep(0.3)
+        raise AssertionError(f"worker {self.name} not ready after {timeout_s}s:\n{self.log()[-5000:]}")
+
+    def stop(self, timeout_s: float = 30) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+
+
+@pytest.fixture
+def start_worker(kafka_bootstrap: str, topic_prefix: str, registry: TopicRegistry, tmp_path: Path,
+                 request: pytest.FixtureRequest) -> Iterator[Callable[..., WorkerProc]]:
+    """Factory: start `pipeline worker` processes on this test's topics; all are stopped afterwards,
+    and their logs are printed when the test failed."""
+    workers: list[WorkerProc] = []
+    app_id = f"cdp-{topic_prefix.rstrip('-')}"
+
+    def start(name: str = "w1", config_dir: Path | None = None, wait: bool = True,
+              data_dir: Path | None = None, extra_env: dict[str, str] | None = None) -> WorkerProc:
+        port = free_port()
+        env = {**os.environ, "KAFKA_BOOTSTRAP": kafka_bootstrap, "PIPELINE_TOPIC_PREFIX": topic_prefix,
+               "PIPELINE_APP_ID": app_id, "PIPELINE_DATA_DIR": str(data_dir or tmp_path / "data"),
+               "PIPELINE_WEB_PORT": str(port), "PIPELINE_WORKER_NAME": name,
+               "PIPELINE_CONFIG": str(config_dir or ROOT / "config" / "example"), **(extra_env or {})}
+        log_path = tmp_path / f"{name}-{len(workers)}.log"
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline", "worker", "--loglevel", "info"], env=env,
+                                stdout=open(log_path, "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
+                                start_new_session=True, cwd=ROOT)
+        w = WorkerProc(name, proc, log_path, port, env)
+        workers.append(w)
+        if wait:
+            w.wait_ready()
+        return w
+
+    yield start
+    for w in workers:
+        w.stop()
+    rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.failed:
+        for w in workers:
+            print(f"\n===== log of worker {w.name} (last 8000 chars) =====\n{w.log()[-8000:]}")
