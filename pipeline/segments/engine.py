@@ -375,7 +375,7 @@ def _compile_exists(spec: EventSpec, label: str) -> _Fn:
         for i in range(len(evs) - 1, lo - 1, -1):  # latest first: it is the last to leave the window
             e = evs[i]
             if where is None or where(e.fields):
-                return (True, e.ts_ms + within + 2 if within is not None else None, e.event_id, label)
+                return (True, e.ts_ms + within + 1 if within is not None else None, e.event_id, label)
         return F
     return exists
 

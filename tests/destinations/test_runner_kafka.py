@@ -38,6 +38,15 @@ def create_topics(bootstrap: str, names: list[str], partitions: int = 3) -> None
     for fut in admin.create_topics([NewTopic(n, num_partitions=partitions, replication_factor=1)
                                     for n in names]).values():
         fut.result(timeout=30)
+    # Wait until every partition has a leader, so the first produce does not stall on metadata.
+    deadline = time.monotonic() + 30
+    while True:
+        md = admin.list_topics(timeout=10).topics
+        if all(n in md and md[n].partitions and all(p.leader >= 0 for p in md[n].partitions.values())
+               for n in names):
+            return
+        assert time.monotonic() < deadline, "topics got no leaders"
+        time.sleep(0.05)
 
 
 def produce(bootstrap: str, topic: str, messages: list[dict[str, Any]]) -> None:

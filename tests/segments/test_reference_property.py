@@ -73,7 +73,7 @@ def boolean(base: st.SearchStrategy[Node], leaves: int) -> st.SearchStrategy[Nod
         st.lists(ch, min_size=2, max_size=3).map(lambda xs: Or(tuple(xs)))), max_leaves=leaves)
 
 
-field_conds = boolean(leaf(FIELD_PATHS), 3)
+field_conds = boolean(leaf(FIELD_PATHS), 2)
 seconds = st.sampled_from(WINDOW_S).map(lambda k: Duration(k * 1000, f"{k}s"))
 windows = st.one_of(st.builds(Within, seconds), st.builds(Within, seconds), st.none(),
                     st.sampled_from(["1970-01-02", "1970-01-01", "1970-01-03"]).map(
@@ -89,19 +89,29 @@ event_nodes: st.SearchStrategy[Node] = st.one_of(
 )
 
 
+def _audience(i: int, ast: Node) -> AudienceDef:
+    text = to_text(ast)
+    parsed = parse_query(text)  # the parser is exercised on every generated audience
+    assert parsed == ast, text
+    return AudienceDef(f"s{i}", f"s{i}", "", text, 1, (), parsed)
+
+
 @st.composite
 def audiences(draw: st.DrawFn) -> list[AudienceDef]:
+    """1-3 audiences mixing attribute, event and inSegment() conditions under and/or/not."""
     out: list[AudienceDef] = []
-    for i in range(draw(st.integers(1, 4))):
+    for i in range(draw(st.integers(1, 3))):
         refs = [st.just(InSegment(a.id)) for a in out]
-        base = st.one_of(leaf(ATTR_PATHS), event_nodes,
+        base = st.one_of(leaf(ATTR_PATHS), event_nodes, event_nodes,
                          st.builds(BirthdayWithin, st.sampled_from(ATTR_PATHS), st.integers(1, 9)), *refs)
-        ast = draw(boolean(base, 4))
-        text = to_text(ast)
-        parsed = parse_query(text)  # the parser is exercised on every generated audience
-        assert parsed == ast, text
-        out.append(AudienceDef(f"s{i}", f"s{i}", "", text, 1, (), parsed))
+        out.append(_audience(i, draw(boolean(base, 3))))
     return out
+
+
+@st.composite
+def event_audiences(draw: st.DrawFn) -> list[AudienceDef]:
+    """One audience that is a single event expression, so window edges decide the result."""
+    return [_audience(0, draw(event_nodes))]
 
 
 @st.composite
@@ -121,13 +131,12 @@ def profiles_and_times(draw: st.DrawFn) -> tuple[object, int]:
     return profile, now
 
 
-SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+EVENT_SETTINGS = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+Profile = tuple[object, int]
 
 
-@SETTINGS
-@given(audiences(), profiles_and_times())
-def test_compiled_engine_agrees_with_reference(auds: list[AudienceDef], pt: tuple[object, int]) -> None:
-    # Given random audiences and a random profile, When both evaluators run, Then they agree.
+def check_agreement(auds: list[AudienceDef], pt: Profile) -> None:
     profile, now = pt
     engine = SegmentEngine(auds)
     expected = reference_evaluate(auds, profile, now)  # type: ignore[arg-type]
@@ -135,11 +144,7 @@ def test_compiled_engine_agrees_with_reference(auds: list[AudienceDef], pt: tupl
     assert got == expected, [a.query for a in auds]
 
 
-@SETTINGS
-@given(audiences(), profiles_and_times(), st.lists(st.integers(0, 10**6), max_size=4))
-def test_next_check_is_sound(auds: list[AudienceDef], pt: tuple[object, int], offsets: list[int]) -> None:
-    # Given a decision at `now`, When time passes without new data, Then the result is unchanged before
-    # next_check_ms (and forever when it is None).
+def check_next(auds: list[AudienceDef], pt: Profile, offsets: list[int]) -> None:
     profile, now = pt
     engine = SegmentEngine(auds)
     for d in engine.evaluate(profile, now):  # type: ignore[arg-type]
@@ -152,3 +157,35 @@ def test_next_check_is_sound(auds: list[AudienceDef], pt: tuple[object, int], of
         for t in probes:
             ref = reference_evaluate(auds, profile, t)  # type: ignore[arg-type]
             assert ref[d.audience_id] == d.qualified, (d, t, [a.query for a in auds])
+
+
+@SETTINGS
+@given(audiences(), profiles_and_times())
+def test_compiled_engine_agrees_with_reference(auds: list[AudienceDef], pt: Profile) -> None:
+    # Given random audiences and a random profile, When both evaluators run, Then they agree.
+    check_agreement(auds, pt)
+
+
+@EVENT_SETTINGS
+@given(event_audiences(), profiles_and_times())
+def test_event_expressions_agree_at_window_edges(auds: list[AudienceDef], pt: Profile) -> None:
+    # Given one event expression and `now` on window edges, When both evaluators run, Then they agree.
+    check_agreement(auds, pt)
+
+
+offsets = st.lists(st.integers(0, 20_000), max_size=4)
+
+
+@SETTINGS
+@given(audiences(), profiles_and_times(), offsets)
+def test_next_check_is_sound(auds: list[AudienceDef], pt: Profile, offs: list[int]) -> None:
+    # Given a decision at `now`, When time passes without new data, Then the result is unchanged before
+    # next_check_ms (and forever when it is None).
+    check_next(auds, pt, offs)
+
+
+@EVENT_SETTINGS
+@given(event_audiences(), profiles_and_times(), offsets)
+def test_next_check_is_sound_for_event_expressions(auds: list[AudienceDef], pt: Profile,
+                                                    offs: list[int]) -> None:
+    check_next(auds, pt, offs)

@@ -1,0 +1,48 @@
+# The two commands a newcomer needs: `make run` and `make test`. Everything else is installed by them.
+PY      ?= python3.11
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+
+.PHONY: run test test-unit test-integration lint bench kafka-jars kafka-up kafka-down topics clean venv
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@command -v $(PY) >/dev/null 2>&1 || { echo "need Python 3.11 ($(PY))"; exit 1; }
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[dev]"
+	@touch $(STAMP)
+
+kafka-jars: venv
+	$(BIN)/python -m pipeline.local.broker fetch
+
+kafka-up: kafka-jars
+	$(BIN)/python -m pipeline.local.broker up
+
+kafka-down: venv
+	$(BIN)/python -m pipeline.local.broker down
+
+topics: venv
+	$(BIN)/pipeline topics apply
+
+run: kafka-jars
+	$(BIN)/python -m pipeline.local.demo
+
+# The pytest session fixture starts its own broker on free ports (or reuses $$KAFKA_BOOTSTRAP).
+test: kafka-jars
+	$(BIN)/pytest -q -p no:cacheprovider --durations=15
+
+test-unit: venv
+	$(BIN)/pytest -q -p no:cacheprovider -m "not integration"
+
+lint: venv
+	$(BIN)/ruff check pipeline tests
+	$(BIN)/mypy pipeline
+
+bench: kafka-jars
+	$(BIN)/python -m bench.run
+
+clean:
+	rm -rf data .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,101 @@
+"""`make run`: a local broker, the topics, one worker and a reproducible sample, with a live summary.
+
+Ctrl-C stops everything it started (worker, then broker) and leaves no stray process.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pipeline.clients import produce_json_lines, tail
+from pipeline.local.broker import DEFAULT_DIR, DEFAULT_PORT, LocalBroker, _alive, _read_pid
+from pipeline.sample import write
+from pipeline.topics import TopicRegistry, apply
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def main() -> int:
+    people = int(os.environ.get("SAMPLE_PEOPLE", "3000"))
+    broker = LocalBroker(DEFAULT_DIR, DEFAULT_PORT, DEFAULT_PORT + 1)
+    own_broker = not (_read_pid(DEFAULT_DIR) and _alive(_read_pid(DEFAULT_DIR) or 0))
+    worker: subprocess.Popen[bytes] | None = None
+    stop = False
+
+    def on_signal(*_: object) -> None:
+        nonlocal stop
+        stop = True
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        if own_broker:
+            print("starting the local Kafka broker...", flush=True)
+            broker.start()
+        print(f"broker on {broker.bootstrap}", flush=True)
+        reg = TopicRegistry.load(prefix="")
+        apply(reg, broker.bootstrap)
+        log_path = ROOT / "data" / "worker.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "KAFKA_BOOTSTRAP": broker.bootstrap}
+        worker = subprocess.Popen([sys.executable, "-m", "pipeline", "worker"], env=env, cwd=ROOT,
+                                  stdout=open(log_path, "ab"), stderr=subprocess.STDOUT,  # noqa: SIM115
+                                  start_new_session=True)
+        print(f"worker started (pid {worker.pid}, log {log_path}); waiting until ready...", flush=True)
+        deadline = time.monotonic() + 120
+        while "Worker ready" not in log_path.read_text(errors="replace")[-200000:]:
+            if worker.poll() is not None or time.monotonic() > deadline:
+                print(log_path.read_text(errors="replace")[-3000:])
+                raise SystemExit("the worker did not start; see the log above")
+            time.sleep(0.5)
+        ev, rec = write(people, ROOT / "data" / "sample", int(time.time() * 1000))
+        print(f"sample: {people} people -> {ev.name}, {rec.name}", flush=True)
+        with open(rec) as f:
+            n_rec = produce_json_lines(reg, broker.bootstrap, "ingest.profiles", f)
+        with open(ev) as f:
+            n_ev = produce_json_lines(reg, broker.bootstrap, "ingest.events", f)
+        print(f"published {n_rec} CRM records and {n_ev} web events; membership changes follow:\n", flush=True)
+        counts: collections.Counter[tuple[str, str]] = collections.Counter()
+        shown = 0
+        started = time.monotonic()
+        for m in tail(reg, broker.bootstrap, "activation.memberships", idle_timeout_s=8):
+            v = m["value"]
+            counts[(v["audience_id"], v["status"])] += 1
+            if shown < 8:
+                shown += 1
+                print(f"  {v['status']:9} {v['audience_id']:24} profile {v['profile_id']} "
+                      f"({', '.join(v['identities'])}) via {v['evaluation']}")
+        took = time.monotonic() - started
+        print(f"\n{sum(counts.values())} membership changes in {took:.1f}s (incl. 8 s idle wait):")
+        for (aud, status), n in sorted(counts.items()):
+            print(f"  {aud:28} {status:9} {n}")
+        print("\ntry:  .venv/bin/pipeline profile get --namespace CRMID --id CRM70000001")
+        print("      .venv/bin/pipeline tail activation.memberships --from-beginning --max 5")
+        print("      curl -s localhost:6066/metrics | grep cdp_")
+        print("\nrunning; Ctrl-C stops the worker and the broker.", flush=True)
+        while worker.poll() is None:
+            time.sleep(1)
+        return 1
+    except KeyboardInterrupt:
+        print("\nstopping...", flush=True)
+        return 0
+    finally:
+        if worker is not None and worker.poll() is None:
+            os.killpg(worker.pid, signal.SIGTERM)
+            try:
+                worker.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(worker.pid, signal.SIGKILL)
+        if own_broker:
+            broker.stop()
+        print("stopped.", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
