@@ -55,7 +55,7 @@ class Payload:
             audience_id=d.get("audience_id"),
             kind=d["kind"],
             status=d["status"],
-            identities={str(k): [str(v) for v in vs] for k, vs in dict(d.get("identities") or {}).items()},
+            identities={k: list(vs) for k, vs in (d.get("identities") or {}).items()},
             attributes=dict(d.get("attributes") or {}),
             idempotency_key=str(d["idempotency_key"]),
             event_time_ms=int(d["event_time_ms"]),

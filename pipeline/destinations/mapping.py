@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Final
 
 from pipeline.destinations.base import Payload
@@ -54,6 +55,17 @@ def project_attributes(attributes: dict[str, Scalar], dest: DestinationConfig) -
     return {path: attributes[path] for path in dest.attributes if path in attributes}
 
 
+def to_ms(value: Any) -> int:
+    """Epoch milliseconds from an int or from the datetime Avro's timestamp-millis decodes to."""
+    if value is None:
+        return 0
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return int(value.timestamp() * 1000)
+    return int(value)
+
+
 def is_membership_message(msg: dict[str, Any]) -> bool:
     """Membership changes carry audience_id and status; profile changes carry changed_attributes."""
     return "audience_id" in msg and "status" in msg
@@ -76,7 +88,7 @@ def map_change(msg: dict[str, Any], dest: DestinationConfig) -> Payload | Skip:
     identities = map_identities(dict(msg.get("identities") or {}), dest)
     if not identities:
         return Skip(SKIP_NO_IDENTITY)
-    event_time = int(msg.get("event_time_ms") or 0)
+    event_time = to_ms(msg.get("event_time_ms"))
     return Payload(
         destination=dest.name,
         profile_id=str(msg["profile_id"]),
@@ -87,7 +99,7 @@ def map_change(msg: dict[str, Any], dest: DestinationConfig) -> Payload | Skip:
         attributes=project_attributes(attributes, dest),
         idempotency_key=str(msg["idempotency_key"]),
         event_time_ms=event_time,
-        source_emit_ms=int(msg.get("emit_time_ms") or event_time),
+        source_emit_ms=to_ms(msg.get("emit_time_ms")) or event_time,
     )
 
 
@@ -109,8 +121,8 @@ def map_profile_change(msg: dict[str, Any], dest: DestinationConfig) -> list[Pay
     attributes: dict[str, Scalar] = dict(msg.get("attributes") or {})
     changed_attrs = set(msg.get("changed_attributes") or [])
     key = str(msg["idempotency_key"])
-    event_time = int(msg.get("event_time_ms") or 0)
-    emit_time = int(msg.get("emit_time_ms") or event_time)
+    event_time = to_ms(msg.get("event_time_ms"))
+    emit_time = to_ms(msg.get("emit_time_ms")) or event_time
     profile_id = str(msg["profile_id"])
     projected = project_attributes(attributes, dest)
 

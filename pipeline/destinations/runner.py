@@ -9,7 +9,7 @@ import logging
 import random
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,10 +54,10 @@ class RunnerSettings:
     """Topics and tuning of the runner; topic names are logical (resolved by the TopicResolver)."""
 
     membership_topic: str = "activation.memberships"
-    profile_change_topic: str = "activation.profile_changes"
-    # Physical dead-letter topic name per destination name.
-    dead_letter_topic: Callable[[str], str] = field(default=lambda name: f"cdp-dest-dlq-{name}")
-    create_dead_letter_topics: bool = True
+    profile_change_topic: str = "activation.profile-changes"
+    # Logical dead-letter topic shared by every destination; the `destination` header says whose.
+    dead_letter_topic: str = "activation.dest-dlq"
+    create_dead_letter_topic: bool = True
     max_poll_records: int = 500
     poll_timeout_s: float = 0.2
     commit_interval_ms: int = 1000
@@ -65,6 +65,7 @@ class RunnerSettings:
     deliver_max_attempts: int = 5
     retry_base_delay_ms: int = 200
     retry_max_delay_ms: int = 5000
+    stop_timeout_s: float = 30.0  # final flush per destination; past it, uncommitted messages are re-read
     consumer_config: dict[str, Any] = field(default_factory=dict)
     producer_config: dict[str, Any] = field(default_factory=dict)
 
@@ -137,8 +138,8 @@ class DestinationRunner:
         3. Subscribe one consumer per destination and start its loop."""
         self._producer = Producer({"bootstrap.servers": self.bootstrap, "enable.idempotence": True,
                                    "linger.ms": 5, **self.settings.producer_config})
-        if self.settings.create_dead_letter_topics:
-            await asyncio.to_thread(self._create_dead_letter_topics)
+        if self.settings.create_dead_letter_topic:
+            await asyncio.to_thread(self._create_dead_letter_topic)
         for cfg in self._configs:
             ctx = DestinationContext(dead_letter=self._dead_letter_sink(cfg.name),
                                      kafka_bootstrap=self.bootstrap, topics=self.topics)
@@ -162,10 +163,14 @@ class DestinationRunner:
         self._stopping.set()
         for lane in self._lanes.values():
             if lane.task is not None:
-                with contextlib.suppress(Exception):
+                # A loop blocked on a dead destination (backpressure) is cancelled after the timeout.
+                done, _ = await asyncio.wait({lane.task}, timeout=self.settings.stop_timeout_s)
+                if not done:
+                    lane.task.cancel()
+                with contextlib.suppress(Exception, asyncio.CancelledError):
                     await lane.task
             try:
-                await self._commit(lane)
+                await asyncio.wait_for(self._commit(lane), timeout=self.settings.stop_timeout_s)
             except Exception:
                 log.exception("destination %s: final commit failed (messages will be re-delivered)",
                               lane.config.name)
@@ -302,20 +307,23 @@ class DestinationRunner:
 
     # -- dead letters ----------------------------------------------------------------------------
 
+    @property
+    def dead_letter_topic(self) -> str:
+        """The physical dead-letter topic (shared by all destinations; header `destination` says whose)."""
+        return self.topics.name(self.settings.dead_letter_topic)
+
     def _dead_letter_sink(self, name: str) -> Callable[[list[Payload], str], Any]:
         async def sink(payloads: list[Payload], reason: str) -> None:
             await self._dead_letter(self._lanes[name], payloads, reason)
         return sink
 
     async def _dead_letter(self, lane: _Lane, payloads: list[Payload], reason: str) -> None:
-        assert self._producer is not None
-        topic = self.settings.dead_letter_topic(lane.config.name)
         headers: list[tuple[str, str | bytes | None]] = [
-            ("dlq.reason", reason.encode()), ("dlq.destination", lane.config.name.encode()),
-            ("dlq.time_ms", str(int(time.time() * 1000)).encode())]
+            ("destination", lane.config.name.encode()), ("reason", reason.encode()),
+            ("time_ms", str(int(time.time() * 1000)).encode())]
         for p in payloads:
             value = json.dumps(p.to_dict(), separators=(",", ":")).encode("utf-8")
-            await self._produce(topic, p.profile_id.encode("utf-8"), value, headers)
+            await self._produce(self.dead_letter_topic, p.profile_id.encode("utf-8"), value, headers)
         lane.dead_lettered += len(payloads)
         # Dead-lettered payloads are settled: they must not be re-delivered or counted again.
         dead = {id(p) for p in payloads}
@@ -323,11 +331,10 @@ class DestinationRunner:
 
     async def _produce_raw_dead_letter(self, lane: _Lane, m: Message, reason: str) -> None:
         headers: list[tuple[str, str | bytes | None]] = [
-            ("dlq.reason", reason.encode()), ("dlq.destination", lane.config.name.encode()),
-            ("dlq.source_topic", (m.topic() or "").encode()),
-                   ("dlq.source_offset", str(m.offset()).encode())]
-        await self._produce(self.settings.dead_letter_topic(lane.config.name), m.key(), m.value() or b"",
-                            headers)
+            ("destination", lane.config.name.encode()), ("reason", reason.encode()),
+            ("source_topic", (m.topic() or "").encode()), ("source_partition", str(m.partition()).encode()),
+            ("source_offset", str(m.offset()).encode())]
+        await self._produce(self.dead_letter_topic, m.key(), m.value() or b"", headers)
         lane.dead_lettered += 1
 
     async def _produce(self, topic: str, key: bytes | str | None, value: bytes,
@@ -341,72 +348,89 @@ class DestinationRunner:
             except BufferError:
                 await asyncio.to_thread(self._producer.poll, 0.1)
 
-    def _create_dead_letter_topics(self) -> None:
+    def _create_dead_letter_topic(self) -> None:
+        """Create the dead-letter topic if the registry's `topics apply` has not (tests, dev)."""
         admin = AdminClient({"bootstrap.servers": self.bootstrap})
-        existing = set(admin.list_topics(timeout=10).topics)
-        wanted = [self.settings.dead_letter_topic(c.name) for c in self._configs]
-        new = [NewTopic(t, num_partitions=1, replication_factor=1) for t in wanted if t not in existing]
-        if not new:
+        topic = self.dead_letter_topic
+        if topic in admin.list_topics(timeout=10).topics:
             return
-        for topic, fut in admin.create_topics(new).items():
+        for fut in admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)]).values():
             try:
                 fut.result(timeout=30)
-            except Exception as exc:  # already created by a concurrent runner is fine
+            except Exception as exc:  # created concurrently by another runner: fine
                 if "TOPIC_ALREADY_EXISTS" not in str(exc):
                     raise DeliveryError(f"cannot create dead-letter topic {topic}: {exc}",
                                         retryable=True) from exc
 
     # -- redrive ---------------------------------------------------------------------------------
 
+    def _redrive_consumer(self, name: str) -> Consumer:
+        return Consumer({"bootstrap.servers": self.bootstrap, "group.id": f"cdp-dest-{name}-redrive",
+                         "enable.auto.commit": False, "auto.offset.reset": "earliest",
+                         **self.settings.consumer_config})
+
     async def redrive(self, name: str) -> int:
-        """Re-deliver the dead-letter topic of `name` up to its current end; returns the count.
+        """Re-deliver `name`'s dead letters up to the topic's current end; returns how many.
 
         1. Snapshot the end offsets, so payloads that fail again (and are dead-lettered anew) are not
            read again in this same redrive.
-        2. Read from the redrive group's committed offsets (`cdp-dest-<name>-redrive`).
+        2. Read from the redrive group's committed offsets (`cdp-dest-<name>-redrive`), keeping only
+           messages whose `destination` header is `name`.
         3. Deliver and flush through the normal path (failures go back to the dead-letter topic).
         4. Commit the redrive group's offsets.
         """
         lane = self._lane(name)
-        topic = self.settings.dead_letter_topic(name)
-        consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": f"cdp-dest-{name}-redrive",
-                             "enable.auto.commit": False, "auto.offset.reset": "earliest",
-                             **self.settings.consumer_config})
+        consumer = self._redrive_consumer(name)
         try:
-            ends, starts = await asyncio.to_thread(self._dead_letter_bounds, consumer, topic)
-            todo = {p for p in ends if starts[p] < ends[p]}
-            if not todo:
-                return 0
-            consumer.assign([TopicPartition(topic, p, starts[p]) for p in todo])
             count = 0
-            deadline = time.monotonic() + 60.0
-            while todo and time.monotonic() < deadline:
-                msgs = await asyncio.to_thread(consumer.consume, self.settings.max_poll_records, 0.5)
-                payloads: list[Payload] = []
-                for m in msgs:
-                    if m.error() is not None or m.partition() not in todo:
-                        continue
-                    part, offset = m.partition() or 0, m.offset() or 0
-                    if offset >= ends[part]:
-                        continue
-                    try:
-                        payloads.append(Payload.from_dict(json.loads(m.value() or b"")))
-                    except (ValueError, KeyError, TypeError):
-                        lane.errors["redrive_undecodable"] += 1  # a raw (decode-error) dead letter
-                    if offset + 1 >= ends[part]:
-                        todo.discard(part)
+            async for payloads, raw in self._scan_dead_letters(consumer, name):
+                if raw:
+                    lane.errors["redrive_undecodable"] += raw
                 if payloads:
                     async with lane.lock:
                         await self._deliver(lane, payloads)
                         await self._commit(lane)
                     count += len(payloads)
-                if msgs:
-                    await asyncio.to_thread(consumer.commit, asynchronous=False)
+                await asyncio.to_thread(consumer.commit, asynchronous=False)
             return count
         finally:
             await asyncio.to_thread(consumer.close)
 
-    def _dead_letter_bounds(self, consumer: Consumer, topic: str) -> tuple[dict[int, int], dict[int, int]]:
+    async def _scan_dead_letters(self, consumer: Consumer, name: str
+                                 ) -> AsyncIterator[tuple[list[Payload], int]]:
+        """Yield, per consumed chunk, `name`'s dead letters between the committed offsets and the end
+        offsets taken at the start: (decodable payloads, count of raw ones whose source did not decode).
+        A chunk may be empty when it held only other destinations' dead letters."""
+        topic = self.dead_letter_topic
+        ends, starts = await asyncio.to_thread(self._bounds, consumer, topic)
+        todo = {p for p in ends if starts[p] < ends[p]}
+        if not todo:
+            return
+        consumer.assign([TopicPartition(topic, p, starts[p]) for p in todo])
+        deadline = time.monotonic() + 120.0
+        while todo:
+            if time.monotonic() > deadline:
+                raise DeliveryError(f"dead-letter scan of {name} did not reach the end", retryable=True)
+            msgs = await asyncio.to_thread(consumer.consume, self.settings.max_poll_records, 0.5)
+            chunk: list[Payload] = []
+            raw = 0
+            for m in msgs:
+                part, offset = m.partition() or 0, m.offset() or 0
+                if m.error() is not None or part not in todo or offset >= ends[part]:
+                    continue
+                if offset + 1 >= ends[part]:
+                    todo.discard(part)
+                if _header(m, "destination") != name:
+                    continue
+                try:
+                    chunk.append(Payload.from_dict(json.loads(m.value() or b"")))
+                except (ValueError, KeyError, TypeError):
+                    raw += 1  # a raw dead letter (its source message did not decode): nothing to re-deliver
+            if msgs:
+                yield chunk, raw
+
+    def _bounds(self, consumer: Consumer, topic: str) -> tuple[dict[int, int], dict[int, int]]:
+        """(end offset, start offset) per partition: start = the group's committed offset, else low."""
         md = consumer.list_topics(topic, timeout=10)
         meta = md.topics.get(topic)
         if meta is None or meta.error is not None:
@@ -419,7 +443,7 @@ class DestinationRunner:
             low, high = consumer.get_watermark_offsets(tp, timeout=10)
             ends[tp.partition] = high
             c = committed.get(tp.partition, OFFSET_INVALID)
-            starts[tp.partition] = c if c is not None and c >= 0 else low
+            starts[tp.partition] = max(c, low) if c is not None and c >= 0 else low
         return ends, starts
 
     # -- status ----------------------------------------------------------------------------------
@@ -428,7 +452,8 @@ class DestinationRunner:
         """Per destination: lag, last delivery time, error counts, dead-letter depth, breaker state."""
         out: dict[str, DestinationStatus] = {}
         for name, lane in self._lanes.items():
-            lag, depth = await asyncio.to_thread(self._offsets_status, name)
+            lag = await asyncio.to_thread(self._lag, name)
+            depth = await self._dead_letter_depth(name)
             stats = lane.destination.stats()
             out[name] = DestinationStatus(
                 name=name, kind=lane.config.kind,
@@ -438,25 +463,41 @@ class DestinationRunner:
                 dead_lettered=lane.dead_lettered, dead_letter_depth=depth, breaker=stats.get("breaker"))
         return out
 
-    def _offsets_status(self, name: str) -> tuple[int | None, int | None]:
+    def _lag(self, name: str) -> int | None:
         try:
             probe = Consumer({"bootstrap.servers": self.bootstrap, "group.id": f"cdp-dest-{name}",
                               "enable.auto.commit": False})
             try:
                 lag = 0
                 for topic in self._logical:
-                    ends, starts = self._dead_letter_bounds(probe, topic)
+                    ends, starts = self._bounds(probe, topic)
                     lag += sum(ends[p] - starts[p] for p in ends)
+                return lag
             finally:
                 probe.close()
-            probe = Consumer({"bootstrap.servers": self.bootstrap, "group.id": f"cdp-dest-{name}-redrive",
-                              "enable.auto.commit": False})
-            try:
-                ends, starts = self._dead_letter_bounds(probe, self.settings.dead_letter_topic(name))
-                depth = sum(ends[p] - starts[p] for p in ends)
-            finally:
-                probe.close()
-            return lag, depth
         except Exception:
             log.exception("destination %s: cannot read offsets for status", name)
-            return None, None
+            return None
+
+    async def _dead_letter_depth(self, name: str) -> int | None:
+        """Dead letters of `name` not yet redriven. The topic is shared, so this scans the unredriven
+        range (small in a healthy system) without committing anything."""
+        consumer = self._redrive_consumer(name)
+        try:
+            depth = 0
+            async for chunk, raw in self._scan_dead_letters(consumer, name):
+                depth += len(chunk) + raw
+            return depth
+        except Exception:
+            log.exception("destination %s: cannot measure the dead-letter depth", name)
+            return None
+        finally:
+            await asyncio.to_thread(consumer.close)
+
+
+def _header(m: Message, key: str) -> str | None:
+    raw: Any = m.headers() or []
+    for k, v in (raw.items() if isinstance(raw, dict) else raw):
+        if k == key:
+            return v.decode("utf-8", "replace") if isinstance(v, bytes) else v
+    return None

@@ -138,3 +138,13 @@ def test_transform_collapsing_values_dedupes() -> None:
     msg["identities"]["Email"] = ["A@x.com", "a@X.com"]
     result = map_change(msg, dest_config())
     assert isinstance(result, Payload) and len(result.identities["Email"]) == 1
+
+
+def test_avro_timestamp_millis_datetimes_are_accepted() -> None:
+    # Given the message as the Avro serde decodes it (timestamp-millis -> aware datetime)
+    from datetime import UTC, datetime
+    msg = membership()
+    msg["event_time_ms"] = datetime.fromtimestamp(1.5, UTC)
+    msg["emit_time_ms"] = datetime.fromtimestamp(2.0, UTC)
+    result = map_change(msg, dest_config())
+    assert isinstance(result, Payload) and (result.event_time_ms, result.source_emit_ms) == (1500, 2000)

@@ -104,7 +104,7 @@ async def test_runner_delivers_dead_letters_redrives_and_resumes(kafka_bootstrap
                                                                  tmp_path: Path) -> None:
     run = f"t{uuid.uuid4().hex[:8]}"
     topics = PrefixTopics(run)
-    settings = RunnerSettings(dead_letter_topic=lambda name: f"{run}.dlq.{name}", commit_interval_ms=200)
+    settings = RunnerSettings(commit_interval_ms=200)
     create_topics(kafka_bootstrap, [topics.name(settings.membership_topic),
                                     topics.name(settings.profile_change_topic),
                                     topics.name("activation.out")])
@@ -140,9 +140,10 @@ async def test_runner_delivers_dead_letters_redrives_and_resumes(kafka_bootstrap
         got = set(receiver.keys("/hook"))
         n_dead = refused()
         assert len(got) == len(expected_hook) - n_dead and got <= expected_hook
-        dlq = read_all(kafka_bootstrap, f"{run}.dlq.hook", n_dead)
+        dlq = read_all(kafka_bootstrap, topics.name("activation.dest-dlq"), n_dead)
         assert len(dlq) == n_dead
-        assert dict(dlq[0].headers())["dlq.reason"] == b"http_400"
+        assert dict(dlq[0].headers())["reason"] == b"http_400"
+        assert {dict(m.headers())["destination"] for m in dlq} == {b"hook"}
         assert {json.loads(m.value())["idempotency_key"] for m in dlq} == expected_hook - got
         assert st["hook"].skipped == {"audience_not_activated": 10, "no_identity": 1}
         assert st["hook"].breaker == "closed" and st["hook"].last_delivery_ms is not None
@@ -170,3 +171,34 @@ async def test_runner_delivers_dead_letters_redrives_and_resumes(kafka_bootstrap
         assert receiver.keys("/hook")[before:] == ["new-1"]
     finally:
         await again.stop()
+
+
+async def test_undecodable_messages_go_to_the_dead_letter_topic(kafka_bootstrap: str, receiver: Receiver,
+                                                                tmp_path: Path) -> None:
+    run = f"t{uuid.uuid4().hex[:8]}"
+    topics = PrefixTopics(run)
+    settings = RunnerSettings(commit_interval_ms=200)
+    create_topics(kafka_bootstrap, [topics.name(settings.membership_topic),
+                                    topics.name(settings.profile_change_topic),
+                                    topics.name("activation.out")])
+    p = Producer({"bootstrap.servers": kafka_bootstrap})
+    p.produce(topics.name(settings.membership_topic), key=b"x", value=b"\x00not json")
+    assert p.flush(30) == 0
+    produce(kafka_bootstrap, topics.name(settings.membership_topic), [membership("p1", "vip", key="ok-1")])
+    hook = configs(receiver, tmp_path)[0]
+    runner = DestinationRunner([hook], bootstrap=kafka_bootstrap, topics=topics, settings=settings)
+    await runner.start()
+    try:
+        await wait_until(lambda: "ok-1" in receiver.keys("/hook"))
+        dlq = read_all(kafka_bootstrap, topics.name("activation.dest-dlq"), 1)
+        headers = dict(dlq[0].headers())
+        assert dlq[0].value() == b"\x00not json" and headers["reason"].startswith(b"decode_error")
+        assert headers["destination"] == b"hook"
+        st = (await runner.status())["hook"]
+        assert st.errors == {"decode": 1} and st.dead_lettered == 1 and st.dead_letter_depth == 1
+        # A redrive cannot re-deliver a message that never decoded: it counts it and moves past it
+        assert await runner.redrive("hook") == 0
+        st = (await runner.status())["hook"]
+        assert st.errors["redrive_undecodable"] == 1 and st.dead_letter_depth == 0
+    finally:
+        await runner.stop()
