@@ -16,6 +16,7 @@ import aiohttp
 from pipeline.destinations.base import Destination, DestinationContext, Payload, register_kind
 from pipeline.destinations.config import BreakerConfig, DestinationConfig, HttpSettings
 from pipeline.errors import DeliveryError
+from pipeline.observability import metrics
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,9 @@ class CircuitBreaker:
     """closed -> open after N consecutive failures -> half_open after the reset timeout -> closed on
     one success (or back to open on one failure). `state` and `transitions` are observable."""
 
-    def __init__(self, config: BreakerConfig, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, config: BreakerConfig, clock: Callable[[], float] = time.monotonic,
+                 name: str = "") -> None:
+        self.name = name  # the destination's, for log lines
         self.failure_threshold = config.failure_threshold
         self.reset_timeout_s = config.reset_timeout_s
         self._clock = clock
@@ -65,7 +68,7 @@ class CircuitBreaker:
     def _set(self, state: BreakerState) -> None:
         self._state = state
         self.transitions.append((self._clock(), state))
-        log.info("circuit breaker -> %s", state)
+        log.info("destination %s: circuit breaker -> %s", self.name or "?", state)
 
 
 class TokenBucket:
@@ -123,7 +126,7 @@ class HttpDestination(Destination):
         if config.http is None:
             raise DeliveryError(f"destination {config.name} has no http settings", retryable=False)
         self.settings: HttpSettings = config.http
-        self.breaker = CircuitBreaker(self.settings.circuit_breaker)
+        self.breaker = CircuitBreaker(self.settings.circuit_breaker, name=config.name)
         self._bucket = TokenBucket(self.settings.rate_limit_per_s) if self.settings.rate_limit_per_s else None
         self._queue: asyncio.Queue[Payload] = asyncio.Queue(maxsize=self.settings.queue_max_records)
         self._session = session
@@ -262,6 +265,7 @@ class HttpDestination(Destination):
                 reason = str(err)
                 self.last_error = reason
                 self.failed_attempts += 1
+                metrics.DESTINATION_FAILURES.labels(self.name, _label(reason)).inc()
                 if not err.retryable:
                     # The receiver answered, so it is up: do not count this against the breaker.
                     self.breaker.record_success()
@@ -282,7 +286,8 @@ class HttpDestination(Destination):
             return
 
     async def _dead_letter(self, batch: list[Payload], reason: str) -> None:
-        log.warning("destination %s: %d record(s) to dead-letter: %s", self.name, len(batch), reason)
+        # The runner's dead-letter sink logs it (one line per dead-lettering, any kind).
+        log.debug("destination %s: %d record(s) to dead-letter: %s", self.name, len(batch), reason)
         await self.context.dead_letter(batch, reason)
         self.dead_lettered += len(batch)
 
@@ -309,6 +314,11 @@ class HttpDestination(Destination):
             raise DeliveryError("timeout", retryable=True) from exc
         except aiohttp.ClientError as exc:
             raise DeliveryError(f"connection_error:{type(exc).__name__}", retryable=True) from exc
+
+
+def _label(reason: str) -> str:
+    """Metric label: "http_503", "timeout", "connection_error" (the class name is dropped)."""
+    return reason.split(":", 1)[0][:40]
 
 
 def _record(p: Payload) -> dict[str, Any]:

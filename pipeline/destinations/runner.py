@@ -7,11 +7,12 @@ import contextlib
 import json
 import logging
 import random
+import re
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -26,6 +27,10 @@ from pipeline.destinations.base import (
 from pipeline.destinations.config import DestinationConfig
 from pipeline.destinations.mapping import Skip, map_message
 from pipeline.errors import DeliveryError, UnknownNameError
+from pipeline.observability import metrics
+
+if TYPE_CHECKING:
+    from pipeline.destinations.backfill import Backfill
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +122,10 @@ class DestinationRunner:
 
     def __init__(self, destinations: Iterable[DestinationConfig], *, bootstrap: str,
                  topics: TopicResolver | None = None, decode: Decoder = json_decoder,
-                 settings: RunnerSettings | None = None) -> None:
+                 settings: RunnerSettings | None = None, backfill: Backfill | None = None) -> None:
         self.bootstrap = bootstrap
+        # Optional: on start, deliver the current members of newly mapped audiences (see backfill.py).
+        self.backfill = backfill
         self.topics: TopicResolver = topics or LogicalTopics()
         self.decode = decode
         self.settings = settings or RunnerSettings()
@@ -133,9 +140,13 @@ class DestinationRunner:
 
     # -- lifecycle -------------------------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, *, consume: bool = True) -> None:
         """1. Create the dead-letter producer (and topics). 2. Build and start every destination.
-        3. Subscribe one consumer per destination and start its loop."""
+        3. Backfill newly mapped audiences (if a Backfill is given), before any streaming, so the
+           stream's later changes arrive after the backfilled state.
+        4. Subscribe one consumer per destination and start its loop.
+
+        `consume=False` stops after step 2: destinations usable for `redrive()` or exports only."""
         self._producer = Producer({"bootstrap.servers": self.bootstrap, "enable.idempotence": True,
                                    "linger.ms": 5, **self.settings.producer_config})
         if self.settings.create_dead_letter_topic:
@@ -145,7 +156,14 @@ class DestinationRunner:
                                      kafka_bootstrap=self.bootstrap, topics=self.topics)
             dest = create_destination(cfg, ctx)
             await dest.start()
-            lane = _Lane(cfg, dest, last_commit=time.monotonic())
+            self._lanes[cfg.name] = _Lane(cfg, dest, last_commit=time.monotonic())
+            log.info("destination %s (%s): started", cfg.name, cfg.kind)
+        if not consume:
+            return
+        if self.backfill is not None:
+            await self.backfill.run(self)
+        for lane in self._lanes.values():
+            cfg = lane.config
             lane.consumer = Consumer({
                 "bootstrap.servers": self.bootstrap,
                 "group.id": f"cdp-dest-{cfg.name}",
@@ -154,7 +172,6 @@ class DestinationRunner:
                 **self.settings.consumer_config,
             })
             lane.consumer.subscribe(list(self._logical))
-            self._lanes[cfg.name] = lane
             lane.task = asyncio.create_task(self._run_lane(lane), name=f"dest-lane-{cfg.name}")
 
     async def stop(self) -> None:
@@ -183,6 +200,19 @@ class DestinationRunner:
 
     def destination(self, name: str) -> Destination:
         return self._lane(name).destination
+
+    def configs(self) -> list[DestinationConfig]:
+        return list(self._configs)
+
+    async def deliver_and_flush(self, name: str, payloads: list[Payload]) -> None:
+        """Deliver payloads that do not come from the lane's consumer (backfills), then flush: on
+        return they are delivered or dead-lettered. Holds the lane's lock like a consume round."""
+        lane = self._lane(name)
+        async with lane.lock:
+            chunk = self.settings.max_poll_records
+            for i in range(0, len(payloads), chunk):
+                await self._deliver(lane, payloads[i:i + chunk])
+            await self._commit(lane)
 
     def _lane(self, name: str) -> _Lane:
         if name not in self._lanes:
@@ -235,6 +265,7 @@ class DestinationRunner:
             return []
         if isinstance(result, Skip):
             lane.skipped[result.reason] += 1
+            metrics.DESTINATION_SKIPS.labels(lane.config.name, result.reason).inc()
             return []
         return result
 
@@ -249,6 +280,7 @@ class DestinationRunner:
                 return
             except DeliveryError as err:
                 lane.errors[f"deliver:{err}"[:80]] += 1
+                metrics.DESTINATION_FAILURES.labels(lane.config.name, reason_label(err)).inc()
                 if not err.retryable or attempt >= self.settings.deliver_max_attempts:
                     reason = str(err) if not err.retryable else f"retries_exhausted:{err}"
                     await self._dead_letter(lane, payloads, reason)
@@ -265,8 +297,6 @@ class DestinationRunner:
         2. Flush the dead-letter producer, so dead-lettered payloads are acknowledged by Kafka.
         3. Commit the consumer's positions synchronously.
         """
-        if lane.consumer is None:
-            return
         attempt = 0
         while True:
             attempt += 1
@@ -275,6 +305,7 @@ class DestinationRunner:
                 break
             except DeliveryError as err:
                 lane.errors[f"flush:{err}"[:80]] += 1
+                metrics.DESTINATION_FAILURES.labels(lane.config.name, reason_label(err)).inc()
                 if not err.retryable or attempt >= self.settings.deliver_max_attempts:
                     await self._dead_letter(lane, lane.uncommitted, f"flush_failed:{err}")
                     break
@@ -285,7 +316,7 @@ class DestinationRunner:
         remaining = await asyncio.to_thread(self._producer.flush, 30.0)
         if remaining:
             raise DeliveryError(f"{remaining} dead-letter message(s) unacknowledged", retryable=True)
-        if lane.dirty:
+        if lane.dirty and lane.consumer is not None:
             try:
                 await asyncio.to_thread(lane.consumer.commit, asynchronous=False)
             except Exception as exc:
@@ -294,6 +325,7 @@ class DestinationRunner:
                 log.warning("destination %s: commit failed: %s", lane.config.name, exc)
         if lane.uncommitted:
             lane.delivered += len(lane.uncommitted)
+            metrics.DESTINATION_DELIVERIES.labels(lane.config.name).inc(len(lane.uncommitted))
             stats_ms = lane.destination.stats().get("last_delivery_ms")
             lane.last_delivery_ms = stats_ms if stats_ms else int(time.time() * 1000)
         lane.uncommitted = []
@@ -325,6 +357,9 @@ class DestinationRunner:
             value = json.dumps(p.to_dict(), separators=(",", ":")).encode("utf-8")
             await self._produce(self.dead_letter_topic, p.profile_id.encode("utf-8"), value, headers)
         lane.dead_lettered += len(payloads)
+        if payloads:
+            log.warning("destination %s: %d payload(s) dead-lettered: %s", lane.config.name,
+                        len(payloads), reason)
         # Dead-lettered payloads are settled: they must not be re-delivered or counted again.
         dead = {id(p) for p in payloads}
         lane.uncommitted = [p for p in lane.uncommitted if id(p) not in dead]
@@ -336,6 +371,7 @@ class DestinationRunner:
             ("source_offset", str(m.offset()).encode())]
         await self._produce(self.dead_letter_topic, m.key(), m.value() or b"", headers)
         lane.dead_lettered += 1
+        log.warning("destination %s: undecodable message dead-lettered: %s", lane.config.name, reason)
 
     async def _produce(self, topic: str, key: bytes | str | None, value: bytes,
                        headers: list[tuple[str, str | bytes | None]]) -> None:
@@ -448,6 +484,25 @@ class DestinationRunner:
 
     # -- status ----------------------------------------------------------------------------------
 
+    def local_stats(self) -> dict[str, dict[str, Any]]:
+        """This process's counters per destination (no Kafka calls): what `status` cannot read from
+        Kafka (last delivery, errors, breaker). `destinations run` publishes it for the CLI."""
+        out: dict[str, dict[str, Any]] = {}
+        for name, lane in self._lanes.items():
+            stats = lane.destination.stats()
+            out[name] = {
+                "kind": lane.config.kind, "running": lane.task is not None and not lane.task.done(),
+                "last_delivery_ms": lane.last_delivery_ms, "consumed": lane.consumed,
+                "delivered": lane.delivered, "skipped": dict(lane.skipped), "errors": dict(lane.errors),
+                "dead_lettered": lane.dead_lettered, "breaker": stats.get("breaker")}
+        return out
+
+    async def kafka_status(self, name: str) -> tuple[int | None, int | None]:
+        """(lag, dead-letter depth) of a configured destination, read from Kafka only: works from any
+        process, whether or not this runner was started."""
+        lag = await asyncio.to_thread(self._lag, name)
+        return lag, await self._dead_letter_depth(name)
+
     async def status(self) -> dict[str, DestinationStatus]:
         """Per destination: lag, last delivery time, error counts, dead-letter depth, breaker state."""
         out: dict[str, DestinationStatus] = {}
@@ -493,6 +548,12 @@ class DestinationRunner:
             return None
         finally:
             await asyncio.to_thread(consumer.close)
+
+
+def reason_label(err: Exception) -> str:
+    """A low-cardinality metric label from a DeliveryError message ("http_503", "timeout", ...)."""
+    head = str(err).split(":", 1)[0].strip()
+    return head if re.fullmatch(r"[a-z][a-z0-9_]{0,39}", head) else "other"
 
 
 def _header(m: Message, key: str) -> str | None:

@@ -9,10 +9,12 @@ import logging
 import time
 from typing import Any
 
+import msgpack
+
 from pipeline.identity.stitch import PROFILE_TOPIC, Send
 from pipeline.model import ProfileState
 from pipeline.observability import metrics
-from pipeline.profiles.ops import MEMBERSHIP_TOPIC, OpResult
+from pipeline.profiles.ops import MEMBERSHIP_STATE_TOPIC, MEMBERSHIP_TOPIC, OpResult
 from pipeline.runtime import Runtime
 from pipeline.state.codec import decode_profile_entry, encode_forward, encode_profile
 
@@ -51,7 +53,10 @@ def register(rt: Runtime) -> None:
         for change in res.changes:
             metrics.MEMBERSHIP_CHANGES.labels(change.status, change.evaluation).inc()
             metrics.END_TO_END_SECONDS.observe(max(0.0, now - change.event_time_ms / 1000))
-            await rt.emit(Send(MEMBERSHIP_TOPIC, change.profile_id, change.to_dict()))
+            value = change.to_dict()
+            await rt.emit(Send(MEMBERSHIP_TOPIC, change.profile_id, value))
+            # the compacted current-membership table (a KTable), for destination backfills
+            await rt.emit(Send(MEMBERSHIP_STATE_TOPIC, f"{change.profile_id}|{change.audience_id}", value))
         for send in res.sends:
             await rt.emit(send)
         for name, n in res.counters.items():
@@ -62,6 +67,9 @@ def register(rt: Runtime) -> None:
             msg = codec.decode(event.value)
             if msg["op"] == "batch":
                 await _batch(rt, table, event.message.partition, msg, publish, deadlines)
+                continue
+            if msg["op"] == "defs-check":
+                await _definitions_check(rt, table, event.message.partition, publish, deadlines)
                 continue
             started = time.perf_counter()
             pid_b: bytes = event.key
@@ -80,19 +88,37 @@ def register(rt: Runtime) -> None:
 
     rt.app.agent(rt.topic(PROFILE_TOPIC), name="profiles")(profiles)
 
+    ops_topic = rt.registry.name(PROFILE_TOPIC)
+    checked: set[int] = set()
+
     @rt.app.timer(0.5)
     async def fire_deadlines() -> None:
         if not getattr(fire_deadlines, "scanned", False):
             fire_deadlines.scanned = True  # type: ignore[attr-defined]
             _rebuild_deadlines(table, deadlines)
+        # each newly assigned partition checks the audience definitions once (through its own stream,
+        # so the evaluation and its table writes happen in that partition's event context)
+        for tp in rt.app.assignor.assigned_actives():
+            if tp.topic == ops_topic and tp.partition not in checked:
+                checked.add(tp.partition)
+                await rt.emit(Send(PROFILE_TOPIC, "defs-check", {"op": "defs-check"}), partition=tp.partition)
         for pid in deadlines.due(rt.now_ms()):
             await rt.emit(Send(PROFILE_TOPIC, pid, {"op": "tick", "pid": pid}))
+
+
+META_PREFIX = b"__"  # faust's offset keys and our per-partition metadata; never profiles
+
+
+def _defs_key(partition: int) -> bytes:
+    return f"__cdp_defs__:{partition}".encode()
 
 
 def _rebuild_deadlines(table: Any, deadlines: Deadlines) -> None:
     """After a restart the heap is empty: re-read the deadlines kept in the local profiles."""
     n = 0
-    for _, raw in table.items():
+    for key, raw in table.items():
+        if key.startswith(META_PREFIX):
+            continue
         entry = decode_profile_entry(raw)
         if isinstance(entry, ProfileState) and entry.next_deadline_ms is not None:
             deadlines.note(entry.profile_id, entry.next_deadline_ms)
@@ -101,38 +127,81 @@ def _rebuild_deadlines(table: Any, deadlines: Deadlines) -> None:
         log.info("restored %d pending deadlines from the profile table", n)
 
 
-async def _batch(rt: Runtime, table: Any, partition: int, msg: dict[str, Any], publish: Any,
-                 deadlines: Deadlines) -> None:
-    """Evaluate audiences over every live profile of this partition (a batch run), reporting progress.
+async def _walk_partition(rt: Runtime, table: Any, partition: int, run: str, publish: Any, deadlines: Deadlines,
+                          visit: Any) -> tuple[int, int, int]:
+    """Apply `visit(pid, profile) -> OpResult` to every live profile of one partition, writing and
+    publishing what it returns; report progress on the control topic. Returns (seen, evaluated, changes).
 
-    1. snapshot the partition's keys; 2. evaluate each live profile, write it, publish its changes;
-    3. report progress on the control topic every chunk and at the end."""
-    audiences = msg.get("audiences") or None
-    run = msg["run"]
-    since = int(msg.get("since_ms") or 0)
+    1. snapshot the partition's keys; 2. per live profile: visit, write, publish; 3. progress every 2,000
+    keys and a final report."""
     db = table.data._db_for_partition(partition)
-    keys = [k for k in db.keys() if not k.startswith(b"__faust")]
-    total, done, changed = len(keys), 0, 0
+    keys = [k for k in db.keys() if not k.startswith(META_PREFIX)]
+    total, done, changes = len(keys), 0, 0
     started = time.monotonic()
     for i, key in enumerate(keys):
         raw = table.get(key)
         entry = decode_profile_entry(raw) if raw else None
-        if isinstance(entry, ProfileState) and (not since or _last_change(entry) >= since):
-            res = rt.processor.handle(key.decode(), entry,
-                                      {"op": "evaluate_op", "audiences": audiences, "kind": msg.get("kind", "batch")})
-            if res.write is not None and res.changes:
-                table[key] = encode_profile(res.write)  # type: ignore[arg-type]
-                changed += len(res.changes)
-            await publish(res)
-            done += 1
-            metrics.BATCH_PROFILES.inc()
+        if isinstance(entry, ProfileState):
+            res = visit(key.decode(), entry)
+            if res is not None:
+                if isinstance(res.write, ProfileState) and res.changes:
+                    table[key] = encode_profile(res.write)
+                    deadlines.note(res.write.profile_id, res.write.next_deadline_ms)
+                changes += len(res.changes)
+                await publish(res)
+                done += 1
         if i % 2000 == 1999:
             await rt.emit(Send("control.segments", run, {"op": "progress", "run": run, "partition": partition,
                                                          "seen": i + 1, "total": total, "final": False}))
             await asyncio.sleep(0)
     await rt.emit(Send("control.segments", run, {
         "op": "progress", "run": run, "partition": partition, "seen": total, "total": total,
-        "evaluated": done, "changes": changed, "final": True, "seconds": round(time.monotonic() - started, 3)}))
+        "evaluated": done, "changes": changes, "final": True, "seconds": round(time.monotonic() - started, 3)}))
+    return total, done, changes
+
+
+async def _batch(rt: Runtime, table: Any, partition: int, msg: dict[str, Any], publish: Any,
+                 deadlines: Deadlines) -> None:
+    """A batch run over this partition: all audiences (or the listed ones), optionally only profiles
+    changed since `since_ms` (incremental)."""
+    audiences = msg.get("audiences") or None
+    since = int(msg.get("since_ms") or 0)
+    op = {"op": "evaluate_op", "audiences": audiences, "kind": msg.get("kind", "batch")}
+
+    def visit(pid: str, p: ProfileState) -> OpResult | None:
+        metrics.BATCH_PROFILES.inc()
+        if since and _last_change(p) < since:
+            return None
+        return rt.processor.handle(pid, p, op)
+
+    await _walk_partition(rt, table, partition, msg["run"], publish, deadlines, visit)
+
+
+async def _definitions_check(rt: Runtime, table: Any, partition: int, publish: Any, deadlines: Deadlines) -> None:
+    """Audience definitions may have changed since this partition was last evaluated:
+    1. diff the stored fingerprints with the loaded definitions; 2. evaluate new/edited audiences over the
+    partition's profiles and exit members of removed ones; 3. store the new fingerprints."""
+    key = _defs_key(partition)
+    raw = table.get(key)
+    old = msgpack.unpackb(raw, raw=False) if raw else None
+    changed, removed = rt.processor.definitions_diff(old)
+    if changed or removed:
+        log.info("partition %d: audience definitions changed (%d new/edited, %d removed): evaluating",
+                 partition, len(changed), len(removed))
+        eval_op = {"op": "evaluate_op", "audiences": changed, "kind": "definition"}
+
+        def visit(pid: str, p: ProfileState) -> OpResult | None:
+            res = rt.processor.exit_removed(p, removed) if removed else OpResult()
+            if changed:
+                more = rt.processor.handle(pid, p, eval_op)
+                res.changes.extend(more.changes)
+                res.sends.extend(more.sends)
+                res.write = more.write or res.write
+            return res
+
+        await _walk_partition(rt, table, partition, f"defs-{partition}", publish, deadlines, visit)
+    if old != rt.processor.fingerprints():
+        table[key] = msgpack.packb(rt.processor.fingerprints())
 
 
 def _last_change(p: ProfileState) -> int:

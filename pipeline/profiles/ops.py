@@ -40,6 +40,7 @@ from pipeline.state.codec import Forward, decode_profile, encode_profile
 log = logging.getLogger(__name__)
 
 MEMBERSHIP_TOPIC = "activation.memberships"
+MEMBERSHIP_STATE_TOPIC = "activation.membership-state"
 PROFILE_CHANGES_TOPIC = "activation.profile-changes"
 
 Entry = ProfileState | Forward | None
@@ -227,6 +228,33 @@ class ProfileProcessor:
         self._evaluate(entry, ChangeSummary(), res, now=now, event_time=now, cause=None,
                        kind=msg.get("kind", "batch"), audience_ids=msg.get("audiences"))
         res.write = entry
+        return res
+
+    # -- definition changes -------------------------------------------------------------------------
+    def fingerprints(self) -> dict[str, str]:
+        """A fingerprint per audience: what a membership depends on (query, version, carried attributes)."""
+        return {a.id: hashlib.sha256(f"{a.query}|{a.version}|{','.join(a.attributes)}".encode()).hexdigest()[:16]
+                for a in self.engine.audiences.values()}
+
+    def definitions_diff(self, old: dict[str, str] | None) -> tuple[list[str], list[str]]:
+        """(new or edited audience ids in evaluation order, removed audience ids) since `old`."""
+        new = self.fingerprints()
+        old = old or {}
+        changed = {a for a, fp in new.items() if old.get(a) != fp}
+        ordered = [a for a in self.engine.affected(all_=True) if a in changed]
+        return ordered, sorted(set(old) - set(new))
+
+    def exit_removed(self, profile: ProfileState, removed: list[str]) -> OpResult:
+        """A removed audience exits its members (kind 'definition')."""
+        res = OpResult()
+        gone = {a: m for a, m in profile.memberships.items() if a in removed and m.status != "exited"}
+        if gone:
+            kept = {a: m for a, m in profile.memberships.items() if a not in gone}
+            profile.memberships = gone
+            res.changes.extend(exit_all(profile, self.engine, now_ms=self.now_ms(), kind="definition",
+                                        reason="audience removed"))
+            profile.memberships.update(kept)
+            res.write = profile
         return res
 
     # -- shared steps -------------------------------------------------------------------------------

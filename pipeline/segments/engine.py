@@ -168,6 +168,8 @@ def _value_pred(n: Node) -> _Pred:
             return lambda x: type(x) is bool and op(x, v)
         if isinstance(v, int | float):
             return lambda x: (type(x) is int or type(x) is float) and op(x, v)
+        if n.op == "=":
+            return lambda x: x == v  # only a str equals a str: no type check needed
         return lambda x: type(x) is str and op(x, v)
     if isinstance(n, InList):
         strs = frozenset(v for v in n.values if type(v) is str)
@@ -206,6 +208,9 @@ def _field_pred(n: Node) -> _FieldPred:
     if isinstance(n, Const):
         c = n.value
         return lambda f: c
+    if isinstance(n, Compare) and n.op == "=" and type(n.value) is str:
+        fpath, fv = n.path, n.value
+        return lambda f: f.get(fpath) == fv  # the common `category = "shoes"`, inlined
     if isinstance(n, Compare | InList | Exists | StartsWith | Contains):
         p, path = _value_pred(n), n.path
         return lambda f: p(f.get(path))
@@ -380,13 +385,13 @@ def _compile_exists(spec: EventSpec, label: str) -> _Fn:
     return exists
 
 
-def _count_change(stamps: Sequence[int], cur: bool, op: CompareOp, value: float,
+def _count_change(matches: Sequence[StoredEvent], cur: bool, op: CompareOp, value: float,
                   cmp: Callable[[Any, Any], bool]) -> int | None:
-    """Index k of the first in-window match whose leaving flips `count op value` (stamps ascending)."""
-    c = len(stamps)
+    """Index k of the first in-window match whose leaving flips `count op value` (matches ts-ascending)."""
+    c = len(matches)
     if op in ("=", "!="):
         for k in range(c):
-            if k + 1 < c and stamps[k + 1] == stamps[k]:
+            if k + 1 < c and matches[k + 1].ts_ms == matches[k].ts_ms:
                 continue
             if cmp(c - k - 1, value) != cur:
                 return k
@@ -410,7 +415,7 @@ def _compile_aggregate(n: Aggregate, label: str) -> _Fn:
             cur = cmp(len(matches), value)
             nxt = None
             if within is not None and matches:
-                k = _count_change([e.ts_ms for e in matches], cur, op, value, cmp)
+                k = _count_change(matches, cur, op, value, cmp)
                 if k is not None:
                     nxt = matches[k].ts_ms + within + 1
             cause = matches[-1].event_id if cur and matches else None

@@ -34,7 +34,15 @@ Semantics worth knowing
   * A where-condition extends as far as it can: `event A where x = 1 and inSegment("g")` is an error;
     write a window after it or parenthesise: `(event A where x = 1) and inSegment("g")`.
   * `B` follows `A` when it comes after A in the (time-sorted) history and B.ts <= A.ts + gap.
-  * sum of no events is 0; avg/min/max of no events is undefined, so their comparisons are false.
+  * sum of no events is 0; avg/min/max of no events is undefined, so their comparisons are false;
+    non-numeric field values are ignored by aggregates.
+  * Keywords (and or not in exists event where within since followed by of true false) are read as
+    names wherever a keyword cannot appear, so `count = 1` or `product.in = 2` still work.
+
+Errors: SegmentSyntaxError (a ConfigError) with file, line and column and what was expected, for
+unexpected tokens/characters, unterminated strings, bad window units, bad dates, unknown functions and
+misplaced conditions. Unknown audiences in inSegment() and cycles are ConfigErrors raised when a segments
+file is loaded (see `pipeline.segments.config`).
 """
 
 from __future__ import annotations
@@ -284,7 +292,8 @@ class _ToAst(Transformer[Token, Node]):
             if not isinstance(n, FIELD_NODES):
                 what = {"InSegment": "inSegment()", "BirthdayWithin": "birthdayWithin()"}.get(
                     type(n).__name__, "an event expression")
-                _fail(meta.start_pos, f"{what} is not allowed inside a where-condition (it reads event fields); "
+                pos = n.pos if isinstance(n, InSegment) and n.pos >= 0 else meta.start_pos
+                _fail(pos, f"{what} is not allowed inside a where-condition (it reads event fields); "
                                       "end the where-condition with a window or parenthesise the event "
                                       "expression, e.g. (event x where a = 1) and inSegment(\"g\")")
         return cond

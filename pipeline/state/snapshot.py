@@ -70,6 +70,8 @@ def snapshot(reg: TopicRegistry, bootstrap: str) -> GraphSnapshot:
     profiles: dict[str, ProfileState] = {}
     forwards: dict[str, str] = {}
     for k, v in read_changelog(reg, bootstrap, "state.profiles-changelog").items():
+        if k.startswith(b"__"):  # per-partition metadata, not a profile
+            continue
         entry = decode_profile_entry(v)
         if isinstance(entry, Forward):
             forwards[k.decode()] = entry.into

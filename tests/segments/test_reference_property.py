@@ -156,7 +156,7 @@ def scenarios(draw: st.DrawFn, auds_strategy: st.SearchStrategy[list[AudienceDef
 
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-EVENT_SETTINGS = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+EVENT_SETTINGS = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def check_agreement(sc: Scenario) -> None:
@@ -211,3 +211,17 @@ def test_next_check_is_sound(sc: Scenario, offs: list[int]) -> None:
 @given(scenarios(event_audiences()), offsets)
 def test_next_check_is_sound_for_event_expressions(sc: Scenario, offs: list[int]) -> None:
     check_next(sc, offs)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dates(dt.date(1948, 1, 1), dt.date(2008, 12, 31)), st.integers(1, 400),
+       st.integers(0, 5 * 366 * DAY), st.sampled_from([0, 1, DAY - 1]), offsets)
+def test_birthday_within_agrees_and_next_check_is_sound(born: dt.date, days: int, now: int, nudge: int,
+                                                          offs: list[int]) -> None:
+    # Given any birth date (29 Feb included) and any day, When checked, Then both evaluators agree and the
+    # result holds until next_check_ms.
+    auds = [_audience(0, BirthdayWithin("person.birthDate", days))]
+    profile = make_profile({"person.birthDate": born.isoformat()})
+    now = now // DAY * DAY + nudge  # around midnight edges too
+    check_agreement((auds, profile, now))
+    check_next((auds, profile, now), [o * 1000 for o in offs])
