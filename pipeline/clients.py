@@ -101,10 +101,11 @@ def tail(reg: TopicRegistry, bootstrap: str, logical: str, *, from_beginning: bo
                 if time.monotonic() - last > idle_timeout_s:
                     return
                 continue
-            if msg.error():
-                if msg.error().code() == KafkaError._PARTITION_EOF:
+            err = msg.error()
+            if err is not None:
+                if err.code() == KafkaError._PARTITION_EOF:
                     continue
-                raise PipelineError(f"consume error: {msg.error()}")
+                raise PipelineError(f"consume error: {err}")
             last = time.monotonic()
             seen += 1
             yield decode_message(reg, logical, msg)

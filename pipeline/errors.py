@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 
 class PipelineError(Exception):
     """Base of every error the pipeline raises on purpose."""
@@ -30,7 +32,7 @@ class ConfigError(PipelineError):
 class UnknownNameError(ConfigError):
     """A registry was asked for a name it does not hold; the message lists the valid names."""
 
-    def __init__(self, kind: str, name: str, valid: list[str] | tuple[str, ...] | set[str]) -> None:
+    def __init__(self, kind: str, name: str, valid: Iterable[str]) -> None:
         self.kind = kind
         self.name = name
         self.valid = sorted(valid)

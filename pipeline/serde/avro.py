@@ -130,7 +130,7 @@ class RegistryCatalog:
                     schema = self._client.get_schema(schema_id)
                 except Exception as exc:  # the client raises its own error types per transport
                     raise SerdeError("unknown-schema-id", f"registry has no schema {schema_id}: {exc}") from exc
-                self._by_id[schema_id] = fastavro.parse_schema(_strip_logical(json.loads(schema.schema_str)))
+                self._by_id[schema_id] = fastavro.parse_schema(_strip_logical(json.loads(str(schema.schema_str))))
             return self._by_id[schema_id]
 
 

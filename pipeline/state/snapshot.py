@@ -34,14 +34,15 @@ def read_changelog(reg: TopicRegistry, bootstrap: str, logical: str, timeout_s: 
         deadline = time.monotonic() + timeout_s
         while len(done) < len(ends) and time.monotonic() < deadline:
             for msg in c.consume(1000, timeout=0.2):
-                if msg.error():
+                part, offset, key, value = msg.partition(), msg.offset(), msg.key(), msg.value()
+                if msg.error() or part is None or offset is None or key is None:
                     continue
-                if msg.offset() + 1 >= ends[msg.partition()]:
-                    done.add(msg.partition())
-                if msg.value() is None:
-                    state.pop(msg.key(), None)
+                if offset + 1 >= ends[part]:
+                    done.add(part)
+                if value is None:  # a tombstone: the key was deleted
+                    state.pop(key, None)
                 else:
-                    state[msg.key()] = msg.value()
+                    state[key] = value
         return state
     finally:
         c.close()

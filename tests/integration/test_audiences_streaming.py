@@ -149,7 +149,7 @@ def test_streaming_memberships_match_the_reference(registry, kafka_bootstrap, st
             v = m["value"]
             seq[(v["profile_id"], v["audience_id"])].append(v["status"])
         for key, statuses in seq.items():
-            assert all(a != b for a, b in zip(statuses, statuses[1:])), (key, statuses)
+            assert all(a != b for a, b in zip(statuses, statuses[1:], strict=False)), (key, statuses)
             assert statuses[0] == "realized", (key, statuses)
 
     run()

@@ -56,7 +56,7 @@ def test_events_and_records_become_membership_changes(registry, kafka_bootstrap,
               product={"sku": "S1", "name": "runner", "category": "shoes", "price": 99.0}),
         event("e2", now - 3000, "login", {"ECID": "cookie-1", "CRMID": "C-1"}),
     ])
-    msgs = memberships.wait_for(
+    memberships.wait_for(
         lambda ms: {(m["value"]["audience_id"], m["value"]["status"]) for m in ms} >= {
             ("gold", "realized"), ("shoe-viewers", "realized")} and len({m["value"]["profile_id"] for m in ms
                                                                         if m["value"]["status"] != "exited"}) >= 1
