@@ -166,7 +166,7 @@ class DestinationRunner:
             cfg = lane.config
             lane.consumer = Consumer({
                 "bootstrap.servers": self.bootstrap,
-                "group.id": f"cdp-dest-{cfg.name}",
+                "group.id": group_id(cfg.name),
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
                 **self.settings.consumer_config,
@@ -203,6 +203,9 @@ class DestinationRunner:
 
     def configs(self) -> list[DestinationConfig]:
         return list(self._configs)
+
+    def record_skips(self, name: str, skips: Counter[str]) -> None:
+        self._lane(name).skipped.update(skips)
 
     async def deliver_and_flush(self, name: str, payloads: list[Payload]) -> None:
         """Deliver payloads that do not come from the lane's consumer (backfills), then flush: on
@@ -520,7 +523,7 @@ class DestinationRunner:
 
     def _lag(self, name: str) -> int | None:
         try:
-            probe = Consumer({"bootstrap.servers": self.bootstrap, "group.id": f"cdp-dest-{name}",
+            probe = Consumer({"bootstrap.servers": self.bootstrap, "group.id": group_id(name),
                               "enable.auto.commit": False})
             try:
                 lag = 0
@@ -548,6 +551,11 @@ class DestinationRunner:
             return None
         finally:
             await asyncio.to_thread(consumer.close)
+
+
+def group_id(name: str) -> str:
+    """The consumer group of a destination's lane."""
+    return f"cdp-dest-{name}"
 
 
 def reason_label(err: Exception) -> str:
