@@ -202,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--seed", type=int, default=7)
     sm.add_argument("--out", default="data/sample")
     sm.set_defaults(func=cmd_sample)
+    from pipeline.destinations.cli import add_parser as add_destinations; add_destinations(sub)  # noqa: E702, I001
     return ap
 
 

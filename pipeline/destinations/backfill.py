@@ -146,17 +146,17 @@ def current_members(raw: dict[bytes, bytes | None], decode: Decoder) -> list[dic
 
 
 def member_payloads(cfg: DestinationConfig, members: Iterable[dict[str, Any]], plan: Plan | None = None,
-                    skips: Counter[str] | None = None) -> list[Payload]:
+                    skips: Counter[str] | None = None, key_suffix: str = ":backfill") -> list[Payload]:
     """A `realized` payload per current member of `cfg`'s (planned) audiences, through the normal
     mapping (identities, attributes and consent rules apply). The idempotency key is the latest
-    change's key plus `:backfill`, so a receiver can tell a backfill from the change itself."""
+    change's key plus `key_suffix` (`:backfill`: a receiver can tell a backfill from the change)."""
     out: list[Payload] = []
     for msg in members:
         audience = str(msg["audience_id"])
         if not cfg.activates(audience) or (plan is not None and not plan.wants(audience)):
             continue
         result = map_change({**msg, "status": "realized",
-                             "idempotency_key": f"{msg['idempotency_key']}:backfill"}, cfg)
+                             "idempotency_key": f"{msg['idempotency_key']}{key_suffix}"}, cfg)
         if isinstance(result, Skip):
             if skips is not None:
                 skips[result.reason] += 1

@@ -29,7 +29,7 @@ def _ingest_agent(rt: Runtime, logical: str, decoder: Decoder) -> None:
     async def ingest(stream: Any) -> None:
         async for event in stream.events():
             msg = event.message
-            verdict = decoder.decode(event.value)
+            verdict = decoder.decode(event.value, rt.now_ms())
             if isinstance(verdict, Rejected):  # the error path: original bytes, reason, source in headers
                 metrics.RECORDS_DEAD_LETTERED.labels(logical, verdict.reason).inc()
                 await rt.emit(Send("ingest.dlq", (event.key or b"").decode(errors="replace"), event.value),

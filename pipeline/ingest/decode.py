@@ -18,6 +18,10 @@ from pipeline.serde.avro import AvroCodec
 
 RecordKind = Literal["event", "profile"]
 
+# A record further in the future than this is a clock or unit bug at the producer (seconds vs ms...):
+# accepting it would evict the profile's real history (retention counts back from the newest event).
+MAX_FUTURE_MS = 24 * 3600_000
+
 # Top-level fields that are envelope, not payload.
 _ENVELOPE = {"eventId", "recordId", "timestamp", "eventType", "dataset", "identityMap", "fields", "attributes"}
 
@@ -69,12 +73,15 @@ class Decoder:
     def __post_init__(self) -> None:
         self._annotated = identity_fields(self.codec.catalog.raw_schema(self.codec.name))
 
-    def decode(self, data: bytes | None) -> IngestRecord | Rejected | Skipped:
-        """1. Avro-decode; 2. check the dataset; 3. collect and normalise identities; 4. build the record."""
+    def decode(self, data: bytes | None, now_ms: int | None = None) -> IngestRecord | Rejected | Skipped:
+        """1. Avro-decode; 2. check timestamp and dataset; 3. collect and normalise identities; 4. build."""
         try:
             raw = self.codec.decode(data)
         except SerdeError as exc:
             return Rejected(exc.reason, exc.detail)
+        ts = int(raw["timestamp"])
+        if now_ms is not None and not 0 < ts <= now_ms + MAX_FUTURE_MS:
+            return Rejected("timestamp-out-of-range", f"timestamp {ts} is not between 1970 and now + 24h (ms expected)")
         dataset = str(raw.get("dataset") or "")
         if dataset not in self.datasets.datasets:
             return Rejected("unknown-dataset", f"dataset {dataset[:64]!r} is not configured; valid: "
@@ -93,7 +100,6 @@ class Decoder:
                 flatten(v, k, payload)
         custom = raw.get("fields" if self.kind == "event" else "attributes") or {}
         payload.update({str(k): v for k, v in custom.items()})
-        ts = int(raw["timestamp"])
         if self.kind == "event":
             return ExperienceEvent(str(raw["eventId"]), ts, str(raw["eventType"]), dataset, tuple(identities),
                                    primary, payload)
