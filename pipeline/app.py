@@ -7,7 +7,7 @@ import time
 import faust
 
 from pipeline.profiles.ops import ProfileProcessor
-from pipeline.runtime import ROCKSDB_OPTIONS, Runtime
+from pipeline.runtime import ROCKSDB_OPTIONS, OutputProducer, Runtime
 from pipeline.segments import SegmentEngine
 from pipeline.settings import PipelineConfig, Settings
 from pipeline.topics import TopicRegistry
@@ -44,7 +44,8 @@ def build_app(settings: Settings, config: PipelineConfig | None = None,
     history_ms = config.profile.datasets.event_history.retention_ms
     engine = SegmentEngine(config.audiences, history_retention_ms=history_ms)
     processor = ProfileProcessor(config.profile, engine, time.time)
-    rt = Runtime(settings, config, registry, app, engine, processor)
+    rt = Runtime(settings, config, registry, app, engine, processor, OutputProducer(settings.bootstrap))
+    _flush_output_before_commit(app, rt.output)
     for logical, table in (("state.identity-changelog", "identity"), ("state.profiles-changelog", "profiles")):
         spec = registry[logical]
         rt.tables[table] = app.Table(
@@ -63,3 +64,15 @@ def build_app(settings: Settings, config: PipelineConfig | None = None,
     profile_agents.register(rt)
     api_routes.register(rt)
     return rt
+
+
+def _flush_output_before_commit(app: faust.App, output: OutputProducer) -> None:
+    """Faust awaits `app.producer.flush()` before committing consumed offsets; chain ours into it."""
+    producer = app.producer
+    faust_flush = producer.flush
+
+    async def flush() -> None:
+        await faust_flush()
+        await output.flush()
+
+    producer.flush = flush  # type: ignore[method-assign]

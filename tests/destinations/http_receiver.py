@@ -36,6 +36,8 @@ class Receiver:
     default: dict[str, str] = field(default_factory=dict)
     requests: list[Request] = field(default_factory=list)
     stored: dict[str, list[str]] = field(default_factory=dict)  # path -> idempotency keys in order
+    # idempotency key -> (wall-clock time it was first stored, the record): for latency measurements
+    first_stored: dict[str, tuple[float, dict[str, Any]]] = field(default_factory=dict)
     runner: web.AppRunner | None = None
     base_url: str = ""
 
@@ -45,6 +47,12 @@ class Receiver:
     def keys(self, path: str) -> list[str]:
         return self.stored.get(path, [])
 
+    def _store(self, path: str, records: list[dict[str, Any]]) -> None:
+        now = time.time()
+        self.stored.setdefault(path, []).extend(r["idempotency_key"] for r in records)
+        for r in records:
+            self.first_stored.setdefault(r["idempotency_key"], (now, r))
+
     async def handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         path = request.path
@@ -53,11 +61,11 @@ class Receiver:
         self.requests.append(Request(path, dict(request.headers), body, time.monotonic(), outcome))
         keys = [r["idempotency_key"] for r in body["records"]]
         if outcome == "ok":
-            self.stored.setdefault(path, []).extend(keys)
+            self._store(path, body["records"])
             return web.json_response({"accepted": len(keys)})
         if outcome.startswith("slow:"):
             await asyncio.sleep(float(outcome.split(":")[1]))
-            self.stored.setdefault(path, []).extend(keys)
+            self._store(path, body["records"])
             return web.json_response({"accepted": len(keys)})
         if outcome.startswith("429:"):
             return web.Response(status=429, headers={"Retry-After": outcome.split(":")[1]})
@@ -65,7 +73,7 @@ class Receiver:
             await asyncio.sleep(30)
             return web.Response(status=200)
         if outcome == "store_then_hang":
-            self.stored.setdefault(path, []).extend(keys)
+            self._store(path, body["records"])
             await asyncio.sleep(30)
             return web.Response(status=200)
         return web.Response(status=int(outcome), text="refused")
