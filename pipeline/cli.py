@@ -21,20 +21,19 @@ def _registry(settings: Settings) -> TopicRegistry:
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    import asyncio
+
     import faust
+    import uvloop
 
     from pipeline.app import build_app
 
-    try:
-        import uvloop  # noqa: F401
-        loop = "uvloop"
-    except ImportError:
-        loop = "aio"
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())  # the worker's loop is created after this
     config = PipelineConfig.load(settings.config_dir)  # a bad config stops here, before any connection
     rt = build_app(settings, config)
     logging.getLogger(__name__).info("worker %s: %d audiences, config %s", settings.worker_name,
                                      len(config.audiences), settings.config_dir)
-    worker = faust.Worker(rt.app, loglevel=args.loglevel, loop=None if loop == "aio" else None)
+    worker = faust.Worker(rt.app, loglevel=args.loglevel)
     worker.execute_from_commandline()
     return 0
 

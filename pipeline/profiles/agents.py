@@ -4,6 +4,7 @@ and fires time-driven re-evaluations (deadlines) through the same topic so write
 from __future__ import annotations
 
 import asyncio
+import collections
 import heapq
 import logging
 import time
@@ -16,7 +17,7 @@ from pipeline.model import ProfileState
 from pipeline.observability import metrics
 from pipeline.profiles.ops import MEMBERSHIP_STATE_TOPIC, MEMBERSHIP_TOPIC, OpResult
 from pipeline.runtime import Runtime
-from pipeline.state.codec import decode_profile_entry, encode_forward, encode_profile
+from pipeline.state.codec import Forward, decode_profile_entry, encode_forward, encode_profile
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +43,40 @@ class Deadlines:
         return sorted(set(out))
 
 
+class DecodedCache:
+    """Decoded profiles by id, valid only while the stored bytes are exactly the ones we decoded or wrote:
+    comparing the bytes is far cheaper than decoding a profile with its event history, and it stays
+    correct across rebalances (another worker's write changes the bytes)."""
+
+    def __init__(self, size: int = 20_000) -> None:
+        self.size = size
+        self._d: collections.OrderedDict[bytes, tuple[bytes, ProfileState]] = collections.OrderedDict()
+
+    def load(self, key: bytes, raw: bytes | None) -> ProfileState | Forward | None:
+        if raw is None:
+            return None
+        hit = self._d.get(key)
+        if hit is not None and hit[0] == raw:
+            self._d.move_to_end(key)
+            return hit[1]
+        entry = decode_profile_entry(raw)
+        if isinstance(entry, ProfileState):
+            self.put(key, raw, entry)
+        return entry
+
+    def put(self, key: bytes, raw: bytes, profile: ProfileState) -> None:
+        self._d[key] = (raw, profile)
+        self._d.move_to_end(key)
+        if len(self._d) > self.size:
+            self._d.popitem(last=False)
+
+    def drop(self, key: bytes) -> None:
+        self._d.pop(key, None)
+
+
 def register(rt: Runtime) -> None:
     table = rt.tables["profiles"]
+    cache = DecodedCache()
     codec = rt.registry["internal.profile-ops"].codec
     deadlines = Deadlines()
     rt.tables["_deadlines"] = deadlines
@@ -73,15 +106,21 @@ def register(rt: Runtime) -> None:
                 continue
             started = time.perf_counter()
             pid_b: bytes = event.key
-            raw = table.get(pid_b)
-            entry = decode_profile_entry(raw) if raw else None
-            res = rt.processor.handle(pid_b.decode(), entry, msg)
+            entry = cache.load(pid_b, table.get(pid_b))
+            try:
+                res = rt.processor.handle(pid_b.decode(), entry, msg)
+            except Exception:
+                cache.drop(pid_b)  # the cached object may be half-mutated
+                raise
             if res.write is not None:
                 if isinstance(res.write, ProfileState):
-                    table[pid_b] = encode_profile(res.write)
+                    raw = encode_profile(res.write)
+                    table[pid_b] = raw
+                    cache.put(pid_b, raw, res.write)
                     deadlines.note(res.write.profile_id, res.write.next_deadline_ms)
                 else:
                     table[pid_b] = encode_forward(res.write)
+                    cache.drop(pid_b)
             await publish(res)
             metrics.PROFILE_OPS.labels(msg["op"]).inc()
             metrics.EVALUATION_SECONDS.observe(time.perf_counter() - started)

@@ -75,7 +75,7 @@ def check_graph(snap: GraphSnapshot, records: list[list[tuple[str, str]]], event
     return problems
 
 
-def wait_graph(registry, bootstrap, records, event_ids, timeout_s: float = 90) -> GraphSnapshot:
+def wait_graph(registry, bootstrap, records, event_ids, timeout_s: float = 150) -> GraphSnapshot:
     deadline = time.monotonic() + timeout_s
     problems: list[str] = ["not checked"]
     while time.monotonic() < deadline:
