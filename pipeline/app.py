@@ -35,6 +35,8 @@ def build_app(settings: Settings, config: PipelineConfig | None = None,
         broker_commit_every=1000,
         broker_commit_interval=1.0,
         stream_wait_empty=False,
+        broker_max_poll_records=2000,
+        stream_buffer_maxsize=16384,
         web_enabled=True,
         web_bind="127.0.0.1",
         web_port=settings.web_port,
@@ -45,6 +47,13 @@ def build_app(settings: Settings, config: PipelineConfig | None = None,
     engine = SegmentEngine(config.audiences, history_retention_ms=history_ms)
     processor = ProfileProcessor(config.profile, engine, time.time)
     rt = Runtime(settings, config, registry, app, engine, processor, OutputProducer(settings.bootstrap))
+
+    @app.task
+    async def drop_monitor() -> None:
+        """Faust's Monitor keeps per-message statistics we export through Prometheus instead."""
+        if any(s is app.monitor for s in app.sensors):
+            app.sensors.remove(app.monitor)
+
     _flush_output_before_commit(app, rt.output)
     for logical, table in (("state.identity-changelog", "identity"), ("state.profiles-changelog", "profiles")):
         spec = registry[logical]
