@@ -12,12 +12,15 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import ConfigError, TopicPlanError, UnknownNameError
+from pipeline.errors import TopicPlanError, UnknownNameError
 from pipeline.serde.codecs import Codec, codec_from_spec
-from pipeline.yamlconf import LineDict, check_keys, load_yaml, require
+from pipeline.yamlconf import compose_file
 
 TOPICS_FILE = Path(__file__).resolve().parents[1] / "topics.yaml"
+_REQUIRED = {"name", "partitions", "codec"}
 _KEYS = {"name", "partitions", "replication_factor", "cleanup_policy", "retention_ms", "codec", "description"}
+_DEFAULT_KEYS = {"replication_factor", "cleanup_policy", "retention_ms"}
+_CLEANUP = ("delete", "compact", "compact,delete")
 
 
 @dataclass(frozen=True)
@@ -47,39 +50,44 @@ class TopicRegistry:
 
     @classmethod
     def load(cls, path: Path = TOPICS_FILE, prefix: str | None = None) -> TopicRegistry:
+        """Parse topics.yaml; ConfigError names the file, line and problem."""
         prefix = os.environ.get("PIPELINE_TOPIC_PREFIX", "") if prefix is None else prefix
-        f = str(path)
-        doc = load_yaml(path)
-        if not isinstance(doc, LineDict):
-            raise ConfigError("expected a mapping with 'topics'", file=f, line=1)
-        defaults = doc.get("defaults", LineDict())
-        topics = require(doc, "topics", LineDict, f)
+        doc, root = compose_file(path)
+        top = doc.mapping(root, "topics.yaml")
+        doc.check_keys(top, "topics.yaml", {"topics"}, {"defaults"}, root)
+        defaults: dict[str, Any] = {}
+        if "defaults" in top:
+            dnode = top["defaults"][1]
+            for key, (_, vnode) in doc.mapping(dnode, "defaults").items():
+                if key not in _DEFAULT_KEYS:
+                    raise doc.error(f"defaults: unknown key {key!r}; valid: {', '.join(sorted(_DEFAULT_KEYS))}",
+                                    vnode)
+                defaults[key] = vnode
         specs: dict[str, TopicSpec] = {}
-        for logical, body in topics.items():
-            if not isinstance(body, LineDict):
-                raise ConfigError(f"topic {logical!r} must be a mapping", file=f, line=topics.line_of(logical))
-            check_keys(body, _KEYS, f, f"topic {logical!r}: ")
-            merged: dict[str, Any] = {**defaults, **body}
-            try:
-                spec = TopicSpec(
-                    logical=logical,
-                    name=prefix + str(require(body, "name", str, f, f"topic {logical!r}: ")),
-                    partitions=int(require(body, "partitions", int, f, f"topic {logical!r}: ")),
-                    replication_factor=int(merged.get("replication_factor", 1)),
-                    cleanup_policy=str(merged.get("cleanup_policy", "delete")),
-                    retention_ms=int(merged.get("retention_ms", 604800000)),
-                    codec_spec=str(require(body, "codec", str, f, f"topic {logical!r}: ")),
-                    description=str(body.get("description", "")),
-                )
-            except (TypeError, ValueError) as exc:
-                raise ConfigError(f"topic {logical!r}: {exc}", file=f, line=topics.line_of(logical)) from exc
-            if spec.partitions < 1:
-                raise ConfigError(f"topic {logical!r}: partitions must be >= 1", file=f,
-                                  line=body.line_of("partitions"))
-            if spec.cleanup_policy not in {"delete", "compact", "compact,delete"}:
-                raise ConfigError(f"topic {logical!r}: cleanup_policy must be delete, compact or compact,delete",
-                                  file=f, line=body.line_of("cleanup_policy"))
-            specs[logical] = spec
+        for logical, (knode, body) in doc.mapping(top["topics"][1], "topics").items():
+            what = f"topic {logical!r}"
+            fields = doc.mapping(body, what)
+            doc.check_keys(fields, what, _REQUIRED, _KEYS - _REQUIRED, knode)
+            merged = {**defaults, **{k: v for k, (_, v) in fields.items()}}
+            cleanup = doc.string(merged["cleanup_policy"], f"{what}: cleanup_policy") \
+                if "cleanup_policy" in merged else "delete"
+            if cleanup not in _CLEANUP:
+                raise doc.error(f"{what}: cleanup_policy must be one of {', '.join(_CLEANUP)}",
+                                merged["cleanup_policy"])
+            retention = merged.get("retention_ms")
+            specs[logical] = TopicSpec(
+                logical=logical,
+                name=prefix + doc.string(fields["name"][1], f"{what}: name"),
+                partitions=doc.integer(fields["partitions"][1], f"{what}: partitions", minimum=1),
+                replication_factor=doc.integer(merged["replication_factor"], f"{what}: replication_factor",
+                                               minimum=1) if "replication_factor" in merged else 1,
+                cleanup_policy=cleanup,
+                retention_ms=doc.integer(retention, f"{what}: retention_ms", minimum=-1)
+                if retention is not None else 604800000,
+                codec_spec=doc.string(fields["codec"][1], f"{what}: codec"),
+                description=doc.string(fields["description"][1], f"{what}: description")
+                if "description" in fields else "",
+            )
         return cls(specs)
 
     def __getitem__(self, logical: str) -> TopicSpec:

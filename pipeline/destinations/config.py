@@ -14,7 +14,7 @@ from croniter import croniter
 from yaml.constructor import SafeConstructor
 
 from pipeline.errors import UnknownNameError
-from pipeline.identity.yamlconf import Doc, compose_file, compose_text
+from pipeline.yamlconf import Doc, compose_file, compose_text
 
 IdentityTransform = Literal["none", "sha256", "sha256_lower", "lower"]
 FileFormat = Literal["csv", "jsonl", "parquet"]

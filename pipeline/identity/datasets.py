@@ -12,8 +12,8 @@ from typing import Literal, Protocol, cast
 import yaml
 
 from pipeline.errors import UnknownNameError
-from pipeline.identity.yamlconf import Doc, compose_file, compose_text
 from pipeline.model import Scalar
+from pipeline.yamlconf import Doc, compose_file, compose_text
 
 SchemaKind = Literal["experience_event", "profile_record"]
 SCHEMAS: tuple[SchemaKind, ...] = ("experience_event", "profile_record")

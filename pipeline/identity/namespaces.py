@@ -13,8 +13,8 @@ from typing import Literal, cast
 import yaml
 
 from pipeline.errors import ConfigError, UnknownNameError
-from pipeline.identity.yamlconf import Doc, compose_file, compose_text
 from pipeline.model import Identity
+from pipeline.yamlconf import Doc, compose_file, compose_text
 
 NamespaceKind = Literal["cookie", "device", "person"]
 # Lower rank = dropped first by the identity-graph size guardrail.

@@ -55,6 +55,15 @@ def start_resolve(rec_wire: dict[str, Any], now_ms: int) -> Send:
     return Send(IDENTITY_TOPIC, keys[0], msg)
 
 
+def fast_apply(rec_wire: dict[str, Any], owners: dict[str, str]) -> Send:
+    """Every identity of the record already has an owner (read from a local table partition): skip the
+    hops and go straight to the profile stage, as the last hop would. The profile stage re-routes the
+    record through `start_resolve` if the owner does not hold all its identities (a stale read)."""
+    target = min(owners.values())
+    return Send(PROFILE_TOPIC, target, {"op": "apply", "pid": target, "to": target, "rec": rec_wire,
+                                        "owners": owners, "nm": False, "fast": True})
+
+
 def handle_identity(key: str, current: str | None, msg: dict[str, Any]) -> IdentityResult:
     """Handle one message for identity `key` whose table value is `current`."""
     op = msg["op"]

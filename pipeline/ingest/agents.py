@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.identity.stitch import Send, start_resolve
+from pipeline.identity.stitch import Send, fast_apply, start_resolve
 from pipeline.ingest.decode import Decoder, Rejected, Skipped
-from pipeline.ingest.wire import record_to_wire
+from pipeline.ingest.wire import record_to_wire, wire_identity_keys
 from pipeline.observability import metrics
 from pipeline.runtime import Runtime
 from pipeline.serde.avro import AvroCodec
@@ -26,6 +26,23 @@ def register(rt: Runtime) -> None:
 
 
 def _ingest_agent(rt: Runtime, logical: str, decoder: Decoder) -> None:
+    store = rt.tables["identity"].data
+
+    def local_owners(wire: dict[str, Any]) -> dict[str, str] | None:
+        """Owners of all the record's identities if this worker holds them all locally, else None.
+        Reads the RocksDB partitions directly: the table API would read only the current event's partition."""
+        owners: dict[str, str] = {}
+        for key in wire_identity_keys(wire):
+            kb = key.encode()
+            for db in store._dbs_for_actives():
+                value = db.get(kb)
+                if value is not None:
+                    owners[key] = value.decode()
+                    break
+            else:
+                return None
+        return owners
+
     async def ingest(stream: Any) -> None:
         async for event in stream.events():
             msg = event.message
@@ -39,7 +56,9 @@ def _ingest_agent(rt: Runtime, logical: str, decoder: Decoder) -> None:
                 metrics.RECORDS_SKIPPED.labels(verdict.dataset, verdict.reason).inc()
             else:
                 metrics.RECORDS_INGESTED.labels(logical).inc()
-                await rt.emit(start_resolve(record_to_wire(verdict), rt.now_ms()))
+                wire = record_to_wire(verdict)
+                owners = local_owners(wire)
+                await rt.emit(fast_apply(wire, owners) if owners else start_resolve(wire, rt.now_ms()))
 
     ingest.__name__ = f"ingest_{logical.replace('.', '_')}"
     rt.app.agent(rt.topic(logical), name=f"ingest-{logical}")(ingest)

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.identity.stitch import IDENTITY_TOPIC, PROFILE_TOPIC, Send
+from pipeline.identity.stitch import IDENTITY_TOPIC, PROFILE_TOPIC, Send, start_resolve
 from pipeline.ingest.wire import record_from_wire
 from pipeline.model import ExperienceEvent, Identity, MembershipChange, ProfileState
 from pipeline.profiles.config import ProfileConfig
@@ -113,6 +113,12 @@ class ProfileProcessor:
         profile = entry if entry is not None else ProfileState(pid, created_ms=now)
         no_merge = bool(msg.get("nm"))
         identities = list(rec.identities)
+        if msg.get("fast") and (entry is None or any(i.id not in profile.identities.get(i.namespace, ())
+                                                    for i in identities)):
+            # the identity read that skipped the hops was stale: resolve the record the normal way
+            res.sends.append(start_resolve(msg["rec"], now))
+            res.count("fast_path_rerouted")
+            return res
         if no_merge:  # only what this profile owns (or claimed for it)
             identities = [i for i in identities if owners.get(i.key) == msg["to"]]
         else:
