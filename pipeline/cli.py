@@ -7,7 +7,6 @@ import json
 import logging
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +88,21 @@ def cmd_segments(args: argparse.Namespace, settings: Settings) -> int:
         for a in config.audiences:
             print(f"{a.id} (v{a.version}): {a.query}")
         return 0
-    return run_batch(settings, [] if args.all else list(args.ids), since_ms=args.since_ms)
+    since = args.since_ms
+    if args.incremental:
+        since = last_run_start(settings)
+        print(f"incremental: profiles changed since {since} (start of the last completed run)"
+              if since else "incremental: no completed run yet, evaluating every profile", file=sys.stderr)
+    return run_batch(settings, [] if args.all else list(args.ids), since_ms=since)
+
+
+def last_run_start(settings: Settings) -> int:
+    from pipeline.clients import tail
+    from pipeline.segments.batch import last_completed_start
+
+    reg = _registry(settings)
+    progress = (m["value"] for m in tail(reg, settings.bootstrap, "control.segments", idle_timeout_s=2))
+    return last_completed_start(progress, reg["internal.profile-ops"].partitions)
 
 
 def run_batch(settings: Settings, audiences: list[str], since_ms: int = 0, timeout_s: float = 600) -> int:
@@ -97,18 +110,19 @@ def run_batch(settings: Settings, audiences: list[str], since_ms: int = 0, timeo
     from confluent_kafka import Consumer, TopicPartition
 
     from pipeline.clients import producer
+    from pipeline.segments.batch import batch_request, new_run_id
 
     reg = _registry(settings)
     ops, control = reg["internal.profile-ops"], reg["control.segments"]
-    run = f"run-{uuid.uuid4().hex[:10]}"
+    run = new_run_id()
     c = Consumer({"bootstrap.servers": settings.bootstrap, "group.id": f"cdp-batch-{run}",
                   "enable.auto.commit": False})
     c.assign([TopicPartition(control.name, 0, -1)])  # latest: only this run's progress
     c.poll(0.5)
     p = producer(settings.bootstrap)
     for part in range(ops.partitions):
-        p.produce(ops.name, key=run.encode(), partition=part, value=ops.codec.encode(
-            {"op": "batch", "run": run, "audiences": audiences, "since_ms": since_ms, "kind": "batch"}))
+        p.produce(ops.name, key=run.encode(), partition=part,
+                  value=ops.codec.encode(batch_request(run, audiences, since_ms)))
     p.flush(10)
     progress: dict[int, tuple[int, int]] = {}
     finals: dict[int, dict[str, Any]] = {}
@@ -194,7 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("action", choices=["explain", "list", "run"])
     s.add_argument("ids", nargs="*")
     s.add_argument("--all", action="store_true")
-    s.add_argument("--since-ms", type=int, default=0, help="incremental: only profiles changed since")
+    s.add_argument("--since-ms", type=int, default=0, help="only profiles changed since this time (ms)")
+    s.add_argument("--incremental", action="store_true",
+                   help="only profiles changed since the start of the last completed run")
     s.set_defaults(func=cmd_segments)
     sm = sub.add_parser("sample", help="write reproducible sample data (events.jsonl, profiles.jsonl)")
     sm.add_argument("--people", type=int, default=2000)

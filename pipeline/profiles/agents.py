@@ -7,6 +7,7 @@ import asyncio
 import collections
 import heapq
 import logging
+import os
 import time
 from typing import Any
 
@@ -17,6 +18,7 @@ from pipeline.model import ProfileState
 from pipeline.observability import metrics
 from pipeline.profiles.ops import MEMBERSHIP_STATE_TOPIC, MEMBERSHIP_TOPIC, OpResult
 from pipeline.runtime import Runtime
+from pipeline.segments.batch import batch_request, new_run_id
 from pipeline.state.codec import Forward, decode_profile_entry, encode_forward, encode_profile
 
 log = logging.getLogger(__name__)
@@ -162,6 +164,14 @@ def register(rt: Runtime) -> None:
 
     rt.app.agent(rt.topic(PROFILE_TOPIC), name="profiles")(profiles)
 
+    @rt.app.crontab(os.environ.get("PIPELINE_BATCH_CRON", "0 2 * * *"), on_leader=True)
+    async def scheduled_batch() -> None:
+        """The daily batch run (PIPELINE_BATCH_CRON, UTC): every audience over every profile."""
+        run = new_run_id("scheduled")
+        log.info("scheduled batch run %s: requesting every partition", run)
+        for part in range(rt.registry[PROFILE_TOPIC].partitions):
+            await rt.emit(Send(PROFILE_TOPIC, run, batch_request(run, [], 0)), partition=part)
+
     ops_topic = rt.registry.name(PROFILE_TOPIC)
     checked: set[int] = set()
 
@@ -202,7 +212,7 @@ def _rebuild_deadlines(table: Any, deadlines: Deadlines) -> None:
 
 
 async def _walk_partition(rt: Runtime, table: Any, partition: int, run: str, publish: Any, deadlines: Deadlines,
-                          visit: Any) -> tuple[int, int, int]:
+                          visit: Any, started_ms: int = 0) -> tuple[int, int, int]:
     """Apply `visit(pid, profile) -> OpResult` to every live profile of one partition, writing and
     publishing what it returns; report progress on the control topic. Returns (seen, evaluated, changes).
 
@@ -230,7 +240,8 @@ async def _walk_partition(rt: Runtime, table: Any, partition: int, run: str, pub
             await asyncio.sleep(0)
     await rt.emit(Send("control.segments", run, {
         "op": "progress", "run": run, "partition": partition, "seen": total, "total": total,
-        "evaluated": done, "changes": changes, "final": True, "seconds": round(time.monotonic() - started, 3)}))
+        "evaluated": done, "changes": changes, "final": True, "seconds": round(time.monotonic() - started, 3),
+        "started_ms": started_ms}))
     return total, done, changes
 
 
@@ -248,7 +259,8 @@ async def _batch(rt: Runtime, table: Any, partition: int, msg: dict[str, Any], p
             return None
         return rt.processor.handle(pid, p, op)
 
-    await _walk_partition(rt, table, partition, msg["run"], publish, deadlines, visit)
+    await _walk_partition(rt, table, partition, msg["run"], publish, deadlines, visit,
+                          started_ms=int(msg.get("started_ms") or 0))
 
 
 async def _definitions_check(rt: Runtime, table: Any, partition: int, publish: Any, deadlines: Deadlines) -> None:

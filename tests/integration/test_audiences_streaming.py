@@ -220,10 +220,13 @@ def test_batch_run_and_edge_evaluation(registry, kafka_bootstrap, start_worker, 
     monkeypatch.setenv("KAFKA_BOOTSTRAP", kafka_bootstrap)
     monkeypatch.setenv("PIPELINE_TOPIC_PREFIX", topic_prefix)
     settings_ = Settings.from_env(config_dir)
+    before_run = int(time.time() * 1000)
     assert cli.run_batch(settings_, [], timeout_s=60) == 0
     # Then it emits nothing (streaming already got everything right): only real changes are emitted
     memberships.settle(quiet_s=2)
     assert len(memberships.messages) == 20
+    # And an incremental run starts from that completed run
+    assert cli.last_run_start(settings_) >= before_run
     # And the edge endpoint evaluates a profile's edge audiences on request
     r = httpx.post(f"{w.url}/edge/evaluate", json={"namespace": "Email", "id": f"{tag}.1@example.com"}, timeout=10)
     assert r.status_code == 200, r.text
