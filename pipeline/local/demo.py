@@ -26,6 +26,7 @@ def main() -> int:
     broker = LocalBroker(DEFAULT_DIR, DEFAULT_PORT, DEFAULT_PORT + 1)
     own_broker = not (_read_pid(DEFAULT_DIR) and _alive(_read_pid(DEFAULT_DIR) or 0))
     worker: subprocess.Popen[bytes] | None = None
+    helpers: list[subprocess.Popen[bytes]] = []
     stop = False
 
     def on_signal(*_: object) -> None:
@@ -54,6 +55,13 @@ def main() -> int:
                 print(log_path.read_text(errors="replace")[-3000:])
                 raise SystemExit("the worker did not start; see the log above")
             time.sleep(0.5)
+        # activation: the demo webhook the example http destination points at, and the destination runner
+        for name, args in (("receiver", ["destinations", "receive", "--port", "8089"]),
+                           ("destinations", ["destinations", "run"])):
+            helpers.append(subprocess.Popen([sys.executable, "-m", "pipeline", *args], env=env, cwd=ROOT,
+                                            stdout=open(ROOT / "data" / f"{name}.log", "ab"),  # noqa: SIM115
+                                            stderr=subprocess.STDOUT, start_new_session=True))
+        print("destination runner and demo webhook started (logs in data/)", flush=True)
         ev, rec = write(people, ROOT / "data" / "sample", int(time.time() * 1000))
         print(f"sample: {people} people -> {ev.name}, {rec.name}", flush=True)
         with open(rec) as f:
@@ -75,6 +83,9 @@ def main() -> int:
         print(f"\n{sum(counts.values())} membership changes in {took:.1f}s (incl. 8 s idle wait):")
         for (aud, status), n in sorted(counts.items()):
             print(f"  {aud:28} {status:9} {n}")
+        status = subprocess.run([sys.executable, "-m", "pipeline", "destinations", "status"], env=env, cwd=ROOT,
+                                capture_output=True, text=True, timeout=60)
+        print("\ndestinations:\n" + status.stdout)
         print("\ntry:  .venv/bin/pipeline profile get --namespace CRMID --id CRM70000001")
         print("      .venv/bin/pipeline tail activation.memberships --from-beginning --max 5")
         print("      curl -s localhost:6066/metrics | grep cdp_")
@@ -86,6 +97,14 @@ def main() -> int:
         print("\nstopping...", flush=True)
         return 0
     finally:
+        for proc in helpers:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in helpers:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
         if worker is not None and worker.poll() is None:
             os.killpg(worker.pid, signal.SIGTERM)
             try:
