@@ -10,12 +10,11 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from http_receiver import Receiver
 from kafka_helpers import Collector, produce
 
 from pipeline.destinations.backfill import Backfill, read_compacted
@@ -49,14 +48,6 @@ def config_dir(tmp_path: Path) -> Path:
         (d / name).write_text((ROOT / "config" / "example" / name).read_text())
     (d / "segments.yaml").write_text(SEGMENTS)
     return d
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    r = Receiver()
-    await r.start()
-    yield r
-    await r.stop()
 
 
 def settings_for(kafka_bootstrap: str, topic_prefix: str, config_dir: Path, tmp_path: Path) -> Settings:

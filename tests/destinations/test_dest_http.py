@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import pytest
 from dest_helpers import dest_config
@@ -13,14 +13,6 @@ from http_receiver import Receiver
 from pipeline.destinations.base import DestinationContext, Payload
 from pipeline.destinations.config import BreakerConfig
 from pipeline.destinations.http import CircuitBreaker, HttpDestination, backoff_delay_s, parse_retry_after
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    r = Receiver()
-    await r.start()
-    yield r
-    await r.stop()
 
 
 class DeadLetters:

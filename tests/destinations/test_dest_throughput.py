@@ -3,21 +3,12 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from http_receiver import Receiver
 from test_dest_files import file_dest, member
 from test_dest_http import DeadLetters, make, payloads
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    r = Receiver()
-    await r.start()
-    yield r
-    await r.stop()
 
 
 async def test_http_deliveries_per_second(receiver: Receiver) -> None:

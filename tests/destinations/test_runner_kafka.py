@@ -6,7 +6,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -78,14 +78,6 @@ async def wait_until(cond: Callable[[], bool], timeout: float = 40.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached before the deadline")
         await asyncio.sleep(0.05)
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    r = Receiver()
-    await r.start()
-    yield r
-    await r.stop()
 
 
 def configs(receiver: Receiver, tmp_path: Path) -> list[DestinationConfig]:
