@@ -83,9 +83,9 @@ def main() -> int:
         print(f"\n{sum(counts.values())} membership changes in {took:.1f}s (incl. 8 s idle wait):")
         for (aud, status), n in sorted(counts.items()):
             print(f"  {aud:28} {status:9} {n}")
-        status = subprocess.run([sys.executable, "-m", "pipeline", "destinations", "status"], env=env, cwd=ROOT,
+        dest_status = subprocess.run([sys.executable, "-m", "pipeline", "destinations", "status"], env=env, cwd=ROOT,
                                 capture_output=True, text=True, timeout=60)
-        print("\ndestinations:\n" + status.stdout)
+        print("\ndestinations:\n" + dest_status.stdout)
         print("\ntry:  .venv/bin/pipeline profile get --namespace CRMID --id CRM70000001")
         print("      .venv/bin/pipeline tail activation.memberships --from-beginning --max 5")
         print("      curl -s localhost:6066/metrics | grep cdp_")

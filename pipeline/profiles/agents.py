@@ -13,11 +13,13 @@ from typing import Any
 
 import msgpack
 
+from pipeline.errors import ConfigError
 from pipeline.identity.stitch import PROFILE_TOPIC, Send
 from pipeline.model import ProfileState
 from pipeline.observability import metrics
 from pipeline.profiles.ops import MEMBERSHIP_STATE_TOPIC, MEMBERSHIP_TOPIC, OpResult
 from pipeline.runtime import Runtime
+from pipeline.segments import SegmentEngine, load_segments
 from pipeline.segments.batch import batch_request, new_run_id
 from pipeline.state.codec import Forward, decode_profile_entry, encode_forward, encode_profile
 
@@ -174,6 +176,29 @@ def register(rt: Runtime) -> None:
 
     ops_topic = rt.registry.name(PROFILE_TOPIC)
     checked: set[int] = set()
+    segments_file = rt.settings.config_dir / "segments.yaml"
+    seen_mtime = [segments_file.stat().st_mtime if segments_file.exists() else 0.0]
+
+    @rt.app.timer(2.0)
+    async def reload_definitions() -> None:
+        """Audience definitions edited while running: load, swap the engine, re-check every partition.
+        A file that does not load is logged (file, line, problem) and the current definitions stay."""
+        try:
+            mtime = segments_file.stat().st_mtime
+        except OSError:
+            return
+        if mtime == seen_mtime[0]:
+            return
+        seen_mtime[0] = mtime
+        try:
+            audiences = load_segments(segments_file)
+        except ConfigError as exc:
+            log.error("segments not reloaded, keeping the current definitions: %s", exc)
+            return
+        rt.engine = SegmentEngine(audiences, history_retention_ms=rt.engine.history_retention_ms)
+        rt.processor.engine = rt.engine
+        log.info("segments reloaded: %d audiences; re-evaluating changed ones on every partition", len(audiences))
+        checked.clear()  # the timer below sends a defs-check to each assigned partition again
 
     @rt.app.timer(0.5)
     async def fire_deadlines() -> None:

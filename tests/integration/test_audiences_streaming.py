@@ -176,9 +176,10 @@ def crm(tag: str, n: int, tier: str, ts: int) -> dict[str, Any]:
 
 
 def test_definition_changes_evaluate_existing_profiles(registry, kafka_bootstrap, start_worker, tmp_path):
-    # Given profiles evaluated under definitions v1 (gold, silver)
+    # Given profiles evaluated under definitions v1 (gold, silver) by a running worker
     tag = uuid.uuid4().hex[:6]
-    w = start_worker(config_dir=make_config(tmp_path, V1, "v1"), data_dir=tmp_path / "d1")
+    config_dir = make_config(tmp_path, V1, "live")
+    w = start_worker(config_dir=config_dir)
     now = int(time.time() * 1000)
     tiers = {0: "gold", 1: "silver", 2: "bronze"}
     produce(registry, kafka_bootstrap, "ingest.profiles", [crm(tag, n, t, now) for n, t in tiers.items()])
@@ -187,9 +188,15 @@ def test_definition_changes_evaluate_existing_profiles(registry, kafka_bootstrap
     memberships.settle(quiet_s=2)
     before = len(memberships.messages)
     assert sorted(m["value"]["audience_id"] for m in memberships.messages) == ["gold", "silver"]
-    # When the worker restarts with v2: gold edited (now gold or silver), silver removed, bronze added
-    w.stop()
-    start_worker(config_dir=make_config(tmp_path, V2, "v2"), data_dir=tmp_path / "d1")
+    # When a broken edit is saved, the worker keeps v1 and says where the problem is
+    (config_dir / "segments.yaml").write_text(V2.replace('"bronze"\'', '"bronze"'))
+    deadline = time.monotonic() + 30
+    while "segments not reloaded" not in w.log() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert f"{config_dir / 'segments.yaml'}:" in w.log()
+    # When v2 is saved while it runs: gold edited (now gold or silver), silver removed, bronze added
+    time.sleep(1.1)  # a distinct modification time for the watcher
+    (config_dir / "segments.yaml").write_text(V2)
     # Then existing profiles are evaluated at once: the silver one enters gold v2, leaves silver,
     # the bronze one enters bronze; the gold one gets no message (no change)
     memberships.wait_for(lambda ms: len(ms) >= before + 3, what="definition-change memberships")
