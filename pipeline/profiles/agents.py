@@ -202,9 +202,6 @@ def register(rt: Runtime) -> None:
 
     @rt.app.timer(0.5)
     async def fire_deadlines() -> None:
-        if not getattr(fire_deadlines, "scanned", False):
-            fire_deadlines.scanned = True  # type: ignore[attr-defined]
-            _rebuild_deadlines(table, deadlines)
         # each newly assigned partition checks the audience definitions once (through its own stream,
         # so the evaluation and its table writes happen in that partition's event context)
         for tp in rt.app.assignor.assigned_actives():
@@ -222,10 +219,11 @@ def _defs_key(partition: int) -> bytes:
     return f"__cdp_defs__:{partition}".encode()
 
 
-def _rebuild_deadlines(table: Any, deadlines: Deadlines) -> None:
-    """After a restart the heap is empty: re-read the deadlines kept in the local profiles."""
+def _rebuild_deadlines(table: Any, partition: int, deadlines: Deadlines) -> None:
+    """The deadline heap lives in memory: when a partition is (re)assigned, re-read the deadlines kept in
+    its profiles, so time-driven changes still happen after a restart or a rebalance."""
     n = 0
-    for key, raw in table.items():
+    for key, raw in table.data._db_for_partition(partition).items():
         if key.startswith(META_PREFIX):
             continue
         entry = decode_profile_entry(raw)
@@ -233,7 +231,7 @@ def _rebuild_deadlines(table: Any, deadlines: Deadlines) -> None:
             deadlines.note(entry.profile_id, entry.next_deadline_ms)
             n += 1
     if n:
-        log.info("restored %d pending deadlines from the profile table", n)
+        log.info("partition %d: restored %d pending deadlines", partition, n)
 
 
 async def _walk_partition(rt: Runtime, table: Any, partition: int, run: str, publish: Any, deadlines: Deadlines,
@@ -289,9 +287,11 @@ async def _batch(rt: Runtime, table: Any, partition: int, msg: dict[str, Any], p
 
 
 async def _definitions_check(rt: Runtime, table: Any, partition: int, publish: Any, deadlines: Deadlines) -> None:
-    """Audience definitions may have changed since this partition was last evaluated:
+    """Runs when a partition is assigned (and after a hot reload), in that partition's event context:
+    0. restore the partition's pending deadlines;
     1. diff the stored fingerprints with the loaded definitions; 2. evaluate new/edited audiences over the
     partition's profiles and exit members of removed ones; 3. store the new fingerprints."""
+    _rebuild_deadlines(table, partition, deadlines)
     key = _defs_key(partition)
     raw = table.get(key)
     old = msgpack.unpackb(raw, raw=False) if raw else None

@@ -241,3 +241,31 @@ def test_batch_run_and_edge_evaluation(registry, kafka_bootstrap, start_worker, 
     r = httpx.post(f"{w.url}/edge/evaluate", content=b"{not json", timeout=10)
     assert r.status_code == 400 and r.json()["error"] == "invalid-json"
     memberships.close()
+
+
+def test_pending_deadlines_survive_a_restart(registry, kafka_bootstrap, start_worker, tmp_path):
+    # Given a cart add whose abandonment deadline (8 s) is pending in a worker's state
+    config_dir = make_config(tmp_path, SEGMENTS)
+    w = start_worker(config_dir=config_dir, data_dir=tmp_path / "d1")
+    tag = uuid.uuid4().hex[:6]
+    produce(registry, kafka_bootstrap, "ingest.events", [{
+        "eventId": f"{tag}-cart", "timestamp": int(time.time() * 1000), "eventType": "cartAdd",
+        "dataset": "web-events", "identityMap": {"ECID": [{"id": f"{tag}-c"}]}, "product": {"category": "bags"}}])
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        snap = snapshot(registry, kafka_bootstrap)
+        owner = snap.owner(Identity("ECID", f"{tag}-c").key)
+        if owner in snap.profiles and snap.profiles[owner].next_deadline_ms:
+            break
+        time.sleep(0.5)
+    assert owner in snap.profiles and snap.profiles[owner].next_deadline_ms
+    # When the worker is replaced by one on an empty disk before the deadline
+    w.stop()
+    start_worker(config_dir=config_dir, data_dir=tmp_path / "d2")
+    # Then the deadline still fires: the profile enters the abandonment audience without any new event
+    memberships = Collector(registry, kafka_bootstrap, "activation.memberships")
+    msgs = memberships.wait_for(lambda ms: any(m["value"]["audience_id"] == "abandoner" for m in ms),
+                                timeout_s=60, what="abandonment after restart")
+    hit = next(m["value"] for m in msgs if m["value"]["audience_id"] == "abandoner")
+    assert (hit["status"], hit["evaluation"], hit["profile_id"]) == ("realized", "deadline", owner)
+    memberships.close()
