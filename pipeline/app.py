@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 import faust
@@ -85,3 +86,33 @@ def _flush_output_before_commit(app: faust.App, output: OutputProducer) -> None:
         await output.flush()
 
     producer.flush = flush  # type: ignore[method-assign]
+
+
+# The topics the worker's consumer group reads (changelogs are read by Faust's recovery, not the group).
+GROUP_TOPICS = ("ingest.events", "ingest.profiles", "internal.identity", "internal.profile-ops")
+
+
+def init_group_offsets(settings: Settings, registry: TopicRegistry) -> int:
+    """A brand-new consumer group gets offset 0 committed for every partition without a commit.
+
+    Positions then always come from committed offsets, so a rebalance while the first workers start can never
+    leave a partition positioned past records produced in the meantime. Only done while the group has no
+    members (Kafka refuses to alter an active group's offsets; its members commit as they go).
+    Returns the number of partitions initialised."""
+    from confluent_kafka import ConsumerGroupTopicPartitions, KafkaException, TopicPartition
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": settings.bootstrap})
+    group = settings.app_id
+    try:
+        if admin.describe_consumer_groups([group])[group].result().members:
+            return 0
+        wanted = [TopicPartition(registry.name(t), p) for t in GROUP_TOPICS for p in range(registry[t].partitions)]
+        current = admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group, wanted)])[group].result()
+        missing = [TopicPartition(tp.topic, tp.partition, 0) for tp in current.topic_partitions if tp.offset < 0]
+        if missing:
+            admin.alter_consumer_group_offsets([ConsumerGroupTopicPartitions(group, missing)])[group].result()
+        return len(missing)
+    except KafkaException as exc:  # another worker joined first: the group's members own the offsets now
+        logging.getLogger(__name__).info("consumer group offsets not initialised: %s", exc)
+        return 0

@@ -25,11 +25,12 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     import faust
     import uvloop
 
-    from pipeline.app import build_app
+    from pipeline.app import build_app, init_group_offsets
 
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())  # the worker's loop is created after this
     config = PipelineConfig.load(settings.config_dir)  # a bad config stops here, before any connection
     rt = build_app(settings, config)
+    init_group_offsets(settings, rt.registry)
     logging.getLogger(__name__).info("worker %s: %d audiences, config %s", settings.worker_name,
                                      len(config.audiences), settings.config_dir)
     worker = faust.Worker(rt.app, loglevel=args.loglevel)

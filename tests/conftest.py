@@ -82,6 +82,16 @@ class WorkerProc:
             time.sleep(0.3)
         raise AssertionError(f"worker {self.name} not ready after {timeout_s}s:\n{self.log()[-5000:]}")
 
+    def wait_settled(self, timeout_s: float = 60) -> None:
+        """Ready after its latest partition assignment (a later worker joining triggers another one)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            text = self.log()
+            if text.count("Worker ready") >= text.count("Executing _on_partitions_assigned") > 0:
+                return
+            time.sleep(0.3)
+        raise AssertionError(f"worker {self.name} not settled after {timeout_s}s:\n{self.log()[-5000:]}")
+
     def stop(self, timeout_s: float = 30) -> None:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)

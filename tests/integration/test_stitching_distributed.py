@@ -111,6 +111,9 @@ def test_random_graphs_stitch_into_connected_components(registry, kafka_bootstra
     w2 = start_worker("w2", config_dir=config_dir, wait=False)
     w1.wait_ready()
     w2.wait_ready()
+    wait_group_stable(kafka_bootstrap, w1.env["PIPELINE_APP_ID"], members=2)
+    w1.wait_settled()
+    w2.wait_settled()
 
     @settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
     @given(link_graphs())
@@ -125,6 +128,20 @@ def test_random_graphs_stitch_into_connected_components(registry, kafka_bootstra
         wait_graph(registry, kafka_bootstrap, records, {e["eventId"] for e in events})  # type: ignore[misc]
 
     run()
+
+
+def wait_group_stable(bootstrap: str, group: str, members: int, timeout_s: float = 60) -> None:
+    from confluent_kafka import ConsumerGroupState
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        d = admin.describe_consumer_groups([group])[group].result()
+        if d.state == ConsumerGroupState.STABLE and len(d.members) == members:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"consumer group {group} not stable with {members} members")
 
 
 def _partition(key: str, n: int = 4) -> int:
