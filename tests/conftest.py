@@ -57,6 +57,21 @@ def registry(kafka_bootstrap: str, topic_prefix: str) -> TopicRegistry:
     return reg
 
 
+@pytest.fixture
+def make_config(tmp_path: Path) -> Callable[..., Path]:
+    """Factory: a worker configuration folder with the example identity and datasets and these audiences."""
+
+    def make(segments: str, name: str = "config") -> Path:
+        d = tmp_path / name
+        d.mkdir(exist_ok=True)
+        for f in ("identity.yaml", "datasets.yaml"):
+            (d / f).write_text((ROOT / "config" / "example" / f).read_text())
+        (d / "segments.yaml").write_text(segments)
+        return d
+
+    return make
+
+
 @dataclass
 class WorkerProc:
     name: str

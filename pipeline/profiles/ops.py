@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pipeline.identity.stitch import IDENTITY_TOPIC, PROFILE_TOPIC, Send, start_resolve
@@ -318,12 +318,8 @@ _OPS = {"apply", "merge", "absorb", "tick", "evaluate_op"}
 
 
 def _with_identities(rec: Any, identities: list[Identity]) -> Any:
-    from dataclasses import replace
-
     return replace(rec, identities=tuple(identities))
 
 
 def _with_cause(d: Any, cause: str) -> Any:
-    from dataclasses import replace
-
     return replace(d, cause_event_id=cause)

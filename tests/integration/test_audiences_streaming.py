@@ -7,7 +7,6 @@ import random
 import time
 import uuid
 from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -21,7 +20,7 @@ from pipeline.model import ExperienceEvent, Identity, ProfileRecord, ProfileStat
 from pipeline.profiles.merge import apply_event, apply_record
 from pipeline.segments import load_segments_text
 from pipeline.segments.reference import reference_evaluate
-from pipeline.settings import DEFAULT_CONFIG, PipelineConfig, Settings
+from pipeline.settings import PipelineConfig, Settings
 from pipeline.state.snapshot import snapshot
 
 pytestmark = pytest.mark.integration
@@ -36,15 +35,6 @@ audiences:
   - {id: abandoner, name: s, description: d, query: 'event cartAdd within 1d not followed by purchase within 8s'}
   - {id: not-gold-shoes, name: s, description: d, query: 'not inSegment("gold") and event productView where product.category = "shoes" within 30d'}
 """
-
-
-def make_config(tmp_path: Path, segments: str, name: str = "config") -> Path:
-    d = tmp_path / name
-    d.mkdir(exist_ok=True)
-    for f in ("identity.yaml", "datasets.yaml"):
-        (d / f).write_text((DEFAULT_CONFIG / f).read_text())
-    (d / "segments.yaml").write_text(segments)
-    return d
 
 
 def world_strategy(tag: str, send_ms: int) -> st.SearchStrategy[dict[str, Any]]:
@@ -96,9 +86,9 @@ def expected_profile(cfg: Any, events: list[dict[str, Any]], records: list[dict[
     return p
 
 
-def test_streaming_memberships_match_the_reference(registry, kafka_bootstrap, start_worker, tmp_path):
+def test_streaming_memberships_match_the_reference(make_config, registry, kafka_bootstrap, start_worker, tmp_path):
     # Given a worker with audiences of every kind (attributes, counts, sums, absence, segment-of-segments)
-    config_dir = make_config(tmp_path, SEGMENTS)
+    config_dir = make_config(SEGMENTS)
     start_worker(config_dir=config_dir)
     cfg = PipelineConfig.load(config_dir)
     audiences = load_segments_text(SEGMENTS)
@@ -175,10 +165,10 @@ def crm(tag: str, n: int, tier: str, ts: int) -> dict[str, Any]:
             "email": f"{tag}.{n}@example.com", "loyalty": {"tier": tier}}
 
 
-def test_definition_changes_evaluate_existing_profiles(registry, kafka_bootstrap, start_worker, tmp_path):
+def test_definition_changes_evaluate_existing_profiles(make_config, registry, kafka_bootstrap, start_worker, tmp_path):
     # Given profiles evaluated under definitions v1 (gold, silver) by a running worker
     tag = uuid.uuid4().hex[:6]
-    config_dir = make_config(tmp_path, V1, "live")
+    config_dir = make_config(V1, "live")
     w = start_worker(config_dir=config_dir)
     now = int(time.time() * 1000)
     tiers = {0: "gold", 1: "silver", 2: "bronze"}
@@ -210,10 +200,10 @@ def test_definition_changes_evaluate_existing_profiles(registry, kafka_bootstrap
     memberships.close()
 
 
-def test_batch_run_and_edge_evaluation(registry, kafka_bootstrap, start_worker, tmp_path, topic_prefix,
+def test_batch_run_and_edge_evaluation(make_config, registry, kafka_bootstrap, start_worker, tmp_path, topic_prefix,
                                        monkeypatch):
     # Given a worker with the example audiences and a few CRM profiles
-    config_dir = make_config(tmp_path, V1)
+    config_dir = make_config(V1)
     w = start_worker(config_dir=config_dir)
     tag = uuid.uuid4().hex[:6]
     now = int(time.time() * 1000)
@@ -243,9 +233,9 @@ def test_batch_run_and_edge_evaluation(registry, kafka_bootstrap, start_worker, 
     memberships.close()
 
 
-def test_pending_deadlines_survive_a_restart(registry, kafka_bootstrap, start_worker, tmp_path):
+def test_pending_deadlines_survive_a_restart(make_config, registry, kafka_bootstrap, start_worker, tmp_path):
     # Given a cart add whose abandonment deadline (8 s) is pending in a worker's state
-    config_dir = make_config(tmp_path, SEGMENTS)
+    config_dir = make_config(SEGMENTS)
     w = start_worker(config_dir=config_dir, data_dir=tmp_path / "d1")
     tag = uuid.uuid4().hex[:6]
     produce(registry, kafka_bootstrap, "ingest.events", [{

@@ -28,13 +28,8 @@ NO_SEGMENTS = "audiences: []\n"
 
 
 @pytest.fixture
-def config_dir(tmp_path: Path) -> Path:
-    d = tmp_path / "config"
-    d.mkdir()
-    for name in ("identity.yaml", "datasets.yaml"):
-        (d / name).write_text((DEFAULT_CONFIG / name).read_text())
-    (d / "segments.yaml").write_text(NO_SEGMENTS)
-    return d
+def config_dir(make_config) -> Path:
+    return make_config(NO_SEGMENTS)
 
 
 def ev(eid: str, ts: int, ids: list[tuple[str, str]]) -> dict[str, object]:

@@ -26,14 +26,8 @@ audiences:
 
 
 @pytest.fixture
-def config_dir(tmp_path: Path) -> Path:
-    root = Path(__file__).resolve().parents[2] / "config" / "example"
-    d = tmp_path / "config"
-    d.mkdir()
-    for name in ("identity.yaml", "datasets.yaml"):
-        (d / name).write_text((root / name).read_text())
-    (d / "segments.yaml").write_text(SEGMENTS)
-    return d
+def config_dir(make_config) -> Path:
+    return make_config(SEGMENTS)
 
 
 def event(eid: str, ts: int, etype: str, ids: dict[str, str], **payload: object) -> dict[str, object]:
