@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
+from procs import PipelineProc, stop_all
 
 from pipeline.local.broker import LocalBroker, free_port
 from pipeline.topics import TopicRegistry, apply
@@ -72,20 +69,17 @@ def make_config(tmp_path: Path) -> Callable[..., Path]:
     return make
 
 
-@dataclass
-class WorkerProc:
-    name: str
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-    web_port: int
-    env: dict[str, str] = field(default_factory=dict)
+class WorkerProc(PipelineProc):
+    """A `pipeline worker` process with its HTTP API port."""
+
+    def __init__(self, name: str, env: dict[str, str], log_path: Path, web_port: int) -> None:
+        super().__init__(["worker", "--loglevel", "info"], env, log_path)
+        self.name = name
+        self.web_port = web_port
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.web_port}"
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def wait_ready(self, timeout_s: float = 90) -> None:
         deadline = time.monotonic() + timeout_s
@@ -107,15 +101,6 @@ class WorkerProc:
             time.sleep(0.3)
         raise AssertionError(f"worker {self.name} not settled after {timeout_s}s:\n{self.log()[-5000:]}")
 
-    def stop(self, timeout_s: float = 30) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-
 
 @pytest.fixture
 def start_worker(kafka_bootstrap: str, topic_prefix: str, registry: TopicRegistry, tmp_path: Path,
@@ -132,20 +117,11 @@ def start_worker(kafka_bootstrap: str, topic_prefix: str, registry: TopicRegistr
                "PIPELINE_APP_ID": app_id, "PIPELINE_DATA_DIR": str(data_dir or tmp_path / "data"),
                "PIPELINE_WEB_PORT": str(port), "PIPELINE_WORKER_NAME": name,
                "PIPELINE_CONFIG": str(config_dir or ROOT / "config" / "example"), **(extra_env or {})}
-        log_path = tmp_path / f"{name}-{len(workers)}.log"
-        proc = subprocess.Popen([sys.executable, "-m", "pipeline", "worker", "--loglevel", "info"], env=env,
-                                stdout=open(log_path, "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
-                                start_new_session=True, cwd=ROOT)
-        w = WorkerProc(name, proc, log_path, port, env)
+        w = WorkerProc(name, env, tmp_path / f"{name}-{len(workers)}.log", port)
         workers.append(w)
         if wait:
             w.wait_ready()
         return w
 
     yield start
-    for w in workers:
-        w.stop()
-    rep = getattr(request.node, "rep_call", None)
-    if rep is not None and rep.failed:
-        for w in workers:
-            print(f"\n===== log of worker {w.name} (last 8000 chars) =====\n{w.log()[-8000:]}")
+    stop_all(workers, request)

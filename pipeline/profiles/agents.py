@@ -87,7 +87,6 @@ def register(rt: Runtime) -> None:
     cache = DecodedCache()
     codec = rt.registry["internal.profile-ops"].codec
     deadlines = Deadlines()
-    rt.tables["_deadlines"] = deadlines
 
     async def publish(res: OpResult) -> None:
         now = time.time()

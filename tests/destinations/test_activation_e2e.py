@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from typing import Any
 
 import pytest
 from kafka_helpers import Collector, produce
+from procs import PipelineProc, stop_all
 
 from pipeline.destinations.backfill import Backfill, read_compacted
 from pipeline.destinations.cli import make_runner
@@ -118,29 +118,6 @@ def current_members(values: list[dict[str, Any]]) -> dict[tuple[str, str], dict[
     return {k: v for k, v in last.items() if v["status"] != "exited"}
 
 
-class CliProc:
-    """A `pipeline ...` subprocess with the test's environment."""
-
-    def __init__(self, args: list[str], env: dict[str, str], log_path: Path) -> None:
-        self.log_path = log_path
-        self.proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args], env=env, cwd=ROOT,
-                                     stdout=open(log_path, "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
-                                     start_new_session=True)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self, timeout_s: float = 30) -> int:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        return self.proc.returncode
-
-
 @pytest.fixture
 def cli_env(kafka_bootstrap: str, topic_prefix: str, config_dir: Path, tmp_path: Path) -> dict[str, str]:
     return {**os.environ, "KAFKA_BOOTSTRAP": kafka_bootstrap, "PIPELINE_TOPIC_PREFIX": topic_prefix,
@@ -149,21 +126,16 @@ def cli_env(kafka_bootstrap: str, topic_prefix: str, config_dir: Path, tmp_path:
 
 @pytest.fixture
 def start_cli(cli_env: dict[str, str], tmp_path: Path, request: pytest.FixtureRequest
-              ) -> Iterator[Callable[..., CliProc]]:
-    procs: list[CliProc] = []
+              ) -> Iterator[Callable[..., PipelineProc]]:
+    procs: list[PipelineProc] = []
 
-    def start(*args: str) -> CliProc:
-        p = CliProc(list(args), cli_env, tmp_path / f"cli-{len(procs)}.log")
+    def start(*args: str) -> PipelineProc:
+        p = PipelineProc(list(args), cli_env, tmp_path / f"cli-{len(procs)}.log")
         procs.append(p)
         return p
 
     yield start
-    for p in procs:
-        p.stop()
-    rep = getattr(request.node, "rep_call", None)
-    if rep is not None and rep.failed:
-        for p in procs:
-            print(f"\n===== log of {p.log_path.name} =====\n{p.log()[-6000:]}")
+    stop_all(procs, request, tail=6000)
 
 
 def run_cli(env: dict[str, str], *args: str, timeout_s: float = 60) -> str:

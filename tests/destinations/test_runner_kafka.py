@@ -92,14 +92,20 @@ def configs(receiver: Receiver, tmp_path: Path) -> list[DestinationConfig]:
     return [hook, stream, files]
 
 
-async def test_runner_delivers_dead_letters_redrives_and_resumes(kafka_bootstrap: str, receiver: Receiver,
-                                                                 tmp_path: Path) -> None:
+def fresh_topics(kafka_bootstrap: str) -> tuple[str, PrefixTopics, RunnerSettings]:
+    """A unique run id, its prefixed topic names and runner settings, with the topics created."""
     run = f"t{uuid.uuid4().hex[:8]}"
     topics = PrefixTopics(run)
     settings = RunnerSettings(commit_interval_ms=200)
     create_topics(kafka_bootstrap, [topics.name(settings.membership_topic),
                                     topics.name(settings.profile_change_topic),
                                     topics.name("activation.out")])
+    return run, topics, settings
+
+
+async def test_runner_delivers_dead_letters_redrives_and_resumes(kafka_bootstrap: str, receiver: Receiver,
+                                                                 tmp_path: Path) -> None:
+    run, topics, settings = fresh_topics(kafka_bootstrap)
     # Given 60 vip/churn memberships, 10 of another audience, one without identities, a consent withdrawal
     members = [membership(f"p{i}", ["vip", "churn"][i % 2], t=i) for i in range(60)]
     others = [membership(f"o{i}", "other") for i in range(10)]
@@ -167,12 +173,7 @@ async def test_runner_delivers_dead_letters_redrives_and_resumes(kafka_bootstrap
 
 async def test_undecodable_messages_go_to_the_dead_letter_topic(kafka_bootstrap: str, receiver: Receiver,
                                                                 tmp_path: Path) -> None:
-    run = f"t{uuid.uuid4().hex[:8]}"
-    topics = PrefixTopics(run)
-    settings = RunnerSettings(commit_interval_ms=200)
-    create_topics(kafka_bootstrap, [topics.name(settings.membership_topic),
-                                    topics.name(settings.profile_change_topic),
-                                    topics.name("activation.out")])
+    run, topics, settings = fresh_topics(kafka_bootstrap)
     p = Producer({"bootstrap.servers": kafka_bootstrap})
     p.produce(topics.name(settings.membership_topic), key=b"x", value=b"\x00not json")
     assert p.flush(30) == 0
