@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 import faust
 
@@ -11,6 +12,7 @@ from pipeline.profiles.ops import ProfileProcessor
 from pipeline.runtime import ROCKSDB_OPTIONS, OutputProducer, Runtime
 from pipeline.segments import SegmentEngine
 from pipeline.settings import PipelineConfig, Settings
+from pipeline.state.tables import ChangelogRouter, PartitionedTable
 from pipeline.topics import TopicRegistry
 
 
@@ -21,6 +23,7 @@ def build_app(settings: Settings, config: PipelineConfig | None = None,
     registry = registry or TopicRegistry.load(prefix=settings.topic_prefix)
     ops_partitions = registry["internal.profile-ops"].partitions
     (settings.data_dir / settings.worker_name).mkdir(parents=True, exist_ok=True)
+    shorten_fetch_wait()
     app = faust.App(
         settings.app_id,
         broker=f"kafka://{settings.bootstrap}",
@@ -33,7 +36,9 @@ def build_app(settings: Settings, config: PipelineConfig | None = None,
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
         producer_linger_ms=2,
-        broker_commit_every=1000,
+        # commit on the interval only: Faust's every-N commit runs inside its fetch loop and would stall
+        # fetching while the output producer is flushed
+        broker_commit_every=1_000_000,
         broker_commit_interval=1.0,
         stream_wait_empty=True,  # finish buffered events before a rebalance: no zombie table writes
         broker_max_poll_records=2000,
@@ -55,7 +60,8 @@ def build_app(settings: Settings, config: PipelineConfig | None = None,
         if any(s is app.monitor for s in app.sensors):
             app.sensors.remove(app.monitor)
 
-    _flush_output_before_commit(app, rt.output)
+    changelogs = ChangelogRouter(rt.output.produce)
+    _flush_output_before_commit(app, rt.output, changelogs)
     for logical, table in (("state.identity-changelog", "identity"), ("state.profiles-changelog", "profiles")):
         spec = registry[logical]
         rt.tables[table] = app.Table(
@@ -63,6 +69,8 @@ def build_app(settings: Settings, config: PipelineConfig | None = None,
             options=dict(ROCKSDB_OPTIONS),
             changelog_topic=app.topic(spec.name, key_type=bytes, value_type=bytes, key_serializer="raw",
                                       value_serializer="raw", partitions=spec.partitions, internal=False))
+        changelogs.route(rt.tables[table])
+        rt.ptables[table] = PartitionedTable(rt.tables[table], spec.partitions)
 
     from pipeline.api import routes as api_routes
     from pipeline.identity import agents as identity_agents
@@ -76,14 +84,41 @@ def build_app(settings: Settings, config: PipelineConfig | None = None,
     return rt
 
 
-def _flush_output_before_commit(app: faust.App, output: OutputProducer) -> None:
-    """Faust awaits `app.producer.flush()` before committing consumed offsets; chain ours into it."""
+FETCH_MAX_WAIT_MS = 50
+
+
+def shorten_fetch_wait(ms: int = FETCH_MAX_WAIT_MS) -> None:
+    """Faust hard-codes the consumer's fetch.max.wait at 1.5 s. aiokafka sends one fetch per broker at a
+    time, so a fetch that only covers quiet partitions holds back the busy ones for that long: measured as
+    ~1 s stalls with a backlog waiting. A short wait costs a few empty fetches per second when idle."""
+    from faust.transport.drivers import aiokafka as faust_aiokafka
+
+    cls = faust_aiokafka.AIOKafkaConsumerThread
+    if getattr(cls, "_cdp_fetch_wait", None) == ms:
+        return
+    create = getattr(cls, "_cdp_create_worker_consumer", cls._create_worker_consumer)
+
+    def _create_worker_consumer(self: Any, *args: Any, **kwargs: Any) -> Any:
+        consumer = create(self, *args, **kwargs)
+        consumer._fetch_max_wait_ms = ms
+        return consumer
+
+    cls._cdp_create_worker_consumer = create  # type: ignore[attr-defined]
+    cls._create_worker_consumer = _create_worker_consumer  # type: ignore[method-assign]
+    cls._cdp_fetch_wait = ms  # type: ignore[attr-defined]
+
+
+def _flush_output_before_commit(app: faust.App, output: OutputProducer, changelogs: ChangelogRouter) -> None:
+    """Faust awaits `app.producer.flush()` before committing consumed offsets; chain ours into it:
+    1. Faust's own producer; 2. the output producer (agent output and table changelogs); 3. record the
+    acknowledged changelog offsets in the stores."""
     producer = app.producer
     faust_flush = producer.flush
 
     async def flush() -> None:
         await faust_flush()
         await output.flush()
+        changelogs.persist_offsets()
 
     producer.flush = flush  # type: ignore[method-assign]
 

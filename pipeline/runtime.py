@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import logging
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,9 +16,11 @@ from confluent_kafka import KafkaError, Producer
 
 from pipeline.errors import PipelineError
 from pipeline.identity.stitch import Send
+from pipeline.observability import metrics
 from pipeline.profiles.ops import ProfileProcessor
 from pipeline.segments import SegmentEngine
 from pipeline.settings import PipelineConfig, Settings
+from pipeline.state.tables import PartitionedTable
 from pipeline.topics import TopicRegistry
 
 # Bounded RocksDB memory: faust's defaults give each table partition a 2 GiB block cache.
@@ -47,15 +52,25 @@ class OutputProducer:
             "queue.buffering.max.messages": 200_000, "batch.num.messages": 10_000,
         })
         self._errors: list[KafkaError] = []
-        self._n = 0
+        self._seq = 0  # messages produced so far; each gets the next number
+        self._unacked: collections.deque[int] = collections.deque()  # in produce order
+        self._done: set[int] = set()  # delivered (or failed) but not yet popped off `_unacked`
 
-    def _on_delivery(self, err: KafkaError | None, _msg: Any) -> None:
-        if err is not None:
-            self._errors.append(err)
+    def produce(self, topic: str, key: bytes, value: bytes | None, headers: dict[str, bytes] | None = None,
+                partition: int | None = None, on_delivery: Any = None) -> None:
+        """Queue one message (no await). `on_delivery(err, msg)` runs in `flush`/`poll`, on this thread."""
+        self._seq += 1
+        seq = self._seq
+        self._unacked.append(seq)
 
-    def produce(self, topic: str, key: bytes, value: bytes, headers: dict[str, bytes] | None = None,
-                partition: int | None = None) -> None:
-        kwargs: dict[str, Any] = {"key": key, "value": value, "on_delivery": self._on_delivery}
+        def callback(err: KafkaError | None, msg: Any) -> None:
+            self._done.add(seq)
+            if err is not None:
+                self._errors.append(err)
+            if on_delivery is not None:
+                on_delivery(err, msg)
+
+        kwargs: dict[str, Any] = {"key": key, "value": value, "on_delivery": callback}
         if headers:
             kwargs["headers"] = list(headers.items())
         if partition is not None:
@@ -66,20 +81,38 @@ class OutputProducer:
                 break
             except BufferError:  # librdkafka's queue is full: backpressure on this agent
                 self._p.poll(0.05)
-        self._n += 1
-        if self._n % 256 == 0:
+        if seq % 256 == 0:
             self._p.poll(0)
 
+    def acked_through(self) -> int:
+        """The highest number n such that messages 1..n are all acknowledged (delivered or failed)."""
+        q, done = self._unacked, self._done
+        while q and q[0] in done:
+            done.discard(q.popleft())
+        return q[0] - 1 if q else self._seq
+
     async def flush(self, timeout_s: float = 60.0) -> None:
-        """Wait until every produced message is acknowledged; raise if any delivery failed."""
+        """Wait until every message produced *before this call* is acknowledged; raise if any delivery failed.
+
+        Messages produced while waiting are not waited for: under steady load librdkafka's queue is never
+        empty, and waiting for it to be would hold the commit (and Faust's fetch loop) until traffic stops."""
+        target = self._seq
         deadline = time.monotonic() + timeout_s
-        while self._p.flush(0) > 0:
+        self._p.poll(0)
+        while self.acked_through() < target:
             if time.monotonic() > deadline:
-                raise PipelineError(f"output producer: {len(self._p)} messages not acknowledged in {timeout_s}s")
+                raise PipelineError(f"output producer: {target - self.acked_through()} messages not "
+                                    f"acknowledged in {timeout_s}s")
             await asyncio.sleep(0.002)
+            self._p.poll(0)
         if self._errors:
             errors, self._errors = self._errors, []
             raise PipelineError(f"{len(errors)} output messages failed, first: {errors[0]}")
+
+
+LocalItem = tuple[int, bytes, Any]  # (partition, key, decoded message): one message handled in-process
+LocalHandler = Callable[[list[LocalItem]], None]
+MAX_LOCAL_ROUNDS = 64  # hops are bounded (identities per record, forwards go to older ids); this is a backstop
 
 
 @dataclass
@@ -95,6 +128,9 @@ class Runtime:
     output: OutputProducer
     topics: dict[str, faust.TopicT] = field(default_factory=dict)
     tables: dict[str, Any] = field(default_factory=dict)
+    ptables: dict[str, PartitionedTable] = field(default_factory=dict)
+    local_handlers: dict[str, tuple[PartitionedTable, LocalHandler]] = field(default_factory=dict)
+    _local: list[tuple[str, LocalItem]] | None = None  # None: local delivery is off
 
     def topic(self, logical: str) -> faust.TopicT:
         """The Faust topic for a logical name (declared once in topics.yaml)."""
@@ -105,11 +141,63 @@ class Runtime:
                                                   partitions=spec.partitions, internal=False)
         return self.topics[logical]
 
-    async def emit(self, send: Send, headers: dict[str, bytes] | None = None,
-                   partition: int | None = None) -> None:
-        """The one path every outgoing message takes: encode with the topic's codec, then produce."""
+    def send(self, send: Send, headers: dict[str, bytes] | None = None, partition: int | None = None) -> None:
+        """The one path every outgoing message takes: handled in-process when local delivery is on and this
+        worker holds the target partition of a stage topic; otherwise encoded with the topic's codec and
+        produced (no await: the output producer is flushed before each commit)."""
+        if self._local is not None and headers is None and send.topic in self.local_handlers:
+            table = self.local_handlers[send.topic][0]
+            key = send.key.encode()
+            p = table.partition(key) if partition is None else partition
+            if p in table.active():
+                self._local.append((send.topic, (p, key, send.value)))
+                return
         spec = self.registry[send.topic]
         self.output.produce(spec.name, send.key.encode(), spec.codec.encode(send.value), headers, partition)
+
+    def send_encoded_once(self, targets: list[tuple[str, str]], value: Any) -> None:
+        """One value to several output topics that share a codec (checked at registration): encoded once."""
+        data = self.registry[targets[0][0]].codec.encode(value)
+        for logical, key in targets:
+            self.output.produce(self.registry.name(logical), key.encode(), data)
+
+    async def emit(self, send: Send, headers: dict[str, bytes] | None = None,
+                   partition: int | None = None) -> None:
+        """`send` for coroutines."""
+        self.send(send, headers, partition)
+
+    @contextlib.contextmanager
+    def local_delivery(self) -> Iterator[None]:
+        """Within this block, a message to a stage topic (identity, profile ops) whose partition this worker
+        holds is handled in-process when the block ends, as if it had made the round trip through Kafka
+        instantly: no encode, produce, fetch, decode or Faust event per hop. The block must not await:
+        the messages are handled before the agent takes its next events, so before their offsets can be
+        committed (at-least-once, as through Kafka). Off during a rebalance or table recovery.
+
+        1. collect the local messages the block sends; 2. on exit, hand them to their stage's handler in
+        send order, round after round, while handling sends more; 3. after MAX_LOCAL_ROUNDS, produce the rest."""
+        if self._local is not None or self.app.rebalancing or not self.app.tables.recovery.completed.is_set():  # type: ignore[attr-defined]
+            yield
+            return
+        self._local = []
+        try:
+            yield
+            for _ in range(MAX_LOCAL_ROUNDS):
+                if not self._local:
+                    break
+                pending, self._local = self._local, []
+                by_topic: dict[str, list[LocalItem]] = {}
+                for topic, item in pending:
+                    by_topic.setdefault(topic, []).append(item)
+                for topic, items in by_topic.items():
+                    metrics.child(metrics.LOCAL_DELIVERIES, topic).inc(len(items))
+                    self.local_handlers[topic][1](items)
+            leftover, self._local = self._local, None
+            for topic, (p, key, value) in leftover:
+                log.warning("local delivery: still sending after %d rounds; producing to %s", MAX_LOCAL_ROUNDS, topic)
+                self.send(Send(topic, key.decode(), value), partition=p)
+        finally:
+            self._local = None
 
     @staticmethod
     def now_ms() -> int:

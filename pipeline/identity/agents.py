@@ -1,30 +1,39 @@
-"""Identity agent: applies pipeline.identity.stitch to messages keyed by identity."""
+"""Identity agent: applies pipeline.identity.stitch to messages keyed by identity, from Kafka or in-process."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from pipeline.identity.stitch import handle_identity
+from pipeline.identity.stitch import IDENTITY_TOPIC, handle_identity
 from pipeline.observability import metrics
-from pipeline.runtime import Runtime
+from pipeline.runtime import LocalItem, Runtime
+
+BATCH_MAX = 500
+BATCH_WITHIN_S = 0.01
 
 
 def register(rt: Runtime) -> None:
-    table = rt.tables["identity"]
-    codec = rt.registry["internal.identity"].codec
+    table = rt.ptables["identity"]
+    codec = rt.registry[IDENTITY_TOPIC].codec
 
-    async def identity(stream: Any) -> None:
-        async for event in stream.events():
-            key_b: bytes = event.key
-            msg = codec.decode(event.value)
-            current = table.get(key_b)
+    def handle(items: list[LocalItem]) -> None:
+        """Each message in order: read its identity's owner, write what the stage decides, send the rest."""
+        for partition, key_b, msg in items:
+            current = table.get(partition, key_b)
             res = handle_identity(key_b.decode(), current.decode() if current else None, msg)
             if res.write is not None:
-                table[key_b] = res.write.encode()
+                table.put(partition, key_b, res.write.encode())
             elif res.delete:
-                table.pop(key_b, None)
+                table.delete(partition, key_b)
             for send in res.sends:
-                await rt.emit(send)
-            metrics.IDENTITY_OPS.labels(msg["op"]).inc()
+                rt.send(send)
+            metrics.child(metrics.IDENTITY_OPS, msg["op"]).inc()
 
-    rt.app.agent(rt.topic("internal.identity"), name="identity")(identity)
+    rt.local_handlers[IDENTITY_TOPIC] = (table, handle)
+
+    async def identity(stream: Any) -> None:
+        async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
+            with rt.local_delivery():
+                handle([(e.message.partition, e.key, codec.decode(e.value)) for e in events])
+
+    rt.app.agent(rt.topic(IDENTITY_TOPIC), name="identity")(identity)

@@ -27,6 +27,9 @@ LIBS = KAFKA_HOME / "libs"
 POM = ROOT / "deploy" / "local" / "pom.xml"
 KAFKA_VERSION = "3.9.1"
 MARKER = LIBS / f"kafka_2.13-{KAFKA_VERSION}.jar"
+# Extra JVM flags for the local broker, e.g. "-XX:TieredStopAtLevel=1" (C1 only: far less JIT CPU while
+# the broker warms up on a small machine, at some cost in peak speed).
+JVM_OPTS = os.environ.get("PIPELINE_KAFKA_JVM_OPTS", "")
 
 LOG4J = """log4j.rootLogger=WARN, stdout
 log4j.appender.stdout=org.apache.log4j.ConsoleAppender
@@ -104,7 +107,7 @@ class LocalBroker:
         return cfg
 
     def _java(self, main: str, *args: str) -> list[str]:
-        return ["java", f"-Xmx{self.heap}", "-Xms128m", "-XX:+UseG1GC", "-cp", f"{ensure_jars()}/*",
+        return ["java", f"-Xmx{self.heap}", "-Xms128m", "-XX:+UseG1GC", *JVM_OPTS.split(), "-cp", f"{ensure_jars()}/*",
                 f"-Dlog4j.configuration=file:{self.data_dir / 'log4j.properties'}", main, *args]
 
     def start(self, timeout_s: float = 60.0) -> None:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import Counter, Gauge, Histogram
 
 RECORDS_INGESTED = Counter("cdp_records_ingested_total", "Records decoded and accepted", ["topic"])
 RECORDS_DEAD_LETTERED = Counter("cdp_records_dead_lettered_total", "Records sent to the DLQ", ["topic", "reason"])
 RECORDS_SKIPPED = Counter("cdp_records_skipped_total", "Valid records kept out of profiles", ["dataset", "reason"])
 IDENTITY_OPS = Counter("cdp_identity_ops_total", "Identity-stage messages handled", ["op"])
+LOCAL_DELIVERIES = Counter("cdp_local_deliveries_total",
+                           "Stage messages handled in-process (target partition held by this worker)", ["topic"])
 PROFILE_OPS = Counter("cdp_profile_ops_total", "Profile-stage messages handled", ["op"])
 PROFILE_EVENTS = Counter("cdp_profile_events_total", "Profile-stage outcomes (merges, refusals...)", ["what"])
 MEMBERSHIP_CHANGES = Counter("cdp_membership_changes_total", "Membership changes emitted",
@@ -22,3 +26,15 @@ DESTINATION_DELIVERIES = Counter("cdp_destination_deliveries_total", "Payloads d
 DESTINATION_FAILURES = Counter("cdp_destination_failures_total", "Failed delivery attempts",
                                ["destination", "reason"])
 DESTINATION_SKIPS = Counter("cdp_destination_skips_total", "Payloads skipped by mapping", ["destination", "reason"])
+
+
+_children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+
+def child(metric: Any, *labels: str) -> Any:
+    """`metric.labels(*labels)`, cached: the hot path updates a few label sets thousands of times a second."""
+    key = (id(metric), labels)
+    c = _children.get(key)
+    if c is None:
+        c = _children[key] = metric.labels(*labels)
+    return c

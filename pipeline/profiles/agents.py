@@ -18,10 +18,11 @@ from pipeline.identity.stitch import PROFILE_TOPIC, Send
 from pipeline.model import ProfileState
 from pipeline.observability import metrics
 from pipeline.profiles.ops import MEMBERSHIP_STATE_TOPIC, MEMBERSHIP_TOPIC, OpResult
-from pipeline.runtime import Runtime
+from pipeline.runtime import LocalItem, Runtime
 from pipeline.segments import SegmentEngine, load_segments
 from pipeline.segments.batch import batch_request, new_run_id
 from pipeline.state.codec import Forward, decode_profile_entry, encode_forward, encode_profile
+from pipeline.state.tables import PartitionedTable
 
 log = logging.getLogger(__name__)
 
@@ -83,85 +84,86 @@ class DecodedCache:
 
 
 def register(rt: Runtime) -> None:
-    table = rt.tables["profiles"]
+    table = rt.ptables["profiles"]
     cache = DecodedCache()
-    codec = rt.registry["internal.profile-ops"].codec
+    codec = rt.registry[PROFILE_TOPIC].codec
     deadlines = Deadlines()
 
-    async def publish(res: OpResult) -> None:
+    # one encoding for the change and the compacted current-membership table (a KTable, for backfills)
+    assert rt.registry[MEMBERSHIP_TOPIC].codec_spec == rt.registry[MEMBERSHIP_STATE_TOPIC].codec_spec
+
+    def publish(res: OpResult) -> None:
         now = time.time()
         for change in res.changes:
-            metrics.MEMBERSHIP_CHANGES.labels(change.status, change.evaluation).inc()
+            metrics.child(metrics.MEMBERSHIP_CHANGES, change.status, change.evaluation).inc()
             metrics.END_TO_END_SECONDS.observe(max(0.0, now - change.event_time_ms / 1000))
-            value = change.to_dict()
-            await rt.emit(Send(MEMBERSHIP_TOPIC, change.profile_id, value))
-            # the compacted current-membership table (a KTable), for destination backfills
-            await rt.emit(Send(MEMBERSHIP_STATE_TOPIC, f"{change.profile_id}|{change.audience_id}", value))
+            rt.send_encoded_once([(MEMBERSHIP_TOPIC, change.profile_id),
+                                  (MEMBERSHIP_STATE_TOPIC, f"{change.profile_id}|{change.audience_id}")],
+                                 change.to_dict())
         for send in res.sends:
-            await rt.emit(send)
+            rt.send(send)
         for name, n in res.counters.items():
             metrics.PROFILE_EVENTS.labels(name).inc(n)
 
-    def load(stream: Any, event: Any, key: bytes) -> ProfileState | Forward | None:
-        """A table read in the context of an event of the key's partition: Faust's store reads only the
-        current event's partition when there is a current event (in a batch, the last one buffered)."""
-        stream._set_current_event(event)
-        return cache.load(key, table.get(key))
-
-    def write(stream: Any, event: Any, key: bytes, entry: ProfileState | Forward) -> None:
-        """A table write, in the context of an event of the key's partition (Faust routes the store and
-        the changelog by the current event's partition)."""
-        stream._set_current_event(event)
+    def write(partition: int, key: bytes, entry: ProfileState | Forward) -> None:
         if isinstance(entry, ProfileState):
             raw = encode_profile(entry)
-            table[key] = raw
+            table.put(partition, key, raw)
             cache.put(key, raw, entry)
             deadlines.note(entry.profile_id, entry.next_deadline_ms)
         else:
-            table[key] = encode_forward(entry)
+            table.put(partition, key, encode_forward(entry))
             cache.drop(key)
 
-    async def profiles(stream: Any) -> None:
-        """Batches of messages: per profile, decode once, apply every op in arrival order, write once.
+    def handle(items: list[LocalItem]) -> None:
+        """Per profile: decode once, apply every message in arrival order, publish, write once.
 
-        1. split the batch into runs; a batch/defs-check control op ends a run and runs on its own;
-        2. group each run's messages by (partition, key), keeping their order;
-        3. per group: load, handle each message, publish its output, then write the final entry once."""
-        async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
-            groups: dict[tuple[int, bytes], list[tuple[Any, dict[str, Any]]]] = {}
-            for event in events:
-                msg = codec.decode(event.value)
-                if msg["op"] in ("batch", "defs-check"):
-                    await run_groups(stream, groups)
-                    groups = {}
-                    stream._set_current_event(event)
-                    if msg["op"] == "batch":
-                        await _batch(rt, table, event.message.partition, msg, publish, deadlines)
-                    else:
-                        await _definitions_check(rt, table, event.message.partition, publish, deadlines)
-                    continue
-                groups.setdefault((event.message.partition, event.key), []).append((event, msg))
-            await run_groups(stream, groups)
-
-    async def run_groups(stream: Any, groups: dict[tuple[int, bytes], list[tuple[Any, dict[str, Any]]]]) -> None:
-        for (_, key), items in groups.items():
+        1. group the messages by (partition, key), keeping their order; 2. per group: load, handle each
+        message and publish its output; 3. write the final entry once."""
+        groups: dict[tuple[int, bytes], list[dict[str, Any]]] = {}
+        for partition, key, msg in items:
+            groups.setdefault((partition, key), []).append(msg)
+        for (partition, key), msgs in groups.items():
             started = time.perf_counter()
-            entry = load(stream, items[0][0], key)
+            entry = cache.load(key, table.get(partition, key))
             changed = False
             pid = key.decode()
             try:
-                for _, msg in items:
+                for msg in msgs:
                     res = rt.processor.handle(pid, entry, msg)
                     if res.write is not None:
                         entry, changed = res.write, True
-                    await publish(res)
-                    metrics.PROFILE_OPS.labels(msg["op"]).inc()
+                    publish(res)
+                    metrics.child(metrics.PROFILE_OPS, msg["op"]).inc()
             except Exception:
                 cache.drop(key)  # the cached object may be half-mutated
                 raise
             if changed and entry is not None:
-                write(stream, items[-1][0], key, entry)
-            metrics.EVALUATION_SECONDS.observe((time.perf_counter() - started) / len(items))
+                write(partition, key, entry)
+            metrics.EVALUATION_SECONDS.observe((time.perf_counter() - started) / len(msgs))
+
+    rt.local_handlers[PROFILE_TOPIC] = (table, handle)
+
+    async def profiles(stream: Any) -> None:
+        """Batches of messages; a batch/defs-check control op ends a run of data ops and runs on its own
+        (it walks a whole partition and yields to the loop, so it stays outside local delivery)."""
+        async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
+            run: list[LocalItem] = []
+            for event in events:
+                msg = codec.decode(event.value)
+                partition = event.message.partition
+                if msg["op"] in ("batch", "defs-check"):
+                    with rt.local_delivery():
+                        handle(run)
+                    run = []
+                    if msg["op"] == "batch":
+                        await _batch(rt, table, partition, msg, publish, deadlines)
+                    else:
+                        await _definitions_check(rt, table, partition, publish, deadlines)
+                    continue
+                run.append((partition, event.key, msg))
+            with rt.local_delivery():
+                handle(run)
 
     rt.app.agent(rt.topic(PROFILE_TOPIC), name="profiles")(profiles)
 
@@ -218,11 +220,11 @@ def _defs_key(partition: int) -> bytes:
     return f"__cdp_defs__:{partition}".encode()
 
 
-def _rebuild_deadlines(table: Any, partition: int, deadlines: Deadlines) -> None:
+def _rebuild_deadlines(table: PartitionedTable, partition: int, deadlines: Deadlines) -> None:
     """The deadline heap lives in memory: when a partition is (re)assigned, re-read the deadlines kept in
     its profiles, so time-driven changes still happen after a restart or a rebalance."""
     n = 0
-    for key, raw in table.data._db_for_partition(partition).items():
+    for key, raw in table.table.data._db_for_partition(partition).items():
         if key.startswith(META_PREFIX):
             continue
         entry = decode_profile_entry(raw)
@@ -233,28 +235,28 @@ def _rebuild_deadlines(table: Any, partition: int, deadlines: Deadlines) -> None
         log.info("partition %d: restored %d pending deadlines", partition, n)
 
 
-async def _walk_partition(rt: Runtime, table: Any, partition: int, run: str, publish: Any, deadlines: Deadlines,
+async def _walk_partition(rt: Runtime, table: PartitionedTable, partition: int, run: str, publish: Any, deadlines: Deadlines,
                           visit: Any, started_ms: int = 0) -> tuple[int, int, int]:
     """Apply `visit(pid, profile) -> OpResult` to every live profile of one partition, writing and
     publishing what it returns; report progress on the control topic. Returns (seen, evaluated, changes).
 
     1. snapshot the partition's keys; 2. per live profile: visit, write, publish; 3. progress every 2,000
     keys and a final report."""
-    db = table.data._db_for_partition(partition)
+    db = table.table.data._db_for_partition(partition)
     keys = [k for k in db.keys() if not k.startswith(META_PREFIX)]  # noqa: SIM118 - a rocksdict Rdict
     total, done, changes = len(keys), 0, 0
     started = time.monotonic()
     for i, key in enumerate(keys):
-        raw = table.get(key)
+        raw = table.get(partition, key)
         entry = decode_profile_entry(raw) if raw else None
         if isinstance(entry, ProfileState):
             res = visit(key.decode(), entry)
             if res is not None:
                 if isinstance(res.write, ProfileState) and res.changes:
-                    table[key] = encode_profile(res.write)
+                    table.put(partition, key, encode_profile(res.write))
                     deadlines.note(res.write.profile_id, res.write.next_deadline_ms)
                 changes += len(res.changes)
-                await publish(res)
+                publish(res)
                 done += 1
         if i % 2000 == 1999:
             await rt.emit(Send("control.segments", run, {"op": "progress", "run": run, "partition": partition,
@@ -267,7 +269,7 @@ async def _walk_partition(rt: Runtime, table: Any, partition: int, run: str, pub
     return total, done, changes
 
 
-async def _batch(rt: Runtime, table: Any, partition: int, msg: dict[str, Any], publish: Any,
+async def _batch(rt: Runtime, table: PartitionedTable, partition: int, msg: dict[str, Any], publish: Any,
                  deadlines: Deadlines) -> None:
     """A batch run over this partition: all audiences (or the listed ones), optionally only profiles
     changed since `since_ms` (incremental)."""
@@ -285,14 +287,14 @@ async def _batch(rt: Runtime, table: Any, partition: int, msg: dict[str, Any], p
                           started_ms=int(msg.get("started_ms") or 0))
 
 
-async def _definitions_check(rt: Runtime, table: Any, partition: int, publish: Any, deadlines: Deadlines) -> None:
+async def _definitions_check(rt: Runtime, table: PartitionedTable, partition: int, publish: Any, deadlines: Deadlines) -> None:
     """Runs when a partition is assigned (and after a hot reload), in that partition's event context:
     0. restore the partition's pending deadlines;
     1. diff the stored fingerprints with the loaded definitions; 2. evaluate new/edited audiences over the
     partition's profiles and exit members of removed ones; 3. store the new fingerprints."""
     _rebuild_deadlines(table, partition, deadlines)
     key = _defs_key(partition)
-    raw = table.get(key)
+    raw = table.get(partition, key)
     old = msgpack.unpackb(raw, raw=False) if raw else None
     changed, removed = rt.processor.definitions_diff(old)
     if changed or removed:
@@ -311,7 +313,7 @@ async def _definitions_check(rt: Runtime, table: Any, partition: int, publish: A
 
         await _walk_partition(rt, table, partition, f"defs-{partition}", publish, deadlines, visit)
     if old != rt.processor.fingerprints():
-        table[key] = msgpack.packb(rt.processor.fingerprints())
+        table.put(partition, key, msgpack.packb(rt.processor.fingerprints()))
 
 
 def _last_change(p: ProfileState) -> int:

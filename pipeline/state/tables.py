@@ -1,0 +1,105 @@
+"""Partition-explicit access to the worker's Faust RocksDB tables, with changelogs on the one output producer.
+
+Faust's table API routes a read or write by the *current event's* partition. The worker also handles
+messages addressed to a local partition without a round trip through Kafka (`Runtime.local_delivery`), and
+batches events of several partitions, so the stages address partitions explicitly through this view.
+
+Every changelog write of a table, whichever API made it, goes through the worker's one librdkafka producer
+(`route_changelog`): one producer per partition keeps the changelog in write order, which recovery relies on
+(two producers could reorder two versions of one key).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+from aiokafka.partitioner import murmur2
+from faust.types import TP
+
+
+@functools.lru_cache(maxsize=262_144)
+def partition_for(key: bytes, partitions: int) -> int:
+    """The partition Kafka's default partitioner (Java murmur2; librdkafka `murmur2_random`) gives a key."""
+    return (murmur2(key) & 0x7FFFFFFF) % partitions
+
+
+class PartitionedTable:
+    """One Faust table addressed by explicit partition. Reads and writes go straight to the partition's
+    RocksDB store; writes also send the changelog record (the same record Faust would send)."""
+
+    def __init__(self, table: Any, partitions: int) -> None:
+        self.table = table
+        self.partitions = partitions
+        self.changelog = table.changelog_topic.get_topic_name()
+        self._assignment: Any = None
+        self._active: frozenset[int] = frozenset()
+
+    def partition(self, key: bytes) -> int:
+        return partition_for(key, self.partitions)
+
+    def active(self) -> frozenset[int]:
+        """Partitions of this table actively assigned to this worker (recomputed after each rebalance)."""
+        assignor = self.table.app.assignor
+        if assignor._assignment is not self._assignment:
+            self._assignment = assignor._assignment
+            self._active = frozenset(tp.partition for tp in assignor.assigned_actives()
+                                     if tp.topic == self.changelog)
+        return self._active
+
+    def get(self, partition: int, key: bytes) -> bytes | None:
+        value: bytes | None = self.table.data._db_for_partition(partition).get(key)
+        return value
+
+    def put(self, partition: int, key: bytes, value: bytes) -> None:
+        """1. write the store; 2. send the changelog record to the same partition."""
+        store = self.table.data
+        store._db_for_partition(partition).put(key, value)
+        store._key_index[key] = partition
+        self.table.send_changelog(partition, key, value)
+
+    def delete(self, partition: int, key: bytes) -> None:
+        """1. delete from the store; 2. send the tombstone to the same partition."""
+        store = self.table.data
+        store._db_for_partition(partition).delete(key)
+        store._key_index.pop(key, None)
+        self.table.send_changelog(partition, key, None)
+
+
+Produce = Callable[..., None]
+
+
+class ChangelogRouter:
+    """Sends every changelog record of the routed tables through `produce` (the output producer), and
+    records, as Faust does, the last acknowledged changelog offset of each partition in that partition's
+    store, so a restart on the same disk only replays the changelog from there."""
+
+    def __init__(self, produce: Produce) -> None:
+        self._produce = produce
+        self._acked: dict[tuple[Any, int], int] = {}
+
+    def route(self, table: Any) -> None:
+        """Replace the table's `send_changelog`, which Faust's own `table[key] = v` / `del` also call."""
+        topic = table.changelog_topic.get_topic_name()
+
+        def send_changelog(partition: int | None, key: bytes, value: bytes | None, *_: Any, **__: Any) -> None:
+            if partition is None:
+                raise ValueError(f"{topic}: changelog write without a partition")
+
+            def on_delivery(err: Any, msg: Any) -> None:
+                if err is None:
+                    slot = (table, partition)
+                    self._acked[slot] = max(msg.offset(), self._acked.get(slot, -1))
+
+            self._produce(topic, key, value, partition=partition, on_delivery=on_delivery)
+
+        table.send_changelog = send_changelog
+
+    def persist_offsets(self) -> None:
+        """Called after the producer is flushed: store the acknowledged offsets (open partitions only)."""
+        acked, self._acked = self._acked, {}
+        for (table, partition), offset in acked.items():
+            store = table.data
+            if partition in store._dbs:
+                store.set_persisted_offset(TP(table.changelog_topic.get_topic_name(), partition), offset)
