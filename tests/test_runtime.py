@@ -1,0 +1,142 @@
+"""The runtime's one output path: in-process (local) delivery of stage messages, and the output producer's
+flush, which waits for what was produced before it (on the real broker)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from pipeline.identity.stitch import IDENTITY_TOPIC, PROFILE_TOPIC, Send
+from pipeline.runtime import MAX_LOCAL_ROUNDS, LocalItem, OutputProducer, Runtime
+from pipeline.state.tables import partition_for
+from pipeline.topics import TopicRegistry
+
+
+class FakeOutput:
+    def __init__(self) -> None:
+        self.produced: list[tuple[str, bytes, int | None]] = []
+
+    def produce(self, topic: str, key: bytes, value: bytes | None, headers: Any = None,
+                partition: int | None = None, on_delivery: Any = None) -> None:
+        self.produced.append((topic, key, partition))
+
+
+class FakeTable:
+    """Partitioner and assignment of a table with 4 partitions, of which `active` are held here."""
+
+    def __init__(self, active: set[int]) -> None:
+        self._active = frozenset(active)
+
+    def partition(self, key: bytes) -> int:
+        return partition_for(key, 4)
+
+    def active(self) -> frozenset[int]:
+        return self._active
+
+
+def make_runtime(identity_active: set[int], profile_active: set[int]) -> tuple[Runtime, FakeOutput, list[Any]]:
+    completed = asyncio.Event()
+    completed.set()
+    app = SimpleNamespace(rebalancing=False, tables=SimpleNamespace(recovery=SimpleNamespace(completed=completed)))
+    out = FakeOutput()
+    rt = Runtime(None, None, TopicRegistry.load(prefix="u-"), app, None, None, out)  # type: ignore[arg-type]
+    handled: list[Any] = []
+
+    def identity(items: list[LocalItem]) -> None:  # like the identity stage: each hop sends the next message
+        for p, key, msg in items:
+            handled.append(("identity", p, key.decode(), msg["n"]))
+            rt.send(Send(PROFILE_TOPIC, f"pid-{msg['n']}", {"n": msg["n"]}))
+
+    def profiles(items: list[LocalItem]) -> None:
+        handled.extend(("profile", p, key.decode(), msg["n"]) for p, key, msg in items)
+
+    rt.local_handlers[IDENTITY_TOPIC] = (FakeTable(identity_active), identity)  # type: ignore[assignment]
+    rt.local_handlers[PROFILE_TOPIC] = (FakeTable(profile_active), profiles)  # type: ignore[assignment]
+    return rt, out, handled
+
+
+def test_messages_to_held_partitions_are_handled_in_process_and_others_are_produced() -> None:
+    # Given a worker holding every identity partition but only profile partitions 0 and 1
+    rt, out, handled = make_runtime({0, 1, 2, 3}, {0, 1})
+    keys = [f"ECID:c{n}" for n in range(12)]
+    # When an agent's block sends one identity message per key
+    with rt.local_delivery():
+        for n, key in enumerate(keys):
+            rt.send(Send(IDENTITY_TOPIC, key, {"op": "resolve", "n": n}))
+        assert handled == []  # nothing runs before the block ends
+    # Then every identity message was handled here, in order; each profile message whose partition is held
+    # was handled here in the next round, the others were produced to their topic (partitioned by key)
+    held = [n for n in range(12) if partition_for(f"pid-{n}".encode(), 4) in {0, 1}]
+    assert 0 < len(held) < 12
+    assert handled == ([("identity", partition_for(k.encode(), 4), k, n) for n, k in enumerate(keys)]
+                       + [("profile", partition_for(f"pid-{n}".encode(), 4), f"pid-{n}", n) for n in held])
+    assert out.produced == [(rt.registry.name(PROFILE_TOPIC), f"pid-{n}".encode(), None)
+                            for n in range(12) if n not in held]
+
+
+def test_outside_a_block_or_during_a_rebalance_everything_goes_through_kafka() -> None:
+    rt, out, handled = make_runtime({0, 1, 2, 3}, {0, 1, 2, 3})
+    rt.send(Send(IDENTITY_TOPIC, "ECID:a", {"n": 1}))
+    rt.app.rebalancing = True
+    with rt.local_delivery():
+        rt.send(Send(IDENTITY_TOPIC, "ECID:b", {"n": 2}))
+    assert handled == []
+    assert [k for _, k, _ in out.produced] == [b"ECID:a", b"ECID:b"]
+
+
+def test_a_cycle_of_local_messages_is_cut_after_the_round_limit_and_produced() -> None:
+    # Given a profile handler that always sends the message on to itself (a bug, or a forward cycle)
+    rt, out, handled = make_runtime({0, 1, 2, 3}, {0, 1, 2, 3})
+
+    def loop(items: list[LocalItem]) -> None:
+        for _, key, msg in items:
+            handled.append(msg["n"])
+            rt.send(Send(PROFILE_TOPIC, key.decode(), {"n": msg["n"] + 1}))
+
+    rt.local_handlers[PROFILE_TOPIC] = (rt.local_handlers[PROFILE_TOPIC][0], loop)
+    with rt.local_delivery():
+        rt.send(Send(PROFILE_TOPIC, "pid-x", {"n": 0}))
+    # Then it ran MAX_LOCAL_ROUNDS times in-process and the pending message left through Kafka
+    assert handled == list(range(MAX_LOCAL_ROUNDS))
+    assert out.produced == [(rt.registry.name(PROFILE_TOPIC), b"pid-x", partition_for(b"pid-x", 4))]
+
+
+@pytest.mark.integration
+def test_flush_waits_for_earlier_messages_only(kafka_bootstrap: str, registry: TopicRegistry) -> None:
+    # Given an output producer with 5,000 messages in flight
+    producer = OutputProducer(kafka_bootstrap)
+    topic = registry.name("ingest.dlq")
+    for i in range(5000):
+        producer.produce(topic, str(i).encode(), b"x" * 100)
+    target = 5000
+
+    async def scenario() -> tuple[float, int]:
+        # When a flush starts while another task keeps producing without pause
+        stop = asyncio.Event()
+
+        async def keep_producing() -> int:
+            n = 0
+            while not stop.is_set():
+                for _ in range(200):
+                    producer.produce(topic, b"more", b"y" * 100)
+                    n += 1
+                await asyncio.sleep(0.001)
+            return n
+
+        task = asyncio.create_task(keep_producing())
+        t0 = time.monotonic()
+        await asyncio.wait_for(producer.flush(), timeout=30)
+        took = time.monotonic() - t0
+        stop.set()
+        return took, await task
+
+    took, more = asyncio.run(scenario())
+    # Then it returned once the first 5,000 were acknowledged, although later messages were still queued
+    assert producer.acked_through() >= target
+    assert more > 0
+    assert took < 30
+    producer._p.flush(10)
