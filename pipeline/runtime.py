@@ -70,14 +70,14 @@ class OutputProducer:
             if on_delivery is not None:
                 on_delivery(err, msg)
 
-        kwargs: dict[str, Any] = {"key": key, "value": value, "on_delivery": callback}
-        if headers:
-            kwargs["headers"] = list(headers.items())
-        if partition is not None:
-            kwargs["partition"] = partition
+        hdrs: list[tuple[str, str | bytes | None]] | None = list(headers.items()) if headers else None
+        part = -1 if partition is None else partition  # -1: librdkafka's partitioner picks (by key)
         while True:
             try:
-                self._p.produce(topic, **kwargs)
+                if hdrs is None:
+                    self._p.produce(topic, value, key, part, callback)
+                else:
+                    self._p.produce(topic, value, key, part, callback, headers=hdrs)
                 break
             except BufferError:  # librdkafka's queue is full: backpressure on this agent
                 self._p.poll(0.05)
@@ -130,6 +130,7 @@ class Runtime:
     tables: dict[str, Any] = field(default_factory=dict)
     ptables: dict[str, PartitionedTable] = field(default_factory=dict)
     local_handlers: dict[str, tuple[PartitionedTable, LocalHandler]] = field(default_factory=dict)
+    tally: metrics.Tally = field(default_factory=metrics.Tally)  # flushed when a local-delivery block ends
     _local: list[tuple[str, LocalItem]] | None = None  # None: local delivery is off
 
     def topic(self, logical: str) -> faust.TopicT:
@@ -177,7 +178,10 @@ class Runtime:
         1. collect the local messages the block sends; 2. on exit, hand them to their stage's handler in
         send order, round after round, while handling sends more; 3. after MAX_LOCAL_ROUNDS, produce the rest."""
         if self._local is not None or self.app.rebalancing or not self.app.tables.recovery.completed.is_set():  # type: ignore[attr-defined]
-            yield
+            try:
+                yield
+            finally:
+                self.tally.flush()
             return
         self._local = []
         try:
@@ -190,7 +194,7 @@ class Runtime:
                 for topic, item in pending:
                     by_topic.setdefault(topic, []).append(item)
                 for topic, items in by_topic.items():
-                    metrics.child(metrics.LOCAL_DELIVERIES, topic).inc(len(items))
+                    self.tally.add(metrics.LOCAL_DELIVERIES, topic, n=len(items))
                     self.local_handlers[topic][1](items)
             leftover, self._local = self._local, None
             for topic, (p, key, value) in leftover:
@@ -198,6 +202,7 @@ class Runtime:
                 self.send(Send(topic, key.decode(), value), partition=p)
         finally:
             self._local = None
+            self.tally.flush()
 
     @staticmethod
     def now_ms() -> int:

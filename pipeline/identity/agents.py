@@ -27,7 +27,7 @@ def register(rt: Runtime) -> None:
                 table.delete(partition, key_b)
             for send in res.sends:
                 rt.send(send)
-            metrics.child(metrics.IDENTITY_OPS, msg["op"]).inc()
+            rt.tally.add(metrics.IDENTITY_OPS, msg["op"])
 
     rt.local_handlers[IDENTITY_TOPIC] = (table, handle)
 

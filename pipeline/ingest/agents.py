@@ -55,7 +55,7 @@ def _ingest_agent(rt: Runtime, logical: str, decoder: Decoder) -> None:
         elif isinstance(verdict, Skipped):
             metrics.RECORDS_SKIPPED.labels(verdict.dataset, verdict.reason).inc()
         else:
-            metrics.child(metrics.RECORDS_INGESTED, logical).inc()
+            rt.tally.add(metrics.RECORDS_INGESTED, logical)
             wire = record_to_wire(verdict)
             owners = local_owners(wire)
             rt.send(fast_apply(wire, owners) if owners else start_resolve(wire, rt.now_ms()))

@@ -38,3 +38,20 @@ def child(metric: Any, *labels: str) -> Any:
     if c is None:
         c = _children[key] = metric.labels(*labels)
     return c
+
+
+class Tally:
+    """Counter increments gathered in a hot loop and applied once per batch: prometheus-client takes a lock
+    and resolves the label set on every `inc`."""
+
+    def __init__(self) -> None:
+        self._n: dict[tuple[Any, tuple[str, ...]], float] = {}
+
+    def add(self, metric: Any, *labels: str, n: float = 1) -> None:
+        key = (metric, labels)
+        self._n[key] = self._n.get(key, 0) + n
+
+    def flush(self) -> None:
+        pending, self._n = self._n, {}
+        for (metric, labels), n in pending.items():
+            child(metric, *labels).inc(n)

@@ -95,7 +95,7 @@ def register(rt: Runtime) -> None:
     def publish(res: OpResult) -> None:
         now = time.time()
         for change in res.changes:
-            metrics.child(metrics.MEMBERSHIP_CHANGES, change.status, change.evaluation).inc()
+            rt.tally.add(metrics.MEMBERSHIP_CHANGES, change.status, change.evaluation)
             metrics.END_TO_END_SECONDS.observe(max(0.0, now - change.event_time_ms / 1000))
             rt.send_encoded_once([(MEMBERSHIP_TOPIC, change.profile_id),
                                   (MEMBERSHIP_STATE_TOPIC, f"{change.profile_id}|{change.audience_id}")],
@@ -103,7 +103,7 @@ def register(rt: Runtime) -> None:
         for send in res.sends:
             rt.send(send)
         for name, n in res.counters.items():
-            metrics.PROFILE_EVENTS.labels(name).inc(n)
+            rt.tally.add(metrics.PROFILE_EVENTS, name, n=n)
 
     def write(partition: int, key: bytes, entry: ProfileState | Forward) -> None:
         if isinstance(entry, ProfileState):
@@ -134,7 +134,7 @@ def register(rt: Runtime) -> None:
                     if res.write is not None:
                         entry, changed = res.write, True
                     publish(res)
-                    metrics.child(metrics.PROFILE_OPS, msg["op"]).inc()
+                    rt.tally.add(metrics.PROFILE_OPS, msg["op"])
             except Exception:
                 cache.drop(key)  # the cached object may be half-mutated
                 raise
@@ -160,6 +160,7 @@ def register(rt: Runtime) -> None:
                         await _batch(rt, table, partition, msg, publish, deadlines)
                     else:
                         await _definitions_check(rt, table, partition, publish, deadlines)
+                    rt.tally.flush()
                     continue
                 run.append((partition, event.key, msg))
             with rt.local_delivery():

@@ -34,7 +34,7 @@ from pipeline.profiles.merge import (
     live_attributes,
     unique_conflicts,
 )
-from pipeline.segments import SegmentEngine, apply_decisions, exit_all
+from pipeline.segments import Decision, SegmentEngine, apply_decisions, exit_all
 from pipeline.state.codec import Forward, decode_profile, encode_profile
 
 log = logging.getLogger(__name__)
@@ -321,5 +321,5 @@ def _with_identities(rec: Any, identities: list[Identity]) -> Any:
     return replace(rec, identities=tuple(identities))
 
 
-def _with_cause(d: Any, cause: str) -> Any:
-    return replace(d, cause_event_id=cause)
+def _with_cause(d: Decision, cause: str) -> Decision:
+    return d._replace(cause_event_id=cause)
