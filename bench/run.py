@@ -648,7 +648,7 @@ def summary_table(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rates", help="offered events/s per step (default 1500,5000,10000,20000)")
+    ap.add_argument("--rates", help="offered events/s per step (default 500,800,1500,5000; quick 800,1500)")
     ap.add_argument("--step-seconds", type=float, help="seconds of offering per step (default 20)")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="2 short steps, small ceiling run (< 2 min)")
@@ -662,7 +662,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup-rate", type=int, default=400, help="offered events/s during the warm-up")
     ap.add_argument("--codec-encode", action="store_true", help="producer encodes with the registry codec")
     args = ap.parse_args(argv)
-    rates = [int(r) for r in (args.rates or ("1500,5000" if args.quick else "1500,5000,10000,20000")).split(",")]
+    rates = [int(r) for r in (args.rates or ("800,1500" if args.quick else "500,800,1500,5000")).split(",")]
     step_s = args.step_seconds or (6.0 if args.quick else 20.0)
     pt_n = args.passthrough_n or (8_000 if args.quick else 30_000)
     drain_cap = 5.0 if args.quick else 15.0

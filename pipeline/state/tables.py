@@ -54,9 +54,8 @@ class PartitionedTable:
 
     def put(self, partition: int, key: bytes, value: bytes) -> None:
         """1. write the store; 2. send the changelog record to the same partition."""
-        store = self.table.data
-        store._db_for_partition(partition).put(key, value)
-        store._key_index[key] = partition
+        # (Faust's key -> partition index is a cache for reads without an event; a miss scans the partitions)
+        self.table.data._db_for_partition(partition).put(key, value)
         self.table.send_changelog(partition, key, value)
 
     def delete(self, partition: int, key: bytes) -> None:
