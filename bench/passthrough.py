@@ -1,86 +1,70 @@
-"""The ceiling: a plain Faust passthrough with the pipeline's client stack and settings.
+"""The ceiling: a plain passthrough on the worker's ingest client stack and settings.
 
-One agent consumes Avro ExperienceEvents from a copy topic in batches (`take_events`, as the worker's agents),
-decodes them with the registry codec, re-encodes and produces each to an output topic through the worker's
-output producer (librdkafka, flushed before each commit), with the worker's consumer settings. It writes
-{n, first_ts, last_ts, t10_ts} to BENCH_RESULT once BENCH_N messages went through.
-Run as `python -m bench.passthrough worker` with KAFKA_BOOTSTRAP, BENCH_IN, BENCH_OUT, BENCH_N, BENCH_RESULT,
-BENCH_APP_ID, BENCH_DATA_DIR, PIPELINE_TOPIC_PREFIX in the environment.
+Consumes Avro ExperienceEvents from a copy topic with the worker's ingest consumer (librdkafka, batches of up
+to 500 taken without blocking the asyncio loop), decodes them with the registry codec, re-encodes and
+produces each to an output topic through the worker's output producer (flushed before each 1 s commit):
+the pipeline's ingest path with the pipeline taken out. Writes {n, first_ts, t10_ts, last_ts, errors} to
+BENCH_RESULT once BENCH_N messages went through.
+Run as `python -m bench.passthrough` with KAFKA_BOOTSTRAP, BENCH_IN, BENCH_OUT, BENCH_N, BENCH_RESULT,
+BENCH_APP_ID, PIPELINE_TOPIC_PREFIX in the environment.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
-from typing import Any
 
-import faust
+from confluent_kafka import Consumer, TopicPartition
 
-from pipeline.app import _flush_output_before_commit, shorten_fetch_wait
 from pipeline.errors import SerdeError
+from pipeline.ingest.agents import BATCH_MAX, COMMIT_INTERVAL_S, IDLE_SLEEP_S
 from pipeline.runtime import OutputProducer
-from pipeline.state.tables import ChangelogRouter
 from pipeline.topics import TopicRegistry
 
-reg = TopicRegistry.load(prefix=os.environ.get("PIPELINE_TOPIC_PREFIX", ""))
-codec = reg["ingest.events"].codec
-N = int(os.environ.get("BENCH_N", "50000"))
-RESULT = os.environ.get("BENCH_RESULT", "/tmp/passthrough.json")
 
-shorten_fetch_wait()
-app = faust.App(
-    os.environ.get("BENCH_APP_ID", "bench-passthrough"),
-    broker=f"kafka://{os.environ.get('KAFKA_BOOTSTRAP', '127.0.0.1:9092')}",
-    datadir=os.environ.get("BENCH_DATA_DIR", "/tmp/bench-passthrough"),
-    topic_partitions=4,
-    topic_replication_factor=1,
-    topic_allow_declare=True,
-    consumer_auto_offset_reset="earliest",
-    producer_acks=-1,
-    producer_linger_ms=2,
-    broker_commit_every=1_000_000,
-    broker_commit_interval=1.0,
-    broker_max_poll_records=2000,
-    stream_buffer_maxsize=16384,
-    stream_wait_empty=False,
-    web_enabled=False,
-    logging_config=None,
-)
-src = app.topic(os.environ.get("BENCH_IN", "bench.in"), key_type=bytes, value_type=bytes, key_serializer="raw",
-                value_serializer="raw", partitions=4, internal=False)
-dst = app.topic(os.environ.get("BENCH_OUT", "bench.out"), key_type=bytes, value_type=bytes,
-                key_serializer="raw", value_serializer="raw", partitions=4, internal=False)
-state: dict[str, Any] = {"n": 0, "first": None, "t10": None, "errors": 0}
-output = OutputProducer(os.environ.get("KAFKA_BOOTSTRAP", "127.0.0.1:9092"))
-_flush_output_before_commit(app, output, ChangelogRouter(output.produce))
-out_name = os.environ.get("BENCH_OUT", "bench.out")
-
-
-@app.agent(src, name="passthrough")
-async def passthrough(stream: Any) -> None:
-    async for events in stream.take_events(500, within=0.01):
-        for event in events:
-            if state["first"] is None:
-                state["first"] = time.time()
+async def main() -> None:
+    bootstrap = os.environ.get("KAFKA_BOOTSTRAP", "127.0.0.1:9092")
+    codec = TopicRegistry.load(prefix=os.environ.get("PIPELINE_TOPIC_PREFIX", ""))["ingest.events"].codec
+    n_total = int(os.environ.get("BENCH_N", "50000"))
+    result = os.environ.get("BENCH_RESULT", "/tmp/passthrough.json")
+    out_topic = os.environ.get("BENCH_OUT", "bench.out")
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": os.environ.get("BENCH_APP_ID", "bench-pt"),
+                         "enable.auto.commit": False, "auto.offset.reset": "earliest", "fetch.wait.max.ms": 50,
+                         "partition.assignment.strategy": "cooperative-sticky"})
+    consumer.subscribe([os.environ.get("BENCH_IN", "bench.in")])
+    output = OutputProducer(bootstrap)
+    n, errors, first, t10 = 0, 0, 0.0, 0.0
+    done: dict[tuple[str, int], int] = {}
+    last_commit = time.monotonic()
+    while n < n_total:
+        msgs = consumer.consume(BATCH_MAX, 0)
+        for msg in msgs:
+            if msg.error() is not None:
+                continue
+            first = first or time.time()
             try:
-                value = codec.decode(event.value)
-                output.produce(out_name, event.key, codec.encode(value))
+                output.produce(out_topic, msg.key(), codec.encode(codec.decode(msg.value())))
             except SerdeError:
-                state["errors"] += 1
-            state["n"] += 1
-            count(state["n"])
-
-
-def count(n: int) -> None:
-    if n == N // 10:
-        state["t10"] = time.time()
-    if n == N:
-        with open(RESULT + ".tmp", "w") as f:
-            json.dump({"n": n, "first_ts": state["first"], "t10_ts": state["t10"], "last_ts": time.time(),
-                       "errors": state["errors"]}, f)
-        os.replace(RESULT + ".tmp", RESULT)
+                errors += 1
+            done[(msg.topic(), msg.partition())] = msg.offset() + 1  # type: ignore[index, operator]
+            n += 1
+            if n == n_total // 10:
+                t10 = time.time()
+        if time.monotonic() - last_commit >= COMMIT_INTERVAL_S and done:
+            await output.flush()
+            consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in done.items()], asynchronous=False)
+            done.clear()
+            last_commit = time.monotonic()
+        await asyncio.sleep(0 if msgs else IDLE_SLEEP_S)
+    last = time.time()
+    await output.flush()
+    consumer.close()
+    with open(result + ".tmp", "w") as f:
+        json.dump({"n": n, "first_ts": first, "t10_ts": t10, "last_ts": last, "errors": errors}, f)
+    os.replace(result + ".tmp", result)
 
 
 if __name__ == "__main__":
-    faust.Worker(app, loglevel="info").execute_from_commandline()
+    asyncio.run(main())

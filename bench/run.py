@@ -36,6 +36,8 @@ from typing import Any
 
 import psutil
 
+from pipeline.ingest.agents import ingest_group
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 PY = sys.executable
@@ -93,16 +95,19 @@ def pct(values: list[float], q: float) -> float | None:
 
 
 class LagProbe:
-    """Committed offsets of the worker group vs end offsets, per logical topic."""
+    """Committed offsets of a worker group vs end offsets, per logical topic (`ingest`: the probe of the
+    workers' other group, the ingest consumers, merged into each sample)."""
 
-    def __init__(self, bootstrap: str, group: str, reg: Any, topics: list[str] | None = None) -> None:
+    def __init__(self, bootstrap: str, group: str, reg: Any, topics: list[str] | None = None,
+                 ingest: LagProbe | None = None) -> None:
         from confluent_kafka import Consumer, TopicPartition
 
         self.c = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
         self.tps = {lg: [TopicPartition(reg[lg].name, p) for p in range(reg[lg].partitions)] for lg in (topics or LAG_TOPICS)}
+        self.ingest = ingest
 
     def sample(self) -> dict[str, int]:
-        out: dict[str, int] = {}
+        out: dict[str, int] = self.ingest.sample() if self.ingest else {}
         all_tps = [tp for tps in self.tps.values() for tp in tps]
         committed = {(tp.topic, tp.partition): tp.offset for tp in self.c.committed(all_tps, timeout=5)}
         for lg, tps in self.tps.items():
@@ -116,6 +121,8 @@ class LagProbe:
 
     def close(self) -> None:
         self.c.close()
+        if self.ingest:
+            self.ingest.close()
 
 
 def membership_consumer(bootstrap: str, prefix: str, stop: Any, out_q: Any) -> None:
@@ -287,7 +294,7 @@ def run_passthrough(ctx: dict[str, Any], n: int) -> dict[str, Any]:
     ctx["cmd_q"].put(("preload", t_in, n))
     kind, info = ctx["out_q"].get(timeout=300)
     assert kind == "preloaded", kind
-    log(f"ceiling: pre-loaded in {info['seconds']:.1f}s; starting the Faust passthrough")
+    log(f"ceiling: pre-loaded in {info['seconds']:.1f}s; starting the passthrough")
     result = tmp / "passthrough.json"
     env = {**os.environ, "KAFKA_BOOTSTRAP": bootstrap, "BENCH_IN": t_in, "BENCH_OUT": t_out, "BENCH_N": str(n),
            "BENCH_RESULT": str(result), "BENCH_APP_ID": f"bench-pt-{prefix.rstrip('-')}",
@@ -732,8 +739,11 @@ def main(argv: list[str] | None = None) -> int:
         lat_proc = mpctx.Process(target=membership_consumer, args=(bootstrap, prefix, lat_stop, lat_q), daemon=True)
         lat_proc.start()
         procs.add("latency-consumer", lat_proc.pid)  # type: ignore[arg-type]
-        sampler = Sampler(LagProbe(bootstrap, app_id, reg), ctx["ports"], procs, t_start)
-        ctx["ingest_probe"] = LagProbe(bootstrap, app_id, reg, ["ingest.events", "ingest.profiles"])
+        sampler = Sampler(LagProbe(bootstrap, app_id, reg, ["internal.identity", "internal.profile-ops"],
+                                   ingest=LagProbe(bootstrap, ingest_group(app_id), reg,
+                                                   ["ingest.events", "ingest.profiles"])),
+                          ctx["ports"], procs, t_start)
+        ctx["ingest_probe"] = LagProbe(bootstrap, ingest_group(app_id), reg, ["ingest.events", "ingest.profiles"])
         sampler.start()
         names = ", ".join(f"{w['name']} pid {w['proc'].pid} :{w['port']}" for w in workers)
         log(f"workers ready: {names}")

@@ -124,7 +124,7 @@ def _flush_output_before_commit(app: faust.App, output: OutputProducer, changelo
 
 
 # The topics the worker's consumer group reads (changelogs are read by Faust's recovery, not the group).
-GROUP_TOPICS = ("ingest.events", "ingest.profiles", "internal.identity", "internal.profile-ops")
+GROUP_TOPICS = ("internal.identity", "internal.profile-ops")  # ingest topics: their own librdkafka group
 
 
 def init_group_offsets(settings: Settings, registry: TopicRegistry) -> int:

@@ -109,6 +109,16 @@ class OutputProducer:
             errors, self._errors = self._errors, []
             raise PipelineError(f"{len(errors)} output messages failed, first: {errors[0]}")
 
+    def flush_blocking(self, timeout_s: float = 30.0) -> None:
+        """`flush` for shutdown paths that cannot await: wait for everything queued so far."""
+        target = self._seq
+        deadline = time.monotonic() + timeout_s
+        while self.acked_through() < target and time.monotonic() < deadline:
+            self._p.poll(0.01)
+        if self.acked_through() < target or self._errors:
+            raise PipelineError(f"output producer: {target - self.acked_through()} messages not acknowledged, "
+                                f"{len(self._errors)} failed")
+
 
 LocalItem = tuple[int, bytes, Any]  # (partition, key, decoded message): one message handled in-process
 LocalHandler = Callable[[list[LocalItem]], None]
