@@ -155,6 +155,9 @@ class IdentityConfig:
     unique_namespaces: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
     # source namespace -> namespaces derived from it (e.g. Email -> (EMAIL_LC_SHA256,))
     derived: Mapping[str, tuple[str, ...]] = field(default_factory=dict, compare=False, repr=False)
+    # (namespace, raw value) -> normalised identities or problem: normalising (hashing e-mails...) is pure
+    cache: dict[tuple[str, str], tuple[tuple[Identity, ...], str | None]] = field(
+        default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def build(cls, namespaces: Iterable[Namespace], max_identities_per_graph: int, *,
@@ -274,6 +277,29 @@ def _parse_namespace(doc: Doc, node: yaml.Node
     return ns, name_node, fields
 
 
+NORMALISED_CACHE_SIZE = 100_000
+
+
+def _normalise_one(namespace: str, value: str, config: IdentityConfig) -> tuple[tuple[Identity, ...], str | None]:
+    """One raw (namespace, value): its identities (the normalised one and those derived from it), or a problem."""
+    normalisers = config.normalisers
+    fn = normalisers.get(namespace)
+    if fn is None:
+        # Namespace names are config vocabulary, not personal data; cap length against garbage.
+        return (), f"unknown namespace {namespace[:64]!r}"
+    ns = config.namespaces[namespace]
+    try:
+        if ns.derived_from is not None and not _HEX64.match(value.strip()):
+            # A plain value sent in a derived namespace is canonicalised like its source first,
+            # so it hashes to the same id as the derivation below.
+            value = normalisers[ns.derived_from](value)
+        norm = fn(value)
+    except InvalidValue as exc:
+        return (), f"invalid {namespace} value: {exc.reason}"
+    return (Identity(namespace, norm), *(Identity(target, normalisers[target](norm))
+                                         for target in config.derived.get(namespace, ()))), None
+
+
 def normalise_identities(raw: Iterable[tuple[str, str]], config: IdentityConfig
                          ) -> tuple[list[Identity], list[str]]:
     """Normalise and de-duplicate (namespace, value) pairs, adding derived identities.
@@ -281,28 +307,19 @@ def normalise_identities(raw: Iterable[tuple[str, str]], config: IdentityConfig
     Returns the identities ordered by priority (highest first), then namespace, then id, plus
     problems. Problems name the namespace and a fixed reason, never the value (personal data).
     """
-    normalisers = config.normalisers
-    derived = config.derived
     out: set[Identity] = set()
     problems: list[str] = []
+    cache = config.cache
     for namespace, value in raw:
-        fn = normalisers.get(namespace)
-        if fn is None:
-            # Namespace names are config vocabulary, not personal data; cap length against garbage.
-            problems.append(f"unknown namespace {namespace[:64]!r}")
-            continue
-        ns = config.namespaces[namespace]
-        try:
-            if ns.derived_from is not None and not _HEX64.match(value.strip()):
-                # A plain value sent in a derived namespace is canonicalised like its source first,
-                # so it hashes to the same id as the derivation below.
-                value = normalisers[ns.derived_from](value)
-            norm = fn(value)
-        except InvalidValue as exc:
-            problems.append(f"invalid {namespace} value: {exc.reason}")
-            continue
-        out.add(Identity(namespace, norm))
-        for target in derived.get(namespace, ()):
-            out.add(Identity(target, normalisers[target](norm)))
+        hit = cache.get((namespace, value))
+        if hit is None:
+            if len(cache) >= NORMALISED_CACHE_SIZE:
+                cache.clear()
+            hit = cache[(namespace, value)] = _normalise_one(namespace, value, config)
+        identities, problem = hit
+        if problem is None:
+            out.update(identities)
+        else:
+            problems.append(problem)
     priority = config.priority
     return sorted(out, key=lambda i: (-priority(i.namespace), i.namespace, i.id)), problems

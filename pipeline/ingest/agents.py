@@ -94,25 +94,49 @@ async def _ingest_loop(rt: Runtime, decoders: dict[str, tuple[str, Decoder]], ha
     3. every COMMIT_INTERVAL_S: wait for the output producer to acknowledge everything produced so far,
        then commit the offsets handled (at-least-once; a record handled twice is recognised by its id);
     4. on stop: the same flush and commit, then leave the group."""
-    from confluent_kafka import Consumer, KafkaError, TopicPartition
+    from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
     consumer = Consumer({
         "bootstrap.servers": rt.settings.bootstrap, "group.id": ingest_group(rt.settings.app_id),
         "enable.auto.commit": False, "auto.offset.reset": "earliest", "fetch.wait.max.ms": 50,
         "partition.assignment.strategy": "cooperative-sticky", "client.id": f"{rt.settings.worker_name}-ingest",
     })
-    consumer.subscribe(list(decoders))
-    done: dict[tuple[str, int], int] = {}
+    done: dict[tuple[str, int], int] = {}  # next offset to commit, per partition handled since the last commit
     last_commit = time.monotonic()
 
-    def commit_offsets() -> None:
-        if done:
-            consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in done.items()], asynchronous=False)
-            done.clear()
+    def commit_offsets(only: set[tuple[str, int]] | None = None) -> None:
+        """Commit what was handled (its output is acknowledged by now). A commit refused because the group
+        is rebalancing is retried at the next interval; the records stay handled either way."""
+        offsets = {k: v for k, v in done.items() if only is None or k in only}
+        if not offsets:
+            return
+        try:
+            consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()], asynchronous=False)
+        except KafkaException as exc:
+            log.info("ingest offsets not committed yet (%s); retrying at the next interval", exc.args[0])
+            return
+        for k, v in offsets.items():
+            if done.get(k) == v:
+                del done[k]
 
+    def on_revoke(_: Any, partitions: list[Any]) -> None:
+        """Partitions moving to another worker: commit what this one handled (output flushed first), then
+        forget them, so a later commit never moves their offsets back."""
+        revoked = {(tp.topic, tp.partition) for tp in partitions}
+        if revoked & set(done):
+            rt.output.flush_blocking()
+            commit_offsets(revoked)
+        for k in revoked:
+            done.pop(k, None)
+
+    def on_lost(_: Any, partitions: list[Any]) -> None:
+        for tp in partitions:  # not ours any more: their new owner re-handles the uncommitted records
+            done.pop((tp.topic, tp.partition), None)
+
+    consumer.subscribe(list(decoders), on_revoke=on_revoke, on_lost=on_lost)
     try:
         while True:
-            msgs = consumer.consume(BATCH_MAX, 0)
+            msgs = consumer.consume(BATCH_MAX, 0)  # also runs the rebalance callbacks above
             if msgs:
                 with rt.local_delivery():
                     for msg in msgs:
@@ -132,4 +156,4 @@ async def _ingest_loop(rt: Runtime, decoders: dict[str, tuple[str, Decoder]], ha
     finally:
         rt.output.flush_blocking()
         commit_offsets()
-        consumer.close()
+        consumer.close()  # leaves the group (runs on_revoke for what is still assigned)

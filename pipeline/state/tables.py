@@ -17,6 +17,7 @@ from typing import Any
 
 from aiokafka.partitioner import murmur2
 from faust.types import TP
+from rocksdict import WriteOptions
 
 
 @functools.lru_cache(maxsize=262_144)
@@ -35,6 +36,7 @@ class PartitionedTable:
         self.changelog = table.changelog_topic.get_topic_name()
         self._assignment: Any = None
         self._active: frozenset[int] = frozenset()
+        self._unlogged: dict[int, Any] = {}
 
     def partition(self, key: bytes) -> int:
         return partition_for(key, self.partitions)
@@ -48,21 +50,32 @@ class PartitionedTable:
                                      if tp.topic == self.changelog)
         return self._active
 
+    def _db(self, partition: int) -> Any:
+        """The partition's RocksDB, writing without a write-ahead log (as Kafka Streams does): the changelog
+        is the log. A crash loses recent writes and the stored changelog offset together, so recovery
+        replays the changelog from the older offset and the store stays consistent."""
+        db = self.table.data._db_for_partition(partition)
+        if self._unlogged.get(partition) is not db:
+            options = WriteOptions()
+            options.disable_wal = True  # type: ignore[method-assign, assignment]  # a bool property; the stub says method
+            db.set_write_options(options)
+            self._unlogged[partition] = db
+        return db
+
     def get(self, partition: int, key: bytes) -> bytes | None:
-        value: bytes | None = self.table.data._db_for_partition(partition).get(key)
+        value: bytes | None = self._db(partition).get(key)
         return value
 
     def put(self, partition: int, key: bytes, value: bytes) -> None:
         """1. write the store; 2. send the changelog record to the same partition."""
         # (Faust's key -> partition index is a cache for reads without an event; a miss scans the partitions)
-        self.table.data._db_for_partition(partition).put(key, value)
+        self._db(partition).put(key, value)
         self.table.send_changelog(partition, key, value)
 
     def delete(self, partition: int, key: bytes) -> None:
         """1. delete from the store; 2. send the tombstone to the same partition."""
-        store = self.table.data
-        store._db_for_partition(partition).delete(key)
-        store._key_index.pop(key, None)
+        self._db(partition).delete(key)
+        self.table.data._key_index.pop(key, None)
         self.table.send_changelog(partition, key, None)
 
 
