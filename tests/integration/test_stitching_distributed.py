@@ -216,3 +216,26 @@ def test_state_survives_a_restart_from_the_changelogs(registry, kafka_bootstrap,
             break
         time.sleep(0.5)
     assert r.status_code == 200 and r.json()["profile_id"] == pid and r.json()["event_count"] == 4
+
+
+def test_a_worker_joining_mid_stream_loses_nothing(registry, kafka_bootstrap, start_worker, config_dir):
+    # Given one worker handling a steady stream of records: 120 people, each seen by a cookie, then
+    # linking it to an e-mail, then by the e-mail alone
+    w1 = start_worker("w1", config_dir=config_dir)
+    tag = uuid.uuid4().hex[:6]
+    people = [(("ECID", f"{tag}-c{p}"), ("Email", f"{tag}-p{p}@x.io")) for p in range(120)]
+    records = [[c] for c, _ in people] + [[c, e] for c, e in people] + [[e] for _, e in people]
+    now = int(time.time() * 1000)
+    events = [ev(f"{tag}-e{i}", now + i, rec) for i, rec in enumerate(records)]
+    chunks = [events[i:i + 30] for i in range(0, len(events), 30)]
+    # When a second worker joins while the records arrive (both consumer groups rebalance under load)
+    for i, chunk in enumerate(chunks):
+        if i == 2:
+            w2 = start_worker("w2", config_dir=config_dir, wait=False)
+        produce(registry, kafka_bootstrap, "ingest.events", chunk)
+        time.sleep(0.3)  # spread the stream over the rebalances (pacing, not waiting for a result)
+    w2.wait_ready()
+    # Then the graph is exactly the 120 people with every event once, and both workers are still running
+    wait_graph(registry, kafka_bootstrap, records, {e["eventId"] for e in events})  # type: ignore[misc]
+    assert w1.proc.poll() is None, w1.log()[-3000:]
+    assert w2.proc.poll() is None, w2.log()[-3000:]
