@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import time
@@ -52,24 +51,16 @@ class OutputProducer:
             "queue.buffering.max.messages": 200_000, "batch.num.messages": 10_000,
         })
         self._errors: list[KafkaError] = []
-        self._seq = 0  # messages produced so far; each gets the next number
-        self._unacked: collections.deque[int] = collections.deque()  # in produce order
-        self._done: set[int] = set()  # delivered (or failed) but not yet popped off `_unacked`
+        self.produced = 0
+        self._epoch = _Epoch(self._errors)  # messages produced since the last flush began
+        self._open: list[_Epoch] = [self._epoch]  # epochs that may still have unacknowledged messages
 
     def produce(self, topic: str, key: bytes, value: bytes | None, headers: dict[str, bytes] | None = None,
                 partition: int | None = None, on_delivery: Any = None) -> None:
-        """Queue one message (no await). `on_delivery(err, msg)` runs in `flush`/`poll`, on this thread."""
-        self._seq += 1
-        seq = self._seq
-        self._unacked.append(seq)
-
-        def callback(err: KafkaError | None, msg: Any) -> None:
-            self._done.add(seq)
-            if err is not None:
-                self._errors.append(err)
-            if on_delivery is not None:
-                on_delivery(err, msg)
-
+        """Queue one message (no await). `on_delivery(err, msg)` runs in `flush`/`poll`, on this thread;
+        pass the same function object for many messages (it is wrapped once per epoch)."""
+        epoch = self._epoch
+        callback = epoch.done if on_delivery is None else epoch.chained(on_delivery)
         hdrs: list[tuple[str, str | bytes | None]] | None = list(headers.items()) if headers else None
         part = -1 if partition is None else partition  # -1: librdkafka's partitioner picks (by key)
         while True:
@@ -81,43 +72,82 @@ class OutputProducer:
                 break
             except BufferError:  # librdkafka's queue is full: backpressure on this agent
                 self._p.poll(0.05)
-        if seq % 256 == 0:
+        epoch.pending += 1  # after the produce: a refused message has no delivery report coming
+        self.produced += 1
+        if self.produced % 256 == 0:
             self._p.poll(0)
 
-    def acked_through(self) -> int:
-        """The highest number n such that messages 1..n are all acknowledged (delivered or failed)."""
-        q, done = self._unacked, self._done
-        while q and q[0] in done:
-            done.discard(q.popleft())
-        return q[0] - 1 if q else self._seq
+    @property
+    def acknowledged(self) -> int:
+        """Messages acknowledged (delivered or failed) so far."""
+        return self.produced - sum(e.pending for e in self._open)
+
+    def _begin_wait(self) -> list[_Epoch]:
+        """1. close the current epoch (what the caller must wait for: every message produced so far);
+        2. open a new one for what comes next; 3. forget epochs that are fully acknowledged."""
+        waiting = list(self._open)
+        self._epoch = _Epoch(self._errors)
+        self._open = [e for e in waiting if e.pending > 0] + [self._epoch]
+        return waiting
+
+    def _raise_errors(self) -> None:
+        if self._errors:
+            errors = list(self._errors)
+            self._errors.clear()
+            raise PipelineError(f"{len(errors)} output messages failed, first: {errors[0]}")
 
     async def flush(self, timeout_s: float = 60.0) -> None:
         """Wait until every message produced *before this call* is acknowledged; raise if any delivery failed.
 
         Messages produced while waiting are not waited for: under steady load librdkafka's queue is never
         empty, and waiting for it to be would hold the commit (and Faust's fetch loop) until traffic stops."""
-        target = self._seq
+        waiting = self._begin_wait()
         deadline = time.monotonic() + timeout_s
         self._p.poll(0)
-        while self.acked_through() < target:
+        while any(e.pending for e in waiting):
             if time.monotonic() > deadline:
-                raise PipelineError(f"output producer: {target - self.acked_through()} messages not "
+                raise PipelineError(f"output producer: {sum(e.pending for e in waiting)} messages not "
                                     f"acknowledged in {timeout_s}s")
             await asyncio.sleep(0.002)
             self._p.poll(0)
-        if self._errors:
-            errors, self._errors = self._errors, []
-            raise PipelineError(f"{len(errors)} output messages failed, first: {errors[0]}")
+        self._raise_errors()
 
     def flush_blocking(self, timeout_s: float = 30.0) -> None:
-        """`flush` for shutdown paths that cannot await: wait for everything queued so far."""
-        target = self._seq
+        """`flush` for shutdown paths that cannot await."""
+        waiting = self._begin_wait()
         deadline = time.monotonic() + timeout_s
-        while self.acked_through() < target and time.monotonic() < deadline:
+        while any(e.pending for e in waiting) and time.monotonic() < deadline:
             self._p.poll(0.01)
-        if self.acked_through() < target or self._errors:
-            raise PipelineError(f"output producer: {target - self.acked_through()} messages not acknowledged, "
-                                f"{len(self._errors)} failed")
+        if any(e.pending for e in waiting):
+            raise PipelineError(f"output producer: {sum(e.pending for e in waiting)} messages not acknowledged")
+        self._raise_errors()
+
+
+class _Epoch:
+    """The messages produced between two flushes: how many still await their delivery report. One bound
+    callback per epoch, not one closure per message (the producer is on the hot path)."""
+
+    __slots__ = ("pending", "errors", "done", "_chained")
+
+    def __init__(self, errors: list[KafkaError]) -> None:
+        self.pending = 0
+        self.errors = errors
+        self.done = self._done
+        self._chained: dict[Any, Callable[[KafkaError | None, Any], None]] = {}
+
+    def _done(self, err: KafkaError | None, _msg: Any) -> None:
+        self.pending -= 1
+        if err is not None:
+            self.errors.append(err)
+
+    def chained(self, extra: Callable[[KafkaError | None, Any], None]) -> Callable[[KafkaError | None, Any], None]:
+        cb = self._chained.get(extra)
+        if cb is None:
+            def cb(err: KafkaError | None, msg: Any) -> None:
+                self._done(err, msg)
+                extra(err, msg)
+            self._chained[extra] = cb
+        return cb
 
 
 LocalItem = tuple[int, bytes, Any]  # (partition, key, decoded message): one message handled in-process

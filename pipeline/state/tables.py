@@ -94,17 +94,24 @@ class ChangelogRouter:
     def route(self, table: Any) -> None:
         """Replace the table's `send_changelog`, which Faust's own `table[key] = v` / `del` also call."""
         topic = table.changelog_topic.get_topic_name()
+        callbacks: dict[int, Callable[[Any, Any], None]] = {}
+
+        def on_delivery_for(partition: int) -> Callable[[Any, Any], None]:
+            """One callback per partition (the producer wraps each once per flush epoch)."""
+            cb = callbacks.get(partition)
+            if cb is None:
+                slot = (table, partition)
+
+                def cb(err: Any, msg: Any) -> None:
+                    if err is None:
+                        self._acked[slot] = max(msg.offset(), self._acked.get(slot, -1))
+                callbacks[partition] = cb
+            return cb
 
         def send_changelog(partition: int | None, key: bytes, value: bytes | None, *_: Any, **__: Any) -> None:
             if partition is None:
                 raise ValueError(f"{topic}: changelog write without a partition")
-
-            def on_delivery(err: Any, msg: Any) -> None:
-                if err is None:
-                    slot = (table, partition)
-                    self._acked[slot] = max(msg.offset(), self._acked.get(slot, -1))
-
-            self._produce(topic, key, value, partition=partition, on_delivery=on_delivery)
+            self._produce(topic, key, value, partition=partition, on_delivery=on_delivery_for(partition))
 
         table.send_changelog = send_changelog
 

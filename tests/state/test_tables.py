@@ -20,6 +20,11 @@ def test_partition_for_matches_the_kafka_default_partitioner(key: bytes, n: int)
 
 
 class FakeDB(dict[bytes, bytes]):
+    write_options: Any = None
+
+    def set_write_options(self, options: Any) -> None:
+        self.write_options = options
+
     def put(self, key: bytes, value: bytes) -> None:
         self[key] = value
 
@@ -80,8 +85,10 @@ def test_writes_go_to_the_named_partition_and_its_changelog_partition() -> None:
     view.put(2, b"k", b"v1")
     assert view.get(2, b"k") == b"v1" and view.get(1, b"k") is None
     view.delete(2, b"k")
-    # Then the store and the changelog saw both, on partition 2, the delete as a tombstone
+    # Then the store and the changelog saw both, on partition 2, the delete as a tombstone; the store is
+    # written without a write-ahead log (the changelog is the log)
     assert view.get(2, b"k") is None
+    assert table.data._dbs[2].write_options.disable_wal is True
     assert [(m["topic"], m["key"], m["value"], m["partition"]) for m in produced] == [
         ("p-cdp.state.t-changelog", b"k", b"v1", 2), ("p-cdp.state.t-changelog", b"k", None, 2)]
 
