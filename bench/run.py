@@ -622,7 +622,7 @@ def plot(result: dict[str, Any], timeline: list[dict[str, Any]], path: Path) -> 
         ax.text(s["t_start"] - t0, ax.get_ylim()[1] * 0.9 if ax.get_ylim()[1] > 1 else 1, str(s["label"]), fontsize=7)
     ax.set_xlabel("seconds since start")
     ax.set_ylabel("lag (messages)")
-    ax.set_title("Consumer lag of the worker group (committed vs end offsets)")
+    ax.set_title("Consumer lag of the worker groups: ingest, stages (committed vs end offsets)")
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
