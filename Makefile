@@ -42,6 +42,7 @@ lint: venv
 	$(BIN)/mypy pipeline
 
 bench: kafka-jars
+	$(BIN)/pip install -q -e ".[dev,bench]"
 	$(BIN)/python -m bench.run
 
 clean:
