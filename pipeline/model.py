@@ -1,7 +1,7 @@
 """Core data model shared by every area: identities, ingested records, profile state, memberships.
 
 Messages are frozen dataclasses. `ProfileState` is the mutable value of the profile table; it is
-serialised by `pipeline.state.codec` and only ever mutated inside the profile agent's event context.
+serialised by `pipeline.state.codec` and only ever mutated by the profile stage, one batch at a time on the worker's event loop.
 """
 
 from __future__ import annotations

@@ -150,6 +150,10 @@ class _Epoch:
         return cb
 
 
+# Every agent and the ingest loop take up to BATCH_MAX messages at a time (waiting at most BATCH_WITHIN_S
+# for a batch to fill): per-batch costs (a local-delivery block, counters, one write per profile) amortise.
+BATCH_MAX = 500
+BATCH_WITHIN_S = 0.01
 LocalItem = tuple[int, bytes, Any]  # (partition, key, decoded message): one message handled in-process
 LocalHandler = Callable[[list[LocalItem]], None]
 MAX_LOCAL_ROUNDS = 64  # hops are bounded (identities per record, forwards go to older ids); this is a backstop
@@ -201,11 +205,6 @@ class Runtime:
         data = self.registry[targets[0][0]].codec.encode(value)
         for logical, key in targets:
             self.output.produce(self.registry.name(logical), key.encode(), data)
-
-    async def emit(self, send: Send, headers: dict[str, bytes] | None = None,
-                   partition: int | None = None) -> None:
-        """`send` for coroutines."""
-        self.send(send, headers, partition)
 
     @contextlib.contextmanager
     def local_delivery(self) -> Iterator[None]:

@@ -6,10 +6,7 @@ from typing import Any
 
 from pipeline.identity.stitch import IDENTITY_TOPIC, handle_identity
 from pipeline.observability import metrics
-from pipeline.runtime import LocalItem, Runtime
-
-BATCH_MAX = 500
-BATCH_WITHIN_S = 0.01
+from pipeline.runtime import BATCH_MAX, BATCH_WITHIN_S, LocalItem, Runtime
 
 
 def register(rt: Runtime) -> None:

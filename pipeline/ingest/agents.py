@@ -11,7 +11,7 @@ from pipeline.identity.stitch import Send, fast_apply, start_resolve
 from pipeline.ingest.decode import Decoder, Rejected, Skipped
 from pipeline.ingest.wire import record_to_wire, wire_identity_keys
 from pipeline.observability import metrics
-from pipeline.runtime import Runtime
+from pipeline.runtime import BATCH_MAX, Runtime
 from pipeline.serde.avro import AvroCodec
 
 log = logging.getLogger(__name__)
@@ -23,7 +23,6 @@ def dlq_headers(reason: str, detail: str, topic: str, partition: int, offset: in
 
 
 INGEST_TOPICS = (("ingest.events", "event"), ("ingest.profiles", "profile"))
-BATCH_MAX = 500
 COMMIT_INTERVAL_S = 1.0
 IDLE_SLEEP_S = 0.005
 

@@ -1,5 +1,6 @@
 """Profile agent: applies pipeline.profiles.ops to messages keyed by profile id, emits memberships,
-and fires time-driven re-evaluations (deadlines) through the same topic so writes stay in event context."""
+and fires time-driven re-evaluations (deadlines) through the same topic, so they run in order with the
+profile's other messages."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from pipeline.identity.stitch import PROFILE_TOPIC, Send
 from pipeline.model import ProfileState
 from pipeline.observability import metrics
 from pipeline.profiles.ops import MEMBERSHIP_STATE_TOPIC, MEMBERSHIP_TOPIC, OpResult
-from pipeline.runtime import LocalItem, Runtime
+from pipeline.runtime import BATCH_MAX, BATCH_WITHIN_S, LocalItem, Runtime
 from pipeline.segments import SegmentEngine, load_segments
 from pipeline.segments.batch import batch_request, new_run_id
 from pipeline.state.codec import Forward, decode_profile_entry, encode_forward, encode_profile
@@ -27,8 +28,6 @@ from pipeline.state.tables import PartitionedTable
 log = logging.getLogger(__name__)
 
 # Batching amortises Faust's per-message cost and writes a profile once per batch, not once per message.
-BATCH_MAX = 500
-BATCH_WITHIN_S = 0.01
 
 
 class Deadlines:
@@ -174,7 +173,7 @@ def register(rt: Runtime) -> None:
         run = new_run_id("scheduled")
         log.info("scheduled batch run %s: requesting every partition", run)
         for part in range(rt.registry[PROFILE_TOPIC].partitions):
-            await rt.emit(Send(PROFILE_TOPIC, run, batch_request(run, [], 0)), partition=part)
+            rt.send(Send(PROFILE_TOPIC, run, batch_request(run, [], 0)), partition=part)
 
     ops_topic = rt.registry.name(PROFILE_TOPIC)
     checked: set[int] = set()
@@ -205,13 +204,13 @@ def register(rt: Runtime) -> None:
     @rt.app.timer(0.5)
     async def fire_deadlines() -> None:
         # each newly assigned partition checks the audience definitions once (through its own stream,
-        # so the evaluation and its table writes happen in that partition's event context)
+        # so it runs in order with that partition's other messages)
         for tp in rt.app.assignor.assigned_actives():
             if tp.topic == ops_topic and tp.partition not in checked:
                 checked.add(tp.partition)
-                await rt.emit(Send(PROFILE_TOPIC, "defs-check", {"op": "defs-check"}), partition=tp.partition)
+                rt.send(Send(PROFILE_TOPIC, "defs-check", {"op": "defs-check"}), partition=tp.partition)
         for pid in deadlines.due(rt.now_ms()):
-            await rt.emit(Send(PROFILE_TOPIC, pid, {"op": "tick", "pid": pid}))
+            rt.send(Send(PROFILE_TOPIC, pid, {"op": "tick", "pid": pid}))
 
 
 META_PREFIX = b"__"  # faust's offset keys and our per-partition metadata; never profiles
@@ -260,10 +259,10 @@ async def _walk_partition(rt: Runtime, table: PartitionedTable, partition: int, 
                 publish(res)
                 done += 1
         if i % 2000 == 1999:
-            await rt.emit(Send("control.segments", run, {"op": "progress", "run": run, "partition": partition,
+            rt.send(Send("control.segments", run, {"op": "progress", "run": run, "partition": partition,
                                                          "seen": i + 1, "total": total, "final": False}))
             await asyncio.sleep(0)
-    await rt.emit(Send("control.segments", run, {
+    rt.send(Send("control.segments", run, {
         "op": "progress", "run": run, "partition": partition, "seen": total, "total": total,
         "evaluated": done, "changes": changes, "final": True, "seconds": round(time.monotonic() - started, 3),
         "started_ms": started_ms}))
@@ -289,7 +288,7 @@ async def _batch(rt: Runtime, table: PartitionedTable, partition: int, msg: dict
 
 
 async def _definitions_check(rt: Runtime, table: PartitionedTable, partition: int, publish: Any, deadlines: Deadlines) -> None:
-    """Runs when a partition is assigned (and after a hot reload), in that partition's event context:
+    """Runs when a partition is assigned (and after a hot reload), in order with that partition's messages:
     0. restore the partition's pending deadlines;
     1. diff the stored fingerprints with the loaded definitions; 2. evaluate new/edited audiences over the
     partition's profiles and exit members of removed ones; 3. store the new fingerprints."""

@@ -1,8 +1,8 @@
 """Batch runs: the request fanned out to every profile-ops partition, and finding the last completed run.
 
 A run is one `batch` message per partition (explicit partition), so each partition's owner evaluates its
-own profiles in its event context and reports progress on `control.segments`. An incremental run only
-evaluates profiles changed since the start of the last run that completed on every partition.
+own profiles in order with its other messages and reports progress on `control.segments`. An incremental
+run only evaluates profiles changed since the start of the last run that completed on every partition.
 """
 
 from __future__ import annotations
