@@ -61,7 +61,8 @@ def build_app(settings: Settings, config: PipelineConfig | None = None,
             app.sensors.remove(app.monitor)
 
     changelogs = ChangelogRouter(rt.output.produce)
-    _flush_output_before_commit(app, rt.output, changelogs)
+    rt.output.on_flushed.append(changelogs.persist_offsets)
+    _flush_output_before_commit(app, rt.output)
     for logical, table in (("state.identity-changelog", "identity"), ("state.profiles-changelog", "profiles")):
         spec = registry[logical]
         rt.tables[table] = app.Table(
@@ -108,17 +109,16 @@ def shorten_fetch_wait(ms: int = FETCH_MAX_WAIT_MS) -> None:
     cls._cdp_fetch_wait = ms  # type: ignore[attr-defined]
 
 
-def _flush_output_before_commit(app: faust.App, output: OutputProducer, changelogs: ChangelogRouter) -> None:
+def _flush_output_before_commit(app: faust.App, output: OutputProducer) -> None:
     """Faust awaits `app.producer.flush()` before committing consumed offsets; chain ours into it:
-    1. Faust's own producer; 2. the output producer (agent output and table changelogs); 3. record the
-    acknowledged changelog offsets in the stores."""
+    1. Faust's own producer; 2. the output producer (agent output and table changelogs; its `on_flushed`
+    records the acknowledged changelog offsets in the stores)."""
     producer = app.producer
     faust_flush = producer.flush
 
     async def flush() -> None:
         await faust_flush()
         await output.flush()
-        changelogs.persist_offsets()
 
     producer.flush = flush  # type: ignore[method-assign]
 

@@ -1,4 +1,4 @@
-"""The worker's runtime context: the Faust app, its topics and tables, processors, and the one `emit` path."""
+"""The worker's runtime context: the Faust app, its topics and tables, processors, and the one `send` path."""
 
 from __future__ import annotations
 
@@ -54,6 +54,8 @@ class OutputProducer:
         self.produced = 0
         self._epoch = _Epoch(self._errors)  # messages produced since the last flush began
         self._open: list[_Epoch] = [self._epoch]  # epochs that may still have unacknowledged messages
+        # called after each successful `flush`, whoever asked for it (commits of Faust and of the ingest loop)
+        self.on_flushed: list[Callable[[], None]] = []
 
     def produce(self, topic: str, key: bytes, value: bytes | None, headers: dict[str, bytes] | None = None,
                 partition: int | None = None, on_delivery: Any = None) -> None:
@@ -90,6 +92,10 @@ class OutputProducer:
         self._open = [e for e in waiting if e.pending > 0] + [self._epoch]
         return waiting
 
+    @staticmethod
+    def _unacked(waiting: list[_Epoch]) -> int:
+        return sum(e.pending for e in waiting)
+
     def _raise_errors(self) -> None:
         if self._errors:
             errors = list(self._errors)
@@ -104,22 +110,24 @@ class OutputProducer:
         waiting = self._begin_wait()
         deadline = time.monotonic() + timeout_s
         self._p.poll(0)
-        while any(e.pending for e in waiting):
+        while self._unacked(waiting):
             if time.monotonic() > deadline:
-                raise PipelineError(f"output producer: {sum(e.pending for e in waiting)} messages not "
+                raise PipelineError(f"output producer: {self._unacked(waiting)} messages not "
                                     f"acknowledged in {timeout_s}s")
             await asyncio.sleep(0.002)
             self._p.poll(0)
         self._raise_errors()
+        for callback in self.on_flushed:
+            callback()
 
     def flush_blocking(self, timeout_s: float = 30.0) -> None:
-        """`flush` for shutdown paths that cannot await."""
+        """`flush` for shutdown paths that cannot await (without `on_flushed`: the stores may be closing)."""
         waiting = self._begin_wait()
         deadline = time.monotonic() + timeout_s
-        while any(e.pending for e in waiting) and time.monotonic() < deadline:
+        while self._unacked(waiting) and time.monotonic() < deadline:
             self._p.poll(0.01)
-        if any(e.pending for e in waiting):
-            raise PipelineError(f"output producer: {sum(e.pending for e in waiting)} messages not acknowledged")
+        if self._unacked(waiting):
+            raise PipelineError(f"output producer: {self._unacked(waiting)} messages not acknowledged")
         self._raise_errors()
 
 
@@ -236,8 +244,10 @@ class Runtime:
                     self.tally.add(metrics.LOCAL_DELIVERIES, topic, n=len(items))
                     self.local_handlers[topic][1](items)
             leftover, self._local = self._local, None
+            if leftover:
+                log.warning("local delivery: still sending after %d rounds; producing %d messages",
+                            MAX_LOCAL_ROUNDS, len(leftover))
             for topic, (p, key, value) in leftover:
-                log.warning("local delivery: still sending after %d rounds; producing to %s", MAX_LOCAL_ROUNDS, topic)
                 self.send(Send(topic, key.decode(), value), partition=p)
         finally:
             self._local = None

@@ -107,8 +107,10 @@ def test_a_cycle_of_local_messages_is_cut_after_the_round_limit_and_produced() -
 
 @pytest.mark.integration
 def test_flush_waits_for_earlier_messages_only(kafka_bootstrap: str, registry: TopicRegistry) -> None:
-    # Given an output producer with 5,000 messages in flight
+    # Given an output producer with 5,000 messages in flight, and a callback for completed flushes
     producer = OutputProducer(kafka_bootstrap)
+    flushed: list[int] = []
+    producer.on_flushed.append(lambda: flushed.append(producer.acknowledged))
     topic = registry.name("ingest.dlq")
     for i in range(5000):
         producer.produce(topic, str(i).encode(), b"x" * 100)
@@ -137,6 +139,7 @@ def test_flush_waits_for_earlier_messages_only(kafka_bootstrap: str, registry: T
     took, more = asyncio.run(scenario())
     # Then it returned once the first 5,000 were acknowledged, although later messages were still queued
     assert producer.acknowledged >= target
+    assert len(flushed) == 1 and flushed[0] >= target  # ran once, after the acknowledgements
     assert more > 0
     assert took < 30
     producer._p.flush(10)

@@ -116,7 +116,9 @@ class ChangelogRouter:
         table.send_changelog = send_changelog
 
     def persist_offsets(self) -> None:
-        """Called after the producer is flushed: store the acknowledged offsets (open partitions only)."""
+        """Called after each flush of the producer (`OutputProducer.on_flushed`), by whichever commit asked
+        for it: store the acknowledged offsets (open partitions only). With one worker the stage topics are
+        nearly idle and Faust seldom commits, so the ingest loop's flushes are the ones that count."""
         acked, self._acked = self._acked, {}
         for (table, partition), offset in acked.items():
             store = table.data
