@@ -54,6 +54,9 @@ def test_events_and_records_become_membership_changes(registry, kafka_bootstrap,
     produce(registry, kafka_bootstrap, "ingest.profiles", [{
         "recordId": "r1", "timestamp": now - 5000, "dataset": "crm", "crmId": "C-1",
         "email": " Ana@Example.COM ", "loyalty": {"tier": "gold", "points": 10}}])
+    # (two topics have no order between them: the events come once the CRM record is applied)
+    memberships.wait_for(lambda ms: any(m["value"]["audience_id"] == "gold" for m in ms), timeout_s=60,
+                         what="the CRM record's gold membership")
     produce(registry, kafka_bootstrap, "ingest.events", [
         event("e1", now - 4000, "productView", {"ECID": "cookie-1"},
               product={"sku": "S1", "name": "runner", "category": "shoes", "price": 99.0}),
