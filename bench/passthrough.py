@@ -19,7 +19,7 @@ import time
 from confluent_kafka import Consumer, TopicPartition
 
 from pipeline.errors import SerdeError
-from pipeline.ingest.agents import BATCH_MAX, COMMIT_INTERVAL_S, IDLE_SLEEP_S
+from pipeline.ingest.agents import BATCH_MAX, COMMIT_INTERVAL_S, IDLE_SLEEP_S, consumer_config
 from pipeline.runtime import OutputProducer
 from pipeline.topics import TopicRegistry
 
@@ -30,9 +30,7 @@ async def main() -> None:
     n_total = int(os.environ.get("BENCH_N", "50000"))
     result = os.environ.get("BENCH_RESULT", "/tmp/passthrough.json")
     out_topic = os.environ.get("BENCH_OUT", "bench.out")
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": os.environ.get("BENCH_APP_ID", "bench-pt"),
-                         "enable.auto.commit": False, "auto.offset.reset": "earliest", "fetch.wait.max.ms": 50,
-                         "partition.assignment.strategy": "cooperative-sticky"})
+    consumer = Consumer(consumer_config(bootstrap, os.environ.get("BENCH_APP_ID", "bench-pt"), "bench-passthrough"))
     consumer.subscribe([os.environ.get("BENCH_IN", "bench.in")])
     output = OutputProducer(bootstrap)
     n, errors, first, t10 = 0, 0, 0.0, 0.0

@@ -70,6 +70,9 @@ def parse_metrics(text: str) -> dict[str, float]:
         if name == "cdp_membership_changes_total":
             ev = re.search(r'evaluation="([^"]+)"', labels)
             out[f"membership:{ev.group(1) if ev else '?'}"] += val
+        if name in ("cdp_gc_pause_seconds_sum", "cdp_gc_pause_seconds_count"):
+            gen = re.search(r'generation="([^"]+)"', labels)
+            out[f"gc_{name.rsplit('_', 1)[1]}:{gen.group(1) if gen else '?'}"] += val
     return dict(out)
 
 
@@ -408,6 +411,9 @@ def run_step(ctx: dict[str, Any], sampler: Sampler, rate: int, seconds: float, l
         "incl_drain": {"accepted": d(m0, m2, "cdp_records_ingested_total"),
                        "dead_lettered": d(m0, m2, "cdp_records_dead_lettered_total"),
                        "profile_apply": d(m0, m2, "profile_op:apply"), "seconds": round(t2 - t0, 2)},
+        # share of the window the workers' event loops stood still in the garbage collector, per generation
+        "gc_pct": {g: round(100 * d(m0, m1, f"gc_sum:{g}") / window / max(1, len(ctx["ports"])), 2) for g in "012"},
+        "gc_full_collections": d(m0, m1, "gc_count:2"),
         "lag_max": max((total_lag(s) for s in samples), default=0),
         "lag_max_by_topic": {lg: max((s["lag"].get(lg, 0) for s in samples if isinstance(s.get("lag"), dict)),
                                      default=0) for lg in LAG_TOPICS},
@@ -431,7 +437,8 @@ def run_step(ctx: dict[str, Any], sampler: Sampler, rate: int, seconds: float, l
         f"over step+drain: ingested {step['throughput_per_s']:,.0f}/s, completed {step['completed_per_s']:,.0f}/s; "
         f"in the offer window: ingested {step['ingested_per_s']:,.0f}/s, profile apply {step['profile_apply_per_s']:,.0f}/s, "
         f"memberships {step['memberships_per_s']:,.0f}/s, max lag {step['lag_max']:,}, "
-        f"{'drained' if drained else 'NOT drained'} after {t2 - t1:.0f}s; sustained={step['sustained']}")
+        f"{'drained' if drained else 'NOT drained'} after {t2 - t1:.0f}s; sustained={step['sustained']}; "
+        f"gc pauses {sum(step['gc_pct'].values()):.1f}% of the time ({step['gc_full_collections']:.0f} full)")
     return step
 
 

@@ -9,7 +9,7 @@ from typing import Any
 import faust
 
 from pipeline.profiles.ops import ProfileProcessor
-from pipeline.runtime import ROCKSDB_OPTIONS, OutputProducer, Runtime
+from pipeline.runtime import ROCKSDB_OPTIONS, TABLE_CACHE, OutputProducer, Runtime
 from pipeline.segments import SegmentEngine
 from pipeline.settings import PipelineConfig, Settings
 from pipeline.state.tables import ChangelogRouter, PartitionedTable
@@ -71,7 +71,7 @@ def build_app(settings: Settings, config: PipelineConfig | None = None,
             changelog_topic=app.topic(spec.name, key_type=bytes, value_type=bytes, key_serializer="raw",
                                       value_serializer="raw", partitions=spec.partitions, internal=False))
         changelogs.route(rt.tables[table])
-        rt.ptables[table] = PartitionedTable(rt.tables[table], spec.partitions)
+        rt.ptables[table] = PartitionedTable(rt.tables[table], spec.partitions, cache_size=TABLE_CACHE[table])
 
     from pipeline.api import routes as api_routes
     from pipeline.identity import agents as identity_agents

@@ -26,10 +26,14 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     import uvloop
 
     from pipeline.app import build_app, init_group_offsets
+    from pipeline.observability.metrics import watch_gc
+    from pipeline.runtime import tune_gc
 
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())  # the worker's loop is created after this
     config = PipelineConfig.load(settings.config_dir)  # a bad config stops here, before any connection
     rt = build_app(settings, config)
+    watch_gc()
+    tune_gc()
     init_group_offsets(settings, rt.registry)
     logging.getLogger(__name__).info("worker %s: %d audiences, config %s", settings.worker_name,
                                      len(config.audiences), settings.config_dir)

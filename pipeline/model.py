@@ -17,7 +17,7 @@ MembershipStatus = Literal["realized", "existing", "exited"]
 EvaluationKind = Literal["streaming", "batch", "edge", "deadline", "merge", "definition"]
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True, order=True, slots=True)
 class Identity:
     """One identity value in a namespace (already normalised when it leaves ingest)."""
 
@@ -35,7 +35,7 @@ class Identity:
         return cls(ns, value)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ExperienceEvent:
     """An online or offline behavioural event (page view, product view, order...), already decoded."""
 
@@ -48,7 +48,7 @@ class ExperienceEvent:
     fields: dict[str, Scalar] = field(default_factory=dict)  # flattened payload
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ProfileRecord:
     """An attribute upsert from an offline source (CRM, loyalty, orders), already decoded."""
 
@@ -63,7 +63,7 @@ class ProfileRecord:
 IngestRecord = ExperienceEvent | ProfileRecord
 
 
-@dataclass
+@dataclass(slots=True)
 class AttributeValue:
     """A profile attribute with its provenance, which the merge policy uses."""
 
@@ -72,7 +72,7 @@ class AttributeValue:
     ts_ms: int
 
 
-@dataclass
+@dataclass(slots=True)
 class StoredEvent:
     """An event as kept in the bounded per-profile history."""
 
@@ -83,7 +83,7 @@ class StoredEvent:
     fields: dict[str, Scalar]
 
 
-@dataclass
+@dataclass(slots=True)
 class Membership:
     """A profile's membership in one audience."""
 
@@ -95,7 +95,7 @@ class Membership:
     changed_ms: int
 
 
-@dataclass
+@dataclass(slots=True)
 class ProfileState:
     """The unified profile: identities, attributes, bounded event history and memberships."""
 
@@ -119,7 +119,7 @@ class ProfileState:
         return {a for a, m in self.memberships.items() if m.status != "exited"}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class MembershipChange:
     """A profile entered or left an audience: the message on activation.memberships."""
 

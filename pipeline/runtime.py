@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -31,6 +32,26 @@ ROCKSDB_OPTIONS = {
     "target_file_size_base": 32 * 1024 * 1024,
 }
 
+# Keys kept in memory in front of each table's RocksDB (`PartitionedTable`): an identity entry costs ~250
+# bytes; a profile entry shares its bytes with the decoded-profile cache, which keeps as many profiles.
+TABLE_CACHE = {"identity": 200_000, "profiles": 20_000}
+
+# The cyclic GC: a full collection walks every tracked object, and the decoded-profile cache holds about a
+# million of them, so a full pass stops the worker for ~250 ms. With CPython's defaults (700, 10, 10) one runs
+# each time a quarter of the cache has been replaced, every few seconds under load (measured: 4.4 % of the time
+# in full collections at 1,500 events/s). Profiles are acyclic (an evicted one is freed by its reference
+# count), so rarer collections cost little memory: young ones every 20,000 allocations, full ones after
+# 100 middle ones, at most.
+GC_THRESHOLDS = (20_000, 20, 100)
+
+
+def tune_gc() -> None:
+    """Called once the worker is built: 1. move everything allocated so far (modules, the app, config) out of
+    the collector's sight (`gc.freeze`), it lives as long as the process; 2. raise the thresholds."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +66,11 @@ class OutputProducer:
     """
 
     def __init__(self, bootstrap: str) -> None:
+        # linger 20 ms: fewer, larger produce requests (the broker's cost is per request more than per
+        # message), for at most 20 ms more latency on a path whose budget is a second
         self._p = Producer({
             "bootstrap.servers": bootstrap, "partitioner": "murmur2_random", "acks": "all",
-            "enable.idempotence": True, "linger.ms": 5, "compression.type": "lz4",
+            "enable.idempotence": True, "linger.ms": 20, "compression.type": "lz4",
             "queue.buffering.max.messages": 200_000, "batch.num.messages": 10_000,
         })
         self._errors: list[KafkaError] = []

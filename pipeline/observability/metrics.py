@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import time
 from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -26,6 +28,8 @@ DESTINATION_DELIVERIES = Counter("cdp_destination_deliveries_total", "Payloads d
 DESTINATION_FAILURES = Counter("cdp_destination_failures_total", "Failed delivery attempts",
                                ["destination", "reason"])
 DESTINATION_SKIPS = Counter("cdp_destination_skips_total", "Payloads skipped by mapping", ["destination", "reason"])
+GC_PAUSE_SECONDS = Histogram("cdp_gc_pause_seconds", "Python garbage-collector pauses (the event loop stops)",
+                             ["generation"], buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2))
 
 
 _children: dict[tuple[int, tuple[str, ...]], Any] = {}
@@ -55,3 +59,22 @@ class Tally:
         pending, self._n = self._n, {}
         for (metric, labels), n in pending.items():
             child(metric, *labels).inc(n)
+
+
+
+_gc_started = [0.0]
+_gc_pauses = [GC_PAUSE_SECONDS.labels(str(g)) for g in range(3)]
+
+
+def _on_gc(phase: str, info: dict[str, int]) -> None:
+    if phase == "start":
+        _gc_started[0] = time.perf_counter()
+    else:
+        _gc_pauses[info["generation"]].observe(time.perf_counter() - _gc_started[0])
+
+
+def watch_gc() -> None:
+    """Time every collection of the cyclic garbage collector (`GC_PAUSE_SECONDS`): a full collection walks
+    every live container object, so its pauses grow with the decoded-profile cache. Idempotent."""
+    if _on_gc not in gc.callbacks:
+        gc.callbacks.append(_on_gc)

@@ -19,7 +19,7 @@ from pipeline.identity.stitch import PROFILE_TOPIC, Send
 from pipeline.model import ProfileState
 from pipeline.observability import metrics
 from pipeline.profiles.ops import MEMBERSHIP_STATE_TOPIC, MEMBERSHIP_TOPIC, OpResult
-from pipeline.runtime import BATCH_MAX, BATCH_WITHIN_S, LocalItem, Runtime
+from pipeline.runtime import BATCH_MAX, BATCH_WITHIN_S, TABLE_CACHE, LocalItem, Runtime
 from pipeline.segments import SegmentEngine, load_segments
 from pipeline.segments.batch import batch_request, new_run_id
 from pipeline.state.codec import Forward, decode_profile_entry, encode_forward, encode_profile
@@ -84,7 +84,7 @@ class DecodedCache:
 
 def register(rt: Runtime) -> None:
     table = rt.ptables["profiles"]
-    cache = DecodedCache()
+    cache = DecodedCache(TABLE_CACHE["profiles"])
     codec = rt.registry[PROFILE_TOPIC].codec
     deadlines = Deadlines()
 

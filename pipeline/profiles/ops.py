@@ -35,6 +35,7 @@ from pipeline.profiles.merge import (
     unique_conflicts,
 )
 from pipeline.segments import Decision, SegmentEngine, apply_decisions, exit_all
+from pipeline.segments.membership import grouped_identities
 from pipeline.state.codec import Forward, decode_profile, encode_profile
 
 log = logging.getLogger(__name__)
@@ -57,10 +58,6 @@ class OpResult:
 
     def count(self, name: str, n: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + n
-
-
-def grouped_identities(p: ProfileState) -> dict[str, list[str]]:
-    return {ns: sorted(ids) for ns, ids in sorted(p.identities.items())}
 
 
 def unique_ids(p: ProfileState, cfg: ProfileConfig) -> dict[str, str]:
@@ -121,6 +118,7 @@ class ProfileProcessor:
             return res
         if no_merge:  # only what this profile owns (or claimed for it)
             identities = [i for i in identities if owners.get(i.key) == msg["to"]]
+            rec = _with_identities(rec, identities)
         else:
             conflicts = unique_conflicts(profile, identities, self.config)
             if conflicts:
@@ -132,7 +130,6 @@ class ProfileProcessor:
                 res.count("links_refused")
                 res.sends.append(Send(PROFILE_TOPIC, other, {**msg, "pid": other, "to": other, "nm": True}))
                 return res
-        rec = _with_identities(rec, identities)
         summary = (apply_event(profile, rec, self.config) if isinstance(rec, ExperienceEvent)
                    else apply_record(profile, rec, self.config))
         if summary.duplicate:
@@ -290,7 +287,7 @@ class ProfileProcessor:
                 decisions = [d if d.cause_event_id or not d.qualified else _with_cause(d, cause)
                              for d in decisions]
             changes = apply_decisions(profile, decisions, self.engine, now_ms=now, event_time_ms=event_time,
-                                      kind=kind, identities=grouped_identities(profile))
+                                      kind=kind)
             res.changes.extend(changes)
             deadline = self.engine.next_deadline(decisions)
             current = profile.next_deadline_ms

@@ -31,11 +31,9 @@ def _kind(kind: str) -> EvaluationKind:
     return cast(EvaluationKind, kind)
 
 
-def _identities(profile: ProfileState) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
-    for ident in profile.identity_list():
-        out.setdefault(ident.namespace, []).append(ident.id)
-    return out
+def grouped_identities(profile: ProfileState) -> dict[str, list[str]]:
+    """The profile's identities as messages carry them: namespaces in order, each with its ids sorted."""
+    return {ns: sorted(ids) for ns, ids in sorted(profile.identities.items())}
 
 
 def _carried(profile: ProfileState, attributes: Sequence[str]) -> dict[str, Scalar]:
@@ -89,7 +87,7 @@ def apply_decisions(profile: ProfileState, decisions: Sequence[Decision], engine
             audience_id=d.audience_id, status=status, since_ms=event_time_ms, version=audience.version,
             reason=d.reason, changed_ms=now_ms)
         if idents is None:
-            idents = _identities(profile)
+            idents = grouped_identities(profile)
         out.append(_change(profile, d.audience_id, audience.version, status, previous, event_time_ms,
                            audience.attributes, idents, d.reason, d.cause_event_id if d.qualified else None,
                            ek, event_time_ms, now_ms))
@@ -100,7 +98,7 @@ def exit_all(profile: ProfileState, engine: SegmentEngine, *, now_ms: int, kind:
              reason: str) -> list[MembershipChange]:
     """Exit every active membership (the profile was merged away, or its audiences were removed)."""
     ek = _kind(kind)
-    idents = _identities(profile)
+    idents = grouped_identities(profile)
     out: list[MembershipChange] = []
     for aid, m in sorted(profile.memberships.items()):
         if m.status == "exited":

@@ -11,13 +11,43 @@ Every changelog write of a table, whichever API made it, goes through the worker
 
 from __future__ import annotations
 
+import collections
 import functools
+import struct
 from collections.abc import Callable
 from typing import Any
 
-from aiokafka.partitioner import murmur2
 from faust.types import TP
 from rocksdict import WriteOptions
+
+_M = 0x5BD1E995
+_MASK = 0xFFFFFFFF
+
+
+@functools.lru_cache(maxsize=64)
+def _words(n: int) -> Callable[[bytes], tuple[int, ...]]:
+    return struct.Struct(f"<{n}I").unpack_from
+
+
+def murmur2(data: bytes) -> int:
+    """Kafka's murmur2 (Java `Utils.murmur2`, seed 0x9747b28c): the 4-byte words are unpacked in one call,
+    about 3x faster than a byte-by-byte loop (new profile ids and identities miss the cache below)."""
+    length = len(data)
+    h = 0x9747B28C ^ length
+    for k in _words(length >> 2)(data):
+        k = (k * _M) & _MASK
+        k = ((k ^ (k >> 24)) * _M) & _MASK
+        h = ((h * _M) & _MASK) ^ k
+    tail = length & 3
+    if tail:
+        base = length & ~3
+        if tail == 3:
+            h ^= data[base + 2] << 16
+        if tail >= 2:
+            h ^= data[base + 1] << 8
+        h = ((h ^ data[base]) * _M) & _MASK
+    h = ((h ^ (h >> 13)) * _M) & _MASK
+    return h ^ (h >> 15)
 
 
 @functools.lru_cache(maxsize=262_144)
@@ -26,17 +56,30 @@ def partition_for(key: bytes, partitions: int) -> int:
     return (murmur2(key) & 0x7FFFFFFF) % partitions
 
 
+_ABSENT = object()  # a cache miss (None is a cached "no such key")
+
+
 class PartitionedTable:
     """One Faust table addressed by explicit partition. Reads and writes go straight to the partition's
-    RocksDB store; writes also send the changelog record (the same record Faust would send)."""
+    RocksDB store; writes also send the changelog record (the same record Faust would send).
 
-    def __init__(self, table: Any, partitions: int) -> None:
+    Reads are cached in memory (`cache_size` keys, oldest dropped first): a RocksDB point read costs ~7 us
+    and an event reads 3-5 keys. The cache is write-through and holds only what this worker read or wrote
+    while it held the partition, so it is dropped whenever that can stop being true: at each new assignment,
+    and whenever the app is rebalancing or recovering tables (recovery writes the stores directly)."""
+
+    def __init__(self, table: Any, partitions: int, cache_size: int = 0) -> None:
         self.table = table
         self.partitions = partitions
         self.changelog = table.changelog_topic.get_topic_name()
         self._assignment: Any = None
         self._active: frozenset[int] = frozenset()
         self._unlogged: dict[int, Any] = {}
+        self.cache_size = cache_size
+        self._cache: collections.OrderedDict[tuple[int, bytes], bytes | None] = collections.OrderedDict()
+        self._cache_assignment: Any = None
+        self._assignor: Any = None
+        self._recovered: Any = None
 
     def partition(self, key: bytes) -> int:
         return partition_for(key, self.partitions)
@@ -49,6 +92,27 @@ class PartitionedTable:
             self._active = frozenset(tp.partition for tp in assignor.assigned_actives()
                                      if tp.topic == self.changelog)
         return self._active
+
+    def _cache_valid(self) -> bool:
+        """Whether cached values can be trusted now; drops them when not, or when the assignment changed."""
+        if not self.cache_size:
+            return False
+        app = self.table.app
+        if self._recovered is None:  # the app's objects, looked up once: this runs on every read
+            self._assignor, self._recovered = app.assignor, app.tables.recovery.completed
+        if app.rebalancing or not self._recovered.is_set():
+            self._cache.clear()
+            return False
+        if self._assignor._assignment is not self._cache_assignment:
+            self._cache.clear()
+            self._cache_assignment = self._assignor._assignment
+        return True
+
+    def _remember(self, slot: tuple[int, bytes], value: bytes | None) -> None:
+        cache = self._cache
+        cache[slot] = value
+        if len(cache) > self.cache_size:
+            cache.popitem(last=False)
 
     def _db(self, partition: int) -> Any:
         """The partition's RocksDB, writing without a write-ahead log (as Kafka Streams does): the changelog
@@ -63,20 +127,35 @@ class PartitionedTable:
         return db
 
     def get(self, partition: int, key: bytes) -> bytes | None:
-        value: bytes | None = self._db(partition).get(key)
-        return value
+        if not self._cache_valid():
+            uncached: bytes | None = self._db(partition).get(key)
+            return uncached
+        slot = (partition, key)
+        value = self._cache.get(slot, _ABSENT)
+        if value is _ABSENT:
+            value = self._db(partition).get(key)
+            self._remember(slot, value)  # type: ignore[arg-type]
+        return value  # type: ignore[return-value]
 
     def put(self, partition: int, key: bytes, value: bytes) -> None:
-        """1. write the store; 2. send the changelog record to the same partition."""
+        """1. write the store; 2. keep the cache in step; 3. send the changelog record to the same partition."""
         # (Faust's key -> partition index is a cache for reads without an event; a miss scans the partitions)
         self._db(partition).put(key, value)
+        self._written(partition, key, value)
         self.table.send_changelog(partition, key, value)
 
     def delete(self, partition: int, key: bytes) -> None:
-        """1. delete from the store; 2. send the tombstone to the same partition."""
+        """1. delete from the store; 2. keep the cache in step; 3. send the tombstone to the same partition."""
         self._db(partition).delete(key)
         self.table.data._key_index.pop(key, None)
+        self._written(partition, key, None)
         self.table.send_changelog(partition, key, None)
+
+    def _written(self, partition: int, key: bytes, value: bytes | None) -> None:
+        if self._cache_valid():
+            self._remember((partition, key), value)
+        else:
+            self._cache.pop((partition, key), None)
 
 
 Produce = Callable[..., None]

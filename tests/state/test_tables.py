@@ -3,13 +3,21 @@ per partition once acknowledged; writes go to the right store and changelog part
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.partitioner import murmur2 as reference_murmur2
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.state.tables import ChangelogRouter, PartitionedTable, partition_for
+from pipeline.state.tables import ChangelogRouter, PartitionedTable, murmur2, partition_for
+
+
+@given(st.binary(max_size=80))
+def test_murmur2_matches_the_reference_implementation(data: bytes) -> None:
+    # every length modulo 4 (the tail bytes) and the empty key
+    assert murmur2(data) == reference_murmur2(data)
 
 
 @given(st.binary(min_size=1, max_size=64), st.integers(min_value=1, max_value=64))
@@ -112,3 +120,81 @@ def test_acknowledged_changelog_offsets_are_persisted_per_open_partition_after_f
     produced[3]["on_delivery"]("broker down", FakeMsg(-1))
     router.persist_offsets()
     assert table.data.persisted == {("p-cdp.state.t-changelog", 0): 11}
+
+
+class CountingDB(FakeDB):
+    reads = 0
+
+    def get(self, key: bytes, default: Any = None) -> Any:  # type: ignore[override]
+        CountingDB.reads += 1
+        return super().get(key, default)
+
+
+class FakeRecovery:
+    def __init__(self) -> None:
+        self.completed = asyncio.Event()
+        self.completed.set()
+
+
+class FakeAssignor:
+    def __init__(self) -> None:
+        self._assignment = object()
+
+
+class FakeApp:
+    def __init__(self) -> None:
+        self.rebalancing = False
+        self.assignor = FakeAssignor()
+        self.tables = type("Tables", (), {"recovery": FakeRecovery()})()
+
+
+def make_cached(size: int = 3) -> tuple[FakeTable, PartitionedTable, FakeApp]:
+    table = FakeTable()
+    app = FakeApp()
+    table.app = app  # type: ignore[assignment]
+    table.data._dbs = {p: CountingDB() for p in range(4)}
+    table.send_changelog = lambda *a, **k: None  # type: ignore[attr-defined]
+    CountingDB.reads = 0
+    return table, PartitionedTable(table, 4, cache_size=size), app
+
+
+def test_reads_are_served_from_memory_after_a_read_or_a_write() -> None:
+    # Given a cached table with one stored key
+    table, view, _ = make_cached()
+    table.data._dbs[1][b"a"] = b"1"
+    # When the key is read twice, a missing key twice, and a written key once
+    assert [view.get(1, b"a"), view.get(1, b"a"), view.get(1, b"x"), view.get(1, b"x")] == [b"1", b"1", None, None]
+    view.put(2, b"b", b"2")
+    assert view.get(2, b"b") == b"2"
+    view.delete(2, b"b")
+    assert view.get(2, b"b") is None
+    # Then the store was read once per key never seen before, and no more
+    assert CountingDB.reads == 2
+
+
+def test_the_cache_keeps_at_most_its_size_dropping_the_oldest() -> None:
+    table, view, _ = make_cached(size=3)
+    for k in (b"a", b"b", b"c", b"d"):
+        view.put(0, k, k)
+    assert list(view._cache) == [(0, b"b"), (0, b"c"), (0, b"d")]
+    assert view.get(0, b"a") == b"a" and CountingDB.reads == 1  # dropped from memory, read from the store
+
+
+def test_the_cache_is_dropped_on_a_new_assignment_and_bypassed_while_rebalancing_or_recovering() -> None:
+    # Given a cached value, then the store changed underneath (as changelog recovery writes it)
+    table, view, app = make_cached()
+    view.put(0, b"k", b"old")
+    table.data._dbs[0][b"k"] = b"recovered"
+    assert view.get(0, b"k") == b"old"  # same assignment: the cache is trusted
+    # When the worker is rebalancing, then recovering: reads go to the store
+    app.rebalancing = True
+    assert view.get(0, b"k") == b"recovered"
+    app.rebalancing = False
+    app.tables.recovery.completed.clear()  # type: ignore[attr-defined]
+    table.data._dbs[0][b"k"] = b"recovered-2"
+    assert view.get(0, b"k") == b"recovered-2"
+    app.tables.recovery.completed.set()  # type: ignore[attr-defined]
+    # And a new assignment starts from an empty cache
+    table.data._dbs[0][b"k"] = b"after"
+    app.assignor._assignment = object()
+    assert view.get(0, b"k") == b"after"
