@@ -509,6 +509,11 @@ def _compile_sequence(n: SeqNode, label: str) -> _Fn:
 # ---- the engine ----
 
 
+class Affected(list[str]):
+    """Audience ids returned by `SegmentEngine.affected`: known ids, in evaluation order, so `evaluate`
+    need not check and sort them again (it runs on every event)."""
+
+
 class SegmentEngine:
     """Evaluates a set of audiences against profiles; audiences are compiled once at construction."""
 
@@ -526,6 +531,7 @@ class SegmentEngine:
         self._by_event: dict[str, set[str]] = {}
         self._by_attr: dict[str, set[str]] = {}
         self._dependents: dict[str, set[str]] = {}
+        self._affected_memo: dict[tuple[frozenset[str], frozenset[str], frozenset[str]], tuple[str, ...]] = {}
         for a in audiences:
             for spec in event_specs(a.ast):
                 self._by_event.setdefault(spec.event_type, set()).add(a.id)
@@ -545,14 +551,25 @@ class SegmentEngine:
                 raise UnknownNameError("audience", aid, set(self.audiences))
 
     def affected(self, *, event_types: Collection[str] = (), attributes: Collection[str] = (),
-                 segments: Collection[str] = (), all_: bool = False) -> list[str]:
+                 segments: Collection[str] = (), all_: bool = False) -> Affected:
         """Audience ids a change can affect, in evaluation order (dependencies first).
 
         Indexed by the event types and attribute paths each audience reads, plus transitively every
         audience that reads inSegment() of an affected one (or of a changed segment in `segments`).
         """
         if all_:
-            return list(self._order)
+            return Affected(self._order)
+        # Every event asks this; the combinations of event types and attributes an event changes are few.
+        memo_key = (frozenset(event_types), frozenset(attributes), frozenset(segments))
+        memo = self._affected_memo.get(memo_key)
+        if memo is None:
+            if len(self._affected_memo) >= 4096:
+                self._affected_memo.clear()
+            memo = self._affected_memo[memo_key] = tuple(self._affected(event_types, attributes, segments))
+        return Affected(memo)
+
+    def _affected(self, event_types: Collection[str], attributes: Collection[str],
+                  segments: Collection[str]) -> list[str]:
         hit: set[str] = set()
         for t in event_types:
             hit |= self._by_event.get(t, set())
@@ -575,6 +592,8 @@ class SegmentEngine:
         """
         if audience_ids is None:
             ids: Sequence[str] = self._order
+        elif isinstance(audience_ids, Affected):  # from affected(): known ids, already in evaluation order
+            ids = audience_ids
         else:
             self._check(audience_ids)
             ids = sorted(set(audience_ids), key=self._rank.__getitem__)

@@ -42,13 +42,22 @@ _CNT = tuple(b >> 1 if b < 128 and not b & 1 else None for b in range(256))  # n
 _SLEN = tuple((b >> 1) + 1 if b < 128 and not b & 1 else 0 for b in range(256))  # string size + 1
 _GAPS = tuple(-(1 << b) for b in range(7, 72, 8))  # bit 7 of each byte: where a varint's flag goes
 _FLAGS = tuple(int.from_bytes(b"\x80" * (k - 1), "little") for k in range(11))  # flags of a k-byte varint
-# Millisecond timestamps (2004 to 2039) are 6-byte varints, and in every record: the generated code writes
-# them as 14 + 14 + 7 + 7 bits looked up in these tables (0.8 MB, mostly _T14), 2.5x faster than computing.
+# Millisecond timestamps (2004 to 2039) are 6-byte varints, and in every record. The generated code writes
+# them as 14 + 14 + 7 + 7 bits looked up in these tables (0.8 MB, mostly _T14), 2.4x faster than computing,
+# and reads them with + and * on the 6 bytes (cheaper than bitwise operations), zigzag included.
 _T14 = tuple(bytes((x & 127 | 128, x >> 7 | 128)) for x in range(1 << 14))  # two groups, both flagged
 _T7 = tuple(bytes((x | 128,)) for x in range(128))  # one group, flagged
 _U7 = tuple(bytes((x,)) for x in range(128))  # the last group
 _SIX_MIN, _SIX_END = 1 << 34, 1 << 41  # the positive longs whose zigzag varint takes 6 bytes
 _FLAGS6 = 64 * sum(128**i for i in range(5))  # what the flags of a 6-byte varint add to half its value
+_READ_SIX = """\
+try: b0, b1, b2, b3, b4, b5 = _u6(buf, pos)
+except _StructError: b5 = 128  # fewer than 6 bytes left
+if b5 < 128 and b4 > 127 and b3 > 127 and b2 > 127 and b1 > 127:  # b0 > 127 is known
+    {v} = (b0 >> 1) + 64 * b1 + 8192 * b2 + 1048576 * b3 + 134217728 * b4 + 17179869184 * b5 - _FLAGS6
+    if b0 & 1: {v} = -{v} - 1
+    pos += 6
+else: {v}, pos = _rlong(buf, pos)"""
 
 
 # ---- runtime helpers called by the generated code (slow paths only; the one-byte cases are inlined) ----
@@ -86,14 +95,6 @@ def _float(v: Any) -> bytes:
 
 
 def _rlong(buf: Any, pos: int) -> tuple[int, int]:
-    try:
-        b0, b1, b2, b3, b4, b5 = _UNPACK_6B(buf, pos)
-    except struct.error:  # fewer than 6 bytes left
-        pass
-    else:  # 6 bytes (millisecond timestamps), unrolled, zigzag included: + and * cost less than bitwise ops
-        if b5 < 128 and b4 > 127 and b3 > 127 and b2 > 127 and b1 > 127 and b0 > 127:
-            m = (b0 >> 1) + 64 * b1 + 8192 * b2 + 1048576 * b3 + 134217728 * b4 + 17179869184 * b5 - _FLAGS6
-            return -m - 1 if b0 & 1 else m, pos + 6
     n = 0
     for shift in range(0, 70, 7):  # at most 10 bytes
         b = buf[pos]
@@ -750,16 +751,10 @@ class _ReaderGen:
             src.emit(ind, f"{v} = buf[pos] != 0; pos += 1")  # like fastavro: any non-zero byte is true
         elif k in ("int", "long"):
             src.emit(ind, f"{v} = _ZD[buf[pos]]")
-            if k == "long" and not self.generic:  # _rlong's 6-byte case inline: millisecond timestamps
+            if k == "long":
                 src.emit(ind, f"if {v} is None:")
-                src.emit(ind + 1, "try: b0, b1, b2, b3, b4, b5 = _u6(buf, pos)")
-                src.emit(ind + 1, "except _StructError: b5 = 128  # fewer than 6 bytes left")
-                src.emit(ind + 1, "if b5 < 128 and b4 > 127 and b3 > 127 and b2 > 127 and b1 > 127:")
-                src.emit(ind + 2, f"{v} = (b0 >> 1) + 64 * b1 + 8192 * b2 + 1048576 * b3 + 134217728 * b4"
-                                  " + 17179869184 * b5 - _FLAGS6")
-                src.emit(ind + 2, f"if b0 & 1: {v} = -{v} - 1")
-                src.emit(ind + 2, "pos += 6")
-                src.emit(ind + 1, f"else: {v}, pos = _rlong(buf, pos)")
+                for line in _READ_SIX.format(v=v).splitlines():
+                    src.emit(ind + 1, line)
             else:
                 src.emit(ind, f"if {v} is None: {v}, pos = _rlong(buf, pos)")
             src.emit(ind, "else: pos += 1")
