@@ -247,7 +247,7 @@ async def _walk_partition(rt: Runtime, table: PartitionedTable, partition: int, 
     total, done, changes = len(keys), 0, 0
     started = time.monotonic()
     for i, key in enumerate(keys):
-        raw = table.get(partition, key)
+        raw = table.get(partition, key, remember=False)  # a walk must not evict the streaming hot set
         entry = decode_profile_entry(raw) if raw else None
         if isinstance(entry, ProfileState):
             res = visit(key.decode(), entry)

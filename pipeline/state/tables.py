@@ -126,7 +126,9 @@ class PartitionedTable:
             self._unlogged[partition] = db
         return db
 
-    def get(self, partition: int, key: bytes) -> bytes | None:
+    def get(self, partition: int, key: bytes, remember: bool = True) -> bytes | None:
+        """The stored value. `remember=False` for scans (batch runs): a value read from the store is not
+        cached, so one walk over a partition does not push the hot keys out."""
         if not self._cache_valid():
             uncached: bytes | None = self._db(partition).get(key)
             return uncached
@@ -134,7 +136,8 @@ class PartitionedTable:
         value = self._cache.get(slot, _ABSENT)
         if value is _ABSENT:
             value = self._db(partition).get(key)
-            self._remember(slot, value)  # type: ignore[arg-type]
+            if remember:
+                self._remember(slot, value)  # type: ignore[arg-type]
         return value  # type: ignore[return-value]
 
     def put(self, partition: int, key: bytes, value: bytes) -> None:

@@ -180,6 +180,20 @@ def test_the_cache_keeps_at_most_its_size_dropping_the_oldest() -> None:
     assert view.get(0, b"a") == b"a" and CountingDB.reads == 1  # dropped from memory, read from the store
 
 
+def test_a_scan_read_is_not_remembered() -> None:
+    # Given a full cache of hot keys and a cold key in the store
+    table, view, _ = make_cached(size=2)
+    view.put(0, b"hot1", b"1")
+    view.put(0, b"hot2", b"2")
+    table.data._dbs[0][b"cold"] = b"c"
+    # When a scan reads the cold key and a hot one without remembering
+    assert view.get(0, b"cold", remember=False) == b"c"
+    assert view.get(0, b"hot1", remember=False) == b"1"
+    # Then the hot keys are still cached, and the cold one was read from the store each time
+    assert list(view._cache) == [(0, b"hot1"), (0, b"hot2")]
+    assert view.get(0, b"cold", remember=False) == b"c" and CountingDB.reads == 2
+
+
 def test_the_cache_is_dropped_on_a_new_assignment_and_bypassed_while_rebalancing_or_recovering() -> None:
     # Given a cached value, then the store changed underneath (as changelog recovery writes it)
     table, view, app = make_cached()
