@@ -143,3 +143,33 @@ def test_flush_waits_for_earlier_messages_only(kafka_bootstrap: str, registry: T
     assert more > 0
     assert took < 30
     producer._p.flush(10)
+
+
+def test_gc_policy_raises_thresholds_freezes_the_start_up_heap_and_every_pause_is_timed() -> None:
+    import gc
+
+    from pipeline.observability import metrics
+    from pipeline.runtime import GC_THRESHOLDS, tune_gc
+
+    before = gc.get_threshold()
+
+    def collections(generation: str) -> float:
+        return sum(s.value for m in metrics.GC_PAUSE_SECONDS.collect() for s in m.samples
+                   if s.name.endswith("_count") and s.labels["generation"] == generation)
+
+    try:
+        # Given the worker's GC policy and pause timing
+        metrics.watch_gc()
+        metrics.watch_gc()  # idempotent: one callback
+        tune_gc()
+        # Then the thresholds are raised and what existed at start-up is out of the collector's sight
+        assert gc.get_threshold() == GC_THRESHOLDS
+        assert gc.get_freeze_count() > 0
+        # When a full collection runs, then it is timed once, under generation 2
+        full = collections("2")
+        gc.collect()
+        assert collections("2") == full + 1
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
+        gc.callbacks.remove(metrics._on_gc)
