@@ -404,7 +404,21 @@ _HELPERS: dict[str, Any] = {
 
 # ---- writer ----
 
-class _WriterGen:
+class _NamedFns:
+    """What both generators share: one generated function per named record that is not inlined, named
+    and queued for `generate` the first time a call to it is emitted."""
+
+    fns: dict[str, str]
+    pending: list[str]
+
+    def fn_for(self, name: str, prefix: str) -> str:
+        if name not in self.fns:
+            self.fns[name] = _fn_name(prefix, len(self.fns), name)
+            self.pending.append(name)
+        return self.fns[name]
+
+
+class _WriterGen(_NamedFns):
     """Generates the encoder: `encode(d)` with the top record inline, and `w<n>_<record>(out, d)` for records
     that are recursive or used more than once, appending the encoding of `d` to list `out`.
 
@@ -479,10 +493,7 @@ class _WriterGen:
         if self.inlining and self.schemas.inline(name):
             self.record_body(name, v, ind)
             return
-        if name not in self.fns:
-            self.fns[name] = _fn_name("t" if self.trace else "w", len(self.fns), name)
-            self.pending.append(name)
-        self.open(ind, f"{self.fns[name]}(out, {v}{self.extra})")
+        self.open(ind, f"{self.fn_for(name, 't' if self.trace else 'w')}(out, {v}{self.extra})")
 
     def record_body(self, name: str, d: str, ind: int) -> None:
         src = self.src
@@ -701,7 +712,7 @@ def compile_writer(schema: Any) -> Writer:
 
 # ---- reader ----
 
-class _ReaderGen:
+class _ReaderGen(_NamedFns):
     """Generates the decoder: `decode(buf, pos)` with the top record inline, and `r<n>_<record>(buf, pos)`
     returning (record, end) for records that are recursive or used more than once. With `generic` the buffer
     may be any bytes-like object (memoryview, bytearray), else it must be bytes."""
@@ -728,10 +739,7 @@ class _ReaderGen:
         if self.inlining and self.schemas.inline(name):
             self.record_body(name, v, ind)
             return
-        if name not in self.fns:
-            self.fns[name] = _fn_name("r", len(self.fns), name)
-            self.pending.append(name)
-        self.src.emit(ind, f"{v}, pos = {self.fns[name]}(buf, pos)")
+        self.src.emit(ind, f"{v}, pos = {self.fn_for(name, 'r')}(buf, pos)")
 
     def record_body(self, name: str, v: str, ind: int) -> None:
         fields = []
