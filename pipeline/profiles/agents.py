@@ -4,12 +4,13 @@ profile's other messages."""
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import heapq
 import logging
 import os
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
@@ -19,6 +20,7 @@ from pipeline.identity.stitch import PROFILE_TOPIC, Send
 from pipeline.model import ProfileState
 from pipeline.observability import metrics
 from pipeline.profiles.ops import MEMBERSHIP_STATE_TOPIC, MEMBERSHIP_TOPIC, OpResult
+from pipeline.profiles.walk import META_PREFIX, Outcome, Walk, WalkPool, WalkSpec, pool_size
 from pipeline.runtime import BATCH_MAX, BATCH_WITHIN_S, TABLE_CACHE, LocalItem, Runtime
 from pipeline.segments import SegmentEngine, load_segments
 from pipeline.segments.batch import batch_request, new_run_id
@@ -142,6 +144,9 @@ def register(rt: Runtime) -> None:
             metrics.EVALUATION_SECONDS.observe((time.perf_counter() - started) / len(msgs))
 
     rt.local_handlers[PROFILE_TOPIC] = (table, handle)
+    walks = Walks(table, cache, deadlines, publish, WalkPool(n) if (n := pool_size()) else None)
+    if walks.pool is not None:
+        rt.app.on_before_shutdown.connect(lambda *_a, **_k: walks.pool.close() if walks.pool else None)
 
     async def profiles(stream: Any) -> None:
         """Batches of messages; a batch/defs-check control op ends a run of data ops and runs on its own
@@ -156,9 +161,9 @@ def register(rt: Runtime) -> None:
                         handle(run)
                     run = []
                     if msg["op"] == "batch":
-                        await _batch(rt, table, partition, msg, publish, deadlines)
+                        await _batch(rt, walks, partition, msg)
                     else:
-                        await _definitions_check(rt, table, partition, publish, deadlines)
+                        await _definitions_check(rt, walks, partition)
                     rt.tally.flush()
                     continue
                 run.append((partition, event.key, msg))
@@ -213,7 +218,25 @@ def register(rt: Runtime) -> None:
             rt.send(Send(PROFILE_TOPIC, pid, {"op": "tick", "pid": pid}))
 
 
-META_PREFIX = b"__"  # faust's offset keys and our per-partition metadata; never profiles
+@dataclass
+class Walks:
+    """What a walk over a partition needs from the profile agent: its table, caches, output, and the worker
+    processes (None: walks run in the event loop)."""
+
+    table: PartitionedTable
+    cache: DecodedCache
+    deadlines: Deadlines
+    publish: Callable[[OpResult], None]
+    pool: WalkPool | None
+
+    def task_base(self, rt: Runtime, store: Any) -> dict[str, Any] | None:
+        """The fields of a SliceTask common to a walk's ranges (the current definitions: they can be
+        reloaded between walks), or None to walk in the event loop."""
+        if self.pool is None:
+            return None
+        engine = rt.processor.engine
+        return {"path": store.path(), "audiences": tuple(engine.audiences.values()),
+                "retention_ms": engine.history_retention_ms, "config_dir": str(rt.settings.config_dir)}
 
 
 def _defs_key(partition: int) -> bytes:
@@ -235,64 +258,53 @@ def _rebuild_deadlines(table: PartitionedTable, partition: int, deadlines: Deadl
         log.info("partition %d: restored %d pending deadlines", partition, n)
 
 
-async def _walk_partition(rt: Runtime, table: PartitionedTable, partition: int, run: str, publish: Any, deadlines: Deadlines,
-                          visit: Any, started_ms: int = 0) -> tuple[int, int, int]:
-    """Apply `visit(pid, profile) -> OpResult` to every live profile of one partition, writing and
-    publishing what it returns; report progress on the control topic. Returns (seen, evaluated, changes).
-
-    1. snapshot the partition's keys; 2. per live profile: visit, write, publish; 3. progress every 2,000
-    keys and a final report."""
-    db = table.table.data._db_for_partition(partition)
-    keys = [k for k in db.keys() if not k.startswith(META_PREFIX)]  # noqa: SIM118 - a rocksdict Rdict
-    total, done, changes = len(keys), 0, 0
+async def _walk_partition(rt: Runtime, walks: Walks, partition: int, run: str, spec: WalkSpec,
+                          started_ms: int = 0) -> Walk:
+    """Run one walk over a partition's profiles (pipeline.profiles.walk), writing and publishing what it
+    produces; report progress on the control topic and a final report."""
+    table = walks.table
     started = time.monotonic()
-    for i, key in enumerate(keys):
-        raw = table.get(partition, key, remember=False)  # a walk must not evict the streaming hot set
-        entry = decode_profile_entry(raw) if raw else None
-        if isinstance(entry, ProfileState):
-            res = visit(key.decode(), entry)
-            if res is not None:
-                if isinstance(res.write, ProfileState) and res.changes:
-                    table.put(partition, key, encode_profile(res.write))
-                    deadlines.note(res.write.profile_id, res.write.next_deadline_ms)
-                changes += len(res.changes)
-                publish(res)
-                done += 1
-        if i % 2000 == 1999:
-            rt.send(Send("control.segments", run, {"op": "progress", "run": run, "partition": partition,
-                                                         "seen": i + 1, "total": total, "final": False}))
-            await asyncio.sleep(0)
+
+    def apply(o: Outcome) -> None:
+        if o.raw is not None:
+            table.put(partition, o.key, o.raw)
+            walks.cache.drop(o.key)
+            walks.deadlines.note(o.profile_id, o.deadline)
+        walks.publish(o.result)
+
+    def progress(seen: int, total: int) -> None:
+        rt.send(Send("control.segments", run, {"op": "progress", "run": run, "partition": partition,
+                                                "seen": seen, "total": total, "final": False}))
+
+    store = table.table.data._db_for_partition(partition)
+    with table.watch(partition) as dirty:
+        walk = Walk(rt.processor, spec, store, lambda key: table.get(partition, key, remember=False), apply,
+                    progress, dirty, task_base=walks.task_base(rt, store))
+        await walk.run(walks.pool)
     rt.send(Send("control.segments", run, {
-        "op": "progress", "run": run, "partition": partition, "seen": total, "total": total,
-        "evaluated": done, "changes": changes, "final": True, "seconds": round(time.monotonic() - started, 3),
-        "started_ms": started_ms}))
-    return total, done, changes
+        "op": "progress", "run": run, "partition": partition, "seen": walk.seen, "total": walk.seen,
+        "evaluated": walk.evaluated, "changes": walk.changes, "final": True,
+        "seconds": round(time.monotonic() - started, 3), "started_ms": started_ms}))
+    return walk
 
 
-async def _batch(rt: Runtime, table: PartitionedTable, partition: int, msg: dict[str, Any], publish: Any,
-                 deadlines: Deadlines) -> None:
+async def _batch(rt: Runtime, walks: Walks, partition: int, msg: dict[str, Any]) -> None:
     """A batch run over this partition: all audiences (or the listed ones), optionally only profiles
     changed since `since_ms` (incremental)."""
     audiences = msg.get("audiences") or None
-    since = int(msg.get("since_ms") or 0)
-    op = {"op": "evaluate_op", "audiences": audiences, "kind": msg.get("kind", "batch")}
-
-    def visit(pid: str, p: ProfileState) -> OpResult | None:
-        metrics.BATCH_PROFILES.inc()
-        if since and _last_change(p) < since:
-            return None
-        return rt.processor.handle(pid, p, op)
-
-    await _walk_partition(rt, table, partition, msg["run"], publish, deadlines, visit,
-                          started_ms=int(msg.get("started_ms") or 0))
+    spec = WalkSpec("batch", tuple(audiences) if audiences else None, int(msg.get("since_ms") or 0),
+                    evaluation=msg.get("kind", "batch"))
+    walk = await _walk_partition(rt, walks, partition, msg["run"], spec, started_ms=int(msg.get("started_ms") or 0))
+    metrics.BATCH_PROFILES.inc(walk.seen)
 
 
-async def _definitions_check(rt: Runtime, table: PartitionedTable, partition: int, publish: Any, deadlines: Deadlines) -> None:
+async def _definitions_check(rt: Runtime, walks: Walks, partition: int) -> None:
     """Runs when a partition is assigned (and after a hot reload), in order with that partition's messages:
     0. restore the partition's pending deadlines;
     1. diff the stored fingerprints with the loaded definitions; 2. evaluate new/edited audiences over the
     partition's profiles and exit members of removed ones; 3. store the new fingerprints."""
-    _rebuild_deadlines(table, partition, deadlines)
+    table = walks.table
+    _rebuild_deadlines(table, partition, walks.deadlines)
     key = _defs_key(partition)
     raw = table.get(partition, key)
     old = msgpack.unpackb(raw, raw=False) if raw else None
@@ -300,22 +312,7 @@ async def _definitions_check(rt: Runtime, table: PartitionedTable, partition: in
     if changed or removed:
         log.info("partition %d: audience definitions changed (%d new/edited, %d removed): evaluating",
                  partition, len(changed), len(removed))
-        eval_op = {"op": "evaluate_op", "audiences": changed, "kind": "definition"}
-
-        def visit(pid: str, p: ProfileState) -> OpResult | None:
-            res = rt.processor.exit_removed(p, removed) if removed else OpResult()
-            if changed:
-                more = rt.processor.handle(pid, p, eval_op)
-                res.changes.extend(more.changes)
-                res.sends.extend(more.sends)
-                res.write = more.write or res.write
-            return res
-
-        await _walk_partition(rt, table, partition, f"defs-{partition}", publish, deadlines, visit)
+        spec = WalkSpec("definitions", tuple(changed), removed=tuple(removed), evaluation="definition")
+        await _walk_partition(rt, walks, partition, f"defs-{partition}", spec)
     if old != rt.processor.fingerprints():
         table.put(partition, key, msgpack.packb(rt.processor.fingerprints()))
-
-
-def _last_change(p: ProfileState) -> int:
-    latest = max((e.ts_ms for e in p.events[-1:]), default=0)
-    return max(latest, max((a.ts_ms for a in p.attributes.values()), default=0), p.created_ms)

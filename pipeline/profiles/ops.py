@@ -228,8 +228,10 @@ class ProfileProcessor:
         if entry is None:
             return res
         now = self.now_ms()
+        # no audience list (or an empty one) means every audience, not "those the (empty) change affects"
+        audiences = msg.get("audiences") or None
         self._evaluate(entry, ChangeSummary(), res, now=now, event_time=now, cause=None,
-                       kind=msg.get("kind", "batch"), audience_ids=msg.get("audiences"))
+                       kind=msg.get("kind", "batch"), audience_ids=audiences, all_=audiences is None)
         res.write = entry
         return res
 

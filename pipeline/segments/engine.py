@@ -55,9 +55,17 @@ class Decision(NamedTuple):
 
     audience_id: str
     qualified: bool
-    reason: str  # which rule matched/failed, and the event id when one decided it
+    label: str  # the rule that decided (query text of the deciding node)
     cause_event_id: str | None  # the event that made it qualify, when one did
     next_check_ms: int | None  # earliest wall time the result could change without new data; None if never
+
+    @property
+    def reason(self) -> str:
+        """Which rule matched or failed, and the event id when one decided it. Built on demand: only a
+        decision that changes a membership needs it, and a batch run makes millions that do not."""
+        if not self.qualified:
+            return f"not qualified: {self.label}"
+        return f"qualified: {self.label}" + (f" (event {self.cause_event_id})" if self.cause_event_id else "")
 
 
 @dataclass(frozen=True)
@@ -396,7 +404,10 @@ def _count_change(matches: Sequence[StoredEvent], cur: bool, op: CompareOp, valu
             if cmp(c - k - 1, value) != cur:
                 return k
         return None
-    # Monotone in the remaining count: bisect for the first k whose remaining count flips the result.
+    # Monotone in the remaining count, which only falls: `>`/`>=` can only turn false, `<`/`<=` only true.
+    if cur is (op in ("<", "<=")):
+        return None
+    # Bisect for the first k whose remaining count flips the result.
     k = bisect_left(range(c), True, key=lambda i: cmp(c - i - 1, value) != cur)
     return k if k < c else None
 
@@ -406,9 +417,15 @@ def _compile_aggregate(n: Aggregate, label: str) -> _Fn:
     where = _field_pred(n.spec.where) if n.spec.where is not None else None
     cmp, value, op, func, fld = _OPS[n.op], n.value, n.op, n.func, n.field
 
+    # With no event of the type at all, the result is that of an empty window, and stays so until one arrives.
+    empty_value = 0 if func == "count" else _agg_value(func, [])
+    empty: _Res = (empty_value is not None and cmp(empty_value, value), None, None, label)
+
     if func == "count":
         def count(ctx: _Ctx) -> _Res:
             ix = ctx.of_type(etype)
+            if not ix.ts:
+                return empty
             lo = _start(ix, ctx.now, within, since)
             window = ix.events[lo:]
             matches = window if where is None else [e for e in window if where(e.fields)]
@@ -426,6 +443,8 @@ def _compile_aggregate(n: Aggregate, label: str) -> _Fn:
 
     def aggregate(ctx: _Ctx) -> _Res:
         ix = ctx.of_type(etype)
+        if not ix.ts:
+            return empty
         lo = _start(ix, ctx.now, within, since)
         stamps: list[int] = []
         vals: list[float] = []
@@ -479,8 +498,10 @@ def _compile_sequence(n: SeqNode, label: str) -> _Fn:
     def not_followed(ctx: _Ctx) -> _Res:
         # Each unfollowed A qualifies during [A.ts + gap + 1, A.ts + within]; the result can only
         # change at an edge of one of these intervals.
-        ia, ib = ctx.of_type(ta), ctx.of_type(tb)
-        now = ctx.now
+        ia = ctx.of_type(ta)
+        if not ia.ts:
+            return F
+        ib, now = ctx.of_type(tb), ctx.now
         lo = _start(ia, now, within, since)
         hit: str | None = None
         nxt: int | None = None
@@ -600,15 +621,12 @@ class SegmentEngine:
         ctx = _Ctx(profile, now_ms)
         fns, seg, seg_next = self._fns, ctx.seg, ctx.seg_next
         out: list[Decision] = []
+        new = tuple.__new__  # Decision's generated __new__ is a Python function; this is the same tuple
         for aid in ids:
             v, nxt, cause, label = fns[aid](ctx)
             seg[aid] = v
             seg_next[aid] = nxt
-            if v:
-                reason = f"qualified: {label}" + (f" (event {cause})" if cause else "")
-                out.append(Decision(aid, True, reason, cause, nxt))
-            else:
-                out.append(Decision(aid, False, f"not qualified: {label}", None, nxt))
+            out.append(new(Decision, (aid, v, label, cause if v else None, nxt)))
         return out
 
     def next_deadline(self, decisions: Sequence[Decision]) -> int | None:

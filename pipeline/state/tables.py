@@ -12,9 +12,10 @@ Every changelog write of a table, whichever API made it, goes through the worker
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from faust.types import TP
@@ -80,6 +81,7 @@ class PartitionedTable:
         self._cache_assignment: Any = None
         self._assignor: Any = None
         self._recovered: Any = None
+        self._watches: dict[int, list[set[bytes]]] = {}
 
     def partition(self, key: bytes) -> int:
         return partition_for(key, self.partitions)
@@ -154,7 +156,20 @@ class PartitionedTable:
         self._written(partition, key, None)
         self.table.send_changelog(partition, key, None)
 
+    @contextlib.contextmanager
+    def watch(self, partition: int) -> Iterator[set[bytes]]:
+        """Within the block, the yielded set collects every key written to (or deleted from) the partition
+        through this view: a walk that evaluates values read earlier knows which ones went stale."""
+        keys: set[bytes] = set()
+        self._watches.setdefault(partition, []).append(keys)
+        try:
+            yield keys
+        finally:
+            self._watches[partition].remove(keys)
+
     def _written(self, partition: int, key: bytes, value: bytes | None) -> None:
+        for keys in self._watches.get(partition, ()):
+            keys.add(key)
         if self._cache_valid():
             self._remember((partition, key), value)
         else:

@@ -57,9 +57,9 @@ def test_idempotency_key_is_stable_and_specified() -> None:
 
 def test_explicit_identities_and_decision_passthrough() -> None:
     p = make_profile({"loyalty.tier": "gold"})
-    d = Decision("gold", True, "qualified: manual", "ev-9", None)
+    d = Decision("gold", True, "manual", "ev-9", None)
     [c] = apply_decisions(p, [d], ENGINE, now_ms=1, event_time_ms=1, kind="batch", identities={"x": ["1"]})
-    assert (c.identities, c.reason, c.cause_event_id, c.evaluation) == ({"x": ["1"]}, "qualified: manual",
+    assert (c.identities, c.reason, c.cause_event_id, c.evaluation) == ({"x": ["1"]}, "qualified: manual (event ev-9)",
                                                                         "ev-9", "batch")
     assert c.to_dict()["status"] == "realized"
 

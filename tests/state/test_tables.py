@@ -101,6 +101,23 @@ def test_writes_go_to_the_named_partition_and_its_changelog_partition() -> None:
         ("p-cdp.state.t-changelog", b"k", b"v1", 2), ("p-cdp.state.t-changelog", b"k", None, 2)]
 
 
+def test_a_watch_collects_the_keys_written_to_its_partition_while_it_is_open() -> None:
+    # Given a routed table with a value written before the watch
+    _, view, _, _ = make_routed()
+    view.put(1, b"before", b"0")
+    # When keys are written and deleted on partitions 1 and 2 while partition 1 is watched (twice, nested)
+    with view.watch(1) as outer:
+        view.put(1, b"a", b"1")
+        with view.watch(1) as inner:
+            view.delete(1, b"before")
+            view.put(2, b"other", b"2")
+        view.put(1, b"a", b"3")
+    view.put(1, b"after", b"4")
+    # Then each watch holds exactly the partition-1 keys written while it was open
+    assert outer == {b"a", b"before"}
+    assert inner == {b"before"}
+
+
 def test_acknowledged_changelog_offsets_are_persisted_per_open_partition_after_flush() -> None:
     # Given writes on partitions 0 and 3, and partition 3 revoked (its store closed) before the flush
     table, view, router, produced = make_routed()

@@ -1,0 +1,221 @@
+"""Batch-evaluation benchmark: N profiles in RocksDB partitions, 50 audiences, the worker's walk code.
+
+`python -m bench.batch --profiles 1000000` builds (once, cached under bench/.cache/) a population of profiles
+with realistic histories, then times the batch walk the worker runs for `pipeline segments run --all`: every
+profile read from RocksDB, decoded, evaluated against every audience, and (when memberships change) re-encoded,
+written and its membership changes built. Two passes: the first (every profile enters its audiences) and a
+second one (steady state: almost nothing changes). No broker: the walk's output is counted, not produced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from rocksdict import Options, Rdict
+
+from bench.workload import Workload
+from pipeline.ingest.decode import Decoder
+from pipeline.model import ExperienceEvent, ProfileRecord, ProfileState
+from pipeline.profiles.config import load_profile_config
+from pipeline.profiles.merge import apply_event, apply_record
+from pipeline.profiles.ops import ProfileProcessor
+from pipeline.profiles.walk import Outcome, Walk, WalkPool, WalkSpec
+from pipeline.runtime import tune_gc
+from pipeline.segments import SegmentEngine
+from pipeline.segments.config import load_segments_text
+from pipeline.state.codec import encode_profile
+from pipeline.state.tables import partition_for
+from pipeline.topics import TopicRegistry
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "config" / "example"
+CACHE = ROOT / "bench" / ".cache"
+RESULTS = ROOT / "bench" / "results"
+PARTITIONS = 4
+DAY = 86_400_000
+
+# 30 audiences on top of bench/segments.yaml's 20, in the same shapes (counts, sums, windows, attributes).
+EXTRA = "\n".join(
+    [f"""  - id: {cat}-browsers-{d}d
+    query: count(event productView where product.category = "{cat}" within {d}d) >= 2""" for cat in
+     ("shoes", "bags", "shirts", "watches", "jackets") for d in (3, 30)]
+    + [f"""  - id: {cat}-carters
+    query: event cartAdd where product.category = "{cat}" within 14d and not event purchase within 14d""" for cat in
+       ("shoes", "bags", "shirts", "watches", "jackets")]
+    + [f"""  - id: city-{city.lower()}
+    query: person.city = "{city}" and consents.email = "yes\"""" for city in
+       ("Lyon", "Paris", "Berlin", "Madrid", "Milan")]
+    + [f"""  - id: spend-over-{n}
+    query: sum(commerce.order.total of event purchase within 90d) > {n}""" for n in (100, 300, 1000)]
+    + [f"""  - id: tier-{t}-sms
+    query: loyalty.tier = "{t}" and consents.sms = "yes\"""" for t in ("gold", "silver", "bronze")]
+    + ["""  - id: avg-price-high
+    query: avg(product.price of event productView within 30d) > 150""",
+       """  - id: many-visits
+    query: count(event pageView within 30d) >= 5""",
+       """  - id: points-mid
+    query: loyalty.points >= 2000 and loyalty.points < 8000""",
+       """  - id: vip-or-frequent
+    query: inSegment("vip") or inSegment("frequent-buyers")"""])
+
+
+def audiences() -> list[Any]:
+    """The 50 audiences: bench/segments.yaml plus EXTRA."""
+    text = (ROOT / "bench" / "segments.yaml").read_text().rstrip("\n") + "\n" + EXTRA + "\n"
+    return load_segments_text(text, "bench/segments.yaml + bench.batch.EXTRA")
+
+
+def templates(count: int, events_per: int, now_ms: int) -> list[ProfileState]:
+    """`count` profiles built by the real merge code from the bench's record mix, spread over 40 days."""
+    reg = TopicRegistry.load(prefix="bench-batch.")
+    cfg = load_profile_config(EXAMPLE / "identity.yaml", EXAMPLE / "datasets.yaml")
+    dec = {"event": Decoder("event", reg["ingest.events"].codec, cfg.identity, cfg.datasets),  # type: ignore[arg-type]
+           "record": Decoder("record", reg["ingest.profiles"].codec, cfg.identity, cfg.datasets)}  # type: ignore[arg-type]
+    wl = Workload(reg, population=count, seed=5)
+    by_ecid = {p.ecid: p.n for p in wl.people}
+    by_crm = {p.crm_id: p.n for p in wl.people if p.crm_id}
+    rnd = random.Random(3)
+    recs: list[tuple[int, int, Any]] = []
+    while len(recs) < count * events_per:
+        ts = now_ms - int(rnd.random() ** 2 * 40 * DAY)  # more recent events than old ones
+        kind, topic, _key, value = wl.next_record(ts, encode=False)
+        if kind == "malformed":
+            continue
+        n = by_crm[value["crmId"]] if kind == "crm" else by_ecid[value["identityMap"]["ECID"][0]["id"]]
+        codec = reg["ingest.profiles" if kind == "crm" else "ingest.events"].codec
+        rec = dec["record" if kind == "crm" else "event"].decode(codec.encode(value))
+        recs.append((ts, n, rec))
+    recs.sort(key=lambda r: r[0])
+    profiles = [ProfileState(f"t{n}", now_ms - 40 * DAY) for n in range(count)]
+    for _ts, n, rec in recs:
+        if isinstance(rec, ExperienceEvent):
+            apply_event(profiles[n], rec, cfg)
+        elif isinstance(rec, ProfileRecord):
+            apply_record(profiles[n], rec, cfg)
+    return profiles
+
+
+def clones(tpls: list[ProfileState], total: int) -> Iterator[tuple[bytes, bytes]]:
+    """(key, encoded profile) for `total` profiles: templates under new ids and identities."""
+    for i in range(total):
+        t = tpls[i % len(tpls)]
+        pid = f"p{i:08d}"
+        ids = {ns: {f"{v}~{i}": ts for v, ts in vals.items()} for ns, vals in t.identities.items()}
+        yield pid.encode(), encode_profile(replace(t, profile_id=pid, identities=ids))
+
+
+def open_parts(path: Path) -> list[Rdict]:
+    opts = Options(raw_mode=True)  # as Faust's rocksdict store opens a table partition
+    opts.create_if_missing(True)
+    return [Rdict(str(path / f"p{i}"), opts) for i in range(PARTITIONS)]
+
+
+def build(path: Path, total: int, now_ms: int) -> None:
+    t0 = time.monotonic()
+    tpls = templates(min(total, 20_000), 15, now_ms)
+    print(f"built {len(tpls):,} template profiles in {time.monotonic() - t0:.0f}s", file=sys.stderr)
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    parts = open_parts(path)
+    for i, (key, raw) in enumerate(clones(tpls, total)):
+        parts[partition_for(key, PARTITIONS)][key] = raw
+        if i % 100_000 == 99_999:
+            print(f"  wrote {i + 1:,} profiles", file=sys.stderr)
+    for p in parts:
+        p.close()
+    (path / "meta.json").write_text(json.dumps({"profiles": total, "now_ms": now_ms}))
+
+
+def walk_store(parts: list[Rdict], processor: ProfileProcessor, pool: WalkPool | None, task: dict[str, Any],
+               limit_parts: int = PARTITIONS) -> dict[str, Any]:
+    """One batch run over the partitions, one after another as the worker's agent does, each with the
+    worker's Walk; membership changes are built and turned into their message dicts, not produced."""
+    spec = WalkSpec("batch")
+    t0, c0 = time.monotonic(), time.process_time()
+    seen = evaluated = changes = writes = 0
+
+    def apply(o: Outcome) -> None:
+        nonlocal writes
+        for c in o.result.changes:
+            c.to_dict()
+        if o.raw is not None:
+            db.put(o.key, o.raw)
+            writes += 1
+
+    for db in parts[:limit_parts]:
+        walk = Walk(processor, spec, db, db.get, apply, lambda s, t: None, set(),
+                    task_base={**task, "path": db.path()} if pool else None)
+        asyncio.run(walk.run(pool))
+        seen, evaluated, changes = seen + walk.seen, evaluated + walk.evaluated, changes + walk.changes
+    wall = time.monotonic() - t0
+    return {"profiles": seen, "evaluated": evaluated, "changes": changes, "writes": writes,
+            "wall_s": round(wall, 2), "owner_cpu_s": round(time.process_time() - c0, 2),
+            "profiles_per_s": round(evaluated / wall, 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--profiles", type=int, default=1_000_000)
+    ap.add_argument("--processes", type=int, default=os.cpu_count() or 1, help="0: walk in the event loop")
+    ap.add_argument("--inline-partitions", type=int, default=1,
+                    help="partitions walked again without processes, for the ratio (0: skip)")
+    ap.add_argument("--rebuild", action="store_true")
+    args = ap.parse_args()
+    tune_gc()
+    path = CACHE / f"batch-{args.profiles}"
+    meta = path / "meta.json"
+    if args.rebuild or not meta.exists():
+        build(path, args.profiles, int(time.time() * 1000))
+    # Every pass evaluates at the same wall time, so repeated runs of the cached store compare.
+    now_ms = json.loads(meta.read_text())["now_ms"]
+    auds = audiences()
+    cfg = load_profile_config(EXAMPLE / "identity.yaml", EXAMPLE / "datasets.yaml")
+    engine = SegmentEngine(auds)
+    processor = ProfileProcessor(cfg, engine, clock=lambda: now_ms / 1000)
+    work = path.parent / f"{path.name}-work"  # passes write: start each run from the pristine store
+    shutil.rmtree(work, ignore_errors=True)
+    shutil.copytree(path, work)
+    parts = open_parts(work)
+    pool = WalkPool(args.processes) if args.processes else None
+    task = {"audiences": tuple(auds), "retention_ms": engine.history_retention_ms, "config_dir": str(EXAMPLE),
+            "now_ms": now_ms}
+    out: dict[str, Any] = {"profiles": args.profiles, "audiences": len(auds), "processes": args.processes,
+                           "cpu_count": os.cpu_count()}
+    try:
+        for name in ("first", "steady"):
+            r = out[name] = walk_store(parts, processor, pool, task)
+            print(f"{name} pass: {r['evaluated']:,} profiles x {len(auds)} audiences in {r['wall_s']}s "
+                  f"({r['profiles_per_s']:,.0f}/s), {r['changes']:,} membership changes, owner CPU {r['owner_cpu_s']}s",
+                  file=sys.stderr)
+        if args.inline_partitions:
+            r = out["steady_inline"] = walk_store(parts, processor, None, task, args.inline_partitions)
+            print(f"steady pass in the event loop ({args.inline_partitions} partition(s)): "
+                  f"{r['profiles_per_s']:,.0f} profiles/s", file=sys.stderr)
+            out["speedup"] = round(out["steady"]["profiles_per_s"] / r["profiles_per_s"], 2)
+    finally:
+        if pool:
+            pool.close()
+        for p in parts:
+            p.close()
+        shutil.rmtree(work, ignore_errors=True)
+    out["extrapolated_1M_s"] = round(1_000_000 / out["steady"]["profiles_per_s"], 1)
+    RESULTS.mkdir(exist_ok=True)
+    dest = RESULTS / f"batch-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    dest.write_text(json.dumps(out, indent=2))
+    print(json.dumps(out, indent=2))
+    print(f"wrote {dest}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,308 @@
+"""Walks over one partition's profile store (batch runs, definition checks): the pure step per profile, and
+the same step run by worker processes over read-only views of the store, so a walk uses every core.
+
+A walk evaluates each profile that is in the store when it starts. In worker processes it works like this:
+the owner (the Faust worker) records every key it writes while the walk runs (`dirty`), flushes the store so
+a read-only view sees everything written before, and hands key ranges to the processes. Each returns, per
+profile whose memberships changed, the re-encoded profile and its output. The owner writes and publishes
+those, except for keys written meanwhile: their outcome was computed from an older value, so the owner
+evaluates them again, inline, from the current one. A range whose process fails is evaluated inline too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import multiprocessing
+import os
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rocksdict import AccessType, Options, Rdict
+
+from pipeline.model import ProfileState
+from pipeline.profiles.config import ProfileConfig, load_profile_config
+from pipeline.profiles.ops import OpResult, ProfileProcessor
+from pipeline.segments import AudienceDef, SegmentEngine
+from pipeline.state.codec import decode_profile_entry, encode_profile
+
+log = logging.getLogger(__name__)
+
+META_PREFIX = b"__"  # faust's offset keys and our per-partition metadata; never profiles
+SLICE_KEYS = 10_000  # keys per task handed to a process: ~1-3 s of work, so progress stays frequent
+PROGRESS_EVERY = 2_000  # keys between progress reports (and yields to the event loop) when walking inline
+
+
+@dataclass(frozen=True)
+class WalkSpec:
+    """What a walk does to each profile. `kind="batch"`: evaluate `audiences` (None: all) on profiles
+    changed since `since_ms` (0: all). `kind="definitions"`: exit the members of `removed` audiences and
+    evaluate the `audiences` that are new or edited."""
+
+    kind: str
+    audiences: tuple[str, ...] | None = None
+    since_ms: int = 0
+    removed: tuple[str, ...] = ()
+    evaluation: str = "batch"  # the membership messages' `evaluation`
+
+
+@dataclass
+class Outcome:
+    """One profile's result: `raw` is the profile to write back (None: unchanged), `result` its output."""
+
+    key: bytes
+    profile_id: str
+    raw: bytes | None
+    deadline: int | None
+    result: OpResult
+
+
+@dataclass
+class SliceResult:
+    """A key range's results: how many keys it held, how many profiles were evaluated, the outcomes of
+    those with output."""
+
+    seen: int = 0
+    evaluated: int = 0
+    outcomes: list[Outcome] = field(default_factory=list)
+
+
+def last_change(p: ProfileState) -> int:
+    """The latest time any data of the profile changed (for incremental runs)."""
+    latest = max((e.ts_ms for e in p.events[-1:]), default=0)
+    return max(latest, max((a.ts_ms for a in p.attributes.values()), default=0), p.created_ms)
+
+
+def visit(processor: ProfileProcessor, spec: WalkSpec, key: bytes, raw: bytes | None) -> Outcome | None:
+    """Evaluate one stored value; None when it is not a profile or the spec skips it. The outcome holds the
+    re-encoded profile only when memberships changed (a run that changes nothing writes nothing)."""
+    entry = decode_profile_entry(raw) if raw else None
+    if not isinstance(entry, ProfileState):
+        return None
+    pid = key.decode()
+    if spec.kind == "definitions":
+        res = processor.exit_removed(entry, list(spec.removed)) if spec.removed else OpResult()
+        if spec.audiences:
+            more = processor.handle(pid, entry, {"op": "evaluate_op", "audiences": list(spec.audiences),
+                                                 "kind": spec.evaluation})
+            res.changes.extend(more.changes)
+            res.sends.extend(more.sends)
+            res.write = more.write or res.write
+    else:
+        if spec.since_ms and last_change(entry) < spec.since_ms:
+            return None
+        res = processor.handle(pid, entry, {"op": "evaluate_op", "kind": spec.evaluation,
+                                            "audiences": list(spec.audiences) if spec.audiences else None})
+    written = res.write
+    res.write = None  # the outcome carries the encoded profile instead (it crosses a process boundary)
+    raw_out = encode_profile(written) if isinstance(written, ProfileState) and res.changes else None
+    return Outcome(key, pid, raw_out, entry.next_deadline_ms, res)
+
+
+def has_output(o: Outcome) -> bool:
+    """Whether the owner has anything to write or publish for this outcome."""
+    return o.raw is not None or bool(o.result.changes or o.result.sends or o.result.counters)
+
+
+def evaluate_items(processor: ProfileProcessor, spec: WalkSpec, items: Iterable[tuple[bytes, bytes]]) -> SliceResult:
+    """Visit every (key, value) of a store's range; meta keys are skipped."""
+    out = SliceResult()
+    for key, raw in items:
+        if key.startswith(META_PREFIX):
+            continue
+        out.seen += 1
+        o = visit(processor, spec, key, raw)
+        if o is not None:
+            out.evaluated += 1
+            if has_output(o):
+                out.outcomes.append(o)
+    return out
+
+
+def profile_keys(store: Any) -> list[bytes]:
+    """The keys of every entry of a store except meta keys, in key order."""
+    return [k for k in store.keys() if not k.startswith(META_PREFIX)]  # noqa: SIM118 - a rocksdict Rdict
+
+
+def slices(keys: list[bytes], size: int = SLICE_KEYS) -> list[tuple[bytes, bytes | None, int]]:
+    """(lower, upper exclusive or None, key count) ranges of at most `size` of the sorted keys."""
+    return [(keys[i], keys[i + size] if i + size < len(keys) else None, min(size, len(keys) - i))
+            for i in range(0, len(keys), size)]
+
+
+# ---- in a worker process ----
+
+@dataclass(frozen=True)
+class SliceTask:
+    """A key range of a store to evaluate in a worker process, with everything the process needs."""
+
+    path: str
+    lower: bytes
+    upper: bytes | None
+    spec: WalkSpec
+    audiences: tuple[AudienceDef, ...]
+    retention_ms: int
+    config_dir: str  # identity.yaml and datasets.yaml (loaded once per process; not picklable)
+    now_ms: int | None = None  # evaluate as of this time (benchmarks, tests); None: the wall clock
+
+
+_engines: dict[tuple[tuple[AudienceDef, ...], int], SegmentEngine] = {}
+_configs: dict[str, ProfileConfig] = {}
+
+
+def _range(db: Rdict, lower: bytes, upper: bytes | None) -> Iterator[tuple[bytes, bytes]]:
+    it = db.iter()
+    it.seek(lower)
+    while it.valid():
+        key = it.key()
+        if upper is not None and key >= upper:
+            return
+        yield key, it.value()
+        it.next()
+
+
+def run_slice(task: SliceTask) -> SliceResult:
+    """Runs in a worker process: open the store read-only, evaluate the range. The engine is compiled once
+    per process and audience set (definitions can be reloaded while the worker runs)."""
+    import time
+
+    engine_key = (task.audiences, task.retention_ms)
+    engine = _engines.get(engine_key)
+    if engine is None:
+        _engines.clear()
+        engine = _engines[engine_key] = SegmentEngine(list(task.audiences), history_retention_ms=task.retention_ms)
+    config = _configs.get(task.config_dir)
+    if config is None:
+        d = Path(task.config_dir)
+        config = _configs[task.config_dir] = load_profile_config(d / "identity.yaml", d / "datasets.yaml")
+    fixed = task.now_ms
+    processor = ProfileProcessor(config, engine, time.time if fixed is None else lambda: fixed / 1000)
+    opts = Options(raw_mode=True)
+    opts.set_max_open_files(-1)  # every table file opened now: a compaction in the owner cannot remove one mid-walk
+    db = Rdict(task.path, opts, access_type=AccessType.read_only())
+    try:
+        return evaluate_items(processor, task.spec, _range(db, task.lower, task.upper))
+    finally:
+        db.close()
+
+
+def _init_process() -> None:
+    from pipeline.runtime import tune_gc
+
+    tune_gc()
+
+
+class WalkPool:
+    """The worker processes of a worker's walks, started at the first walk that needs them."""
+
+    def __init__(self, processes: int) -> None:
+        self.processes = processes
+        self._executor: concurrent.futures.ProcessPoolExecutor | None = None
+
+    def submit(self, task: SliceTask) -> Awaitable[SliceResult]:
+        """Called from the event loop; the awaitable fails if the process does (the caller falls back)."""
+        if self._executor is None:
+            # spawn, not fork: the worker has librdkafka and RocksDB threads that a fork would copy mid-state
+            self._executor = concurrent.futures.ProcessPoolExecutor(
+                self.processes, mp_context=multiprocessing.get_context("spawn"), initializer=_init_process)
+        return asyncio.get_running_loop().run_in_executor(self._executor, run_slice, task)
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
+
+def pool_size() -> int:
+    """PIPELINE_WALK_PROCESSES: worker processes for walks; 0 walks in the event loop. Default: one per core."""
+    raw = os.environ.get("PIPELINE_WALK_PROCESSES")
+    if raw is None:
+        return os.cpu_count() or 1
+    try:
+        n = int(raw)
+    except ValueError:
+        from pipeline.errors import ConfigError
+
+        raise ConfigError(f"PIPELINE_WALK_PROCESSES must be a whole number, not {raw!r}") from None
+    return max(0, n)
+
+
+# ---- in the owner ----
+
+@dataclass
+class Walk:
+    """One walk over one partition, driven by its owner. The callbacks are the owner's:
+    `read(key)` the current stored value; `apply(outcome)` writes `raw` (if any) and publishes the result;
+    `progress(seen, total)` reports; `dirty` is filled by the owner's store with every key written while
+    the walk runs (it must be watching before `run` is called; a key written after its range was applied
+    does no harm: that write is newer than the walk's)."""
+
+    processor: ProfileProcessor
+    spec: WalkSpec
+    store: Any
+    read: Callable[[bytes], bytes | None]
+    apply: Callable[[Outcome], None]
+    progress: Callable[[int, int], None]
+    dirty: set[bytes]
+    task_base: dict[str, Any] | None = None  # SliceTask fields but the range and spec; None: walk inline
+    seen: int = 0
+    evaluated: int = 0
+    changes: int = 0
+
+    def _inline(self, keys: Iterable[bytes], count: bool = True) -> None:
+        for key in keys:
+            o = visit(self.processor, self.spec, key, self.read(key))
+            if o is not None:
+                self.evaluated += count
+                if has_output(o):
+                    self._apply(o)
+
+    def _apply(self, o: Outcome) -> None:
+        self.changes += len(o.result.changes)
+        self.apply(o)
+
+    async def run(self, pool: WalkPool | None) -> None:
+        """1. snapshot the keys (with a pool, after flushing the store, so a read-only view holds every
+        value written so far); 2. inline: visit each key, reading its current value; with a pool: one task
+        per key range; per finished range, apply its outcomes except for keys written since the walk began,
+        which are visited again, inline, from their current value; a range whose task failed is visited
+        inline; 3. report progress every 2,000 keys (inline) or per finished range."""
+        parallel = pool is not None and self.task_base is not None
+        if parallel:
+            self.store.flush()
+        keys = profile_keys(self.store)
+        total = len(keys)
+        if not parallel or total <= 2 * PROGRESS_EVERY:
+            for i in range(0, total, PROGRESS_EVERY):
+                self._inline(keys[i:i + PROGRESS_EVERY])
+                self.seen = min(total, i + PROGRESS_EVERY)
+                self.progress(self.seen, total)
+                await asyncio.sleep(0)
+            return
+        assert pool is not None and self.task_base is not None
+        # at least 4 ranges per process, so they all finish close together
+        size = max(PROGRESS_EVERY, min(SLICE_KEYS, total // (4 * pool.processes)))
+        pending = {asyncio.ensure_future(pool.submit(SliceTask(lower=lo, upper=hi, spec=self.spec, **self.task_base))):
+                   (lo, hi, n) for lo, hi, n in slices(keys, size)}
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for fut in done:
+                lo, hi, n = pending.pop(fut)
+                exc = fut.exception()
+                if exc is not None:
+                    log.warning("walk: a worker process failed on a key range (%s: %s); evaluating it here",
+                                type(exc).__name__, exc)
+                    self._inline(k for k in keys if lo <= k and (hi is None or k < hi))
+                else:
+                    res: SliceResult = fut.result()
+                    self.evaluated += res.evaluated
+                    stale = {k for k in self.dirty if lo <= k and (hi is None or k < hi)}
+                    for o in res.outcomes:
+                        if o.key not in stale:
+                            self._apply(o)
+                    self._inline(sorted(stale), count=False)
+                self.seen += n
+                self.progress(self.seen, total)
