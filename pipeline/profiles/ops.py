@@ -284,14 +284,13 @@ class ProfileProcessor:
                 event_types=summary.event_types_added | summary.event_types_dropped,
                 attributes=summary.attributes_changed, all_=all_ or created)
         if audience_ids:
-            decisions = self.engine.evaluate(profile, now, audience_ids, kind=kind)
+            decisions, deadline = self.engine.decide(profile, now, audience_ids)
             if cause is not None:
                 decisions = [d if d.cause_event_id or not d.qualified else _with_cause(d, cause)
                              for d in decisions]
-            changes = apply_decisions(profile, decisions, self.engine, now_ms=now, event_time_ms=event_time,
-                                      kind=kind)
-            res.changes.extend(changes)
-            deadline = self.engine.next_deadline(decisions)
+            if decisions:
+                res.changes.extend(apply_decisions(profile, decisions, self.engine, now_ms=now,
+                                                   event_time_ms=event_time, kind=kind))
             current = profile.next_deadline_ms
             if current is not None and current <= now:
                 current = None

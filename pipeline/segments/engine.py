@@ -99,7 +99,7 @@ _NO_EVENTS = _TypeIndex()
 class _Ctx:
     """Per-evaluate() state: the profile's data, wall time, and results computed so far in this call."""
 
-    __slots__ = ("attrs", "events", "now", "seg", "seg_next", "members", "_index")
+    __slots__ = ("attrs", "events", "now", "seg", "seg_next", "members", "index")
 
     def __init__(self, profile: ProfileState, now: int) -> None:
         self.attrs: dict[str, AttributeValue] = profile.attributes
@@ -108,22 +108,21 @@ class _Ctx:
         self.seg: dict[str, bool] = {}
         self.seg_next: dict[str, int | None] = {}
         self.members: dict[str, Membership] = profile.memberships
-        self._index: dict[str, _TypeIndex] | None = None
+        # Events by type: built on first use (`(ctx.index or ctx.build_index()).get(t, _NO_EVENTS)`, inline in
+        # the closures: a method call per lookup costs more) and shared by every audience of the call.
+        self.index: dict[str, _TypeIndex] | None = None
 
-    def of_type(self, event_type: str) -> _TypeIndex:
-        idx = self._index
-        if idx is None:
-            # Built lazily once per call and shared by every audience evaluated in it.
-            idx = {}
-            for i, e in enumerate(self.events):
-                t = idx.get(e.event_type)
-                if t is None:
-                    t = idx[e.event_type] = _TypeIndex()
-                t.events.append(e)
-                t.ts.append(e.ts_ms)
-                t.pos.append(i)
-            self._index = idx
-        return idx.get(event_type, _NO_EVENTS)
+    def build_index(self) -> dict[str, _TypeIndex]:
+        idx: dict[str, _TypeIndex] = {}
+        for i, e in enumerate(self.events):
+            t = idx.get(e.event_type)
+            if t is None:
+                t = idx[e.event_type] = _TypeIndex()
+            t.events.append(e)
+            t.ts.append(e.ts_ms)
+            t.pos.append(i)
+        self.index = idx
+        return idx
 
 
 # (value, next_check_ms, cause_event_id, label of the deciding rule)
@@ -234,6 +233,17 @@ def _field_pred(n: Node) -> _FieldPred:
     raise TypeError(f"not allowed in a where-condition: {n!r}")
 
 
+def _filter(where: Node | None) -> Callable[[list[StoredEvent]], list[StoredEvent]]:
+    """The events of a window that match a where-condition, as one call per window (not one per event)."""
+    if where is None:
+        return lambda evs: evs
+    if isinstance(where, Compare) and where.op == "=" and type(where.value) is str:
+        fpath, fv = where.path, where.value
+        return lambda evs: [e for e in evs if e.fields.get(fpath) == fv]  # `category = "shoes"`, inlined
+    pred = _field_pred(where)
+    return lambda evs: [e for e in evs if pred(e.fields)]
+
+
 def _window(spec: EventSpec) -> tuple[int | None, int | None]:
     """(within ms, since ms) of an event spec."""
     w = spec.window
@@ -295,6 +305,14 @@ def _compile(n: Node) -> _Fn:
     if isinstance(n, Const):
         r = T if n.value else F
         return lambda ctx: r
+
+    if isinstance(n, Compare) and n.op == "=" and type(n.value) is str:
+        eq_path, eq_value = n.path, n.value
+
+        def attr_eq(ctx: _Ctx) -> _Res:  # the common `tier = "gold"`, without a predicate call
+            av = ctx.attrs.get(eq_path)
+            return T if av is not None and av.value == eq_value else F
+        return attr_eq
 
     if isinstance(n, Compare | InList | Exists | StartsWith | Contains):
         p, path = _value_pred(n), n.path
@@ -360,6 +378,20 @@ def _compile_bool(n: And | Or, label: str) -> _Fn:
     # For `and`, a false child decides (short-circuit) and, while it stays false, so does the whole;
     # `or` is the mirror image. When no child decides, the result can change when any child does.
     decider = isinstance(n, Or)
+    if len(fns) == 2:
+        first, second = fns
+
+        def bool_pair(ctx: _Ctx) -> _Res:  # most `and`/`or` have two operands: no loop
+            a = first(ctx)
+            if a[0] is decider:
+                return a
+            b = second(ctx)
+            if b[0] is decider:
+                return b
+            na, nb = a[1], b[1]
+            nxt = na if nb is None or (na is not None and na < nb) else nb
+            return (not decider, nxt, a[2] if a[2] is not None else b[2], label)
+        return bool_pair
 
     def bool_op(ctx: _Ctx) -> _Res:
         nxt: int | None = None
@@ -382,7 +414,7 @@ def _compile_exists(spec: EventSpec, label: str) -> _Fn:
     F: _Res = (False, None, None, label)
 
     def exists(ctx: _Ctx) -> _Res:
-        ix = ctx.of_type(etype)
+        ix = (ctx.index or ctx.build_index()).get(etype, _NO_EVENTS)
         evs = ix.events
         lo = _start(ix, ctx.now, within, since)
         for i in range(len(evs) - 1, lo - 1, -1):  # latest first: it is the last to leave the window
@@ -407,9 +439,9 @@ def _count_change(matches: Sequence[StoredEvent], cur: bool, op: CompareOp, valu
     # Monotone in the remaining count, which only falls: `>`/`>=` can only turn false, `<`/`<=` only true.
     if cur is (op in ("<", "<=")):
         return None
-    # Bisect for the first k whose remaining count flips the result.
-    k = bisect_left(range(c), True, key=lambda i: cmp(c - i - 1, value) != cur)
-    return k if k < c else None
+    # The first k whose remaining count r = c - k - 1 flips it: r < value for >= and <, r <= value for > and <=.
+    k = c - math.ceil(value) if op in (">=", "<") else c - 1 - math.floor(value)
+    return max(k, 0) if k < c else None
 
 
 def _compile_aggregate(n: Aggregate, label: str) -> _Fn:
@@ -422,27 +454,32 @@ def _compile_aggregate(n: Aggregate, label: str) -> _Fn:
     empty: _Res = (empty_value is not None and cmp(empty_value, value), None, None, label)
 
     if func == "count":
+        matching = _filter(n.spec.where)
+
         def count(ctx: _Ctx) -> _Res:
-            ix = ctx.of_type(etype)
-            if not ix.ts:
+            ix = (ctx.index or ctx.build_index()).get(etype, _NO_EVENTS)
+            ts = ix.ts
+            if not ts:
                 return empty
-            lo = _start(ix, ctx.now, within, since)
-            window = ix.events[lo:]
-            matches = window if where is None else [e for e in window if where(e.fields)]
+            if within is not None:
+                matches = matching(ix.events[bisect_left(ts, ctx.now - within):])
+            else:
+                matches = matching(ix.events[_start(ix, ctx.now, within, since):])
             cur = cmp(len(matches), value)
+            if not matches:
+                return (cur, None, None, label)
             nxt = None
-            if within is not None and matches:
+            if within is not None:
                 k = _count_change(matches, cur, op, value, cmp)
                 if k is not None:
                     nxt = matches[k].ts_ms + within + 1
-            cause = matches[-1].event_id if cur and matches else None
-            return (cur, nxt, cause, label)
+            return (cur, nxt, matches[-1].event_id if cur else None, label)
         return count
 
     assert fld is not None
 
     def aggregate(ctx: _Ctx) -> _Res:
-        ix = ctx.of_type(etype)
+        ix = (ctx.index or ctx.build_index()).get(etype, _NO_EVENTS)
         if not ix.ts:
             return empty
         lo = _start(ix, ctx.now, within, since)
@@ -481,7 +518,8 @@ def _compile_sequence(n: SeqNode, label: str) -> _Fn:
 
     if not n.negated:
         def followed(ctx: _Ctx) -> _Res:
-            ia, ib = ctx.of_type(ta), ctx.of_type(tb)
+            idx = ctx.index or ctx.build_index()
+            ia, ib = idx.get(ta, _NO_EVENTS), idx.get(tb, _NO_EVENTS)
             if not ib.events:
                 return F
             lo = _start(ia, ctx.now, within, since)
@@ -498,10 +536,11 @@ def _compile_sequence(n: SeqNode, label: str) -> _Fn:
     def not_followed(ctx: _Ctx) -> _Res:
         # Each unfollowed A qualifies during [A.ts + gap + 1, A.ts + within]; the result can only
         # change at an edge of one of these intervals.
-        ia = ctx.of_type(ta)
+        idx = ctx.index or ctx.build_index()
+        ia = idx.get(ta, _NO_EVENTS)
         if not ia.ts:
             return F
-        ib, now = ctx.of_type(tb), ctx.now
+        ib, now = idx.get(tb, _NO_EVENTS), ctx.now
         lo = _start(ia, now, within, since)
         hit: str | None = None
         nxt: int | None = None
@@ -548,6 +587,7 @@ class SegmentEngine:
         self.history_retention_ms = history_retention_ms
         self._order = dependency_order(list(audiences))
         self._rank = {aid: i for i, aid in enumerate(self._order)}
+        self._versions = {a.id: a.version for a in audiences}
         self._fns: dict[str, _Fn] = {a.id: _compile(a.ast) for a in audiences}
         self._by_event: dict[str, set[str]] = {}
         self._by_attr: dict[str, set[str]] = {}
@@ -604,6 +644,15 @@ class SegmentEngine:
                     todo.append(dep)
         return sorted(hit, key=self._rank.__getitem__)
 
+    def _ids(self, audience_ids: Sequence[str] | None) -> Sequence[str]:
+        """The audiences to evaluate, in evaluation order (None: all)."""
+        if audience_ids is None:
+            return self._order
+        if isinstance(audience_ids, Affected):  # from affected(): known ids, already in evaluation order
+            return audience_ids
+        self._check(audience_ids)
+        return sorted(set(audience_ids), key=self._rank.__getitem__)
+
     def evaluate(self, profile: ProfileState, now_ms: int, audience_ids: Sequence[str] | None = None,
                  *, kind: str = "streaming") -> list[Decision]:
         """Evaluate audiences (default: all) for one profile at wall time now_ms, dependencies first.
@@ -611,13 +660,7 @@ class SegmentEngine:
         inSegment() sees results computed earlier in this call, else profile.memberships (not exited).
         `kind` is accepted for symmetry with apply_decisions; evaluation does not depend on it.
         """
-        if audience_ids is None:
-            ids: Sequence[str] = self._order
-        elif isinstance(audience_ids, Affected):  # from affected(): known ids, already in evaluation order
-            ids = audience_ids
-        else:
-            self._check(audience_ids)
-            ids = sorted(set(audience_ids), key=self._rank.__getitem__)
+        ids = self._ids(audience_ids)
         ctx = _Ctx(profile, now_ms)
         fns, seg, seg_next = self._fns, ctx.seg, ctx.seg_next
         out: list[Decision] = []
@@ -628,6 +671,35 @@ class SegmentEngine:
             seg_next[aid] = nxt
             out.append(new(Decision, (aid, v, label, cause if v else None, nxt)))
         return out
+
+    def decide(self, profile: ProfileState, now_ms: int,
+               audience_ids: Sequence[str] | None = None) -> tuple[list[Decision], int | None]:
+        """`evaluate`, keeping only the decisions that change the profile's memberships (a new member, one
+        that leaves, a 'realized' one becoming 'existing', a new audience version), plus the earliest
+        next_check_ms of all of them: what `apply_decisions` and the deadline need. Most evaluations change
+        nothing (every audience of a batch run, most of an event's), and skipping their decisions here
+        saves building and re-reading them."""
+        ids = self._ids(audience_ids)
+        ctx = _Ctx(profile, now_ms)
+        fns, seg, seg_next, versions = self._fns, ctx.seg, ctx.seg_next, self._versions
+        members = profile.memberships
+        out: list[Decision] = []
+        new = tuple.__new__
+        first: int | None = None
+        for aid in ids:
+            v, nxt, cause, label = fns[aid](ctx)
+            seg[aid] = v
+            seg_next[aid] = nxt
+            if nxt is not None and (first is None or nxt < first):
+                first = nxt
+            m = members.get(aid)
+            if m is None or m.status == "exited":
+                if not v:
+                    continue
+            elif v and m.status == "existing" and m.version == versions[aid]:
+                continue
+            out.append(new(Decision, (aid, v, label, cause if v else None, nxt)))
+        return out, first
 
     def next_deadline(self, decisions: Sequence[Decision]) -> int | None:
         """The earliest next_check_ms of the decisions, or None."""

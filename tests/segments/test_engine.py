@@ -5,10 +5,13 @@ from __future__ import annotations
 import time
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pipeline.errors import ConfigError, UnknownNameError
-from pipeline.model import Scalar
+from pipeline.model import Scalar, StoredEvent
 from pipeline.segments import SegmentEngine
+from pipeline.segments.engine import _OPS, _count_change
 
 from .helpers import DAY, HOUR, MINUTE, audience, decide, engine, make_profile
 
@@ -182,3 +185,21 @@ def test_performance_smoke() -> None:
         eng.evaluate(p, T0)
     rate = 5000 / (time.perf_counter() - start)
     assert rate > 20_000
+
+
+@given(st.integers(0, 12), st.sampled_from(["=", "!=", "<", "<=", ">", ">="]),
+       st.one_of(st.integers(-2, 14), st.sampled_from([0.5, 2.5, 3.0, -1.5, 11.99])), st.data())
+def test_count_change_is_the_first_match_whose_leaving_flips_the_result(c: int, op: str, value: float,
+                                                                        data: st.DataObject) -> None:
+    # Given c in-window matches (some sharing a timestamp: they leave together) and `count op value`
+    stamps = sorted(data.draw(st.lists(st.integers(0, 5), min_size=c, max_size=c)))
+    matches = [StoredEvent(f"e{i}", "t", ts, "web", {}) for i, ts in enumerate(stamps)]
+    cmp = _OPS[op]
+    cur = cmp(c, value)
+    # When the engine computes which match's leaving changes the result
+    got = _count_change(matches, cur, op, value, cmp)  # type: ignore[arg-type]
+    # Then it leaves when the first group of matches (by timestamp) whose leaving flips the result does
+    want = next((k for k in range(c) if (k + 1 == c or stamps[k + 1] != stamps[k])
+                 and cmp(c - k - 1, value) != cur), None)
+    assert (got is None, stamps[got] if got is not None else None) == (want is None,
+                                                                       stamps[want] if want is not None else None)

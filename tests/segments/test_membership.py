@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import hashlib
 
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pipeline.model import Membership
 from pipeline.segments import Decision, SegmentEngine, apply_decisions, exit_all, idempotency_key
 
-from .helpers import audience, make_profile
+from .helpers import HOUR, audience, make_profile
 
 ENGINE = SegmentEngine([audience("gold", 'loyalty.tier = "gold"', version=3,
                                  attributes=("person.firstName", "loyalty.tier", "person.city"))])
@@ -73,3 +77,36 @@ def test_exit_all_exits_every_active_membership() -> None:
     assert all(m.status == "exited" for m in p.memberships.values())
     assert changes[1].attributes == {} and changes[1].audience_version == 1  # removed audience
     assert exit_all(p, ENGINE, now_ms=8000, kind="merge", reason="again") == []
+
+
+DECIDE_ENGINE = SegmentEngine([audience("gold", 'loyalty.tier = "gold"', version=2),
+                               audience("recent", "event pageView within 1h"),
+                               audience("both", 'inSegment("gold") and inSegment("recent")')])
+
+
+@given(st.sampled_from(["gold", "silver", None]), st.lists(st.integers(0, 3), max_size=3),
+       st.fixed_dictionaries({}, optional={a: st.tuples(st.sampled_from(["realized", "existing", "exited"]),
+                                                        st.integers(1, 2))
+                                           for a in ("gold", "recent", "both")}))
+def test_decide_keeps_exactly_the_decisions_that_change_memberships(tier: str | None, hours_ago: list[int],
+                                                                     members: dict[str, tuple[str, int]]) -> None:
+    # Given a profile with any memberships (status, version) and data
+    def build():  # type: ignore[no-untyped-def]
+        p = make_profile({"loyalty.tier": tier} if tier else {},
+                         events=[("pageView", 10 * HOUR - h * HOUR, {}) for h in hours_ago])
+        for aid, (status, version) in members.items():
+            p.memberships[aid] = Membership(aid, status, 0, version, "seed", 0)  # type: ignore[arg-type]
+        return p
+    full, lean = build(), build()
+    # When one is evaluated in full and the other with decide()
+    decisions = DECIDE_ENGINE.evaluate(full, 10 * HOUR)
+    kept, first = DECIDE_ENGINE.decide(lean, 10 * HOUR)
+    a = apply_decisions(full, decisions, DECIDE_ENGINE, now_ms=10 * HOUR, event_time_ms=10 * HOUR, kind="batch")
+    b = apply_decisions(lean, kept, DECIDE_ENGINE, now_ms=10 * HOUR, event_time_ms=10 * HOUR, kind="batch")
+    # Then both emit the same changes, leave the same memberships and the same next deadline
+    assert a == b and full.memberships == lean.memberships
+    assert first == DECIDE_ENGINE.next_deadline(decisions)
+    # And every kept decision changed something
+    assert all(d.qualified != (members.get(d.audience_id, ("exited",))[0] != "exited")
+               or members[d.audience_id] != ("existing", DECIDE_ENGINE.audiences[d.audience_id].version)
+               for d in kept)
