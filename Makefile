@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: run test test-unit test-integration lint bench kafka-jars kafka-up kafka-down topics clean venv
+.PHONY: run test test-unit test-integration lint bench bench-batch kafka-jars kafka-up kafka-down topics clean venv
 
 venv: $(STAMP)
 
@@ -44,6 +44,10 @@ lint: venv
 bench: kafka-jars
 	$(BIN)/pip install -q -e ".[dev,bench]"
 	$(BIN)/python -m bench.run
+
+# Batch evaluation alone (no broker): 50 audiences over 1,000,000 stored profiles with the worker's walk.
+bench-batch: venv
+	$(BIN)/python -m bench.batch
 
 clean:
 	rm -rf data .pytest_cache .mypy_cache .ruff_cache

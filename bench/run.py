@@ -580,7 +580,6 @@ def run_batch(ctx: dict[str, Any], sampler: Sampler) -> dict[str, Any]:
         res["profiles_per_s_wall"] = round(n / wall, 1)
         res["profiles_per_s_busy"] = round(n / busy, 1)  # one worker evaluates its partitions one after another
         res["audience_evals_per_s_busy"] = round(20 * n / busy, 1)
-        res["extrapolated_1M_x50_s_one_worker"] = round(1_000_000 * 50 / (20 * n / busy), 1)
     log(f"batch: {n:,} profiles in {wall:.1f}s wall (CLI), {busy:.1f}s summed partition time -> "
         f"{res.get('profiles_per_s_busy', 0):,.0f} profiles/s x 20 audiences")
     return res
@@ -829,8 +828,7 @@ def main(argv: list[str] | None = None) -> int:
         if batch.get("profiles_per_s_busy"):
             print(f"batch: {batch['profiles_evaluated']:,} profiles x 20 audiences in {batch['cli_wall_s']}s CLI "
                   f"wall ({batch['partition_seconds_sum']}s worker time) = {batch['profiles_per_s_busy']:,.0f} "
-                  f"profiles/s; 1M profiles x 50 audiences ~ {batch['extrapolated_1M_x50_s_one_worker']:,.0f}s "
-                  f"on one worker (linear extrapolation)")
+                  f"profiles/s (50 audiences x 1,000,000 profiles: `make bench-batch`)")
         if profile.get("top_self"):
             print(f"profile ({profile['samples']} samples at {profile['rate']:,}/s) top self time:")
             for r in profile["top_self"][:12]:

@@ -151,6 +151,11 @@ def run_batch(settings: Settings, audiences: list[str], since_ms: int = 0, timeo
     total = sum(f["evaluated"] for f in finals.values())
     changes = sum(f["changes"] for f in finals.values())
     print(f"\nbatch run {run}: {total} profiles evaluated, {changes} membership changes emitted")
+    aborted = sorted(p for p, f in finals.items() if f.get("aborted"))
+    if aborted:
+        print(f"batch run {run}: stopped early on partition(s) {aborted} (revoked during a rebalance); "
+              "run it again", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -24,7 +24,7 @@ from pipeline.profiles.walk import META_PREFIX, Outcome, Walk, WalkPool, WalkSpe
 from pipeline.runtime import BATCH_MAX, BATCH_WITHIN_S, TABLE_CACHE, LocalItem, Runtime
 from pipeline.segments import SegmentEngine, load_segments
 from pipeline.segments.batch import batch_request, new_run_id
-from pipeline.state.codec import Forward, decode_profile_entry, encode_forward, encode_profile
+from pipeline.state.codec import Forward, decode_profile_entry, encode_forward, encode_profile, peek_deadline
 from pipeline.state.tables import PartitionedTable
 
 log = logging.getLogger(__name__)
@@ -250,9 +250,9 @@ def _rebuild_deadlines(table: PartitionedTable, partition: int, deadlines: Deadl
     for key, raw in table.table.data._db_for_partition(partition).items():
         if key.startswith(META_PREFIX):
             continue
-        entry = decode_profile_entry(raw)
-        if isinstance(entry, ProfileState) and entry.next_deadline_ms is not None:
-            deadlines.note(entry.profile_id, entry.next_deadline_ms)
+        peeked = peek_deadline(raw)  # not a full decode: this reads every profile of the partition
+        if peeked is not None and peeked[1] is not None:
+            deadlines.note(*peeked)
             n += 1
     if n:
         log.info("partition %d: restored %d pending deadlines", partition, n)
@@ -279,11 +279,15 @@ async def _walk_partition(rt: Runtime, walks: Walks, partition: int, run: str, s
     store = table.table.data._db_for_partition(partition)
     with table.watch(partition) as dirty:
         walk = Walk(rt.processor, spec, store, lambda key: table.get(partition, key, remember=False), apply,
-                    progress, dirty, task_base=walks.task_base(rt, store))
+                    progress, dirty, task_base=walks.task_base(rt, store),
+                    owner=lambda: not rt.app.rebalancing and partition in table.active())
         await walk.run(walks.pool)
+    if walk.aborted:
+        log.warning("walk %s on partition %d stopped after %d of its profiles: the partition was revoked or is "
+                    "being rebalanced (run it again)", run, partition, walk.seen)
     rt.send(Send("control.segments", run, {
         "op": "progress", "run": run, "partition": partition, "seen": walk.seen, "total": walk.seen,
-        "evaluated": walk.evaluated, "changes": walk.changes, "final": True,
+        "evaluated": walk.evaluated, "changes": walk.changes, "final": True, "aborted": walk.aborted,
         "seconds": round(time.monotonic() - started, 3), "started_ms": started_ms}))
     return walk
 

@@ -248,6 +248,8 @@ class Walk:
     progress: Callable[[int, int], None]
     dirty: set[bytes]
     task_base: dict[str, Any] | None = None  # SliceTask fields but the range and spec; None: walk inline
+    owner: Callable[[], bool] = lambda: True  # whether the partition is still ours to write (checked per step)
+    aborted: bool = False  # the partition was revoked mid-walk: the rest was not evaluated
     seen: int = 0
     evaluated: int = 0
     changes: int = 0
@@ -269,7 +271,9 @@ class Walk:
         value written so far); 2. inline: visit each key, reading its current value; with a pool: one task
         per key range; per finished range, apply its outcomes except for keys written since the walk began,
         which are visited again, inline, from their current value; a range whose task failed is visited
-        inline; 3. report progress every 2,000 keys (inline) or per finished range."""
+        inline; 3. report progress every 2,000 keys (inline) or per finished range.
+        Before each step, if the partition is no longer ours (`owner()`), stop without writing anything more:
+        its new owner holds the state now. `aborted` tells the caller."""
         parallel = pool is not None and self.task_base is not None
         if parallel:
             self.store.flush()
@@ -277,6 +281,9 @@ class Walk:
         total = len(keys)
         if not parallel or total <= 2 * PROGRESS_EVERY:
             for i in range(0, total, PROGRESS_EVERY):
+                if not self.owner():
+                    self.aborted = True
+                    return
                 self._inline(keys[i:i + PROGRESS_EVERY])
                 self.seen = min(total, i + PROGRESS_EVERY)
                 self.progress(self.seen, total)
@@ -289,6 +296,11 @@ class Walk:
                    (lo, hi, n) for lo, hi, n in slices(keys, size)}
         while pending:
             done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            if not self.owner():
+                for fut in pending:
+                    fut.cancel()
+                self.aborted = True
+                return
             for fut in done:
                 lo, hi, n = pending.pop(fut)
                 exc = fut.exception()

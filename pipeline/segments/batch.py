@@ -25,11 +25,12 @@ def batch_request(run: str, audiences: list[str], since_ms: int, kind: str = "ba
 
 
 def last_completed_start(progress: Iterable[dict[str, Any]], partitions: int) -> int:
-    """Start time of the latest run whose final report arrived from every partition (0 if none)."""
+    """Start time of the latest run whose final report arrived from every partition (0 if none); a partition
+    that stopped early (revoked mid-walk) did not complete it."""
     finals: dict[str, set[int]] = {}
     starts: dict[str, int] = {}
     for m in progress:
-        if m.get("op") == "progress" and m.get("final") and m.get("started_ms"):
+        if m.get("op") == "progress" and m.get("final") and m.get("started_ms") and not m.get("aborted"):
             finals.setdefault(m["run"], set()).add(int(m["partition"]))
             starts[m["run"]] = int(m["started_ms"])
     complete = [starts[r] for r, parts in finals.items() if len(parts) >= partitions]

@@ -120,6 +120,29 @@ def decode_profile_entry(data: bytes) -> ProfileState | Forward:
     raise SerdeError("profile_decode", f"unknown entry kind {kind}")
 
 
+def peek_deadline(data: bytes) -> tuple[str, int | None] | None:
+    """(profile id, next_deadline_ms) of a profile-table value without decoding the rest (~20x cheaper:
+    a worker re-reads every profile's deadline when it is assigned a partition); None for a forward."""
+    if len(data) < 3 or data[0] != FORMAT_VERSION:
+        raise SerdeError("profile_version" if len(data) >= 3 else "profile_decode",
+                         "unsupported profile format version" if len(data) >= 3 else "value too short")
+    if data[1] == _FORWARD:
+        return None
+    if data[1] != _PROFILE:
+        raise SerdeError("profile_decode", f"unknown entry kind {data[1]}")
+    unpacker = msgpack.Unpacker(raw=False)
+    unpacker.feed(memoryview(data)[2:])
+    try:
+        if unpacker.read_array_header() != 9:
+            raise ValueError("not a profile body")
+        pid, _created, deadline = unpacker.unpack(), unpacker.unpack(), unpacker.unpack()
+    except (ValueError, TypeError, msgpack.UnpackException, msgpack.OutOfData) as exc:
+        raise SerdeError("profile_decode", f"malformed profile body: {exc}") from exc
+    if not isinstance(pid, str) or not (deadline is None or type(deadline) is int):
+        raise SerdeError("profile_decode", "malformed profile body: id or deadline of the wrong type")
+    return pid, deadline
+
+
 def decode_profile(data: bytes) -> ProfileState:
     """Decode a profile; a forwarding marker here is an error (use decode_profile_entry)."""
     entry = decode_profile_entry(data)

@@ -77,7 +77,7 @@ def processor() -> ProfileProcessor:
 
 def run_walk(db: Rdict, *, pool: WalkPool | None = None, dirty: set[bytes] | None = None,
              current: dict[bytes, bytes] | None = None, path: str | None = None,
-             spec: WalkSpec = BATCH) -> tuple[Walk, list[Outcome], list[tuple[int, int]]]:
+             spec: WalkSpec = BATCH, owner_for_steps: int | None = None) -> tuple[Walk, list[Outcome], list[tuple[int, int]]]:
     """Walk `db` like the profile agent: `current` overrides what the owner reads now (values written
     after the walk began, whose keys are in `dirty`); outcomes are written back to `db`."""
     outcomes: list[Outcome] = []
@@ -91,9 +91,15 @@ def run_walk(db: Rdict, *, pool: WalkPool | None = None, dirty: set[bytes] | Non
 
     task = {"path": path or db.path(), "audiences": AUDIENCES, "retention_ms": 90 * 86_400_000,
             "config_dir": str(EXAMPLE), "now_ms": NOW}
+    steps = [0]
+
+    def owner() -> bool:  # still the partition's owner for the first `owner_for_steps` checks
+        steps[0] += 1
+        return owner_for_steps is None or steps[0] <= owner_for_steps
+
     walk = Walk(processor(), spec, db, lambda k: current.get(k) or db.get(k), apply,
                 lambda seen, total: reports.append((seen, total)), dirty if dirty is not None else set(),
-                task_base=task if pool else None)
+                task_base=task if pool else None, owner=owner)
     asyncio.run(walk.run(pool))
     return walk, outcomes, reports
 
@@ -195,3 +201,20 @@ def test_a_definitions_walk_exits_removed_audiences_and_evaluates_new_ones(make_
     got = sorted((c.profile_id, c.audience_id, c.status, c.evaluation) for o in outcomes for c in o.result.changes)
     assert got == [("p00000", "old", "exited", "definition"), ("p00001", "old", "exited", "definition"),
                    ("p00001", "silver", "realized", "definition"), ("p00002", "old", "exited", "definition")]
+
+
+@pytest.mark.parametrize("processes", [0, 2])
+def test_a_walk_stops_writing_once_its_partition_is_revoked(make_store: Any, processes: int) -> None:
+    # Given a store of 9,000 profiles and a partition revoked after the walk's first step
+    db = make_store(9_000)
+    pool = WalkPool(processes) if processes else None
+    try:
+        # When it is walked (inline: steps of 2,000 keys; in processes: finished ranges)
+        walk, outcomes, reports = run_walk(db, pool=pool, owner_for_steps=1)
+    finally:
+        if pool:
+            pool.close()
+    # Then it stops, marked aborted: only the first step's profiles (one range, or two that finished
+    # together) were written and reported
+    assert walk.aborted
+    assert 0 < len(outcomes) <= 4_000 and walk.seen <= 4_000 and len(reports) <= 2

@@ -8,10 +8,11 @@ def final(run: str, part: int, started: int) -> dict:
 
 
 def test_only_runs_reported_by_every_partition_count():
-    # Given run a (complete, started at 100), run b (complete, 300) and run c (partition 1 missing, 500)
+    # Given run a (complete, started at 100), run b (complete, 300), run c (partition 1 missing, 500) and
+    # run d (partition 1 stopped early: revoked mid-walk, 700)
     progress = [final("a", 0, 100), final("a", 1, 100), final("b", 1, 300), final("b", 0, 300),
                 {"op": "progress", "run": "c", "partition": 0, "final": False, "started_ms": 500},
-                final("c", 0, 500)]
+                final("c", 0, 500), final("d", 0, 700), {**final("d", 1, 700), "aborted": True}]
     # Then the last completed run is b
     assert last_completed_start(progress, partitions=2) == 300
     assert last_completed_start([], partitions=2) == 0

@@ -16,6 +16,7 @@ from pipeline.state.codec import (
     decode_profile_entry,
     encode_forward,
     encode_profile,
+    peek_deadline,
 )
 
 text = st.text(max_size=12)
@@ -51,6 +52,25 @@ def test_profile_round_trips_exactly(profile: ProfileState) -> None:
     assert decoded == profile
     assert _typed(decoded) == _typed(profile)
     assert decode_profile_entry(encode_profile(profile)) == profile
+
+
+@given(profiles)
+def test_peek_deadline_reads_what_a_full_decode_reads(profile: ProfileState) -> None:
+    # a worker re-reads every profile's deadline on assignment without decoding the whole profile
+    assert peek_deadline(encode_profile(profile)) == (profile.profile_id, profile.next_deadline_ms)
+
+
+def test_peek_deadline_of_a_forward_is_none_and_bad_bytes_raise() -> None:
+    assert peek_deadline(encode_forward(Forward("p0001"))) is None
+    for data, reason in [(b"", "profile_decode"), (bytes((99, ord("P"))) + msgpack.packb([1]), "profile_version"),
+                         (bytes((FORMAT_VERSION, ord("X"))) + msgpack.packb("a"), "profile_decode"),
+                         (bytes((FORMAT_VERSION, ord("P"))) + msgpack.packb([1, 2]), "profile_decode"),
+                         (bytes((FORMAT_VERSION, ord("P"))) + b"\xc1\xc1\xc1", "profile_decode"),
+                         (bytes((FORMAT_VERSION, ord("P"))) + msgpack.packb([7, 0, None, 0, {}, [], [], [], []]),
+                          "profile_decode")]:
+        with pytest.raises(SerdeError) as info:
+            peek_deadline(data)
+        assert info.value.reason == reason, data
 
 
 def test_full_profile_round_trip_and_layout() -> None:
