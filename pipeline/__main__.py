@@ -2,4 +2,5 @@
 
 from pipeline.cli import main
 
-raise SystemExit(main())
+if __name__ == "__main__":  # not when a walk process (multiprocessing spawn) imports the main module
+    raise SystemExit(main())

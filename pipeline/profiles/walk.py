@@ -294,6 +294,8 @@ class Walk:
         size = max(PROGRESS_EVERY, min(SLICE_KEYS, total // (4 * pool.processes)))
         pending = {asyncio.ensure_future(pool.submit(SliceTask(lower=lo, upper=hi, spec=self.spec, **self.task_base))):
                    (lo, hi, n) for lo, hi, n in slices(keys, size)}
+        log.info("walk (%s): %d keys in %d ranges on %d processes", self.spec.kind, total, len(pending),
+                 pool.processes)
         while pending:
             done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
             if not self.owner():
