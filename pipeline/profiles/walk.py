@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import concurrent.futures.process
 import logging
 import multiprocessing
 import os
@@ -203,12 +204,19 @@ class WalkPool:
         self._executor: concurrent.futures.ProcessPoolExecutor | None = None
 
     def submit(self, task: SliceTask) -> Awaitable[SliceResult]:
-        """Called from the event loop; the awaitable fails if the process does (the caller falls back)."""
-        if self._executor is None:
-            # spawn, not fork: the worker has librdkafka and RocksDB threads that a fork would copy mid-state
-            self._executor = concurrent.futures.ProcessPoolExecutor(
-                self.processes, mp_context=multiprocessing.get_context("spawn"), initializer=_init_process)
-        return asyncio.get_running_loop().run_in_executor(self._executor, run_slice, task)
+        """Called from the event loop; the awaitable fails if the process does (the caller falls back).
+        A pool broken by a process that died (killed, out of memory) is replaced by a new one here."""
+        for _ in range(2):
+            if self._executor is None:
+                # spawn, not fork: the worker has librdkafka and RocksDB threads that a fork would copy mid-state
+                self._executor = concurrent.futures.ProcessPoolExecutor(
+                    self.processes, mp_context=multiprocessing.get_context("spawn"), initializer=_init_process)
+            try:
+                return asyncio.wrap_future(self._executor.submit(run_slice, task))
+            except concurrent.futures.process.BrokenProcessPool:
+                log.warning("walk processes: a process died and broke the pool; starting new ones")
+                self.close()
+        raise AssertionError("unreachable: a new pool accepts work")  # pragma: no cover
 
     def close(self) -> None:
         if self._executor is not None:
@@ -254,6 +262,17 @@ class Walk:
     evaluated: int = 0
     changes: int = 0
 
+    async def _walk_inline(self, keys: list[bytes]) -> None:
+        total = len(keys)
+        for i in range(0, total, PROGRESS_EVERY):
+            if not self.owner():
+                self.aborted = True
+                return
+            self._inline(keys[i:i + PROGRESS_EVERY])
+            self.seen = min(total, i + PROGRESS_EVERY)
+            self.progress(self.seen, total)
+            await asyncio.sleep(0)
+
     def _inline(self, keys: Iterable[bytes], count: bool = True) -> None:
         for key in keys:
             o = visit(self.processor, self.spec, key, self.read(key))
@@ -280,20 +299,23 @@ class Walk:
         keys = profile_keys(self.store)
         total = len(keys)
         if not parallel or total <= 2 * PROGRESS_EVERY:
-            for i in range(0, total, PROGRESS_EVERY):
-                if not self.owner():
-                    self.aborted = True
-                    return
-                self._inline(keys[i:i + PROGRESS_EVERY])
-                self.seen = min(total, i + PROGRESS_EVERY)
-                self.progress(self.seen, total)
-                await asyncio.sleep(0)
+            await self._walk_inline(keys)
             return
         assert pool is not None and self.task_base is not None
         # at least 4 ranges per process, so they all finish close together
         size = max(PROGRESS_EVERY, min(SLICE_KEYS, total // (4 * pool.processes)))
-        pending = {asyncio.ensure_future(pool.submit(SliceTask(lower=lo, upper=hi, spec=self.spec, **self.task_base))):
-                   (lo, hi, n) for lo, hi, n in slices(keys, size)}
+        pending: dict[asyncio.Future[SliceResult], tuple[bytes, bytes | None, int]] = {}
+        try:
+            for lo, hi, n in slices(keys, size):
+                task = SliceTask(lower=lo, upper=hi, spec=self.spec, **self.task_base)
+                pending[asyncio.ensure_future(pool.submit(task))] = (lo, hi, n)
+        except Exception as exc:  # noqa: BLE001 - no processes (cannot spawn): the walk still has to happen
+            log.warning("walk: cannot use worker processes (%s: %s); walking in the event loop",
+                        type(exc).__name__, exc)
+            for fut in pending:
+                fut.cancel()
+            await self._walk_inline(keys)
+            return
         log.info("walk (%s): %d keys in %d ranges on %d processes", self.spec.kind, total, len(pending),
                  pool.processes)
         while pending:
@@ -305,10 +327,10 @@ class Walk:
                 return
             for fut in done:
                 lo, hi, n = pending.pop(fut)
-                exc = fut.exception()
-                if exc is not None:
+                failure = fut.exception()
+                if failure is not None:
                     log.warning("walk: a worker process failed on a key range (%s: %s); evaluating it here",
-                                type(exc).__name__, exc)
+                                type(failure).__name__, failure)
                     self._inline(k for k in keys if lo <= k and (hi is None or k < hi))
                 else:
                     res: SliceResult = fut.result()

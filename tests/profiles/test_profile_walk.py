@@ -5,6 +5,8 @@ again from its current value."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -218,3 +220,40 @@ def test_a_walk_stops_writing_once_its_partition_is_revoked(make_store: Any, pro
     # together) were written and reported
     assert walk.aborted
     assert 0 < len(outcomes) <= 4_000 and walk.seen <= 4_000 and len(reports) <= 2
+
+
+def test_walk_processes_that_died_are_replaced(make_store: Any, caplog: Any) -> None:
+    # Given a pool whose processes were killed after a walk (out of memory, an operator's kill)
+    db = make_store(6_000)
+    pool = WalkPool(2)
+    try:
+        run_walk(db, pool=pool)
+        assert pool._executor is not None
+        for proc in list(pool._executor._processes.values()):
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.join(10)
+        # When walks run again
+        _, second, _ = run_walk(make_store(6_000), pool=pool)
+        caplog.clear()
+        _, third, _ = run_walk(make_store(6_000), pool=pool)
+    finally:
+        pool.close()
+    # Then each evaluates every profile, and by the third one new processes do the work (no range falls back)
+    want = sorted(x for n in range(6_000) for x in expected(n))
+    assert entered(second) == entered(third) == want
+    assert "evaluating it here" not in caplog.text
+
+
+class NoProcesses(WalkPool):
+    def submit(self, task: Any) -> Any:
+        raise OSError("cannot start a process")
+
+
+def test_a_walk_without_worker_processes_runs_in_the_event_loop(make_store: Any, caplog: Any) -> None:
+    # Given worker processes that cannot be started
+    db = make_store(6_000)
+    # When a walk asks for them
+    walk, outcomes, _ = run_walk(db, pool=NoProcesses(2))
+    # Then it walks in the event loop instead, and says so
+    assert entered(outcomes) == sorted(x for n in range(6_000) for x in expected(n))
+    assert walk.evaluated == 6_000 and "walking in the event loop" in caplog.text
