@@ -148,6 +148,11 @@ def register(rt: Runtime) -> None:
     if walks.pool is not None:
         rt.app.on_before_shutdown.connect(lambda *_a, **_k: walks.pool.close() if walks.pool else None)
 
+        @rt.app.timer(10.0)
+        async def stop_idle_walk_processes() -> None:
+            if walks.pool is not None:
+                walks.pool.close_if_idle()
+
     async def profiles(stream: Any) -> None:
         """Batches of messages; a batch/defs-check control op ends a run of data ops and runs on its own
         (it walks a whole partition and yields to the loop, so it stays outside local delivery)."""

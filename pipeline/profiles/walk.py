@@ -17,6 +17,7 @@ import concurrent.futures.process
 import logging
 import multiprocessing
 import os
+import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,8 +169,6 @@ def _range(db: Rdict, lower: bytes, upper: bytes | None) -> Iterator[tuple[bytes
 def run_slice(task: SliceTask) -> SliceResult:
     """Runs in a worker process: open the store read-only, evaluate the range. The engine is compiled once
     per process and audience set (definitions can be reloaded while the worker runs)."""
-    import time
-
     engine_key = (task.audiences, task.retention_ms)
     engine = _engines.get(engine_key)
     if engine is None:
@@ -197,11 +196,28 @@ def _init_process() -> None:
 
 
 class WalkPool:
-    """The worker processes of a worker's walks, started at the first walk that needs them."""
+    """The worker processes of a worker's walks: started by the first walk that needs them, stopped once
+    idle for `idle_s` (each holds ~100-300 MB, and walks are rare: batch runs, definition changes)."""
 
-    def __init__(self, processes: int) -> None:
+    def __init__(self, processes: int, idle_s: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.processes = processes
+        self.idle_s = idle_s
+        self.clock = clock
         self._executor: concurrent.futures.ProcessPoolExecutor | None = None
+        self._in_flight = 0
+        self._last_used = 0.0
+
+    def _done(self, _fut: Any) -> None:
+        self._in_flight -= 1
+        self._last_used = self.clock()
+
+    def close_if_idle(self) -> bool:
+        """Called periodically by the owner: stop the processes when no task ran for `idle_s`."""
+        if self._executor is None or self._in_flight or self.clock() - self._last_used < self.idle_s:
+            return False
+        log.info("walk processes: idle for %.0f s, stopping them", self.clock() - self._last_used)
+        self.close()
+        return True
 
     def submit(self, task: SliceTask) -> Awaitable[SliceResult]:
         """Called from the event loop; the awaitable fails if the process does (the caller falls back).
@@ -212,10 +228,15 @@ class WalkPool:
                 self._executor = concurrent.futures.ProcessPoolExecutor(
                     self.processes, mp_context=multiprocessing.get_context("spawn"), initializer=_init_process)
             try:
-                return asyncio.wrap_future(self._executor.submit(run_slice, task))
+                fut = self._executor.submit(run_slice, task)
             except concurrent.futures.process.BrokenProcessPool:
                 log.warning("walk processes: a process died and broke the pool; starting new ones")
                 self.close()
+                continue
+            self._in_flight += 1
+            waiter = asyncio.wrap_future(fut)
+            waiter.add_done_callback(self._done)  # on the event loop's thread, like the count above
+            return waiter
         raise AssertionError("unreachable: a new pool accepts work")  # pragma: no cover
 
     def close(self) -> None:
@@ -225,10 +246,11 @@ class WalkPool:
 
 
 def pool_size() -> int:
-    """PIPELINE_WALK_PROCESSES: worker processes for walks; 0 walks in the event loop. Default: one per core."""
+    """PIPELINE_WALK_PROCESSES: worker processes for walks; 0 walks in the event loop. Default: one per core,
+    at most 4 (several workers may share a machine; set it higher on a machine of its own)."""
     raw = os.environ.get("PIPELINE_WALK_PROCESSES")
     if raw is None:
-        return os.cpu_count() or 1
+        return min(os.cpu_count() or 1, 4)
     try:
         n = int(raw)
     except ValueError:
@@ -327,7 +349,7 @@ class Walk:
                 return
             for fut in done:
                 lo, hi, n = pending.pop(fut)
-                failure = fut.exception()
+                failure = asyncio.CancelledError("pool stopped") if fut.cancelled() else fut.exception()
                 if failure is not None:
                     log.warning("walk: a worker process failed on a key range (%s: %s); evaluating it here",
                                 type(failure).__name__, failure)

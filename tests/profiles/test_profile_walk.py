@@ -257,3 +257,23 @@ def test_a_walk_without_worker_processes_runs_in_the_event_loop(make_store: Any,
     # Then it walks in the event loop instead, and says so
     assert entered(outcomes) == sorted(x for n in range(6_000) for x in expected(n))
     assert walk.evaluated == 6_000 and "walking in the event loop" in caplog.text
+
+
+def test_walk_processes_stop_once_idle(make_store: Any) -> None:
+    # Given a pool (idle after 60 s on its clock) that ran a walk
+    now = [1000.0]
+    pool = WalkPool(2, idle_s=60, clock=lambda: now[0])
+    try:
+        run_walk(make_store(5_000), pool=pool)
+        assert pool._executor is not None
+        # When 59 s pass, Then the processes are kept; When 61 s have passed, Then they are stopped
+        now[0] += 59
+        assert not pool.close_if_idle() and pool._executor is not None
+        now[0] += 2
+        assert pool.close_if_idle() and pool._executor is None
+        # And the next walk starts new ones
+        _, outcomes, _ = run_walk(make_store(5_000), pool=pool)
+        assert entered(outcomes) == sorted(x for n in range(5_000) for x in expected(n))
+        assert pool._executor is not None
+    finally:
+        pool.close()
