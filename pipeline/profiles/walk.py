@@ -64,10 +64,8 @@ class Outcome:
 
 @dataclass
 class SliceResult:
-    """A key range's results: how many keys it held, how many profiles were evaluated, the outcomes of
-    those with output."""
+    """A key range's results: how many profiles were evaluated, and the outcomes of those with output."""
 
-    seen: int = 0
     evaluated: int = 0
     outcomes: list[Outcome] = field(default_factory=list)
 
@@ -115,7 +113,6 @@ def evaluate_items(processor: ProfileProcessor, spec: WalkSpec, items: Iterable[
     for key, raw in items:
         if key.startswith(META_PREFIX):
             continue
-        out.seen += 1
         o = visit(processor, spec, key, raw)
         if o is not None:
             out.evaluated += 1
