@@ -48,6 +48,7 @@ EXAMPLE = ROOT / "config" / "example"
 CACHE = ROOT / "bench" / ".cache"
 RESULTS = ROOT / "bench" / "results"
 PARTITIONS = 4
+NO_PRECHECK = WalkSpec("batch", precheck=False)
 DAY = 86_400_000
 
 # 30 audiences on top of bench/segments.yaml's 20, in the same shapes (counts, sums, windows, attributes).
@@ -152,12 +153,11 @@ def build(path: Path, total: int, now_ms: int, engine: SegmentEngine | None) -> 
 
 
 def walk_store(parts: list[Rdict], processor: ProfileProcessor, pool: WalkPool | None, task: dict[str, Any],
-               limit_parts: int = PARTITIONS) -> dict[str, Any]:
+               limit_parts: int = PARTITIONS, spec: WalkSpec = WalkSpec("batch")) -> dict[str, Any]:
     """One batch run over the partitions, one after another as the worker's agent does, each with the
     worker's Walk; membership changes are built and turned into their message dicts, not produced."""
-    spec = WalkSpec("batch")
     t0, c0 = time.monotonic(), time.process_time()
-    seen = evaluated = changes = writes = 0
+    seen = evaluated = prechecked = changes = writes = 0
 
     def apply(o: Outcome) -> None:
         nonlocal writes
@@ -172,10 +172,12 @@ def walk_store(parts: list[Rdict], processor: ProfileProcessor, pool: WalkPool |
                     task_base={**task, "path": db.path()} if pool else None)
         asyncio.run(walk.run(pool))
         seen, evaluated, changes = seen + walk.seen, evaluated + walk.evaluated, changes + walk.changes
+        prechecked += walk.prechecked
         print(f"  partition {n}: {walk.evaluated:,} profiles, {evaluated / (time.monotonic() - t0):,.0f}/s so far",
               file=sys.stderr)
     wall = time.monotonic() - t0
-    return {"profiles": seen, "evaluated": evaluated, "changes": changes, "writes": writes,
+    return {"profiles": seen, "evaluated": evaluated, "settled_by_precheck": prechecked, "changes": changes,
+            "writes": writes,
             "wall_s": round(wall, 2), "owner_cpu_s": round(time.process_time() - c0, 2),
             "profiles_per_s": round(evaluated / wall, 1)}
 
@@ -184,8 +186,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--profiles", type=int, default=1_000_000)
     ap.add_argument("--processes", type=int, default=os.cpu_count() or 1, help="0: walk in the event loop")
-    ap.add_argument("--inline-partitions", type=int, default=1,
-                    help="partitions walked again without processes, for the ratio (0: skip)")
+    ap.add_argument("--compare-partitions", type=int, default=1,
+                    help="partitions walked again without the pre-check, and again without processes, for the "
+                         "ratios (0: skip)")
     ap.add_argument("--first-pass", action="store_true",
                     help="also walk a store whose profiles have no memberships yet (every profile enters its "
                          "audiences: the cost of emitting; slow)")
@@ -219,13 +222,16 @@ def main() -> None:
             try:
                 r = out[name] = walk_store(parts, processor, pool, task)
                 print(f"{name} pass: {r['evaluated']:,} profiles x {len(auds)} audiences in {r['wall_s']}s "
-                      f"({r['profiles_per_s']:,.0f}/s), {r['changes']:,} membership changes, "
-                      f"owner CPU {r['owner_cpu_s']}s", file=sys.stderr)
-                if name == "steady" and args.inline_partitions:
-                    r = out["steady_inline"] = walk_store(parts, processor, None, task, args.inline_partitions)
-                    print(f"steady pass in the event loop ({args.inline_partitions} partition(s)): "
-                          f"{r['profiles_per_s']:,.0f} profiles/s", file=sys.stderr)
-                    out["speedup"] = round(out["steady"]["profiles_per_s"] / r["profiles_per_s"], 2)
+                      f"({r['profiles_per_s']:,.0f}/s; {r['settled_by_precheck']:,} settled by the pre-check), "
+                      f"{r['changes']:,} membership changes, owner CPU {r['owner_cpu_s']}s", file=sys.stderr)
+                k = args.compare_partitions
+                if name == "steady" and k:
+                    for label, ratio, p, spec in (("steady_no_precheck", "precheck_speedup", pool, NO_PRECHECK),
+                                                  ("steady_inline", "process_speedup", None, WalkSpec("batch"))):
+                        r = out[label] = walk_store(parts, processor, p, task, k, spec)
+                        out[ratio] = round(out["steady"]["profiles_per_s"] / r["profiles_per_s"], 2)
+                        print(f"{label} ({k} partition(s)): {r['profiles_per_s']:,.0f} profiles/s; the full run is "
+                              f"{out[ratio]}x faster", file=sys.stderr)
             finally:
                 for p in parts:
                     p.close()

@@ -14,10 +14,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import concurrent.futures.process
+import gc
 import logging
 import multiprocessing
 import os
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,13 +31,15 @@ from pipeline.model import ProfileState
 from pipeline.profiles.config import ProfileConfig, load_profile_config
 from pipeline.profiles.ops import OpResult, ProfileProcessor
 from pipeline.segments import AudienceDef, SegmentEngine
-from pipeline.state.codec import decode_profile_entry, encode_profile
+from pipeline.segments.columnar import Precheck
+from pipeline.state.codec import decode_profile_entry, encode_profile, profile_body
 
 log = logging.getLogger(__name__)
 
 META_PREFIX = b"__"  # faust's offset keys and our per-partition metadata; never profiles
 SLICE_KEYS = 10_000  # keys per task handed to a process: ~1-3 s of work, so progress stays frequent
 PROGRESS_EVERY = 2_000  # keys between progress reports (and yields to the event loop) when walking inline
+PRECHECK_MIN = 64  # fewer keys than this go straight to the full path (the column set-up costs ~1-5 ms)
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,7 @@ class WalkSpec:
     since_ms: int = 0
     removed: tuple[str, ...] = ()
     evaluation: str = "batch"  # the membership messages' `evaluation`
+    precheck: bool = True  # settle unchanged profiles column-wise first (segments/columnar.py); False: all in full
 
 
 @dataclass
@@ -64,9 +69,11 @@ class Outcome:
 
 @dataclass
 class SliceResult:
-    """A key range's results: how many profiles were evaluated, and the outcomes of those with output."""
+    """A key range's results: how many profiles were evaluated (`prechecked` of them settled by the pre-check
+alone), and the outcomes of those with output."""
 
     evaluated: int = 0
+    prechecked: int = 0
     outcomes: list[Outcome] = field(default_factory=list)
 
 
@@ -83,6 +90,7 @@ def visit(processor: ProfileProcessor, spec: WalkSpec, key: bytes, raw: bytes | 
     if not isinstance(entry, ProfileState):
         return None
     pid = key.decode()
+    before = _marks(entry)
     if spec.kind == "definitions":
         res = processor.exit_removed(entry, list(spec.removed)) if spec.removed else OpResult()
         if spec.audiences:
@@ -98,8 +106,16 @@ def visit(processor: ProfileProcessor, spec: WalkSpec, key: bytes, raw: bytes | 
                                             "audiences": list(spec.audiences) if spec.audiences else None})
     written = res.write
     res.write = None  # the outcome carries the encoded profile instead (it crosses a process boundary)
-    raw_out = encode_profile(written) if isinstance(written, ProfileState) and res.changes else None
+    # Written when a membership changed, with a message or silently ('realized' -> 'existing', a new audience
+    # version): left unwritten, the next batch run would find the same silent change to make again.
+    changed = isinstance(written, ProfileState) and (bool(res.changes) or _marks(written) != before)
+    raw_out = encode_profile(written) if changed else None  # type: ignore[arg-type]
     return Outcome(key, pid, raw_out, entry.next_deadline_ms, res)
+
+
+def _marks(p: ProfileState) -> list[tuple[str, str, int]]:
+    """What a walk may change of a profile's memberships, silently or not."""
+    return [(a, m.status, m.version) for a, m in p.memberships.items()]
 
 
 def has_output(o: Outcome) -> bool:
@@ -107,11 +123,59 @@ def has_output(o: Outcome) -> bool:
     return o.raw is not None or bool(o.result.changes or o.result.sends or o.result.counters)
 
 
-def evaluate_items(processor: ProfileProcessor, spec: WalkSpec, items: Iterable[tuple[bytes, bytes]]) -> SliceResult:
-    """Visit every (key, value) of a store's range; meta keys are skipped."""
+_prechecks: weakref.WeakKeyDictionary[SegmentEngine, Precheck] = weakref.WeakKeyDictionary()
+
+
+def needs_full(processor: ProfileProcessor, spec: WalkSpec, items: list[tuple[bytes, bytes | None]]) -> list[bool] | None:
+    """Per item, whether it must be visited in full (False: the pre-check proved its memberships cannot change);
+    None when every item must (the spec is not one the pre-check covers, or there are too few items)."""
+    if not spec.precheck or spec.since_ms or len(items) < PRECHECK_MIN:
+        return None
+    check = _prechecks.get(processor.engine)
+    if check is None:
+        check = _prechecks[processor.engine] = Precheck(processor.engine)
+    rows: list[int] = []
+    bodies: list[list[Any]] = []
+    # The bodies are ~250 objects each, all alive until the columns are built: the collector would scan them
+    # again and again for nothing (they hold no cycles). It is off for this synchronous step only.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        for i, (_key, raw) in enumerate(items):
+            body = profile_body(raw)
+            if body is not None:  # a forward, a missing or an undecodable value: the full path deals with it
+                rows.append(i)
+                bodies.append(body)
+        cols = check.columns(bodies, spec.removed)
+    except (ValueError, TypeError, IndexError, KeyError, AttributeError):
+        # a body the columns cannot read: every item takes the full path, which decodes each and names the error
+        return None
+    finally:
+        del bodies
+        if collecting:
+            gc.enable()
+    now = processor.now_ms()
+    if spec.kind == "definitions":
+        change = check.may_change(cols, now, spec.audiences or (), spec.removed)
+    else:
+        change = check.may_change(cols, now, spec.audiences or None)
+    full = [True] * len(items)
+    for i, c in zip(rows, change.tolist(), strict=True):
+        full[i] = c
+    return full
+
+
+def evaluate_items(processor: ProfileProcessor, spec: WalkSpec,
+                   items: Iterable[tuple[bytes, bytes | None]]) -> SliceResult:
+    """Visit every (key, value) of a store's range, meta keys skipped: first the pre-check over all of them,
+    then in full each profile it could not prove unchanged."""
     out = SliceResult()
-    for key, raw in items:
-        if key.startswith(META_PREFIX):
+    batch = [(k, v) for k, v in items if not k.startswith(META_PREFIX)]
+    full = needs_full(processor, spec, batch)
+    for i, (key, raw) in enumerate(batch):
+        if full is not None and not full[i]:
+            out.evaluated += 1
+            out.prechecked += 1
             continue
         o = visit(processor, spec, key, raw)
         if o is not None:
@@ -279,6 +343,7 @@ class Walk:
     aborted: bool = False  # the partition was revoked mid-walk: the rest was not evaluated
     seen: int = 0
     evaluated: int = 0
+    prechecked: int = 0  # of `evaluated`, settled by the pre-check alone
     changes: int = 0
 
     async def _walk_inline(self, keys: list[bytes]) -> None:
@@ -293,18 +358,27 @@ class Walk:
             await asyncio.sleep(0)
 
     def _inline(self, keys: Iterable[bytes], count: bool = True) -> None:
-        for key in keys:
-            o = visit(self.processor, self.spec, key, self.read(key))
-            if o is not None:
-                self.evaluated += count
-                if has_output(o):
-                    self._apply(o)
+        # read all, then apply: no await in between, so nothing is written meanwhile
+        res = evaluate_items(self.processor, self.spec, [(k, self.read(k)) for k in keys])
+        if count:
+            self.evaluated += res.evaluated
+            self.prechecked += res.prechecked
+        for o in res.outcomes:
+            self._apply(o)
 
     def _apply(self, o: Outcome) -> None:
         self.changes += len(o.result.changes)
         self.apply(o)
 
     async def run(self, pool: WalkPool | None) -> None:
+        """Walk the partition (see `_run`), then log what it did."""
+        started = time.monotonic()
+        await self._run(pool)
+        log.info("walk (%s): %d profiles evaluated (%d settled by the pre-check), %d membership changes in "
+                 "%.1f s%s", self.spec.kind, self.evaluated, self.prechecked, self.changes,
+                 time.monotonic() - started, " (aborted: partition revoked)" if self.aborted else "")
+
+    async def _run(self, pool: WalkPool | None) -> None:
         """1. snapshot the keys (with a pool, after flushing the store, so a read-only view holds every
         value written so far); 2. inline: visit each key, reading its current value; with a pool: one task
         per key range; per finished range, apply its outcomes except for keys written since the walk began,
@@ -354,6 +428,7 @@ class Walk:
                 else:
                     res: SliceResult = fut.result()
                     self.evaluated += res.evaluated
+                    self.prechecked += res.prechecked
                     stale = {k for k in self.dirty if lo <= k and (hi is None or k < hi)}
                     for o in res.outcomes:
                         if o.key not in stale:

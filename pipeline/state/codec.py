@@ -143,6 +143,24 @@ def peek_deadline(data: bytes) -> tuple[str, int | None] | None:
     return pid, deadline
 
 
+# Positions in a profile body (see the module docstring), for readers of the raw body such as the batch pre-check.
+BODY_STRINGS, BODY_ATTRIBUTES, BODY_EVENTS, BODY_MEMBERSHIPS = 5, 6, 7, 8
+STATUS_CODES: dict[str, int] = {s: i for i, s in enumerate(_STATUS)}  # membership status -> the code stored in a body
+
+
+def profile_body(data: bytes | None) -> list[Any] | None:
+    """The raw msgpack body of a profile-table value (a list as laid out above), without building the profile;
+    None for anything else: a forward, a missing value, or a value that does not decode (whoever needs the
+    entry decodes it with decode_profile_entry, which names the error)."""
+    if not data or len(data) < 3 or data[0] != FORMAT_VERSION or data[1] != _PROFILE:
+        return None
+    try:
+        body = msgpack.unpackb(memoryview(data)[2:], raw=False, use_list=True)
+    except (ValueError, TypeError, msgpack.UnpackException):
+        return None
+    return body if type(body) is list and len(body) == 9 else None
+
+
 def decode_profile(data: bytes) -> ProfileState:
     """Decode a profile; a forwarding marker here is an error (use decode_profile_entry)."""
     entry = decode_profile_entry(data)

@@ -133,10 +133,41 @@ def test_an_inline_walk_evaluates_every_profile_and_writes_the_changed_ones(make
     assert entered(outcomes) == sorted(x for n in range(30) for x in expected(n))
     assert (walk.seen, walk.evaluated, walk.changes) == (31, 30, len(entered(outcomes)))
     assert reports == [(31, 31)]
-    # And each written profile holds its memberships; a second walk finds nothing to change
+    # And each written profile holds its memberships; a second walk emits nothing but records that the new
+    # members are now 'existing' ones; a third finds nothing to change
     assert sorted(decode_profile(db.get(b"p00010")).memberships) == ["rich", "silver"]
     _, again, _ = run_walk(db)
-    assert again == []
+    assert [c for o in again for c in o.result.changes] == []
+    assert sorted(o.profile_id for o in again if o.raw) == sorted({p for p, _ in entered(outcomes)})
+    assert {a: m.status for a, m in decode_profile(db.get(b"p00010")).memberships.items()} == {
+        "rich": "existing", "silver": "existing"}
+    _, third, _ = run_walk(db)
+    assert third == []
+
+
+def test_the_pre_check_settles_unchanged_profiles_and_changes_what_the_full_walk_changes(make_store: Any) -> None:
+    # Given two identical stores of 3,000 profiles that batch runs settled (members, then 'existing' ones),
+    # where 4 profiles then changed tier in ways the stored memberships do not reflect yet
+    stores = [make_store(3_000), make_store(3_000)]
+    moved = {7: "gold", 8: "silver", 1500: "silver", 2999: "gold"}  # from silver, bronze, gold, bronze
+    for db in stores:
+        run_walk(db)
+        run_walk(db)
+        for n, tier in moved.items():
+            p = decode_profile(db.get(f"p{n:05d}".encode()))
+            p.attributes["loyalty.tier"] = AttributeValue(tier, "crm", 2)
+            db.put(p.profile_id.encode(), encode_profile(p))
+    # When one is walked with the column-wise pre-check and the other with every profile in full
+    checked, with_check, _ = run_walk(stores[0])
+    full, without, _ = run_walk(stores[1], spec=WalkSpec("batch", precheck=False))
+    # Then both make the same changes to the same 4 profiles, and the pre-check settled all the others
+    changes = [sorted((c.profile_id, c.audience_id, c.status) for o in out for c in o.result.changes)
+               for out in (with_check, without)]
+    assert changes[0] == changes[1] == [
+        ("p00007", "gold", "realized"), ("p00007", "silver", "exited"), ("p00008", "silver", "realized"),
+        ("p01500", "gold", "exited"), ("p01500", "silver", "realized"), ("p02999", "gold", "realized")]
+    assert (checked.evaluated, checked.prechecked, full.evaluated, full.prechecked) == (3_000, 2_996, 3_000, 0)
+    assert sorted(o.key for o in with_check if o.raw) == sorted(o.key for o in without if o.raw)
 
 
 def test_a_walk_in_worker_processes_matches_the_inline_walk(make_store: Any) -> None:
