@@ -124,12 +124,20 @@ def has_output(o: Outcome) -> bool:
 
 
 _prechecks: weakref.WeakKeyDictionary[SegmentEngine, Precheck] = weakref.WeakKeyDictionary()
+# When most profiles of a range need the full path anyway (a first pass: a new audience everyone enters), the
+# pre-check is pure overhead (~30 % of a full visit): it pauses for this many ranges, then is tried again.
+PRECHECK_PAUSE = 8
+_paused: weakref.WeakKeyDictionary[SegmentEngine, int] = weakref.WeakKeyDictionary()
 
 
 def needs_full(processor: ProfileProcessor, spec: WalkSpec, items: list[tuple[bytes, bytes | None]]) -> list[bool] | None:
     """Per item, whether it must be visited in full (False: the pre-check proved its memberships cannot change);
     None when every item must (the spec is not one the pre-check covers, or there are too few items)."""
     if not spec.precheck or spec.since_ms or len(items) < PRECHECK_MIN:
+        return None
+    paused = _paused.get(processor.engine, 0)
+    if paused:
+        _paused[processor.engine] = paused - 1
         return None
     check = _prechecks.get(processor.engine)
     if check is None:
@@ -162,6 +170,8 @@ def needs_full(processor: ProfileProcessor, spec: WalkSpec, items: list[tuple[by
     full = [True] * len(items)
     for i, c in zip(rows, change.tolist(), strict=True):
         full[i] = c
+    if sum(full) > 0.75 * len(full):
+        _paused[processor.engine] = PRECHECK_PAUSE
     return full
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from itertools import compress, repeat
+from itertools import chain, compress, repeat
 from typing import Any
 
 import numpy as np
@@ -162,42 +162,22 @@ class Columns:
         n = self.n = len(bodies)
         tcode = {t: i for i, t in enumerate(types)}
         acode = self.audience_index = {a: i for i, a in enumerate(audience_ids)}
-        type_refs: list[int] = []  # per event: index into the body's strings, shifted into `table`
-        table: list[int] = []  # per body string: its event-type code, or -1
-        shift: list[int] = []
-        counts: list[int] = []
-        deltas: list[int] = []
-        fields: list[Any] = []
-        m_rows: list[int] = []
-        m_aud: list[Any] = []
-        m_status: list[Any] = []
-        m_version: list[Any] = []
-        attr_values: dict[str, list[Any]] = {p: [] for p in attribute_paths}
-        tget, no_type = tcode.get, repeat(-1)
-        for r, body in enumerate(bodies):
-            events = body[BODY_EVENTS]
-            shift.append(len(table))
-            table.extend(map(tget, body[BODY_STRINGS], no_type))
-            type_refs.extend(events[1::5])
-            deltas.extend(events[2::5])
-            fields.extend(events[4::5])
-            counts.append(len(events) // 5)
-            attrs = body[BODY_ATTRIBUTES]
-            if attr_values:
-                current = dict(zip(attrs[0::4], attrs[1::4], strict=False))
-                for p, col in attr_values.items():
-                    col.append(current.get(p))
-            members = body[BODY_MEMBERSHIPS]
-            m_aud.extend(members[0::7])
-            m_status.extend(members[2::7])
-            m_version.extend(members[4::7])
-            m_rows.extend([r] * (len(members) // 7))
-        per_row = np.asarray(counts, dtype=np.int64)
-        if len(type_refs) != int(per_row.sum()) or len(fields) != len(type_refs):
-            raise ValueError("malformed event array")
-        row = np.repeat(np.arange(n, dtype=np.int64), per_row)
-        code = np.asarray(table, dtype=np.int64)[np.asarray(type_refs, dtype=np.int64)
-                                                   + np.repeat(np.asarray(shift, dtype=np.int64), per_row)]
+        # Whole-range passes over the bodies' flat arrays (no per-profile Python loop): each array's items are
+        # concatenated, then taken apart with one stride slice per column.
+        strings, attrs, events, members = ([b[i] for b in bodies] for i in (BODY_STRINGS, BODY_ATTRIBUTES,
+                                                                            BODY_EVENTS, BODY_MEMBERSHIPS))
+        sizes = [np.fromiter(map(len, x), dtype=np.int64, count=n) for x in (strings, attrs, events, members)]
+        s_len, a_len, e_len, m_len = sizes
+        if (a_len % 4).any() or (e_len % 5).any() or (m_len % 7).any():
+            raise ValueError("malformed profile body: a truncated attribute, event or membership array")
+        all_rows = np.arange(n, dtype=np.int64)
+        flat = list(chain.from_iterable(events))
+        type_refs, deltas, fields = flat[1::5], flat[2::5], flat[4::5]
+        per_row = e_len // 5
+        table = list(map(tcode.get, chain.from_iterable(strings), repeat(-1)))  # per body string: type code or -1
+        shift = np.cumsum(s_len) - s_len  # where each body's strings start in `table`
+        row = np.repeat(all_rows, per_row)
+        code = np.asarray(table, dtype=np.int64)[np.asarray(type_refs, dtype=np.int64) + np.repeat(shift, per_row)]
         # ts is delta-coded per profile, the first delta absolute: a running sum restarted at each profile
         total = np.cumsum(np.asarray(deltas, dtype=np.int64))
         starts = np.cumsum(per_row) - per_row
@@ -213,15 +193,24 @@ class Columns:
         back = (np.diff(self.ts) < 0) & (self.row[1:] == self.row[:-1])
         self.ordered: Bools = np.ones(n, dtype=bool)
         self.ordered[self.row[1:][back]] = False
-        self.attributes = {p: Column(v) for p, v in attr_values.items()}
+        # attributes: a sparse column per path the audiences read (rows without it hold None)
+        flat = list(chain.from_iterable(attrs))
+        a_paths, a_values, a_rows = flat[0::4], flat[1::4], np.repeat(all_rows, a_len // 4)
+        pcode = {p: i for i, p in enumerate(attribute_paths)}
+        a_code = np.fromiter(map(pcode.get, a_paths, repeat(-1)), dtype=np.int64, count=len(a_paths))
+        self.attributes: dict[str, Column] = {}
+        for p, i in pcode.items():
+            at = np.flatnonzero(a_code == i)
+            self.attributes[p] = Column(list(map(a_values.__getitem__, at.tolist())), n, a_rows[at])
         # memberships: status code and version per (audience, row); -1 where there is none
+        flat = list(chain.from_iterable(members))
+        m_aud, m_status, m_version, m_rows = flat[0::7], flat[2::7], flat[4::7], np.repeat(all_rows, m_len // 7)
         self.status: Ints = np.full((len(audience_ids), n), _NO_STATUS, dtype=np.int64)
         self.version: Ints = np.zeros((len(audience_ids), n), dtype=np.int64)
-        aud = np.asarray([acode.get(a, -1) for a in m_aud], dtype=np.int64)
+        aud = np.fromiter(map(acode.get, m_aud, repeat(-1)), dtype=np.int64, count=len(m_aud))
         known = aud >= 0
-        rows_m = np.asarray(m_rows, dtype=np.int64)[known]
-        self.status[aud[known], rows_m] = np.asarray(m_status, dtype=np.int64)[known]
-        self.version[aud[known], rows_m] = np.asarray(m_version, dtype=np.int64)[known]
+        self.status[aud[known], m_rows[known]] = np.asarray(m_status, dtype=np.int64)[known]
+        self.version[aud[known], m_rows[known]] = np.asarray(m_version, dtype=np.int64)[known]
 
     def field(self, path: str, types: Sequence[int], since: int | None) -> Column:
         """One event field over the kept events, read only from the events of `types` at or after `since` (the

@@ -16,7 +16,7 @@ from rocksdict import Options, Rdict
 
 from pipeline.model import AttributeValue, Membership, ProfileState
 from pipeline.profiles.ops import ProfileProcessor
-from pipeline.profiles.walk import Outcome, Walk, WalkPool, WalkSpec, slices
+from pipeline.profiles.walk import PRECHECK_PAUSE, Outcome, Walk, WalkPool, WalkSpec, needs_full, slices
 from pipeline.segments import AudienceDef, parse_query
 from pipeline.state.codec import Forward, decode_profile, encode_forward, encode_profile
 
@@ -168,6 +168,19 @@ def test_the_pre_check_settles_unchanged_profiles_and_changes_what_the_full_walk
         ("p01500", "gold", "exited"), ("p01500", "silver", "realized"), ("p02999", "gold", "realized")]
     assert (checked.evaluated, checked.prechecked, full.evaluated, full.prechecked) == (3_000, 2_996, 3_000, 0)
     assert sorted(o.key for o in with_check if o.raw) == sorted(o.key for o in without if o.raw)
+
+
+def test_the_pre_check_pauses_while_most_profiles_need_the_full_path() -> None:
+    # Given ranges of profiles without memberships (a first pass: nearly every profile enters an audience)
+    proc = processor()
+    first_pass = [(f"p{n:05d}".encode(), encode_profile(stored(n + 10))) for n in range(200)]
+    # When ranges are pre-checked one after another
+    answers = [needs_full(proc, BATCH, first_pass) for _ in range(PRECHECK_PAUSE + 2)]
+    # Then the first finds every profile needs the full path, the pre-check then pauses for PRECHECK_PAUSE
+    # ranges (None: all in full), and is tried again after
+    assert answers[0] == [True] * 200
+    assert answers[1:-1] == [None] * PRECHECK_PAUSE
+    assert answers[-1] == [True] * 200
 
 
 def test_a_walk_in_worker_processes_matches_the_inline_walk(make_store: Any) -> None:
