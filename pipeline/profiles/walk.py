@@ -125,19 +125,30 @@ def has_output(o: Outcome) -> bool:
 
 _prechecks: weakref.WeakKeyDictionary[SegmentEngine, Precheck] = weakref.WeakKeyDictionary()
 # When most profiles of a range need the full path anyway (a first pass: a new audience everyone enters), the
-# pre-check is pure overhead (~30 % of a full visit): it pauses for this many ranges, then is tried again.
+# pre-check is pure overhead (~30 % of a full visit): it pauses for this many ranges of the walk, then is tried
+# again.
 PRECHECK_PAUSE = 8
-_paused: weakref.WeakKeyDictionary[SegmentEngine, int] = weakref.WeakKeyDictionary()
 
 
-def needs_full(processor: ProfileProcessor, spec: WalkSpec, items: list[tuple[bytes, bytes | None]]) -> list[bool] | None:
+@dataclass
+class PrecheckGate:
+    """One walk's pause of the pre-check (per walk, so a first pass does not slow the next walk down)."""
+
+    paused: int = 0
+
+
+_gates: dict[str, PrecheckGate] = {}  # a worker process's gates, by walk id
+
+
+def needs_full(processor: ProfileProcessor, spec: WalkSpec, items: list[tuple[bytes, bytes | None]],
+               gate: PrecheckGate) -> list[bool] | None:
     """Per item, whether it must be visited in full (False: the pre-check proved its memberships cannot change);
-    None when every item must (the spec is not one the pre-check covers, or there are too few items)."""
+    None when every item must (the spec is not one the pre-check covers, too few items, or the walk's gate has
+    paused the pre-check)."""
     if not spec.precheck or spec.since_ms or len(items) < PRECHECK_MIN:
         return None
-    paused = _paused.get(processor.engine, 0)
-    if paused:
-        _paused[processor.engine] = paused - 1
+    if gate.paused:
+        gate.paused -= 1
         return None
     check = _prechecks.get(processor.engine)
     if check is None:
@@ -171,17 +182,17 @@ def needs_full(processor: ProfileProcessor, spec: WalkSpec, items: list[tuple[by
     for i, c in zip(rows, change.tolist(), strict=True):
         full[i] = c
     if sum(full) > 0.75 * len(full):
-        _paused[processor.engine] = PRECHECK_PAUSE
+        gate.paused = PRECHECK_PAUSE
     return full
 
 
-def evaluate_items(processor: ProfileProcessor, spec: WalkSpec,
-                   items: Iterable[tuple[bytes, bytes | None]]) -> SliceResult:
+def evaluate_items(processor: ProfileProcessor, spec: WalkSpec, items: Iterable[tuple[bytes, bytes | None]],
+                   gate: PrecheckGate | None = None) -> SliceResult:
     """Visit every (key, value) of a store's range, meta keys skipped: first the pre-check over all of them,
     then in full each profile it could not prove unchanged."""
     out = SliceResult()
     batch = [(k, v) for k, v in items if not k.startswith(META_PREFIX)]
-    full = needs_full(processor, spec, batch)
+    full = needs_full(processor, spec, batch, gate or PrecheckGate())
     for i, (key, raw) in enumerate(batch):
         if full is not None and not full[i]:
             out.evaluated += 1
@@ -220,6 +231,7 @@ class SliceTask:
     retention_ms: int
     config_dir: str  # identity.yaml and datasets.yaml (loaded once per process; not picklable)
     now_ms: int | None = None  # evaluate as of this time (benchmarks, tests); None: the wall clock
+    walk_id: str = ""  # the walk the range belongs to (its pre-check gate)
 
 
 _engines: dict[tuple[tuple[AudienceDef, ...], int], SegmentEngine] = {}
@@ -255,7 +267,12 @@ def run_slice(task: SliceTask) -> SliceResult:
     opts.set_max_open_files(-1)  # every table file opened now: a compaction in the owner cannot remove one mid-walk
     db = Rdict(task.path, opts, access_type=AccessType.read_only())
     try:
-        return evaluate_items(processor, task.spec, _range(db, task.lower, task.upper))
+        gate = _gates.get(task.walk_id)
+        if gate is None:
+            if len(_gates) > 64:
+                _gates.clear()
+            gate = _gates[task.walk_id] = PrecheckGate()
+        return evaluate_items(processor, task.spec, _range(db, task.lower, task.upper), gate)
     finally:
         db.close()
 
@@ -355,6 +372,7 @@ class Walk:
     evaluated: int = 0
     prechecked: int = 0  # of `evaluated`, settled by the pre-check alone
     changes: int = 0
+    gate: PrecheckGate = field(default_factory=PrecheckGate)  # the pre-check's pause, for ranges walked here
 
     async def _walk_inline(self, keys: list[bytes]) -> None:
         total = len(keys)
@@ -369,7 +387,7 @@ class Walk:
 
     def _inline(self, keys: Iterable[bytes], count: bool = True) -> None:
         # read all, then apply: no await in between, so nothing is written meanwhile
-        res = evaluate_items(self.processor, self.spec, [(k, self.read(k)) for k in keys])
+        res = evaluate_items(self.processor, self.spec, [(k, self.read(k)) for k in keys], self.gate)
         if count:
             self.evaluated += res.evaluated
             self.prechecked += res.prechecked
@@ -408,9 +426,10 @@ class Walk:
         # at least 4 ranges per process, so they all finish close together
         size = max(PROGRESS_EVERY, min(SLICE_KEYS, total // (4 * pool.processes)))
         pending: dict[asyncio.Future[SliceResult], tuple[bytes, bytes | None, int]] = {}
+        walk_id = f"{os.getpid()}-{id(self)}-{time.monotonic_ns()}"
         try:
             for lo, hi, n in slices(keys, size):
-                task = SliceTask(lower=lo, upper=hi, spec=self.spec, **self.task_base)
+                task = SliceTask(lower=lo, upper=hi, spec=self.spec, walk_id=walk_id, **self.task_base)
                 pending[asyncio.ensure_future(pool.submit(task))] = (lo, hi, n)
         except Exception as exc:  # noqa: BLE001 - no processes (cannot spawn): the walk still has to happen
             log.warning("walk: cannot use worker processes (%s: %s); walking in the event loop",

@@ -16,7 +16,16 @@ from rocksdict import Options, Rdict
 
 from pipeline.model import AttributeValue, Membership, ProfileState
 from pipeline.profiles.ops import ProfileProcessor
-from pipeline.profiles.walk import PRECHECK_PAUSE, Outcome, Walk, WalkPool, WalkSpec, needs_full, slices
+from pipeline.profiles.walk import (
+    PRECHECK_PAUSE,
+    Outcome,
+    PrecheckGate,
+    Walk,
+    WalkPool,
+    WalkSpec,
+    needs_full,
+    slices,
+)
 from pipeline.segments import AudienceDef, parse_query
 from pipeline.state.codec import Forward, decode_profile, encode_forward, encode_profile
 
@@ -172,15 +181,16 @@ def test_the_pre_check_settles_unchanged_profiles_and_changes_what_the_full_walk
 
 def test_the_pre_check_pauses_while_most_profiles_need_the_full_path() -> None:
     # Given ranges of profiles without memberships (a first pass: nearly every profile enters an audience)
-    proc = processor()
+    proc, gate = processor(), PrecheckGate()
     first_pass = [(f"p{n:05d}".encode(), encode_profile(stored(n + 10))) for n in range(200)]
-    # When ranges are pre-checked one after another
-    answers = [needs_full(proc, BATCH, first_pass) for _ in range(PRECHECK_PAUSE + 2)]
+    # When ranges of one walk are pre-checked one after another
+    answers = [needs_full(proc, BATCH, first_pass, gate) for _ in range(PRECHECK_PAUSE + 2)]
     # Then the first finds every profile needs the full path, the pre-check then pauses for PRECHECK_PAUSE
-    # ranges (None: all in full), and is tried again after
+    # ranges (None: all in full), and is tried again after; another walk's gate is not paused
     assert answers[0] == [True] * 200
     assert answers[1:-1] == [None] * PRECHECK_PAUSE
     assert answers[-1] == [True] * 200
+    assert (gate.paused, needs_full(proc, BATCH, first_pass[:100], PrecheckGate())) == (PRECHECK_PAUSE, [True] * 100)
 
 
 def test_a_walk_in_worker_processes_matches_the_inline_walk(make_store: Any) -> None:
