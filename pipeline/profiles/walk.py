@@ -21,8 +21,8 @@ import os
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Iterable, Iterator
-from itertools import islice
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
