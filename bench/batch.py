@@ -27,6 +27,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import psutil
 from rocksdict import Options, Rdict
 
 from bench.workload import Workload
@@ -48,6 +49,7 @@ EXAMPLE = ROOT / "config" / "example"
 CACHE = ROOT / "bench" / ".cache"
 RESULTS = ROOT / "bench" / "results"
 PARTITIONS = 4
+BATCH = WalkSpec("batch")
 NO_PRECHECK = WalkSpec("batch", precheck=False)
 DAY = 86_400_000
 
@@ -153,11 +155,11 @@ def build(path: Path, total: int, now_ms: int, engine: SegmentEngine | None) -> 
 
 
 def walk_store(parts: list[Rdict], processor: ProfileProcessor, pool: WalkPool | None, task: dict[str, Any],
-               limit_parts: int = PARTITIONS, spec: WalkSpec = WalkSpec("batch")) -> dict[str, Any]:
+               limit_parts: int = PARTITIONS, spec: WalkSpec = BATCH) -> dict[str, Any]:
     """One batch run over the partitions, one after another as the worker's agent does, each with the
     worker's Walk; membership changes are built and turned into their message dicts, not produced."""
     t0, c0 = time.monotonic(), time.process_time()
-    seen = evaluated = prechecked = changes = writes = 0
+    seen = evaluated = prechecked = changes = writes = rss = 0
 
     def apply(o: Outcome) -> None:
         nonlocal writes
@@ -171,13 +173,14 @@ def walk_store(parts: list[Rdict], processor: ProfileProcessor, pool: WalkPool |
         walk = Walk(processor, spec, db, db.get, apply, lambda s, t: None, set(),
                     task_base={**task, "path": db.path()} if pool else None)
         asyncio.run(walk.run(pool))
+        rss = max([rss, *(c.memory_info().rss for c in psutil.Process().children())])
         seen, evaluated, changes = seen + walk.seen, evaluated + walk.evaluated, changes + walk.changes
         prechecked += walk.prechecked
         print(f"  partition {n}: {walk.evaluated:,} profiles, {evaluated / (time.monotonic() - t0):,.0f}/s so far",
               file=sys.stderr)
     wall = time.monotonic() - t0
     return {"profiles": seen, "evaluated": evaluated, "settled_by_precheck": prechecked, "changes": changes,
-            "writes": writes,
+            "writes": writes, "walk_process_rss_mb": round(rss / 2**20),
             "wall_s": round(wall, 2), "owner_cpu_s": round(time.process_time() - c0, 2),
             "profiles_per_s": round(evaluated / wall, 1)}
 
@@ -226,9 +229,10 @@ def main() -> None:
                       f"{r['changes']:,} membership changes, owner CPU {r['owner_cpu_s']}s", file=sys.stderr)
                 k = args.compare_partitions
                 if name == "steady" and k:
-                    for label, ratio, p, spec in (("steady_no_precheck", "precheck_speedup", pool, NO_PRECHECK),
-                                                  ("steady_inline", "process_speedup", None, WalkSpec("batch"))):
-                        r = out[label] = walk_store(parts, processor, p, task, k, spec)
+                    for label, ratio, walk_pool, spec in (
+                            ("steady_no_precheck", "precheck_speedup", pool, NO_PRECHECK),
+                            ("steady_inline", "process_speedup", None, BATCH)):
+                        r = out[label] = walk_store(parts, processor, walk_pool, task, k, spec)
                         out[ratio] = round(out["steady"]["profiles_per_s"] / r["profiles_per_s"], 2)
                         print(f"{label} ({k} partition(s)): {r['profiles_per_s']:,.0f} profiles/s; the full run is "
                               f"{out[ratio]}x faster", file=sys.stderr)

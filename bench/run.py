@@ -575,13 +575,19 @@ def run_batch(ctx: dict[str, Any], sampler: Sampler) -> dict[str, Any]:
            "profiles_evaluated": int(m.group(1)) if m else evaluated, "changes": int(m.group(2)) if m else None,
            "partition_seconds": {p: f.get("seconds") for p, f in sorted(finals.items())},
            "partition_seconds_sum": round(busy, 2), "audiences": 20}
+    # the workers' own account of their walks: how many profiles the pre-check settled without a full evaluation
+    walks = [tuple(map(int, m.groups())) for w in ctx["workers"] for m in re.finditer(
+        r"walk \(batch\): (\d+) profiles evaluated \((\d+) settled by the pre-check\)", w["log"].read_text())]
+    res["walk_profiles"] = sum(e for e, _ in walks)
+    res["walk_settled_by_precheck"] = sum(p for _, p in walks)
     n = res["profiles_evaluated"]
     if n and busy:
         res["profiles_per_s_wall"] = round(n / wall, 1)
         res["profiles_per_s_busy"] = round(n / busy, 1)  # one worker evaluates its partitions one after another
         res["audience_evals_per_s_busy"] = round(20 * n / busy, 1)
     log(f"batch: {n:,} profiles in {wall:.1f}s wall (CLI), {busy:.1f}s summed partition time -> "
-        f"{res.get('profiles_per_s_busy', 0):,.0f} profiles/s x 20 audiences")
+        f"{res.get('profiles_per_s_busy', 0):,.0f} profiles/s x 20 audiences; "
+        f"{res['walk_settled_by_precheck']:,} of {res['walk_profiles']:,} settled by the pre-check")
     return res
 
 
