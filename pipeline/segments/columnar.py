@@ -55,7 +55,7 @@ Bools = npt.NDArray[np.bool_]
 Ints = npt.NDArray[np.int64]
 Floats = npt.NDArray[np.float64]
 
-_REALIZED, _EXISTING, _EXITED = STATUS_CODES["realized"], STATUS_CODES["existing"], STATUS_CODES["exited"]
+_REALIZED, _EXISTING = STATUS_CODES["realized"], STATUS_CODES["existing"]
 _NO_STATUS = -1
 _EXACT = 2.0 ** 53  # float64 holds every integer up to here exactly
 _REL_TOL = 1e-9  # a float64 sum of n <= 10**6 terms is within n * 2**-53 * sum|x| of the exact one: far inside
