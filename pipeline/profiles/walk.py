@@ -74,7 +74,7 @@ class Outcome:
 @dataclass
 class SliceResult:
     """A key range's results: how many profiles were evaluated (`prechecked` of them settled by the pre-check
-alone), and the outcomes of those with output."""
+    alone), and the outcomes of those with output."""
 
     evaluated: int = 0
     prechecked: int = 0

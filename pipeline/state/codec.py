@@ -30,7 +30,7 @@ FORMAT_VERSION = 1
 _PROFILE = b"P"[0]
 _FORWARD = b"F"[0]
 _STATUS: tuple[MembershipStatus, ...] = ("realized", "existing", "exited")
-_STATUS_CODE = {s: i for i, s in enumerate(_STATUS)}
+STATUS_CODES: dict[str, int] = {s: i for i, s in enumerate(_STATUS)}  # membership status -> its code in a body
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ def encode_profile(profile: ProfileState) -> bytes:
     members: list[Any] = []
     for aud, m in profile.memberships.items():
         # The key is the audience id; store the field only in the (invalid but encodable) odd case.
-        members += (aud, None if m.audience_id == aud else m.audience_id, _STATUS_CODE[m.status],
+        members += (aud, None if m.audience_id == aud else m.audience_id, STATUS_CODES[m.status],
                     m.since_ms, m.version, m.reason, m.changed_ms)
     body = [profile.profile_id, profile.created_ms, profile.next_deadline_ms, profile.seq,
             profile.identities, list(strings), attrs, events, members]
@@ -145,20 +145,19 @@ def peek_deadline(data: bytes) -> tuple[str, int | None] | None:
 
 # Positions in a profile body (see the module docstring), for readers of the raw body such as the batch pre-check.
 BODY_STRINGS, BODY_ATTRIBUTES, BODY_EVENTS, BODY_MEMBERSHIPS = 5, 6, 7, 8
-STATUS_CODES: dict[str, int] = {s: i for i, s in enumerate(_STATUS)}  # membership status -> the code stored in a body
 
 
 def profile_body(data: bytes | None) -> list[Any] | None:
     """The raw msgpack body of a profile-table value (a list as laid out above), without building the profile;
     None for anything else: a forward, a missing value, or a value that does not decode (whoever needs the
     entry decodes it with decode_profile_entry, which names the error)."""
-    if not data or len(data) < 3 or data[0] != FORMAT_VERSION or data[1] != _PROFILE:
+    if not data:
         return None
     try:
-        body = msgpack.unpackb(memoryview(data)[2:], raw=False, use_list=True)
-    except (ValueError, TypeError, msgpack.UnpackException):
+        kind, body = _unpack(data)
+    except SerdeError:
         return None
-    return body if type(body) is list and len(body) == 9 else None
+    return body if kind == _PROFILE and type(body) is list and len(body) == 9 else None
 
 
 def decode_profile(data: bytes) -> ProfileState:
