@@ -185,6 +185,34 @@ def walk_store(parts: list[Rdict], processor: ProfileProcessor, pool: WalkPool |
             "profiles_per_s": round(evaluated / wall, 1)}
 
 
+def plot(out: dict[str, Any], path: Path) -> None:
+    """Profiles/s of each pass against the target's rate (1M profiles in 60 s), as horizontal bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = {"steady": f"steady, {out['processes']} processes + pre-check",
+              "steady_no_precheck": f"steady, {out['processes']} processes, no pre-check",
+              "steady_inline": "steady, event loop + pre-check", "first": "first pass (every profile enters)"}
+    runs = [(labels[k], out[k]["profiles_per_s"]) for k in labels if k in out]
+    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.6 * len(runs)))
+    ax.barh([r[0] for r in runs], [r[1] for r in runs], color="tab:blue")
+    target = out["profiles"] / 60
+    ax.axvline(target, color="r", ls="--", label=f"target: {out['profiles']:,} in 60 s ({target:,.0f}/s)")
+    for i, (_, v) in enumerate(runs):
+        ax.text(v, i, f" {v:,.0f}/s", va="center")
+    ax.set_xlim(0, 1.18 * max(target, *(v for _, v in runs)))
+    ax.invert_yaxis()
+    ax.set_xlabel("profiles/s")
+    ax.set_title(f"Batch: {out['audiences']} audiences over {out['profiles']:,} profiles ({out['date']}, "
+                 f"{out['cpu_count']} cores)")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--profiles", type=int, default=1_000_000)
@@ -248,8 +276,9 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     dest = RESULTS / f"batch-{time.strftime('%Y%m%d-%H%M%S')}.json"
     dest.write_text(json.dumps(out, indent=2))
+    plot(out, dest.with_suffix(".png"))
     print(json.dumps(out, indent=2))
-    print(f"wrote {dest}", file=sys.stderr)
+    print(f"wrote {dest} and {dest.with_suffix('.png').name}", file=sys.stderr)
 
 
 if __name__ == "__main__":
