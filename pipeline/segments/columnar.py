@@ -66,6 +66,11 @@ _NP_OPS: dict[str, Callable[[Any, Any], Any]] = {
 }
 
 
+def _window_start(within: int | None, since: int | None, now: int) -> int | None:
+    """The earliest event time a window (`engine._window`'s pair) takes at `now`; None: no bound."""
+    return now - within if within is not None else since
+
+
 @dataclass(frozen=True)
 class Tri:
     """Three-valued results per profile: `value` counts only where `known`."""
@@ -248,10 +253,10 @@ class Precheck:
         asts = [engine.audiences[a].ast for a in self.audience_ids]
         self.types = sorted({s.event_type for ast in asts for s in event_specs(ast)})
         self._tcode = {t: i for i, t in enumerate(self.types)}
-        # per event field: the event types whose conditions read it, and how far back (a column holds only the
-        # values of those events: ("within", ms), ("since", ms) or ("all", 0) per reading)
+        # per event field: the event types whose conditions read it, and the windows (within, since) they read it
+        # in (a column holds only the values of those events)
         self._field_types: dict[str, list[int]] = {}
-        self._field_reach: dict[str, list[tuple[str, int]]] = {}
+        self._field_reach: dict[str, list[tuple[int | None, int | None]]] = {}
         for ast in asts:
             for x in walk(ast):
                 specs = [x.spec] if isinstance(x, EventExists | Aggregate) else \
@@ -261,9 +266,7 @@ class Precheck:
                     if isinstance(x, Aggregate) and x.field is not None:
                         paths.add(x.field)
                     # a follower (`then`) has no window: any later event counts
-                    within, since = (None, None) if isinstance(x, SeqNode) and spec is x.then else _window(spec)
-                    reach = ("within", within) if within is not None else ("since", since) if since is not None \
-                        else ("all", 0)
+                    reach = (None, None) if isinstance(x, SeqNode) and spec is x.then else _window(spec)
                     for p in paths:
                         self._field_reach.setdefault(p, []).append(reach)
                         codes = self._field_types.setdefault(p, [])
@@ -356,9 +359,9 @@ class Precheck:
 
     def _field(self, cols: Columns, path: str, now: int) -> Column:
         """The column of an event field, over the events any condition at `now` reads it of."""
-        bounds = [now - ms if kind == "within" else ms for kind, ms in self._field_reach[path] if kind != "all"]
-        unbounded = len(bounds) < len(self._field_reach[path])
-        return cols.field(path, self._field_types[path], None if unbounded else min(bounds))
+        starts = [_window_start(within, since, now) for within, since in self._field_reach[path]]
+        earliest = None if None in starts else min(s for s in starts if s is not None)
+        return cols.field(path, self._field_types[path], earliest)
 
     def _memo(self, node: Node, day: int, fn: Callable[[Any], bool]) -> Callable[[Any], bool]:
         """`fn` remembered per distinct value across calls (the same values recur in every key range); `day`
@@ -410,12 +413,9 @@ class Precheck:
     def _events(self, spec: EventSpec, cols: Columns, now: int, *, windowed: bool) -> Bools:
         """Per kept event: of the spec's type, matching its where-condition and (if `windowed`) in its window."""
         m = cols.type == self._tcode[spec.event_type]
-        if windowed:
-            within, since = _window(spec)
-            if within is not None:
-                m &= cols.ts >= now - within
-            elif since is not None:
-                m &= cols.ts >= since
+        start = _window_start(*_window(spec), now) if windowed else None
+        if start is not None:
+            m &= cols.ts >= start
         if spec.where is not None:
             m &= self._where(spec.where, cols, now)
         return m
