@@ -50,14 +50,40 @@ def cmd_topics(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_produce(args: argparse.Namespace, settings: Settings) -> int:
+    from collections import Counter
+
     from pipeline.clients import produce_json_lines
+    from pipeline.identity.namespaces import load_identity_config
+    from pipeline.ingest.keys import NO_IDENTITY, RecordKeyer
 
     reg = _registry(settings)
+    spec = args.key
+    # the same identity.yaml the worker reads, so keys are normalised and ordered as the pipeline does
+    identity = load_identity_config(settings.config_dir / "identity.yaml") if spec.mode == "identity" else None
+    keyer = RecordKeyer.for_codec(spec, reg[args.topic].codec, identity)
+    sources: Counter[str] = Counter()
     src = sys.stdin if args.file == "-" else open(args.file)  # noqa: SIM115
     with src:
-        n = produce_json_lines(reg, settings.bootstrap, args.topic, src)
-    print(f"published {n} records to {reg.name(args.topic)}", file=sys.stderr)
+        n = produce_json_lines(reg, settings.bootstrap, args.topic, src, key=keyer, sources=sources)
+    # how the keys were chosen, never the keys themselves (an identity key holds an e-mail, phone, CRM id...)
+    how = ", ".join(f"{c} {s}" for s, c in sorted(sources.items(), key=lambda sc: (-sc[1], sc[0])))
+    print(f"published {n} records to {reg.name(args.topic)}, keyed by --key {spec}: {how or 'nothing'}",
+          file=sys.stderr)
+    if sources[NO_IDENTITY]:
+        one = sources[NO_IDENTITY] == 1
+        print(f"{sources[NO_IDENTITY]} {'record carries' if one else 'records carry'} no usable identity: the "
+              f"pipeline dead-letters {'it' if one else 'them'} (ingest.dlq, with the reason in the headers)",
+              file=sys.stderr)
     return 0
+
+
+def _key_spec(text: str) -> Any:
+    from pipeline.ingest.keys import KeySpec
+
+    try:
+        return KeySpec.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def cmd_tail(args: argparse.Namespace, settings: Settings) -> int:
@@ -201,6 +227,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("produce", help="publish JSON-lines records as Avro to a pipeline topic")
     p.add_argument("--topic", required=True, help="logical topic name from topics.yaml")
     p.add_argument("--file", required=True, help="JSON-lines file, or - for stdin")
+    p.add_argument("--key", type=_key_spec, default="identity", metavar="FORM", help=(
+        "the Kafka key of each record (Kafka orders records only within a partition; the key picks it). "
+        "identity (default): '<namespace>:<normalised id>' of the record's highest-priority identity, read, "
+        "normalised and ordered as the pipeline does (identity.yaml from `pipeline --config DIR` or "
+        "PIPELINE_CONFIG), so one person's records stay in one partition, in order; identity:NAMESPACE: that "
+        "namespace's identity if the record has one, else the highest-priority one; field:NAME: a top-level "
+        "field's value (field:eventId was the old default); none: no key. A record without a usable identity "
+        "is still published, keyed by its eventId/recordId: the pipeline dead-letters it with its reason. "
+        "Keys are never printed (they hold e-mails, phones, CRM ids)"))
     p.set_defaults(func=cmd_produce)
     tl = sub.add_parser("tail", help="print a pipeline topic's messages decoded, as JSON lines")
     tl.add_argument("topic")

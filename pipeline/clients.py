@@ -6,12 +6,14 @@ import base64
 import json
 import time
 import uuid
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, SerdeError
+from pipeline.ingest.keys import KeyChoice, record_id
 from pipeline.serde.codecs import RawCodec
 from pipeline.topics import TopicRegistry
 
@@ -21,18 +23,21 @@ def producer(bootstrap: str, **extra: Any) -> Producer:
                      "enable.idempotence": True, **extra})
 
 
-def record_key(logical: str, value: dict[str, Any]) -> str:
-    """Producers key ingest records by a stable id so retries keep order per key."""
-    for field in ("eventId", "recordId", "profile_id"):
-        if field in value:
-            return str(value[field])
-    return ""
+def by_record_id(value: Any) -> KeyChoice:
+    """The old default key: the record's own id (eventId, recordId or profile_id)."""
+    return KeyChoice(record_id(value) if isinstance(value, dict) else None, "record id")
 
 
-def produce_json_lines(reg: TopicRegistry, bootstrap: str, logical: str, lines: Any) -> int:
-    """Publish JSON-lines records to a registry topic with its codec; returns the count (raises on failure)."""
+def produce_json_lines(reg: TopicRegistry, bootstrap: str, logical: str, lines: Any, *,
+                       key: Callable[[Any], KeyChoice] = by_record_id,
+                       sources: Counter[str] | None = None) -> int:
+    """Publish JSON-lines records to a registry topic with its codec; returns the count (raises on failure).
+
+    `key` chooses each record's key (`ingest.keys.RecordKeyer` keys by identity); keys are partitioned with
+    murmur2 like Java clients and the worker, so a key lands where any other producer would put it.
+    `sources` counts how keys were chosen (never their values: a key may be an e-mail)."""
     spec = reg[logical]
-    p = producer(bootstrap)
+    p = producer(bootstrap, partitioner="murmur2_random")
     errors: list[str] = []
     n = 0
 
@@ -48,11 +53,17 @@ def produce_json_lines(reg: TopicRegistry, bootstrap: str, logical: str, lines: 
             value = json.loads(line)
         except json.JSONDecodeError as exc:
             raise PipelineError(f"line {lineno}: not JSON: {exc.msg}") from exc
-        data = line.encode() if isinstance(spec.codec, RawCodec) else spec.codec.encode(value)
+        try:
+            data = line.encode() if isinstance(spec.codec, RawCodec) else spec.codec.encode(value)
+        except SerdeError as exc:  # the reason and the field, never the value
+            raise SerdeError(exc.reason, f"line {lineno}: {exc.detail}") from exc
+        choice = key(value)
+        if sources is not None:
+            sources[choice.source] += 1
+        k = None if choice.key is None else choice.key.encode()
         while True:
             try:
-                p.produce(spec.name, key=record_key(logical, value).encode(), value=data,
-                          on_delivery=on_delivery)
+                p.produce(spec.name, key=k, value=data, on_delivery=on_delivery)
                 break
             except BufferError:
                 p.poll(0.05)

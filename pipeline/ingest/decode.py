@@ -6,7 +6,7 @@ Identities come from the record's identityMap and from fields whose schema decla
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -52,6 +52,28 @@ def identity_fields(schema: dict[str, Any]) -> dict[str, tuple[str, bool]]:
     return out
 
 
+def raw_identities(raw: Mapping[str, Any], annotated: Mapping[str, tuple[str, bool]]
+                   ) -> tuple[list[tuple[str, str]], str | None]:
+    """A record's raw (namespace, value) pairs, from its identityMap then its annotated fields (see
+    `identity_fields`), and the namespace flagged primary, if any. Not normalised: `normalise_identities`
+    does that. The ingest decoder and the producer's record keys (`ingest.keys`) both read identities here."""
+    pairs: list[tuple[str, str]] = []
+    primary_ns: str | None = None
+    for ns, items in (raw.get("identityMap") or {}).items():
+        for item in items or ():
+            if item.get("id"):
+                pairs.append((ns, str(item["id"])))
+                if item.get("primary"):
+                    primary_ns = ns
+    for fname, (ns, is_primary) in annotated.items():
+        v = raw.get(fname)
+        if v:
+            pairs.append((ns, str(v)))
+            if is_primary and primary_ns is None:
+                primary_ns = ns
+    return pairs, primary_ns
+
+
 def flatten(value: Any, prefix: str, out: dict[str, Scalar]) -> None:
     """Nested records -> dotted paths; nulls are 'not provided' and left out."""
     if isinstance(value, dict):
@@ -88,7 +110,7 @@ class Decoder:
                             + ", ".join(sorted(self.datasets.datasets)))
         if not self.datasets.profile_enabled(dataset):
             return Skipped("dataset-not-enabled-for-profile", dataset)
-        pairs, primary_raw = self._raw_identities(raw)
+        pairs, primary_raw = raw_identities(raw, self._annotated)
         identities, problems = normalise_identities(pairs, self.identity)
         if not identities:
             why = "; ".join(problems) if problems else "the record carries no identity"
@@ -104,23 +126,6 @@ class Decoder:
             return ExperienceEvent(str(raw["eventId"]), ts, str(raw["eventType"]), dataset, tuple(identities),
                                    primary, payload)
         return ProfileRecord(str(raw["recordId"]), ts, dataset, tuple(identities), primary, payload)
-
-    def _raw_identities(self, raw: dict[str, Any]) -> tuple[list[tuple[str, str]], str | None]:
-        pairs: list[tuple[str, str]] = []
-        primary_ns: str | None = None
-        for ns, items in (raw.get("identityMap") or {}).items():
-            for item in items or ():
-                if item.get("id"):
-                    pairs.append((ns, str(item["id"])))
-                    if item.get("primary"):
-                        primary_ns = ns
-        for fname, (ns, is_primary) in self._annotated.items():
-            v = raw.get(fname)
-            if v:
-                pairs.append((ns, str(v)))
-                if is_primary and primary_ns is None:
-                    primary_ns = ns
-        return pairs, primary_ns
 
 
 def _primary(identities: Iterable[Identity], primary_ns: str | None, cfg: IdentityConfig) -> Identity:
