@@ -140,7 +140,7 @@ def build(path: Path, total: int, now_ms: int, engine: SegmentEngine | None) -> 
         processor = ProfileProcessor(cfg, engine, clock=lambda: now_ms / 1000)
         for t in tpls:
             for _ in range(2):
-                processor.handle(t.profile_id, t, {"op": "evaluate_op", "audiences": None, "kind": "batch"})
+                processor.handle(t.profile_id, t, {"op": "evaluate", "audiences": None, "kind": "batch"})
     print(f"built {len(tpls):,} template profiles in {time.monotonic() - t0:.0f}s", file=sys.stderr)
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)

@@ -108,9 +108,23 @@ class ProfileState:
     memberships: dict[str, Membership] = field(default_factory=dict)
     next_deadline_ms: int | None = None
     seq: int = 0  # bumped on every change; part of idempotency keys
+    # Stitching state (pipeline/profiles/ops.py), empty for almost every profile:
+    # identities asked of the identity table with no answer yet: identity key -> {claimant id: first seen};
+    # the claimant is this profile or one it absorbed while the claim was in flight
+    claims: dict[str, dict[str, int]] = field(default_factory=dict)
+    merging: tuple[str, str] | None = None  # (into, attempt token) while this profile waits to be absorbed
+    held: list[dict[str, Any]] = field(default_factory=list)  # messages that arrived while merging, in order
+    merged: list[str] = field(default_factory=list)  # ids absorbed into this profile, newest last (bounded)
 
     def identity_list(self) -> list[Identity]:
         return [Identity(ns, i) for ns, ids in sorted(self.identities.items()) for i in sorted(ids)]
+
+    def claim_list(self) -> list[Identity]:
+        return [Identity.from_key(k) for k in sorted(self.claims)]
+
+    def holds(self, ident: Identity) -> bool:
+        """Listed (the identity table points here) or claimed (asked for, no answer yet)."""
+        return ident.id in self.identities.get(ident.namespace, ()) or ident.key in self.claims
 
     def attribute_values(self) -> dict[str, Scalar]:
         return {k: v.value for k, v in self.attributes.items()}

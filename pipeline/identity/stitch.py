@@ -1,24 +1,25 @@
 """The identity stage of stitching: pure handlers for messages keyed by identity (namespace:id).
 
-Design (docs/architecture.md has the whole picture). Invariants this stage keeps:
-  I1. The identity table maps each identity to at most one profile id; a write only ever happens while
-      handling a message keyed by that identity (Faust's partition rule), so each identity is serialised.
-  I2. A record with identities k1..kn (ordered by priority, deterministic) visits k1, k2, ... kn in turn
-      ("resolve" hops). Each hop reads the owner of its identity, or claims the identity for the record's
-      candidate profile id when it has none, and carries the owners seen so far to the next hop.
-  I3. After the last hop the record is sent, with the full owner map, to the smallest owner id (the
-      oldest profile: ids sort by creation time); the profile stage decides merges from there.
-  I4. Repoints and releases are conditional (compare-and-set on the old owner), so a late or duplicate
-      one never moves an identity that has been re-assigned since.
+Design (docs/architecture.md has the whole picture). The identity table maps an identity to the profile
+that owns it. Invariants this stage keeps:
+  I1. Each identity has at most one owner; a write only happens while handling a message keyed by that
+      identity (Faust's partition rule), so each identity is serialised.
+  I2. Only three things ever point an identity at a profile P: the *home hop* of a record claiming its home
+      identity for a new profile id P (P does not exist yet; the first message that reaches P names that
+      identity, so P is born knowing it), a `claim` sent by P itself (P keeps it as pending until the
+      answer), and a `repoint` to P sent by a profile that P has absorbed (P got its identities first).
+      So a profile always knows every identity the table gives it: decisions made at a profile (unique
+      namespaces, merges) see all of its identities.
+  I3. Every change is conditional (compare-and-set): a claim only takes a free identity, a repoint or a
+      release only moves an identity still owned by the sender, so a late or duplicate message is harmless.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
-
-from pipeline.ingest.wire import wire_identity_keys
 
 IDENTITY_TOPIC = "internal.identity"
 PROFILE_TOPIC = "internal.profile-ops"
@@ -47,54 +48,59 @@ def new_profile_id(now_ms: int, seed: str) -> str:
     return f"{now_ms:012x}{hashlib.blake2b(seed.encode(), digest_size=5).hexdigest()}"
 
 
-def start_resolve(rec_wire: dict[str, Any], now_ms: int) -> Send:
-    """The first hop of a record: addressed to its first (highest-priority) identity."""
-    keys = wire_identity_keys(rec_wire)
-    msg = {"op": "resolve", "rec": rec_wire, "keys": keys, "i": 0, "owners": {},
-           "cand": new_profile_id(now_ms, rec_wire["id"])}
-    return Send(IDENTITY_TOPIC, keys[0], msg)
+def home_key(keys: list[str], unique: Collection[str]) -> str:
+    """The identity a record is routed by: its first identity in a unique namespace (the person it names
+    beyond doubt), else its first (highest-priority) identity. Keys are ordered by priority."""
+    for key in keys:
+        if key.partition(":")[0] in unique:
+            return key
+    return keys[0]
 
 
-def fast_apply(rec_wire: dict[str, Any], owners: dict[str, str]) -> Send:
-    """Every identity of the record already has an owner (read from a local table partition): skip the
-    hops and go straight to the profile stage, as the last hop would. The profile stage re-routes the
-    record through `start_resolve` if the owner does not hold all its identities (a stale read)."""
-    target = min(owners.values())
-    return Send(PROFILE_TOPIC, target, {"op": "apply", "pid": target, "to": target, "rec": rec_wire,
-                                        "owners": owners, "nm": False, "fast": True})
+def start_resolve(rec_wire: dict[str, Any] | None, home: str, now_ms: int) -> Send:
+    """The home hop of a record: to its home identity, which names (or, if free, becomes) its profile.
+    `rec_wire` None adopts a lone identity: it gets a profile of its own if it has none."""
+    seed = rec_wire["id"] if rec_wire is not None else home
+    return Send(IDENTITY_TOPIC, home, {"op": "resolve", "rec": rec_wire, "cand": new_profile_id(now_ms, seed)})
+
+
+def apply_msg(owner: str, rec_wire: dict[str, Any] | None, home: str) -> Send:
+    """The record, to the profile that owns its home identity (the resolve hop, or ingest's local read)."""
+    return Send(PROFILE_TOPIC, owner, {"op": "apply", "pid": owner, "rec": rec_wire, "home": home})
+
+
+def claim_msg(key: str, pid: str, ts_ms: int) -> Send:
+    """Profile `pid` asks for identity `key` (first seen at `ts_ms`); answered with claimed or taken."""
+    return Send(IDENTITY_TOPIC, key, {"op": "claim", "pid": pid, "ts": ts_ms})
+
+
+def repoint_msg(key: str, old: str, new: str) -> Send:
+    return Send(IDENTITY_TOPIC, key, {"op": "repoint", "from": old, "to": new})
+
+
+def release_msg(key: str, pid: str) -> Send:
+    return Send(IDENTITY_TOPIC, key, {"op": "release", "pid": pid})
 
 
 def handle_identity(key: str, current: str | None, msg: dict[str, Any]) -> IdentityResult:
     """Handle one message for identity `key` whose table value is `current`."""
     op = msg["op"]
     if op == "resolve":
-        return _resolve(key, current, msg)
+        # 1. read the owner, or claim the identity for the record's new profile id; 2. send the record there
+        if current is None:
+            return IdentityResult(write=msg["cand"], sends=[apply_msg(msg["cand"], msg["rec"], key)])
+        if msg["rec"] is None:  # adopting an identity that has found an owner meanwhile: nothing to do
+            return IdentityResult()
+        return IdentityResult(sends=[apply_msg(current, msg["rec"], key)])
+    if op == "claim":
+        pid = msg["pid"]
+        if current is None or current == pid:
+            reply = {"op": "claimed", "pid": pid, "claimant": pid, "key": key}
+            return IdentityResult(write=pid if current is None else None, sends=[Send(PROFILE_TOPIC, pid, reply)])
+        return IdentityResult(sends=[Send(PROFILE_TOPIC, pid, {"op": "taken", "pid": pid, "claimant": pid,
+                                                                "key": key, "owner": current})])
     if op == "repoint":  # a merge moved this identity's profile: follow it if we still point at the old one
-        if current == msg["from"]:
-            return IdentityResult(write=msg["to"])
-        return IdentityResult()
+        return IdentityResult(write=msg["to"]) if current == msg["from"] else IdentityResult()
     if op == "release":  # the size guardrail dropped this identity from its profile
-        if current == msg["pid"]:
-            return IdentityResult(delete=True)
-        return IdentityResult()
+        return IdentityResult(delete=True) if current == msg["pid"] else IdentityResult()
     raise ValueError(f"unknown identity op {op!r}")
-
-
-def _resolve(key: str, current: str | None, msg: dict[str, Any]) -> IdentityResult:
-    """1. read or claim the owner; 2. record it; 3. hop to the next identity, or 4. hand over to profiles."""
-    result = IdentityResult()
-    owner = current
-    if owner is None:
-        owner = msg["cand"]
-        result.write = owner
-    owners = dict(msg["owners"])
-    owners[key] = owner
-    i = msg["i"] + 1
-    keys = msg["keys"]
-    if i < len(keys):
-        result.sends.append(Send(IDENTITY_TOPIC, keys[i], {**msg, "i": i, "owners": owners}))
-        return result
-    target = min(owners.values())
-    result.sends.append(Send(PROFILE_TOPIC, target, {"op": "apply", "pid": target, "to": target,
-                                                     "rec": msg["rec"], "owners": owners, "nm": False}))
-    return result

@@ -7,7 +7,7 @@ import logging
 import time
 from typing import Any
 
-from pipeline.identity.stitch import Send, fast_apply, start_resolve
+from pipeline.identity.stitch import Send, apply_msg, home_key, start_resolve
 from pipeline.ingest.decode import Decoder, Rejected, Skipped
 from pipeline.ingest.wire import record_to_wire, wire_identity_keys
 from pipeline.observability import metrics
@@ -61,19 +61,7 @@ def register(rt: Runtime) -> None:
 
 def _record_handler(rt: Runtime) -> Any:
     identities = rt.ptables["identity"]
-
-    def local_owners(wire: dict[str, Any]) -> dict[str, str] | None:
-        """Owners of all the record's identities if this worker holds them all, else None."""
-        owners: dict[str, str] = {}
-        active = identities.active()
-        for key in wire_identity_keys(wire):
-            kb = key.encode()
-            p = identities.partition(kb)
-            value = identities.get(p, kb) if p in active else None
-            if value is None:
-                return None
-            owners[key] = value.decode()
-        return owners
+    unique = rt.config.profile.identity.unique_namespaces
 
     def handle(logical: str, decoder: Decoder, msg: Any) -> None:
         """One ingest record: dead-letter it with its reason, skip it, or start stitching it."""
@@ -87,8 +75,12 @@ def _record_handler(rt: Runtime) -> Any:
         else:
             rt.tally.add(metrics.RECORDS_INGESTED, logical)
             wire = record_to_wire(verdict)
-            owners = local_owners(wire)
-            rt.send(fast_apply(wire, owners) if owners else start_resolve(wire, rt.now_ms()))
+            home = home_key(wire_identity_keys(wire), unique)
+            # the home hop, done here when this worker holds the home identity's partition and it has an owner
+            kb = home.encode()
+            p = identities.partition(kb)
+            owner = identities.get(p, kb) if p in identities.active() else None
+            rt.send(apply_msg(owner.decode(), wire, home) if owner else start_resolve(wire, home, rt.now_ms()))
 
     return handle
 

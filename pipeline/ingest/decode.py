@@ -115,6 +115,10 @@ class Decoder:
         if not identities:
             why = "; ".join(problems) if problems else "the record carries no identity"
             return Rejected("no-usable-identity", why)
+        clash = _unique_clash(identities, self.identity)
+        if clash:
+            return Rejected("conflicting-unique-identities",
+                            f"the record carries several {clash} ids; {clash} is unique: a record names one person")
         primary = _primary(identities, primary_raw, self.identity)
         payload: dict[str, Scalar] = {}
         for k, v in raw.items():
@@ -126,6 +130,15 @@ class Decoder:
             return ExperienceEvent(str(raw["eventId"]), ts, str(raw["eventType"]), dataset, tuple(identities),
                                    primary, payload)
         return ProfileRecord(str(raw["recordId"]), ts, dataset, tuple(identities), primary, payload)
+
+
+def _unique_clash(identities: Iterable[Identity], cfg: IdentityConfig) -> str | None:
+    """The first unique namespace (e.g. CRMID) in which the record carries two different ids, if any."""
+    seen: dict[str, str] = {}
+    for i in identities:
+        if i.namespace in cfg.unique_namespaces and seen.setdefault(i.namespace, i.id) != i.id:
+            return i.namespace
+    return None
 
 
 def _primary(identities: Iterable[Identity], primary_ns: str | None, cfg: IdentityConfig) -> Identity:

@@ -88,6 +88,15 @@ def _add_identities(store: dict[str, dict[str, int]], identities: Iterable[Ident
     return changed
 
 
+def add_identity(profile: ProfileState, ident: Identity, ts: int) -> ChangeSummary:
+    """List one identity (first seen at `ts`); a confirmed claim or a new profile's home identity."""
+    added: list[Identity] = []
+    if not _add_identities(profile.identities, (ident,), ts, added):
+        return NO_CHANGE
+    profile.seq += 1
+    return ChangeSummary(changed=True, identities_added=tuple(added))
+
+
 def _trim_events(events: list[StoredEvent], max_events: int, retention_ms: int) -> list[StoredEvent]:
     """Evict events older than retention (relative to the newest) and then the oldest over the cap."""
     if not events:

@@ -1,15 +1,25 @@
 """The profile stage of stitching: pure handlers for messages keyed by profile id.
 
-Invariants (with those of pipeline.identity.stitch):
+Invariants (with I1-I3 of pipeline.identity.stitch):
   P1. A profile-table entry is a live ProfileState or a Forward(into) left by a merged-away profile;
       `into` is always a smaller (older) id, so following forwards terminates.
-  P2. Any message addressed to a forwarded profile is passed on to its `into`, unchanged.
-  P3. Merges always go larger -> smaller: the merged-away side ships its whole state ("absorb") and
-      becomes a Forward at the same moment, so nothing addressed to it afterwards is lost (P2).
-  P4. A profile never holds two different ids of a unique namespace (e.g. CRMID): a record that would
-      add one is re-addressed, without merging, to the owner of its unique identity; a merge that would
-      collapse two customers is refused before it starts (merge) or rolled back (absorb -> restore).
-  P5. Every change re-evaluates only the audiences it can affect; a merge re-evaluates all of the
+  P2. Any message addressed to a forwarded profile is passed on to its `into` (answers to a finished merge
+      attempt and stale ticks excepted).
+  P3. A profile lists exactly the identities the identity table gives it. A record is applied at the owner
+      of its home identity (`home_key`); its other identities are *claimed* (kept as pending until the
+      identity table answers): `claimed` lists one, `taken` by another profile asks that profile to link.
+  P4. A profile never holds two different ids of a unique namespace (e.g. CRMID), counting pending claims:
+      a record identity that would add one is not linked (it is adopted by a profile of its own), and a
+      link between two profiles whose unique ids differ is refused.
+  P5. Merges go larger -> smaller and are decided by the survivor before any identity moves:
+        1. the larger profile ships its state (`absorb`) and freezes: messages that reach it meanwhile are
+           held in its entry, in order;
+        2. the smaller one (or, through forwards, the survivor it merged into) checks P4 against its current
+           state and answers `accepted` (having absorbed it) or `refused` (unchanged);
+        3. on `accepted` the larger becomes a Forward, exits its memberships, repoints its identities and
+           passes its held messages on; on `refused` it thaws and handles its held messages itself.
+      Chains of waiting profiles only ever wait on smaller ids, so they cannot deadlock.
+  P6. Every change re-evaluates only the audiences it can affect; a merge re-evaluates all of the
       survivor's and exits all of the merged-away profile's memberships.
 """
 
@@ -21,18 +31,25 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from pipeline.identity.stitch import IDENTITY_TOPIC, PROFILE_TOPIC, Send, start_resolve
+from pipeline.identity.stitch import (
+    PROFILE_TOPIC,
+    Send,
+    claim_msg,
+    release_msg,
+    repoint_msg,
+    start_resolve,
+)
 from pipeline.ingest.wire import record_from_wire
 from pipeline.model import ExperienceEvent, Identity, MembershipChange, ProfileState
 from pipeline.profiles.config import ProfileConfig
 from pipeline.profiles.merge import (
     ChangeSummary,
     absorb,
+    add_identity,
     apply_event,
     apply_record,
     enforce_identity_limit,
     live_attributes,
-    unique_conflicts,
 )
 from pipeline.segments import Decision, SegmentEngine, apply_decisions, exit_all
 from pipeline.segments.membership import grouped_identities
@@ -45,6 +62,9 @@ MEMBERSHIP_STATE_TOPIC = "activation.membership-state"
 PROFILE_CHANGES_TOPIC = "activation.profile-changes"
 
 Entry = ProfileState | Forward | None
+MERGED_KEEP = 64  # absorbed ids a profile remembers, to recognise a redelivered absorb
+_ANSWERS = frozenset({"accepted", "refused"})  # handled even while merging: they end the wait
+_DROPPED_AT_FORWARD = _ANSWERS | {"tick"}  # for a finished merge attempt / a deadline the survivor has re-checked
 
 
 @dataclass
@@ -59,10 +79,33 @@ class OpResult:
     def count(self, name: str, n: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + n
 
+    def extend(self, other: OpResult) -> None:
+        self.sends.extend(other.sends)
+        self.changes.extend(other.changes)
+        for name, n in other.counters.items():
+            self.count(name, n)
 
-def unique_ids(p: ProfileState, cfg: ProfileConfig) -> dict[str, str]:
-    return {ns: next(iter(ids)) for ns, ids in p.identities.items()
-            if ns in cfg.identity.unique_namespaces and ids}
+
+UniqueIds = dict[str, list[str]]
+
+
+def unique_ids(p: ProfileState, cfg: ProfileConfig) -> UniqueIds:
+    """The profile's ids in unique namespaces, listed or pending (P4 counts both)."""
+    uniq = cfg.identity.unique_namespaces
+    out: dict[str, set[str]] = {}
+    for ns, ids in p.identities.items():
+        if ns in uniq and ids:
+            out.setdefault(ns, set()).update(ids)
+    for key in p.claims:
+        ident = Identity.from_key(key)
+        if ident.namespace in uniq:
+            out.setdefault(ident.namespace, set()).add(ident.id)
+    return {ns: sorted(ids) for ns, ids in out.items()}
+
+
+def unique_conflict(a: UniqueIds, b: UniqueIds) -> list[str]:
+    """Unique namespaces in which the two sides hold different ids (a merge would join two customers)."""
+    return sorted(ns for ns, ids in a.items() if ns in b and set(ids) != set(b[ns]))
 
 
 class ProfileProcessor:
@@ -72,141 +115,248 @@ class ProfileProcessor:
         self.config = config
         self.engine = engine
         self.clock = clock
+        self._handlers: dict[str, Callable[[str, ProfileState | None, dict[str, Any]], OpResult]] = {
+            "apply": self._apply, "claimed": self._claimed, "taken": self._taken, "link": self._link,
+            "absorb": self._absorb, "accepted": self._accepted, "refused": self._refused,
+            "tick": self._tick, "evaluate": self._evaluate_op,
+        }
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
 
     def handle(self, pid: str, entry: Entry, msg: dict[str, Any]) -> OpResult:
-        if isinstance(entry, Forward):  # P2
-            res = OpResult()
-            res.sends.append(Send(PROFILE_TOPIC, entry.into, {**msg, "pid": entry.into}))
-            res.count("forwarded")
-            if msg["op"] == "merge" and msg["into"] != entry.into:
-                # the merged-away side already merged elsewhere: merge the two survivors instead
-                a, b = sorted((entry.into, msg["into"]))
-                res.sends[0] = Send(PROFILE_TOPIC, b, {**msg, "pid": b, "into": a})
-            elif msg["op"] == "merge":
-                res.sends.clear()
-            elif msg["op"] == "restore":
-                return self._restore(pid, msg)
-            return res
+        """1. a forward passes the message on (P2); 2. a merging profile holds it (P5); 3. dispatch on op."""
         op = msg["op"]
-        if op == "restore":
-            return self._restore(pid, msg)
-        handler = getattr(self, f"_{op}", None) if op in _OPS else None
-        if handler is None:
-            raise ValueError(f"unknown profile op {op!r}")
-        return handler(pid, entry, msg)  # type: ignore[no-any-return]
-
-    # -- record application -------------------------------------------------------------------------
-    def _apply(self, pid: str, entry: ProfileState | None, msg: dict[str, Any]) -> OpResult:
-        """1. create the profile if new; 2. refuse unique-namespace conflicts (P4) by re-addressing;
-        3. add identities and apply the record; 4. enforce the size guardrail; 5. ask the other owners
-        to merge in; 6. evaluate affected audiences and emit changes."""
-        res = OpResult()
-        rec = record_from_wire(msg["rec"])
-        owners: dict[str, str] = msg["owners"]
-        now = self.now_ms()
-        profile = entry if entry is not None else ProfileState(pid, created_ms=now)
-        no_merge = bool(msg.get("nm"))
-        identities = list(rec.identities)
-        if msg.get("fast") and (entry is None or any(i.id not in profile.identities.get(i.namespace, ())
-                                                    for i in identities)):
-            # the identity read that skipped the hops was stale: resolve the record the normal way
-            res.sends.append(start_resolve(msg["rec"], now))
-            res.count("fast_path_rerouted")
+        if isinstance(entry, Forward):
+            res = OpResult()
+            if op in _DROPPED_AT_FORWARD:
+                res.count("stale")
+            else:
+                res.sends.append(Send(PROFILE_TOPIC, entry.into, {**msg, "pid": entry.into}))
+                res.count("forwarded")
             return res
-        if no_merge:  # only what this profile owns (or claimed for it)
-            identities = [i for i in identities if owners.get(i.key) == msg["to"]]
-            rec = _with_identities(rec, identities)
-        else:
-            conflicts = unique_conflicts(profile, identities, self.config)
-            if conflicts:
-                uniq = self.config.identity.unique_namespaces
-                culprit = next(i for i in identities if i.namespace in uniq and i.namespace in conflicts)
-                other = owners[culprit.key]
-                log.warning("link refused: record would give profile %s a second %s; applied to %s instead",
-                            pid, culprit.namespace, other)
+        if entry is not None and entry.merging is not None and op not in _ANSWERS:
+            entry.held.append(msg)
+            res = OpResult(write=entry)
+            res.count("held")
+            return res
+        handler = self._handlers.get(op)
+        if handler is None:
+            raise ValueError(f"unknown profile op {op!r}; valid: {', '.join(sorted(self._handlers))}")
+        return handler(pid, entry, msg)
+
+    # -- records ------------------------------------------------------------------------------------
+    def _apply(self, pid: str, entry: ProfileState | None, msg: dict[str, Any]) -> OpResult:
+        """1. a new profile is born holding the home identity (I2); an existing one that does not hold it
+        was reached by a stale read: resolve again; 2. claim the record's other identities, except one
+        that would give the profile a second id of a unique namespace (P4; adopted on its own instead);
+        3. apply the record with the identities held; 4. guardrail; 5. evaluate affected audiences."""
+        res = OpResult()
+        now = self.now_ms()
+        home = Identity.from_key(msg["home"])
+        profile = entry if entry is not None else ProfileState(pid, created_ms=now)
+        if entry is not None and not profile.holds(home):
+            res.sends.append(start_resolve(msg["rec"], msg["home"], now))
+            res.count("rerouted")
+            return res
+        if msg["rec"] is None:  # an adopted lone identity
+            if entry is None:
+                add_identity(profile, home, now)
+                self._evaluate(profile, ChangeSummary(changed=True, identities_added=(home,)), res, now=now,
+                               event_time=now, cause=None, kind="streaming", created=True)
+                res.write = profile
+            return res
+        rec = record_from_wire(msg["rec"])
+        uniq = unique_ids(profile, self.config)
+        unique_ns = self.config.identity.unique_namespaces
+        if entry is None and home.namespace in unique_ns:
+            uniq[home.namespace] = [home.id]
+        listed: list[Identity] = []
+        for ident in rec.identities:
+            if ident == home and entry is None or ident.id in profile.identities.get(ident.namespace, ()):
+                listed.append(ident)
+            elif ident.key in profile.claims:
+                continue
+            elif ident.namespace in unique_ns and any(i != ident.id for i in uniq.get(ident.namespace, ())):
+                log.warning("link refused: a record at profile %s carries a second %s; that id is not linked",
+                            pid, ident.namespace)
                 res.count("links_refused")
-                res.sends.append(Send(PROFILE_TOPIC, other, {**msg, "pid": other, "to": other, "nm": True}))
-                return res
+                res.sends.append(start_resolve(None, ident.key, now))
+            else:
+                if ident.namespace in unique_ns:
+                    uniq[ident.namespace] = [ident.id]
+                self._claim(profile, ident, rec.timestamp_ms, res)
+        rec = replace(rec, identities=tuple(listed))
         summary = (apply_event(profile, rec, self.config) if isinstance(rec, ExperienceEvent)
                    else apply_record(profile, rec, self.config))
         if summary.duplicate:
             res.count("duplicates")
-        removed = enforce_identity_limit(profile, self.config)
-        self._release(pid, removed, res)
-        if not no_merge:
-            # msg["to"] differs from pid only when the record was forwarded here: it is merged already
-            for other in sorted(set(owners.values()) - {pid, msg["to"]}):
-                claimed = [k for k, o in owners.items() if o == other]
-                res.sends.append(Send(PROFILE_TOPIC, other, {"op": "merge", "pid": other, "into": pid,
-                                                             "ids": claimed, "uniq": unique_ids(profile, self.config)}))
+        self._release(pid, enforce_identity_limit(profile, self.config), res)
         cause = rec.event_id if isinstance(rec, ExperienceEvent) else rec.record_id
         self._evaluate(profile, summary, res, now=now, event_time=rec.timestamp_ms, cause=cause,
                        kind="streaming", created=entry is None)
         res.write = profile
         return res
 
-    # -- merges -------------------------------------------------------------------------------------
-    def _merge(self, pid: str, entry: ProfileState | None, msg: dict[str, Any]) -> OpResult:
-        """At the merged-away profile: 1. refuse if it would collapse two customers (P4); 2. exit its
-        memberships; 3. ship the state to the survivor; 4. become a Forward; 5. repoint its identities."""
+    def _claim(self, profile: ProfileState, ident: Identity, ts: int, res: OpResult) -> None:
+        pid = profile.profile_id
+        pending = profile.claims.setdefault(ident.key, {})
+        pending[pid] = min(ts, pending.get(pid, ts))
+        res.sends.append(claim_msg(ident.key, pid, ts))
+
+    # -- answers of the identity table --------------------------------------------------------------
+    def _claimed(self, pid: str, entry: ProfileState | None, msg: dict[str, Any]) -> OpResult:
+        """The identity table gave `key` to `claimant` (this profile, or one it absorbed):
+        1. repoint it here if the claimant was absorbed; 2. list it (every claim of it is settled) or, if
+        this profile no longer wants it, release it; 3. guardrail; 4. tell streaming destinations."""
         res = OpResult()
-        into = msg["into"]
+        if entry is None:
+            res.count("stale")
+            return res
+        key, claimant = msg["key"], msg["claimant"]
+        ident = Identity.from_key(key)
+        listed = ident.id in entry.identities.get(ident.namespace, ())
+        if not listed and key not in entry.claims:  # dropped by the guardrail while the claim was in flight
+            res.sends.append(release_msg(key, claimant))
+            return res
+        if claimant != pid:
+            res.sends.append(repoint_msg(key, claimant, pid))
+        if listed:
+            return res
+        ts = min(entry.claims.pop(key).values())
+        summary = add_identity(entry, ident, ts)
+        self._release(pid, enforce_identity_limit(entry, self.config), res)
         now = self.now_ms()
-        if into >= pid:  # P3 guard; cannot happen by construction, never loop
-            raise ValueError(f"merge must go to a smaller id: {pid} -> {into}")
-        if entry is None:  # a candidate id that never became a profile: just leave the forward
-            res.write = Forward(into)
-            for key in msg.get("ids", []):
-                res.sends.append(Send(IDENTITY_TOPIC, key, {"op": "repoint", "from": pid, "to": into}))
+        self._evaluate(entry, summary, res, now=now, event_time=now, cause=None, kind="streaming")
+        res.write = entry
+        return res
+
+    def _taken(self, pid: str, entry: ProfileState | None, msg: dict[str, Any]) -> OpResult:
+        """Another profile owns `key`: settle this claimant's claim and ask the owner to link (P5 decides).
+        Claims of the same identity by profiles absorbed meanwhile wait for their own answers."""
+        res = OpResult()
+        if entry is None:
+            res.count("stale")
             return res
-        uniq_into: dict[str, str] = msg.get("uniq", {})
+        key, owner = msg["key"], msg["owner"]
+        if owner == pid:  # the table points here already
+            return self._claimed(pid, entry, msg)
+        pending = entry.claims.get(key)
+        if pending is not None and msg["claimant"] in pending:
+            del pending[msg["claimant"]]
+            if not pending:
+                del entry.claims[key]
+            entry.seq += 1
+            res.write = entry
+        res.sends.append(Send(PROFILE_TOPIC, owner, {"op": "link", "pid": owner, "from": pid,
+                                                     "uniq": unique_ids(entry, self.config), "via": key}))
+        return res
+
+    # -- merges -------------------------------------------------------------------------------------
+    def _link(self, pid: str, entry: ProfileState | None, msg: dict[str, Any]) -> OpResult:
+        """Profile `from` shares a record with this one: 1. refuse if their unique ids differ (P4);
+        2. the larger id ships its state to the smaller and freezes (P5.1), or asks the larger to."""
+        res = OpResult()
+        other = msg["from"]
+        if other == pid:
+            return res
+        if entry is None:  # not born yet: `via` is the home identity its id was claimed with (I2)
+            if msg.get("via") is None:
+                res.count("stale")
+                return res
+            entry = ProfileState(pid, created_ms=self.now_ms())
+            add_identity(entry, Identity.from_key(msg["via"]), entry.created_ms)
+            res.write = entry
         mine = unique_ids(entry, self.config)
-        if any(ns in mine and mine[ns] != v for ns, v in uniq_into.items()):
-            log.warning("merge refused: profiles %s and %s hold different unique identities", pid, into)
-            res.count("merges_refused")
+        conflict = unique_conflict(mine, msg["uniq"])
+        if conflict:
+            log.warning("link refused: profiles %s and %s hold different %s", pid, other, ", ".join(conflict))
+            res.count("links_refused")
             return res
-        res.changes.extend(exit_all(entry, self.engine, now_ms=now, kind="merge",
-                                    reason=f"merged into {into}"))
-        res.sends.append(Send(PROFILE_TOPIC, into, {"op": "absorb", "pid": into, "from": pid,
-                                                    "state": encode_profile(entry)}))
-        res.write = Forward(into)
-        for ident in entry.identity_list():
-            res.sends.append(Send(IDENTITY_TOPIC, ident.key, {"op": "repoint", "from": pid, "to": into}))
-        res.count("merges")
+        if pid < other:
+            res.sends.append(Send(PROFILE_TOPIC, other, {"op": "link", "pid": other, "from": pid, "uniq": mine,
+                                                         "via": None}))
+            return res
+        entry.seq += 1
+        token = f"{pid}/{entry.seq}"
+        entry.merging = (other, token)
+        res.sends.append(Send(PROFILE_TOPIC, other, {"op": "absorb", "pid": other, "from": pid, "token": token,
+                                                     "state": encode_profile(entry)}))
+        res.write = entry
         return res
 
     def _absorb(self, pid: str, entry: ProfileState | None, msg: dict[str, Any]) -> OpResult:
-        """At the survivor: 1. re-check uniqueness (it may have changed since); roll back if needed;
-        2. absorb the state; 3. enforce the guardrail; 4. re-evaluate every audience."""
+        """At the survivor (P5.2): 1. a redelivered absorb is answered again; 2. refuse on a unique
+        conflict with the current state; 3. absorb identities, pending claims, attributes and events;
+        4. answer; 5. guardrail; 6. re-evaluate every audience."""
         res = OpResult()
+        other_id, now = msg["from"], self.now_ms()
+        answer = {"pid": other_id, "token": msg["token"], "by": pid}
+        profile = entry if entry is not None else ProfileState(pid, created_ms=now)
+        if other_id in profile.merged:
+            res.sends.append(Send(PROFILE_TOPIC, other_id, {"op": "accepted", **answer}))
+            return res
         other = decode_profile(msg["state"])
-        now = self.now_ms()
-        profile = entry if entry is not None else ProfileState(pid, created_ms=other.created_ms)
-        if unique_conflicts(profile, other.identities, self.config):
-            log.warning("merge rolled back: %s gained a conflicting unique identity meanwhile", pid)
+        conflict = unique_conflict(unique_ids(profile, self.config), unique_ids(other, self.config))
+        if conflict:
+            log.warning("merge refused: profiles %s and %s hold different %s", pid, other_id, ", ".join(conflict))
             res.count("merges_refused")
-            res.sends.append(Send(PROFILE_TOPIC, msg["from"], {"op": "restore", "pid": msg["from"],
-                                                               "state": msg["state"]}))
+            res.sends.append(Send(PROFILE_TOPIC, other_id, {"op": "refused", **answer}))
             return res
         other.memberships.clear()
         summary = absorb(profile, other, self.config)
-        removed = enforce_identity_limit(profile, self.config)
-        self._release(pid, removed, res)
+        for key, claimants in other.claims.items():
+            pending = profile.claims.setdefault(key, {})
+            for claimant, ts in claimants.items():
+                pending[claimant] = min(ts, pending.get(claimant, ts))
+        for key in list(profile.claims):  # a claim of an identity now listed here is settled
+            ident = Identity.from_key(key)
+            if ident.id in profile.identities.get(ident.namespace, ()):
+                del profile.claims[key]
+        merged = [m for m in profile.merged if m not in other.merged] + other.merged + [other_id]
+        profile.merged = merged[-MERGED_KEEP:]
+        profile.seq += 1
+        res.sends.append(Send(PROFILE_TOPIC, other_id, {"op": "accepted", **answer}))
+        res.count("merges")
+        self._release(pid, enforce_identity_limit(profile, self.config), res)
         self._evaluate(profile, summary, res, now=now, event_time=now, cause=None, kind="merge", all_=True,
                        created=entry is None)
         res.write = profile
         return res
 
-    def _restore(self, pid: str, msg: dict[str, Any]) -> OpResult:
+    def _accepted(self, pid: str, entry: ProfileState | None, msg: dict[str, Any]) -> OpResult:
+        """Absorbed (P5.3): 1. exit memberships; 2. repoint every identity, listed or pending (a pending
+        claim's answer comes to the survivor through the forward); 3. pass held messages on; 4. forward."""
         res = OpResult()
-        profile = decode_profile(msg["state"])
-        now = self.now_ms()
-        self._evaluate(profile, ChangeSummary(changed=True), res, now=now, event_time=now, cause=None,
-                       kind="merge", all_=True)
-        res.write = profile
+        if entry is None or entry.merging is None or entry.merging[1] != msg["token"]:
+            res.count("stale")
+            return res
+        into = msg["by"]
+        res.changes.extend(exit_all(entry, self.engine, now_ms=self.now_ms(), kind="merge",
+                                    reason=f"merged into {into}"))
+        for ident in entry.identity_list() + entry.claim_list():
+            res.sends.append(repoint_msg(ident.key, pid, into))
+        for held in entry.held:
+            res.sends.append(Send(PROFILE_TOPIC, into, {**held, "pid": into}))
+        res.write = Forward(into)
+        return res
+
+    def _refused(self, pid: str, entry: ProfileState | None, msg: dict[str, Any]) -> OpResult:
+        """Not absorbed (P5.3): thaw and handle the held messages in order (one may start a merge again,
+        which holds the rest)."""
+        res = OpResult()
+        if entry is None or entry.merging is None or entry.merging[1] != msg["token"]:
+            res.count("stale")
+            return res
+        held, entry.merging, entry.held = entry.held, None, []
+        entry.seq += 1
+        current: Entry = entry
+        for m in held:
+            sub = self.handle(pid, current, m)
+            res.extend(sub)
+            if sub.write is not None:
+                current = sub.write
+        res.write = current
         return res
 
     # -- time and batch -----------------------------------------------------------------------------
@@ -272,7 +422,7 @@ class ProfileProcessor:
                      ", ".join(f"{ns}={n}" for ns, n in sorted(by_ns.items())))
             res.count("identities_dropped", len(removed))
         for ident in removed:
-            res.sends.append(Send(IDENTITY_TOPIC, ident.key, {"op": "release", "pid": pid}))
+            res.sends.append(release_msg(ident.key, pid))
 
     def _evaluate(self, profile: ProfileState, summary: ChangeSummary, res: OpResult, *, now: int,
                   event_time: int, cause: str | None, kind: str, all_: bool = False, created: bool = False,
@@ -310,13 +460,6 @@ class ProfileProcessor:
                 "event_time_ms": event_time,
                 "idempotency_key": hashlib.sha256(key_src.encode()).hexdigest()[:32],
             }))
-
-
-_OPS = {"apply", "merge", "absorb", "tick", "evaluate_op"}
-
-
-def _with_identities(rec: Any, identities: list[Identity]) -> Any:
-    return replace(rec, identities=tuple(identities))
 
 
 def _with_cause(d: Decision, cause: str) -> Decision:

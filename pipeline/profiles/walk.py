@@ -91,14 +91,14 @@ def visit(processor: ProfileProcessor, spec: WalkSpec, key: bytes, raw: bytes | 
     """Evaluate one stored value; None when it is not a profile or the spec skips it. The outcome holds the
     re-encoded profile only when memberships changed (a run that changes nothing writes nothing)."""
     entry = decode_profile_entry(raw) if raw else None
-    if not isinstance(entry, ProfileState):
+    if not isinstance(entry, ProfileState) or entry.merging is not None:  # merging: about to be a forward
         return None
     pid = key.decode()
     before = _marks(entry)
     if spec.kind == "definitions":
         res = processor.exit_removed(entry, list(spec.removed)) if spec.removed else OpResult()
         if spec.audiences:
-            more = processor.handle(pid, entry, {"op": "evaluate_op", "audiences": list(spec.audiences),
+            more = processor.handle(pid, entry, {"op": "evaluate", "audiences": list(spec.audiences),
                                                  "kind": spec.evaluation})
             res.changes.extend(more.changes)
             res.sends.extend(more.sends)
@@ -106,7 +106,7 @@ def visit(processor: ProfileProcessor, spec: WalkSpec, key: bytes, raw: bytes | 
     else:
         if spec.since_ms and last_change(entry) < spec.since_ms:
             return None
-        res = processor.handle(pid, entry, {"op": "evaluate_op", "kind": spec.evaluation,
+        res = processor.handle(pid, entry, {"op": "evaluate", "kind": spec.evaluation,
                                             "audiences": list(spec.audiences) if spec.audiences else None})
     written = res.write
     res.write = None  # the outcome carries the encoded profile instead (it crosses a process boundary)

@@ -9,7 +9,8 @@ A profile body is one array:
      attributes [path, value, string_index, ts, ...]  (flat),
      events [event_id, type_index, ts_delta, dataset_index, fields, ...]  (flat, ts delta-coded),
      memberships [audience, audience_id or None if equal, status_code, since, version, reason,
-                  changed_ms, ...]  (flat)]
+                  changed_ms, ...]  (flat),
+     (only while stitching is in flight) [claims, merging, held, merged]]
 
 Interning dataset and type names and delta-coding event timestamps keeps the value small (RocksDB
 and the changelog topic hold one per profile); flat arrays avoid one msgpack array header per item.
@@ -67,6 +68,8 @@ def encode_profile(profile: ProfileState) -> bytes:
                     m.since_ms, m.version, m.reason, m.changed_ms)
     body = [profile.profile_id, profile.created_ms, profile.next_deadline_ms, profile.seq,
             profile.identities, list(strings), attrs, events, members]
+    if profile.claims or profile.merging or profile.held or profile.merged:
+        body.append([profile.claims, profile.merging, profile.held, profile.merged])
     return bytes((FORMAT_VERSION, _PROFILE)) + _pack(body)
 
 
@@ -88,7 +91,10 @@ def _unpack(data: bytes) -> tuple[int, Any]:
 
 def _profile_from_body(body: Any) -> ProfileState:
     try:
-        pid, created, deadline, seq, identities, strings, attrs, events, members = body
+        if len(body) not in (9, 10):
+            raise ValueError(f"{len(body)} fields")
+        pid, created, deadline, seq, identities, strings, attrs, events, members = body[:9]
+        stitching = body[9] if len(body) == 10 else None
         if len(attrs) % 4 or len(events) % 5 or len(members) % 7:
             raise ValueError("truncated attribute, event or membership array")
         # Column-wise map() over strided slices: no per-item Python loop, ~2x faster than one.
@@ -105,7 +111,15 @@ def _profile_from_body(body: Any) -> ProfileState:
         }
     except (ValueError, TypeError, IndexError, KeyError) as exc:
         raise SerdeError("profile_decode", f"malformed profile body: {exc}") from exc
-    return ProfileState(pid, created, identities, attributes, stored, memberships, deadline, seq)
+    profile = ProfileState(pid, created, identities, attributes, stored, memberships, deadline, seq)
+    if stitching is not None:
+        try:
+            claims, merging, held, merged = stitching
+            profile.claims, profile.held, profile.merged = claims, held, merged
+            profile.merging = (merging[0], merging[1]) if merging else None
+        except (ValueError, TypeError, IndexError) as exc:
+            raise SerdeError("profile_decode", f"malformed stitching state: {exc}") from exc
+    return profile
 
 
 def decode_profile_entry(data: bytes) -> ProfileState | Forward:
@@ -133,7 +147,7 @@ def peek_deadline(data: bytes) -> tuple[str, int | None] | None:
     unpacker = msgpack.Unpacker(raw=False)
     unpacker.feed(memoryview(data)[2:])
     try:
-        if unpacker.read_array_header() != 9:
+        if unpacker.read_array_header() not in (9, 10):
             raise ValueError("not a profile body")
         pid, _created, deadline = unpacker.unpack(), unpacker.unpack(), unpacker.unpack()
     except (ValueError, TypeError, msgpack.UnpackException, msgpack.OutOfData) as exc:
@@ -157,7 +171,7 @@ def profile_body(data: bytes | None) -> list[Any] | None:
         kind, body = _unpack(data)
     except SerdeError:
         return None
-    return body if kind == _PROFILE and type(body) is list and len(body) == 9 else None
+    return body if kind == _PROFILE and type(body) is list and len(body) in (9, 10) else None
 
 
 def decode_profile(data: bytes) -> ProfileState:

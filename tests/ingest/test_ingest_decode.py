@@ -91,3 +91,20 @@ def test_dataset_not_enabled_for_profile_is_skipped(decoder, cfg):
     got = d.decode(encode(d, {"eventId": "e", "timestamp": NOW, "eventType": "pageView", "dataset": disabled[0],
                               "identityMap": {"ECID": [{"id": "c"}]}}), NOW)
     assert got == Skipped("dataset-not-enabled-for-profile", disabled[0])
+
+
+def test_a_record_naming_two_crm_ids_is_dead_lettered_with_its_reason(decoder):
+    # Given a CRM record carrying two different CRM ids (CRMID is a unique namespace), and one carrying the
+    # same CRM id twice
+    d = decoder("profile")
+    two = encode(d, {"recordId": "r1", "timestamp": NOW, "dataset": "crm",
+                     "identityMap": {"CRMID": [{"id": "C-1"}, {"id": "C-2"}], "Email": [{"id": "a@b.io"}]}})
+    same = encode(d, {"recordId": "r2", "timestamp": NOW, "dataset": "crm",
+                      "identityMap": {"CRMID": [{"id": "C-1"}, {"id": " C-1 "}]}})
+    # When they are decoded
+    # Then the first is rejected, the reason naming the namespace and no value; the second is one CRM id
+    assert d.decode(two, NOW) == Rejected(
+        "conflicting-unique-identities",
+        "the record carries several CRMID ids; CRMID is unique: a record names one person")
+    got = d.decode(same, NOW)
+    assert isinstance(got, ProfileRecord) and got.identities == (Identity("CRMID", "C-1"),)

@@ -35,6 +35,11 @@ profiles = st.builds(
                                                 ints, ints, text, ints), max_size=3),
     next_deadline_ms=st.one_of(st.none(), ints),
     seq=st.integers(0, 2**40),
+    # stitching state in flight: pending claims, a merge attempt with held messages, absorbed ids
+    claims=st.dictionaries(text, st.dictionaries(text, ints, min_size=1, max_size=2), max_size=2),
+    merging=st.one_of(st.none(), st.tuples(text, text)),
+    held=st.lists(st.fixed_dictionaries({"op": text, "pid": text, "state": st.binary(max_size=8)}), max_size=2),
+    merged=st.lists(text, max_size=3),
 )
 
 

@@ -1,0 +1,176 @@
+"""The real stitching handlers over in-memory partitioned tables, with chosen interleavings and crashes.
+
+Kafka is modelled as it behaves for the stages: every (sender partition, target partition) pair is a FIFO
+channel (one producer keeps order per partition), delivery from channels into a partition's log and the
+handling of each partition's log happen in any interleaving the `choose` function picks, and a crash rolls a
+partition's table back to its last commit and re-handles its log from there, while everything it had sent
+stays sent (at-least-once: state and output are not atomic). Messages are msgpack round-tripped and table
+values go through the profile codec, as on the wire.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+from stitching import Rec
+
+from pipeline.identity.stitch import (
+    IDENTITY_TOPIC,
+    PROFILE_TOPIC,
+    Send,
+    apply_msg,
+    handle_identity,
+    start_resolve,
+)
+from pipeline.ingest.wire import record_to_wire
+from pipeline.model import ExperienceEvent, MembershipChange, ProfileRecord
+from pipeline.profiles.config import ProfileConfig
+from pipeline.profiles.ops import ProfileProcessor
+from pipeline.segments import SegmentEngine
+from pipeline.state.codec import Forward, decode_profile_entry, encode_forward, encode_profile
+from pipeline.state.snapshot import GraphSnapshot
+from pipeline.state.tables import partition_for
+
+Part = tuple[str, int]  # (stage topic, partition)
+INGEST: Part = ("ingest", 0)
+
+
+@dataclass
+class Log:
+    """One partition: its message log, how far it is handled, its table and its last commit."""
+
+    messages: list[Any] = field(default_factory=list)
+    pos: int = 0
+    table: dict[str, bytes] = field(default_factory=dict)
+    committed: tuple[int, dict[str, bytes]] = (0, {})
+
+
+class StitchSim:
+    def __init__(self, config: ProfileConfig, partitions: int = 4, fast_path: bool = True) -> None:
+        self.config = config
+        self.partitions = partitions
+        self.fast_path = fast_path
+        self.now = 1_700_000_000_000
+        self.processor = ProfileProcessor(config, SegmentEngine([]), lambda: self.now / 1000)
+        self.logs: dict[Part, Log] = {(t, p): Log() for t in (IDENTITY_TOPIC, PROFILE_TOPIC)
+                                      for p in range(partitions)}
+        self.channels: dict[tuple[Part, Part], deque[Any]] = {}
+        self.pending: deque[Rec] = deque()
+        self.changes: list[MembershipChange] = []
+        self.crashes = 0
+        self.handled = 0
+
+    # -- sending and handling -----------------------------------------------------------------------
+    def _part(self, topic: str, key: str) -> Part:
+        return (topic, partition_for(key.encode(), self.partitions))
+
+    def _send(self, src: Part, send: Send) -> None:
+        if send.topic not in (IDENTITY_TOPIC, PROFILE_TOPIC):
+            return  # activation output: not part of stitching
+        wire = msgpack.unpackb(msgpack.packb((send.key, send.value), use_bin_type=True), raw=False)
+        self.channels.setdefault((src, self._part(send.topic, send.key)), deque()).append(wire)
+
+    def ingest(self, rec: Rec) -> None:
+        """What the ingest loop does with a decoded record: the home hop, locally if the owner is known."""
+        ids = rec.ids
+        decoded = (ExperienceEvent(rec.rid, self.now, "pageView", "web-events", ids, ids[0], {})
+                   if rec.kind == "e" else ProfileRecord(rec.rid, self.now, "crm", ids, ids[0], {"tier": "gold"}))
+        wire = record_to_wire(decoded)
+        home = rec.home(self.config.identity.unique_namespaces).key
+        owner = self.logs[self._part(IDENTITY_TOPIC, home)].table.get(home) if self.fast_path else None
+        self._send(INGEST, apply_msg(owner.decode(), wire, home) if owner else start_resolve(wire, home, self.now))
+
+    def handle_next(self, part: Part) -> None:
+        log = self.logs[part]
+        key, msg = log.messages[log.pos]
+        log.pos += 1
+        self.handled += 1
+        if part[0] == IDENTITY_TOPIC:
+            current = log.table.get(key)
+            res = handle_identity(key, current.decode() if current else None, msg)
+            if res.write is not None:
+                log.table[key] = res.write.encode()
+            elif res.delete:
+                log.table.pop(key, None)
+            for s in res.sends:
+                self._send(part, s)
+            return
+        raw = log.table.get(key)
+        out = self.processor.handle(key, decode_profile_entry(raw) if raw else None, msg)
+        if isinstance(out.write, Forward):
+            log.table[key] = encode_forward(out.write)
+        elif out.write is not None:
+            log.table[key] = encode_profile(out.write)
+        for s in out.sends:
+            self._send(part, s)
+        self.changes.extend(out.changes)
+
+    # -- the scheduler ------------------------------------------------------------------------------
+    def actions(self) -> list[tuple[str, Any]]:
+        acts: list[tuple[str, Any]] = []
+        if self.pending:
+            acts.append(("ingest", None))
+        acts.extend(("deliver", ch) for ch, q in self.channels.items() if q)
+        acts.extend(("handle", p) for p, log in self.logs.items() if log.pos < len(log.messages))
+        return acts
+
+    def step(self, rng: random.Random, crash_rate: float = 0.0) -> bool:
+        """One chosen action; False once nothing is left to do (quiescence)."""
+        acts = self.actions()
+        if not acts:
+            return False
+        self.now += rng.choice((0, 0, 1, 3))
+        if crash_rate and rng.random() < crash_rate:
+            self.crash(rng.choice(list(self.logs)))
+            return True
+        if rng.random() < 0.05:
+            self.commit(rng.choice(list(self.logs)))
+        kind, arg = rng.choice(acts)
+        if kind == "ingest":
+            self.ingest(self.pending.popleft())
+        elif kind == "deliver":
+            key, msg = self.channels[arg].popleft()
+            self.logs[arg[1]].messages.append((key, msg))
+        else:
+            self.handle_next(arg)
+        return True
+
+    def commit(self, part: Part) -> None:
+        log = self.logs[part]
+        log.committed = (log.pos, dict(log.table))
+
+    def crash(self, part: Part) -> None:
+        """The worker holding `part` dies: its table is what the changelog had at the last commit, and
+        everything handled since is handled again (what it sent meanwhile stays sent)."""
+        log = self.logs[part]
+        log.pos, table = log.committed
+        log.table = dict(table)
+        self.crashes += 1
+
+    def run(self, records: list[Rec] | tuple[Rec, ...], rng: random.Random, crash_rate: float = 0.0,
+            max_steps: int = 2_000_000) -> None:
+        self.pending.extend(records)
+        steps = 0
+        while self.step(rng, crash_rate if steps < max_steps // 2 else 0.0):
+            steps += 1
+            if steps > max_steps:
+                raise AssertionError(f"no quiescence after {max_steps} steps")
+
+    # -- the outcome --------------------------------------------------------------------------------
+    def snapshot(self) -> GraphSnapshot:
+        snap = GraphSnapshot({}, {}, {})
+        for (topic, _), log in self.logs.items():
+            for key, raw in log.table.items():
+                if topic == IDENTITY_TOPIC:
+                    snap.identities[key] = raw.decode()
+                    continue
+                entry = decode_profile_entry(raw)
+                if isinstance(entry, Forward):
+                    snap.forwards[key] = entry.into
+                else:
+                    snap.profiles[key] = entry
+        return snap
