@@ -167,24 +167,21 @@ class ProfileProcessor:
                 res.write = profile
             return res
         rec = record_from_wire(msg["rec"])
-        uniq = unique_ids(profile, self.config)
         unique_ns = self.config.identity.unique_namespaces
-        if entry is None and home.namespace in unique_ns:
-            uniq[home.namespace] = [home.id]
         listed: list[Identity] = []
         for ident in rec.identities:
             if ident == home and entry is None or ident.id in profile.identities.get(ident.namespace, ()):
                 listed.append(ident)
             elif ident.key in profile.claims:
                 continue
-            elif ident.namespace in unique_ns and any(i != ident.id for i in uniq.get(ident.namespace, ())):
+            elif ident.namespace in unique_ns and any(
+                    i != ident.id for i in (*unique_ids(profile, self.config).get(ident.namespace, ()),
+                                            *(x.id for x in listed if x.namespace == ident.namespace))):
                 log.warning("link refused: a record at profile %s carries a second %s; that id is not linked",
                             pid, ident.namespace)
                 res.count("links_refused")
                 res.sends.append(start_resolve(None, ident.key, now))
             else:
-                if ident.namespace in unique_ns:
-                    uniq[ident.namespace] = [ident.id]
                 self._claim(profile, ident, rec.timestamp_ms, res)
         rec = replace(rec, identities=tuple(listed))
         summary = (apply_event(profile, rec, self.config) if isinstance(rec, ExperienceEvent)

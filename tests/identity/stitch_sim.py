@@ -11,7 +11,7 @@ values go through the profile codec, as on the wire.
 from __future__ import annotations
 
 import random
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,6 +63,7 @@ class StitchSim:
         self.changes: list[MembershipChange] = []
         self.crashes = 0
         self.handled = 0
+        self.ops: Counter[str] = Counter()  # messages handled, by op
 
     # -- sending and handling -----------------------------------------------------------------------
     def _part(self, topic: str, key: str) -> Part:
@@ -89,6 +90,7 @@ class StitchSim:
         key, msg = log.messages[log.pos]
         log.pos += 1
         self.handled += 1
+        self.ops[msg["op"]] += 1
         if part[0] == IDENTITY_TOPIC:
             current = log.table.get(key)
             res = handle_identity(key, current.decode() if current else None, msg)

@@ -61,6 +61,20 @@ def test_two_logins_on_a_shared_cookie_arriving_together_keep_it_on_one_profile(
         assert_right(HOUSEHOLD, sim)
 
 
+def test_a_settled_household_refuses_the_next_shared_login_without_shipping_a_profile() -> None:
+    # Given the household stitched and settled
+    sim = run(HOUSEHOLD, 1)
+    assert_right(HOUSEHOLD, sim)
+    owner_k = sim.snapshot().owner(K.key)
+    sim.ops.clear()
+    # When the customer who does not have the cookie logs in on it again
+    other = B if sim.snapshot().owner(A.key) == owner_k else A
+    sim.run([Rec("r9", (other, K))], random.Random(2))
+    # Then the link is refused on the unique ids it carries: no profile state travels, nothing moves
+    assert dict(sim.ops) == {"apply": 1, "claim": 1, "taken": 1, "link": 1}
+    assert sim.snapshot().owner(K.key) == owner_k
+
+
 def test_a_merge_racing_a_conflicting_link_is_refused_before_any_identity_moves() -> None:
     # Given a cookie-only profile that both customers' logins reach, with their e-mails linked late
     ea, eb = Identity("Email", "a@x"), Identity("Email", "b@x")
