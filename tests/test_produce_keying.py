@@ -204,3 +204,23 @@ def test_produce_keys_one_persons_records_into_one_partition(kafka_bootstrap, re
     ]
     assert [o for *_, o in got[0:3]] == sorted(o for *_, o in got[0:3])
     assert [o for *_, o in got[3:6]] == sorted(o for *_, o in got[3:6])
+
+
+def test_identity_keys_follow_the_home_identity_when_a_unique_namespace_ranks_lower() -> None:
+    # Given a configuration where the unique CRM id ranks below the e-mail
+    from pipeline.identity.namespaces import parse_identity_config
+    from pipeline.ingest.keys import choose_key
+
+    identity = parse_identity_config("""\
+namespaces:
+  - {name: ECID, kind: cookie, priority: 10, normaliser: trim}
+  - {name: Email, kind: person, priority: 60, normaliser: email}
+  - {name: CRMID, kind: person, priority: 5, unique: true, normaliser: trim}
+""")
+    spec = KeySpec.parse("identity")
+    # When records with and without a CRM id are keyed
+    with_crm = {"identityMap": {"Email": [{"id": "A@B.io"}], "CRMID": [{"id": "C-7"}], "ECID": [{"id": "c"}]}}
+    without = {"identityMap": {"Email": [{"id": "A@B.io"}], "ECID": [{"id": "c"}]}}
+    # Then the key is the home identity the pipeline routes by: the CRM id, else the highest priority
+    assert choose_key(with_crm, spec, identity) == KeyChoice("CRMID:C-7", "identity CRMID")
+    assert choose_key(without, spec, identity) == KeyChoice("Email:a@b.io", "identity Email")

@@ -1,7 +1,8 @@
 """Producer-side record keys: the Kafka key a producer gives an ingest record (`pipeline produce --key`).
 
 Kafka orders records only within a partition, and the key picks the partition. Keyed by the person's
-highest-priority identity, one person's records stay in one partition, in order. Identities are read and
+home identity (the id of a unique namespace such as CRMID if the record has one, else its highest-priority
+identity: what the pipeline routes a record by), one person's records stay in one partition, in order. Identities are read and
 normalised exactly as the ingest decoder does (`decode.raw_identities`, `normalise_identities`), so the key
 is the identity-table key (`Identity.key`, "<namespace>:<normalised id>") of the record's first identity.
 
@@ -18,7 +19,9 @@ from typing import Any, Literal
 
 from pipeline.errors import ConfigError
 from pipeline.identity.namespaces import IdentityConfig, normalise_identities
+from pipeline.identity.stitch import home_key
 from pipeline.ingest.decode import identity_fields, raw_identities
+from pipeline.model import Identity
 from pipeline.serde.avro import AvroCodec
 from pipeline.serde.codecs import Codec
 
@@ -99,7 +102,8 @@ def choose_key(value: Any, spec: KeySpec, identity: IdentityConfig | None = None
         for i in identities:
             if i.namespace == spec.name:
                 return KeyChoice(i.key, f"identity {i.namespace}")
-    first = identities[0]
+    # the record's home identity, the one the pipeline routes it by (a unique namespace's id first)
+    first = Identity.from_key(home_key([i.key for i in identities], identity.unique_namespaces))
     fallback = f" (no {spec.name})" if spec.name is not None else ""
     return KeyChoice(first.key, f"identity {first.namespace}{fallback}")
 

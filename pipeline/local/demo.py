@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 
 from pipeline.clients import produce_json_lines, tail
+from pipeline.identity.namespaces import load_identity_config
+from pipeline.ingest.keys import KeySpec, RecordKeyer
 from pipeline.local.broker import DEFAULT_DIR, DEFAULT_PORT, LocalBroker, _alive, _read_pid
 from pipeline.sample import write
 from pipeline.topics import TopicRegistry, apply
@@ -64,10 +66,15 @@ def main() -> int:
         print("destination runner and demo webhook started (logs in data/)", flush=True)
         ev, rec = write(people, ROOT / "data" / "sample", int(time.time() * 1000))
         print(f"sample: {people} people -> {ev.name}, {rec.name}", flush=True)
+        # keyed by each record's home identity, as producers should: one person's records stay in order
+        identity = load_identity_config(ROOT / "config" / "example" / "identity.yaml")
+        by_person = KeySpec.parse("identity")
         with open(rec) as f:
-            n_rec = produce_json_lines(reg, broker.bootstrap, "ingest.profiles", f)
+            n_rec = produce_json_lines(reg, broker.bootstrap, "ingest.profiles", f,
+                                       key=RecordKeyer.for_codec(by_person, reg["ingest.profiles"].codec, identity))
         with open(ev) as f:
-            n_ev = produce_json_lines(reg, broker.bootstrap, "ingest.events", f)
+            n_ev = produce_json_lines(reg, broker.bootstrap, "ingest.events", f,
+                                      key=RecordKeyer.for_codec(by_person, reg["ingest.events"].codec, identity))
         print(f"published {n_rec} CRM records and {n_ev} web events; membership changes follow:\n", flush=True)
         counts: collections.Counter[tuple[str, str]] = collections.Counter()
         shown = 0
