@@ -212,6 +212,7 @@ def test_identity_keys_follow_the_home_identity_when_a_unique_namespace_ranks_lo
     from pipeline.ingest.keys import choose_key
 
     identity = parse_identity_config("""\
+max_identities_per_graph: 50
 namespaces:
   - {name: ECID, kind: cookie, priority: 10, normaliser: trim}
   - {name: Email, kind: person, priority: 60, normaliser: email}
