@@ -12,6 +12,7 @@ from pipeline.profiles.ops import ProfileProcessor
 from pipeline.runtime import ROCKSDB_OPTIONS, TABLE_CACHE, OutputProducer, Runtime
 from pipeline.segments import SegmentEngine
 from pipeline.settings import PipelineConfig, Settings
+from pipeline.state.faust_compat import close_revoked_partitions
 from pipeline.state.tables import ChangelogRouter, PartitionedTable
 from pipeline.topics import TopicRegistry
 
@@ -72,6 +73,7 @@ def build_app(settings: Settings, config: PipelineConfig | None = None,
                                       value_serializer="raw", partitions=spec.partitions, internal=False))
         changelogs.route(rt.tables[table])
         rt.ptables[table] = PartitionedTable(rt.tables[table], spec.partitions, cache_size=TABLE_CACHE[table])
+        close_revoked_partitions(rt.tables[table], rt.ptables[table].release)  # reopened when reassigned
 
     from pipeline.api import routes as api_routes
     from pipeline.identity import agents as identity_agents

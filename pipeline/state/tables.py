@@ -128,6 +128,12 @@ class PartitionedTable:
             self._unlogged[partition] = db
         return db
 
+    def release(self, partition: int) -> None:
+        """Faust revoked the partition and is closing its store (`faust_compat.close_revoked_partitions`):
+        forget the handle, which would otherwise keep the database open and its lock held, so the partition
+        could not be reopened when it comes back. The next `_db` call gets the reopened handle."""
+        self._unlogged.pop(partition, None)
+
     def get(self, partition: int, key: bytes, remember: bool = True) -> bytes | None:
         """The stored value. `remember=False` for scans (batch runs): a value read from the store is not
         cached, so one walk over a partition does not push the hot keys out."""

@@ -1,0 +1,62 @@
+"""Patches to faust-streaming's private table-store internals, for the one version they were written against.
+
+Checked at start-up: with another version the worker stops with the reason instead of misbehaving during
+a rebalance. Before changing FAUST_VERSION, re-read `faust/stores/rocksdb.py` (`Store.revoke_partitions`,
+`Store._dbs`, `Store.on_rebalance`) and adjust this module.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import faust
+from faust.stores.rocksdb import Store as RocksDBStore
+from faust.types import TP, CollectionT
+
+FAUST_VERSION = "0.15.3"
+
+log = logging.getLogger(__name__)
+
+
+def require_faust_version() -> None:
+    """Raise unless the installed faust-streaming is the version this module was written for."""
+    if faust.__version__ != FAUST_VERSION:
+        raise RuntimeError(
+            f"pipeline.state.faust_compat patches faust-streaming {FAUST_VERSION} internals, but "
+            f"{faust.__version__} is installed: check faust/stores/rocksdb.py (Store.revoke_partitions, "
+            f"Store._dbs) still matches, then update FAUST_VERSION")
+
+
+def close_revoked_partitions(table: Any, release: Callable[[int], None]) -> None:
+    """Make `table`'s RocksDB store close a partition's database as soon as Faust revokes the partition.
+
+    faust-streaming 0.15.3 `Store.revoke_partitions` only drops the handle from `_dbs` (its `db.close()` is
+    commented out) and leaves the rest to garbage collection. Any other reference keeps the database open,
+    with its LOCK held in this process, so when the partition comes back the reopen fails ("DB for partition
+    N is locked! Retry in 1s" for 30 s, then the worker exits). Instead, per revoked partition:
+    1. take the handle out of `_dbs`; 2. `release(partition)`: the caller drops its own references to it;
+    3. `db.close()`: flushes the memtable (our writes skip the WAL) and releases the lock now. A reference
+    left behind anyway sees a closed handle (rocksdict raises `DbClosedError`), never a stale open one."""
+    require_faust_version()
+    store = table.data
+    if not isinstance(store, RocksDBStore):
+        raise TypeError(f"table {table.name}: expected a faust RocksDB store, got {type(store).__name__}")
+
+    def revoke_partitions(table: CollectionT, tps: set[TP]) -> None:  # faust's signature (it passes `table`)
+        topics = table.changelog_topic.topics
+        for tp in tps:
+            if tp.topic not in topics:
+                continue
+            db = store._dbs.pop(tp.partition, None)
+            if db is None:
+                continue
+            try:
+                release(tp.partition)
+            finally:
+                db.close()
+            log.info("table %s: partition %d revoked, its store closed", table.name, tp.partition)
+        # (faust's version ends with gc.collect() to free the handles; closing them makes that unnecessary)
+
+    store.revoke_partitions = revoke_partitions  # type: ignore[method-assign]
