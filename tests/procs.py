@@ -37,6 +37,13 @@ class PipelineProc:
                 self.proc.wait(10)
         return self.proc.returncode
 
+    def kill(self, timeout_s: float = 10) -> int:
+        """SIGKILL the process and everything it started (its session): a crash, no shutdown at all."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout_s)
+        return self.proc.returncode
+
 
 def stop_all(procs: Iterable[PipelineProc], request: Any, tail: int = 8000) -> None:
     """Fixture teardown: stop every process, then print their logs if the test failed."""
