@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: run test test-unit test-integration lint bench bench-batch kafka-jars kafka-up kafka-down topics clean venv
+.PHONY: run test test-stitching test-unit test-integration lint bench bench-batch kafka-jars kafka-up kafka-down topics clean venv
 
 venv: $(STAMP)
 
@@ -33,6 +33,11 @@ run: kafka-jars
 # The pytest session fixture starts its own broker on free ports (or reuses $$KAFKA_BOOTSTRAP).
 test: kafka-jars
 	$(BIN)/pytest -q -p no:cacheprovider --durations=15
+
+# Generated customers stitched through the broker while workers join, leave and are SIGKILLed mid-stream
+# (STITCH_PEOPLE=2000 for the large run). Not in `make test`: a SIGKILL can still tear a handling's output.
+test-stitching: kafka-jars
+	$(BIN)/pytest -q -p no:cacheprovider -s -m faults tests/integration/test_stitching_rebalance.py
 
 test-unit: venv
 	$(BIN)/pytest -q -p no:cacheprovider -m "not integration"

@@ -64,9 +64,10 @@ def start_resolve(rec_wire: dict[str, Any] | None, home: str, now_ms: int) -> Se
     return Send(IDENTITY_TOPIC, home, {"op": "resolve", "rec": rec_wire, "cand": new_profile_id(now_ms, seed)})
 
 
-def apply_msg(owner: str, rec_wire: dict[str, Any] | None, home: str) -> Send:
-    """The record, to the profile that owns its home identity (the resolve hop, or ingest's local read)."""
-    return Send(PROFILE_TOPIC, owner, {"op": "apply", "pid": owner, "rec": rec_wire, "home": home})
+def apply_msg(owner: str, rec_wire: dict[str, Any] | None, home: str, hop: bool = False) -> Send:
+    """The record, to the profile that owns its home identity: from the resolve hop (`hop`: the owner was
+    read in the identity table just now), or from ingest's local read (possibly stale)."""
+    return Send(PROFILE_TOPIC, owner, {"op": "apply", "pid": owner, "rec": rec_wire, "home": home, "hop": hop})
 
 
 def claim_msg(key: str, pid: str, ts_ms: int) -> Send:
@@ -88,10 +89,10 @@ def handle_identity(key: str, current: str | None, msg: dict[str, Any]) -> Ident
     if op == "resolve":
         # 1. read the owner, or claim the identity for the record's new profile id; 2. send the record there
         if current is None:
-            return IdentityResult(write=msg["cand"], sends=[apply_msg(msg["cand"], msg["rec"], key)])
+            return IdentityResult(write=msg["cand"], sends=[apply_msg(msg["cand"], msg["rec"], key, hop=True)])
         if msg["rec"] is None:  # adopting an identity that has found an owner meanwhile: nothing to do
             return IdentityResult()
-        return IdentityResult(sends=[apply_msg(current, msg["rec"], key)])
+        return IdentityResult(sends=[apply_msg(current, msg["rec"], key, hop=True)])
     if op == "claim":
         pid = msg["pid"]
         if current is None or current == pid:

@@ -136,6 +136,10 @@ class ProfileProcessor:
                 res.count("forwarded")
             return res
         if entry is not None and entry.merging is not None and op not in _ANSWERS:
+            if op == "link" and msg["from"] == entry.merging[0]:  # redelivered: the absorb may have been lost
+                res = OpResult()
+                res.sends.append(self._absorb_msg(pid, entry))
+                return res
             entry.held.append(msg)
             res = OpResult(write=entry)
             res.count("held")
@@ -156,9 +160,15 @@ class ProfileProcessor:
         home = Identity.from_key(msg["home"])
         profile = entry if entry is not None else ProfileState(pid, created_ms=now)
         if entry is not None and not profile.holds(home):
-            res.sends.append(start_resolve(msg["rec"], msg["home"], now))
-            res.count("rerouted")
-            return res
+            if not msg.get("hop"):  # ingest's local read may be stale: resolve again
+                res.sends.append(start_resolve(msg["rec"], msg["home"], now))
+                res.count("rerouted")
+                return res
+            # the home hop has just read this profile as the owner, yet it does not hold the home: its write
+            # of the home was lost in a crash (or the guardrail dropped it meanwhile). Claim it again rather
+            # than resolving in a loop.
+            self._claim(profile, home, msg["rec"]["ts"] if msg["rec"] else now, res)
+            res.count("home_reclaimed")
         if msg["rec"] is None:  # an adopted lone identity
             if entry is None:
                 add_identity(profile, home, now)
@@ -173,7 +183,8 @@ class ProfileProcessor:
             if ident == home and entry is None or ident.id in profile.identities.get(ident.namespace, ()):
                 listed.append(ident)
             elif ident.key in profile.claims:
-                continue
+                # pending: ask again (claims are idempotent), in case the first claim was lost in a crash
+                res.sends.append(claim_msg(ident.key, pid, rec.timestamp_ms))
             elif ident.namespace in unique_ns and any(
                     i != ident.id for i in (*unique_ids(profile, self.config).get(ident.namespace, ()),
                                             *(x.id for x in listed if x.namespace == ident.namespace))):
@@ -275,12 +286,19 @@ class ProfileProcessor:
                                                          "via": None}))
             return res
         entry.seq += 1
-        token = f"{pid}/{entry.seq}"
-        entry.merging = (other, token)
-        res.sends.append(Send(PROFILE_TOPIC, other, {"op": "absorb", "pid": other, "from": pid, "token": token,
-                                                     "state": encode_profile(entry)}))
+        entry.merging = (other, f"{pid}/{entry.seq}")
+        res.sends.append(self._absorb_msg(pid, entry))
         res.write = entry
         return res
+
+    @staticmethod
+    def _absorb_msg(pid: str, entry: ProfileState) -> Send:
+        """The state of a merging profile, to the profile it merges into (its held messages stay here)."""
+        assert entry.merging is not None
+        into, token = entry.merging
+        shipped = replace(entry, held=[])
+        return Send(PROFILE_TOPIC, into, {"op": "absorb", "pid": into, "from": pid, "token": token,
+                                          "state": encode_profile(shipped)})
 
     def _absorb(self, pid: str, entry: ProfileState | None, msg: dict[str, Any]) -> OpResult:
         """At the survivor (P5.2): 1. a redelivered absorb is answered again; 2. refuse on a unique

@@ -59,4 +59,16 @@ def close_revoked_partitions(table: Any, release: Callable[[int], None]) -> None
             log.info("table %s: partition %d revoked, its store closed", table.name, tp.partition)
         # (faust's version ends with gc.collect() to free the handles; closing them makes that unnecessary)
 
+    async def stop() -> None:
+        """faust's `Store.stop` also only clears `_dbs`: close each database the same way, so work still
+        running during shutdown (the ingest loop) that opens a partition again finds its lock free."""
+        for partition in list(store._dbs):
+            db = store._dbs.pop(partition)
+            try:
+                release(partition)
+            finally:
+                db.close()
+        log.info("table %s: stores closed on stop", table.name)
+
     store.revoke_partitions = revoke_partitions  # type: ignore[method-assign]
+    store.stop = stop  # type: ignore[method-assign]

@@ -85,30 +85,42 @@ class StitchSim:
         owner = self.logs[self._part(IDENTITY_TOPIC, home)].table.get(home) if self.fast_path else None
         self._send(INGEST, apply_msg(owner.decode(), wire, home) if owner else start_resolve(wire, home, self.now))
 
-    def handle_next(self, part: Part) -> None:
+    def handle_next(self, part: Part, torn: random.Random | None = None) -> None:
+        """Handle the next message of `part`. With `torn`, the worker dies in the middle of its output: the
+        table write and each message sent land or not, independently, and the message is delivered again
+        (it was never committed)."""
         log = self.logs[part]
         key, msg = log.messages[log.pos]
         log.pos += 1
+        if torn is not None:
+            log.messages.append((key, msg))
+            self.crashes += 1
+        def lands() -> bool:
+            return torn is None or torn.random() < 0.5
         self.handled += 1
         self.ops[msg["op"]] += 1
         if part[0] == IDENTITY_TOPIC:
             current = log.table.get(key)
             res = handle_identity(key, current.decode() if current else None, msg)
-            if res.write is not None:
-                log.table[key] = res.write.encode()
-            elif res.delete:
-                log.table.pop(key, None)
+            if lands():
+                if res.write is not None:
+                    log.table[key] = res.write.encode()
+                elif res.delete:
+                    log.table.pop(key, None)
             for s in res.sends:
-                self._send(part, s)
+                if lands():
+                    self._send(part, s)
             return
         raw = log.table.get(key)
         out = self.processor.handle(key, decode_profile_entry(raw) if raw else None, msg)
-        if isinstance(out.write, Forward):
-            log.table[key] = encode_forward(out.write)
-        elif out.write is not None:
-            log.table[key] = encode_profile(out.write)
+        if lands():
+            if isinstance(out.write, Forward):
+                log.table[key] = encode_forward(out.write)
+            elif out.write is not None:
+                log.table[key] = encode_profile(out.write)
         for s in out.sends:
-            self._send(part, s)
+            if lands():
+                self._send(part, s)
         self.changes.extend(out.changes)
 
     # -- the scheduler ------------------------------------------------------------------------------
@@ -120,7 +132,7 @@ class StitchSim:
         acts.extend(("handle", p) for p, log in self.logs.items() if log.pos < len(log.messages))
         return acts
 
-    def step(self, rng: random.Random, crash_rate: float = 0.0) -> bool:
+    def step(self, rng: random.Random, crash_rate: float = 0.0, torn_rate: float = 0.0) -> bool:
         """One chosen action; False once nothing is left to do (quiescence)."""
         acts = self.actions()
         if not acts:
@@ -138,7 +150,7 @@ class StitchSim:
             key, msg = self.channels[arg].popleft()
             self.logs[arg[1]].messages.append((key, msg))
         else:
-            self.handle_next(arg)
+            self.handle_next(arg, rng if torn_rate and rng.random() < torn_rate else None)
         return True
 
     def commit(self, part: Part) -> None:
@@ -154,10 +166,11 @@ class StitchSim:
         self.crashes += 1
 
     def run(self, records: list[Rec] | tuple[Rec, ...], rng: random.Random, crash_rate: float = 0.0,
-            max_steps: int = 2_000_000) -> None:
+            max_steps: int = 2_000_000, torn_rate: float = 0.0) -> None:
         self.pending.extend(records)
         steps = 0
-        while self.step(rng, crash_rate if steps < max_steps // 2 else 0.0):
+        while self.step(rng, crash_rate if steps < max_steps // 2 else 0.0,
+                        torn_rate if steps < max_steps // 2 else 0.0):
             steps += 1
             if steps > max_steps:
                 raise AssertionError(f"no quiescence after {max_steps} steps")

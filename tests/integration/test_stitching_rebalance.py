@@ -34,7 +34,7 @@ from stitching import Rec, World, check_world, generate_world
 from pipeline.state.snapshot import snapshot
 from pipeline.topics import TopicRegistry
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
 PEOPLE = int(os.environ.get("STITCH_PEOPLE", "150"))
 SEED = int(os.environ.get("STITCH_SEED") or random.randrange(1_000_000))
