@@ -115,6 +115,9 @@ class ProfileState:
     merging: tuple[str, str] | None = None  # (into, attempt token) while this profile waits to be absorbed
     held: list[dict[str, Any]] = field(default_factory=list)  # messages that arrived while merging, in order
     merged: list[str] = field(default_factory=list)  # ids absorbed into this profile, newest last (bounded)
+    # the last refused merge attempt's token and the stage messages its held messages sent when they were
+    # handled: a redelivered `refused` sends them again (a crash may have kept the state and lost them)
+    thawed: tuple[str, list[list[Any]]] | None = None
 
     def identity_list(self) -> list[Identity]:
         return [Identity(ns, i) for ns, ids in sorted(self.identities.items()) for i in sorted(ids)]

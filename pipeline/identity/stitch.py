@@ -90,8 +90,10 @@ def handle_identity(key: str, current: str | None, msg: dict[str, Any]) -> Ident
         # 1. read the owner, or claim the identity for the record's new profile id; 2. send the record there
         if current is None:
             return IdentityResult(write=msg["cand"], sends=[apply_msg(msg["cand"], msg["rec"], key, hop=True)])
-        if msg["rec"] is None:  # adopting an identity that has found an owner meanwhile: nothing to do
-            return IdentityResult()
+        if msg["rec"] is None:
+            if current == msg["cand"]:  # redelivered: its apply may have been lost in a crash
+                return IdentityResult(sends=[apply_msg(current, None, key, hop=True)])
+            return IdentityResult()  # adopting an identity that has found an owner meanwhile: nothing to do
         return IdentityResult(sends=[apply_msg(current, msg["rec"], key, hop=True)])
     if op == "claim":
         pid = msg["pid"]

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pipeline.identity.stitch import (
+    IDENTITY_TOPIC,
     PROFILE_TOPIC,
     Send,
     claim_msg,
@@ -64,7 +65,8 @@ PROFILE_CHANGES_TOPIC = "activation.profile-changes"
 Entry = ProfileState | Forward | None
 MERGED_KEEP = 64  # absorbed ids a profile remembers, to recognise a redelivered absorb
 _ANSWERS = frozenset({"accepted", "refused"})  # handled even while merging: they end the wait
-_DROPPED_AT_FORWARD = _ANSWERS | {"tick"}  # for a finished merge attempt / a deadline the survivor has re-checked
+_DROPPED_AT_FORWARD = _ANSWERS | {"tick"}
+_STAGES = frozenset({PROFILE_TOPIC, IDENTITY_TOPIC})  # the stitching stages' own topics  # for a finished merge attempt / a deadline the survivor has re-checked
 
 
 @dataclass
@@ -129,7 +131,9 @@ class ProfileProcessor:
         op = msg["op"]
         if isinstance(entry, Forward):
             res = OpResult()
-            if op in _DROPPED_AT_FORWARD:
+            if op == "accepted" and entry.token is not None and msg["token"] == entry.token:
+                self._resend_accepted(pid, entry, res)  # redelivered: its sends may have been lost
+            elif op in _DROPPED_AT_FORWARD:
                 res.count("stale")
             else:
                 res.sends.append(Send(PROFILE_TOPIC, entry.into, {**msg, "pid": entry.into}))
@@ -349,19 +353,29 @@ class ProfileProcessor:
         into = msg["by"]
         res.changes.extend(exit_all(entry, self.engine, now_ms=self.now_ms(), kind="merge",
                                     reason=f"merged into {into}"))
-        for ident in entry.identity_list() + entry.claim_list():
-            res.sends.append(repoint_msg(ident.key, pid, into))
-        for held in entry.held:
-            res.sends.append(Send(PROFILE_TOPIC, into, {**held, "pid": into}))
-        res.write = Forward(into)
+        forward = Forward(into, msg["token"], tuple(i.key for i in entry.identity_list() + entry.claim_list()),
+                          tuple(entry.held))
+        self._resend_accepted(pid, forward, res)
+        res.write = forward
         return res
+
+    @staticmethod
+    def _resend_accepted(pid: str, forward: Forward, res: OpResult) -> None:
+        """What `accepted` sends, kept in the Forward it leaves: repoint every identity, pass held messages on."""
+        for key in forward.repointed:
+            res.sends.append(repoint_msg(key, pid, forward.into))
+        for held in forward.passed:
+            res.sends.append(Send(PROFILE_TOPIC, forward.into, {**held, "pid": forward.into}))
 
     def _refused(self, pid: str, entry: ProfileState | None, msg: dict[str, Any]) -> OpResult:
         """Not absorbed (P5.3): thaw and handle the held messages in order (one may start a merge again,
         which holds the rest)."""
         res = OpResult()
         if entry is None or entry.merging is None or entry.merging[1] != msg["token"]:
-            res.count("stale")
+            if entry is not None and entry.thawed is not None and entry.thawed[0] == msg["token"]:
+                res.sends.extend(Send(t, k, v) for t, k, v in entry.thawed[1])  # redelivered: send again
+            else:
+                res.count("stale")
             return res
         held, entry.merging, entry.held = entry.held, None, []
         entry.seq += 1
@@ -371,6 +385,8 @@ class ProfileProcessor:
             res.extend(sub)
             if sub.write is not None:
                 current = sub.write
+        if isinstance(current, ProfileState):
+            current.thawed = (msg["token"], [[s.topic, s.key, s.value] for s in res.sends if s.topic in _STAGES])
         res.write = current
         return res
 

@@ -10,7 +10,7 @@ A profile body is one array:
      events [event_id, type_index, ts_delta, dataset_index, fields, ...]  (flat, ts delta-coded),
      memberships [audience, audience_id or None if equal, status_code, since, version, reason,
                   changed_ms, ...]  (flat),
-     (only while stitching is in flight) [claims, merging, held, merged]]
+     (only while stitching is in flight) [claims, merging, held, merged(, thawed)]]
 
 Interning dataset and type names and delta-coding event timestamps keeps the value small (RocksDB
 and the changelog topic hold one per profile); flat arrays avoid one msgpack array header per item.
@@ -36,9 +36,16 @@ STATUS_CODES: dict[str, int] = {s: i for i, s in enumerate(_STATUS)}  # membersh
 
 @dataclass(frozen=True)
 class Forward:
-    """The value left under a merged-away profile id: look up `into` (the survivor) instead."""
+    """The value left under a merged-away profile id: look up `into` (the survivor) instead.
+
+    It also keeps what the merge's `accepted` sent (`token`, the identities it repointed and the held
+    messages it passed on): a crash can keep this entry and lose those messages, and the redelivered
+    `accepted` then sends them again (the profile stage's outbox for that one step)."""
 
     into: str
+    token: str | None = None
+    repointed: tuple[str, ...] = ()
+    passed: tuple[Any, ...] = ()
 
 
 def _pack(obj: Any) -> bytes:
@@ -68,14 +75,20 @@ def encode_profile(profile: ProfileState) -> bytes:
                     m.since_ms, m.version, m.reason, m.changed_ms)
     body = [profile.profile_id, profile.created_ms, profile.next_deadline_ms, profile.seq,
             profile.identities, list(strings), attrs, events, members]
-    if profile.claims or profile.merging or profile.held or profile.merged:
-        body.append([profile.claims, profile.merging, profile.held, profile.merged])
+    if profile.claims or profile.merging or profile.held or profile.merged or profile.thawed:
+        stitching: list[Any] = [profile.claims, profile.merging, profile.held, profile.merged]
+        if profile.thawed:
+            stitching.append(profile.thawed)
+        body.append(stitching)
     return bytes((FORMAT_VERSION, _PROFILE)) + _pack(body)
 
 
 def encode_forward(forward: Forward) -> bytes:
     """Encode a forwarding marker."""
-    return bytes((FORMAT_VERSION, _FORWARD)) + _pack(forward.into)
+    if forward.token is None:
+        return bytes((FORMAT_VERSION, _FORWARD)) + _pack(forward.into)
+    body = [forward.into, forward.token, list(forward.repointed), list(forward.passed)]
+    return bytes((FORMAT_VERSION, _FORWARD)) + _pack(body)
 
 
 def _unpack(data: bytes) -> tuple[int, Any]:
@@ -114,9 +127,11 @@ def _profile_from_body(body: Any) -> ProfileState:
     profile = ProfileState(pid, created, identities, attributes, stored, memberships, deadline, seq)
     if stitching is not None:
         try:
-            claims, merging, held, merged = stitching
+            claims, merging, held, merged = stitching[:4]
             profile.claims, profile.held, profile.merged = claims, held, merged
             profile.merging = (merging[0], merging[1]) if merging else None
+            if len(stitching) > 4:
+                profile.thawed = (stitching[4][0], stitching[4][1])
         except (ValueError, TypeError, IndexError) as exc:
             raise SerdeError("profile_decode", f"malformed stitching state: {exc}") from exc
     return profile
@@ -128,9 +143,11 @@ def decode_profile_entry(data: bytes) -> ProfileState | Forward:
     if kind == _PROFILE:
         return _profile_from_body(body)
     if kind == _FORWARD:
-        if not isinstance(body, str):
+        if isinstance(body, str):
+            return Forward(body)
+        if not (isinstance(body, list) and len(body) == 4 and isinstance(body[0], str)):
             raise SerdeError("profile_decode", "malformed forward marker")
-        return Forward(body)
+        return Forward(body[0], body[1], tuple(body[2]), tuple(body[3]))
     raise SerdeError("profile_decode", f"unknown entry kind {kind}")
 
 

@@ -2,10 +2,18 @@
 
 Kafka is modelled as it behaves for the stages: every (sender partition, target partition) pair is a FIFO
 channel (one producer keeps order per partition), delivery from channels into a partition's log and the
-handling of each partition's log happen in any interleaving the `choose` function picks, and a crash rolls a
-partition's table back to its last commit and re-handles its log from there, while everything it had sent
-stays sent (at-least-once: state and output are not atomic). Messages are msgpack round-tripped and table
-values go through the profile codec, as on the wire.
+handling of each partition's log happen in any interleaving the `choose` function picks. Two crash models:
+
+- `crash_rate`: a crash rolls a partition's table back to its last commit and re-handles its log from there,
+  while everything it had sent stays sent.
+- `worker_crash_rate`, the one Kafka gives a worker (`workers` of them hold the partitions; the ingest
+  partition is with worker 0): a worker flushes its producer and then commits its offsets
+  (`checkpoint`); when it dies, each of its changelog partitions keeps a random *prefix* of the writes made
+  since its last checkpoint (one idempotent producer per partition keeps order and leaves no gap), each of
+  the channels it was sending on keeps a random prefix of what it had not yet flushed, and its partitions
+  (ingest included) are handled again from their committed offsets over the state their changelogs give.
+
+Messages are msgpack round-tripped and table values go through the profile codec, as on the wire.
 """
 
 from __future__ import annotations
@@ -47,10 +55,19 @@ class Log:
     pos: int = 0
     table: dict[str, bytes] = field(default_factory=dict)
     committed: tuple[int, dict[str, bytes]] = (0, {})
+    unflushed: list[tuple[str, bytes | None]] = field(default_factory=list)  # changelog since the last commit
+
+    def write(self, key: str, value: bytes | None) -> None:
+        if value is None:
+            self.table.pop(key, None)
+        else:
+            self.table[key] = value
+        self.unflushed.append((key, value))
 
 
 class StitchSim:
-    def __init__(self, config: ProfileConfig, partitions: int = 4, fast_path: bool = True) -> None:
+    def __init__(self, config: ProfileConfig, partitions: int = 4, fast_path: bool = True, workers: int = 1,
+                 placement: random.Random | None = None) -> None:
         self.config = config
         self.partitions = partitions
         self.fast_path = fast_path
@@ -64,6 +81,12 @@ class StitchSim:
         self.crashes = 0
         self.handled = 0
         self.ops: Counter[str] = Counter()  # messages handled, by op
+        self.ingest_log: list[tuple[Rec, int]] = []  # the ingest partition: records, how far handled, committed offset
+        self.ingest_pos = self.ingest_committed = 0
+        pick = placement or random.Random(0)
+        self.worker_of: dict[Part, int] = {part: pick.randrange(workers) for part in self.logs}
+        self.worker_of[INGEST] = 0
+        self.workers = workers
 
     # -- sending and handling -----------------------------------------------------------------------
     def _part(self, topic: str, key: str) -> Part:
@@ -75,11 +98,12 @@ class StitchSim:
         wire = msgpack.unpackb(msgpack.packb((send.key, send.value), use_bin_type=True), raw=False)
         self.channels.setdefault((src, self._part(send.topic, send.key)), deque()).append(wire)
 
-    def ingest(self, rec: Rec) -> None:
-        """What the ingest loop does with a decoded record: the home hop, locally if the owner is known."""
-        ids = rec.ids
-        decoded = (ExperienceEvent(rec.rid, self.now, "pageView", "web-events", ids, ids[0], {})
-                   if rec.kind == "e" else ProfileRecord(rec.rid, self.now, "crm", ids, ids[0], {"tier": "gold"}))
+    def ingest(self, rec: Rec, ts: int | None = None) -> None:
+        """What the ingest loop does with a decoded record: the home hop, locally if the owner is known.
+        `ts`: the record's own time (a record read again after a crash carries the same)."""
+        ids, ts = rec.ids, self.now if ts is None else ts
+        decoded = (ExperienceEvent(rec.rid, ts, "pageView", "web-events", ids, ids[0], {})
+                   if rec.kind == "e" else ProfileRecord(rec.rid, ts, "crm", ids, ids[0], {"tier": "gold"}))
         wire = record_to_wire(decoded)
         home = rec.home(self.config.identity.unique_namespaces).key
         owner = self.logs[self._part(IDENTITY_TOPIC, home)].table.get(home) if self.fast_path else None
@@ -104,9 +128,9 @@ class StitchSim:
             res = handle_identity(key, current.decode() if current else None, msg)
             if lands():
                 if res.write is not None:
-                    log.table[key] = res.write.encode()
+                    log.write(key, res.write.encode())
                 elif res.delete:
-                    log.table.pop(key, None)
+                    log.write(key, None)
             for s in res.sends:
                 if lands():
                     self._send(part, s)
@@ -115,9 +139,9 @@ class StitchSim:
         out = self.processor.handle(key, decode_profile_entry(raw) if raw else None, msg)
         if lands():
             if isinstance(out.write, Forward):
-                log.table[key] = encode_forward(out.write)
+                log.write(key, encode_forward(out.write))
             elif out.write is not None:
-                log.table[key] = encode_profile(out.write)
+                log.write(key, encode_profile(out.write))
         for s in out.sends:
             if lands():
                 self._send(part, s)
@@ -126,13 +150,14 @@ class StitchSim:
     # -- the scheduler ------------------------------------------------------------------------------
     def actions(self) -> list[tuple[str, Any]]:
         acts: list[tuple[str, Any]] = []
-        if self.pending:
+        if self.pending or self.ingest_pos < len(self.ingest_log):
             acts.append(("ingest", None))
         acts.extend(("deliver", ch) for ch, q in self.channels.items() if q)
         acts.extend(("handle", p) for p, log in self.logs.items() if log.pos < len(log.messages))
         return acts
 
-    def step(self, rng: random.Random, crash_rate: float = 0.0, torn_rate: float = 0.0) -> bool:
+    def step(self, rng: random.Random, crash_rate: float = 0.0, torn_rate: float = 0.0,
+             worker_crash_rate: float = 0.0) -> bool:
         """One chosen action; False once nothing is left to do (quiescence)."""
         acts = self.actions()
         if not acts:
@@ -141,11 +166,23 @@ class StitchSim:
         if crash_rate and rng.random() < crash_rate:
             self.crash(rng.choice(list(self.logs)))
             return True
-        if rng.random() < 0.05:
+        if worker_crash_rate:
+            if rng.random() < worker_crash_rate:
+                self.crash_worker(rng.randrange(self.workers), rng)
+                return True
+            if rng.random() < 0.05:
+                self.checkpoint(rng.randrange(self.workers))
+        elif rng.random() < 0.05:
             self.commit(rng.choice(list(self.logs)))
+        acts = self.actions() or acts  # a checkpoint may have emptied a channel
         kind, arg = rng.choice(acts)
+        if kind == "deliver" and not self.channels[arg]:
+            return True
         if kind == "ingest":
-            self.ingest(self.pending.popleft())
+            if self.ingest_pos == len(self.ingest_log):
+                self.ingest_log.append((self.pending.popleft(), self.now))
+            self.ingest_pos += 1
+            self.ingest(*self.ingest_log[self.ingest_pos - 1])
         elif kind == "deliver":
             key, msg = self.channels[arg].popleft()
             self.logs[arg[1]].messages.append((key, msg))
@@ -156,6 +193,7 @@ class StitchSim:
     def commit(self, part: Part) -> None:
         log = self.logs[part]
         log.committed = (log.pos, dict(log.table))
+        log.unflushed = []
 
     def crash(self, part: Part) -> None:
         """The worker holding `part` dies: its table is what the changelog had at the last commit, and
@@ -163,14 +201,58 @@ class StitchSim:
         log = self.logs[part]
         log.pos, table = log.committed
         log.table = dict(table)
+        log.unflushed = []
+        self.crashes += 1
+
+    def _parts_of(self, worker: int) -> list[Part]:
+        return [part for part, w in self.worker_of.items() if w == worker]
+
+    def checkpoint(self, worker: int) -> None:
+        """The worker flushes its producer (everything it sent reaches its partition's log, its changelog
+        writes are acknowledged), then commits the offsets it has handled."""
+        parts = set(self._parts_of(worker))
+        for (src, dst), q in self.channels.items():
+            if src in parts:
+                self.logs[dst].messages.extend(q)
+                q.clear()
+        for part in parts:
+            if part == INGEST:
+                self.ingest_committed = self.ingest_pos
+            else:
+                self.commit(part)
+
+    def crash_worker(self, worker: int, rng: random.Random) -> None:
+        """The worker dies (SIGKILL): 1. each of its changelogs keeps a prefix of its unflushed writes, which
+        is the state a restart restores; 2. each channel it sends on keeps a prefix of its unflushed
+        messages; 3. its partitions are handled again from their committed offsets."""
+        parts = self._parts_of(worker)  # a list: the random draws below happen in a fixed order
+        for part in parts:
+            if part == INGEST:
+                self.ingest_pos = self.ingest_committed
+                continue
+            log = self.logs[part]
+            table = dict(log.committed[1])
+            for key, value in log.unflushed[:rng.randint(0, len(log.unflushed))]:
+                if value is None:
+                    table.pop(key, None)
+                else:
+                    table[key] = value
+            log.table, log.unflushed = table, []
+            log.pos = log.committed[0]
+            log.committed = (log.pos, dict(table))
+        for (src, _), q in self.channels.items():
+            if src in parts:
+                for _ in range(rng.randint(0, len(q))):
+                    q.pop()
         self.crashes += 1
 
     def run(self, records: list[Rec] | tuple[Rec, ...], rng: random.Random, crash_rate: float = 0.0,
-            max_steps: int = 2_000_000, torn_rate: float = 0.0) -> None:
+            max_steps: int = 2_000_000, torn_rate: float = 0.0, worker_crash_rate: float = 0.0) -> None:
         self.pending.extend(records)
         steps = 0
         while self.step(rng, crash_rate if steps < max_steps // 2 else 0.0,
-                        torn_rate if steps < max_steps // 2 else 0.0):
+                        torn_rate if steps < max_steps // 2 else 0.0,
+                        worker_crash_rate if steps < max_steps // 2 else 0.0):
             steps += 1
             if steps > max_steps:
                 raise AssertionError(f"no quiescence after {max_steps} steps")

@@ -40,6 +40,7 @@ profiles = st.builds(
     merging=st.one_of(st.none(), st.tuples(text, text)),
     held=st.lists(st.fixed_dictionaries({"op": text, "pid": text, "state": st.binary(max_size=8)}), max_size=2),
     merged=st.lists(text, max_size=3),
+    thawed=st.one_of(st.none(), st.tuples(text, st.lists(st.lists(text, min_size=3, max_size=3), max_size=2))),
 )
 
 
@@ -101,6 +102,14 @@ def test_forward_round_trip() -> None:
     with pytest.raises(SerdeError) as info:
         decode_profile(data)
     assert info.value.reason == "profile_forward"
+
+
+def test_forward_keeps_what_its_merge_sent() -> None:
+    # Given the forward an accepted merge leaves: its token, the identities it repointed, the messages it passed on
+    forward = Forward("p0001", "p0009/3", ("CRMID:A", "ECID:c1"), ({"op": "apply", "pid": "p0009", "rec": None},))
+    # When encoded and decoded Then all of it comes back, and a plain forward stays the old, short encoding
+    assert decode_profile_entry(encode_forward(forward)) == forward
+    assert encode_forward(Forward("p0001"))[2:] == msgpack.packb("p0001")
 
 
 @pytest.mark.parametrize(("data", "reason"), [
