@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import faust
@@ -12,7 +14,7 @@ from pipeline.profiles.ops import ProfileProcessor
 from pipeline.runtime import ROCKSDB_OPTIONS, TABLE_CACHE, OutputProducer, Runtime
 from pipeline.segments import SegmentEngine
 from pipeline.settings import PipelineConfig, Settings
-from pipeline.state.faust_compat import close_revoked_partitions
+from pipeline.state.faust_compat import close_revoked_partitions, static_membership_supported
 from pipeline.state.tables import ChangelogRouter, PartitionedTable
 from pipeline.topics import TopicRegistry
 
@@ -25,6 +27,11 @@ def build_app(settings: Settings, config: PipelineConfig | None = None,
     ops_partitions = registry["internal.profile-ops"].partitions
     (settings.data_dir / settings.worker_name).mkdir(parents=True, exist_ok=True)
     shorten_fetch_wait()
+    faust_instance_id = settings.group_instance_id()
+    if faust_instance_id and not static_membership_supported():
+        logging.getLogger(__name__).warning("this faust-streaming/aiokafka cannot join as a static member: "
+                                            "Faust's consumer group stays dynamic")
+        faust_instance_id = None
     app = faust.App(
         settings.app_id,
         broker=f"kafka://{settings.bootstrap}",
@@ -35,6 +42,9 @@ def build_app(settings: Settings, config: PipelineConfig | None = None,
         topic_allow_declare=True,  # only for faust's own leader topic; ours come from topics.yaml (internal=False)
         table_standby_replicas=0,
         consumer_auto_offset_reset="earliest",
+        # static membership (KIP-345, see Settings.static_membership): a worker restarted after a crash gets
+        # its partitions back at once, not after the dead member's session timeout (broker_session_timeout)
+        consumer_group_instance_id=faust_instance_id,
         producer_acks=-1,
         producer_linger_ms=2,
         # commit on the interval only: Faust's every-N commit runs inside its fetch loop and would stall
@@ -64,6 +74,8 @@ def build_app(settings: Settings, config: PipelineConfig | None = None,
     changelogs = ChangelogRouter(rt.output.produce)
     rt.output.on_flushed.append(changelogs.persist_offsets)
     _flush_output_before_commit(app, rt.output)
+    if settings.leave_group_on_stop:
+        leave_groups_on_stop(app, settings.bootstrap, static_members(settings, faust_instance_id))
     for logical, table in (("state.identity-changelog", "identity"), ("state.profiles-changelog", "profiles")):
         spec = registry[logical]
         rt.tables[table] = app.Table(
@@ -109,6 +121,89 @@ def shorten_fetch_wait(ms: int = FETCH_MAX_WAIT_MS) -> None:
     cls._cdp_create_worker_consumer = create  # type: ignore[attr-defined]
     cls._create_worker_consumer = _create_worker_consumer  # type: ignore[method-assign]
     cls._cdp_fetch_wait = ms  # type: ignore[attr-defined]
+
+
+def static_members(settings: Settings, faust_instance_id: str | None) -> list[tuple[str, str]]:
+    """(group, group.instance.id) of this worker's static consumers: Faust's and the ingest one."""
+    from pipeline.ingest.agents import ingest_group
+
+    members = [(settings.app_id, faust_instance_id),
+               (ingest_group(settings.app_id), settings.group_instance_id("ingest"))]
+    return [(group, instance) for group, instance in members if instance]
+
+
+LEAVE_TIMEOUT_S = 10.0
+
+
+def leave_groups_on_stop(app: faust.App, bootstrap: str, members: list[tuple[str, str]]) -> None:
+    """On a graceful stop, the worker's static members leave their groups once its consumers are closed.
+
+    The trade-off of static membership (KIP-345): a static member never sends a LeaveGroup when it closes
+    (librdkafka skips it on close, aiokafka on stop, whatever the protocol version), so after a SIGTERM its
+    partitions would wait for its session to expire (45 s ingest, 60 s Faust) unless the same worker comes
+    back. Kafka's answer (KIP-1092, the Java client's `CloseOptions`) is not in librdkafka or aiokafka, so:
+    1. a SIGKILL (crash, OOM): nobody leaves, and the worker restarted under the same name takes its member
+       over at once, with its partitions, without a rebalance: the fast restart;
+    2. a graceful stop (SIGTERM: scale-down, deploy): after the consumers are closed (Faust stops the app's
+       consumer, then its tasks, among them the ingest loop, then calls `on_shutdown`), each static member is
+       removed from its group as a dynamic one leaves: the others take its partitions over at once (fast
+       scale-down), and the same worker starting again joins as a new member (a rebalance, no wait).
+    Off with PIPELINE_LEAVE_GROUP_ON_STOP=0 (a rolling restart then moves no partition, but a worker that
+    does not come back holds its partitions for the session timeout)."""
+    if not members:
+        return
+    on_shutdown = app.on_shutdown
+
+    async def shutdown_and_leave() -> None:
+        await on_shutdown()
+        try:
+            await asyncio.wait_for(leave_groups(bootstrap, members), LEAVE_TIMEOUT_S)
+        except Exception as exc:  # the session timeout removes them anyway
+            logging.getLogger(__name__).warning("static members not removed from their groups: %r", exc)
+
+    app.on_shutdown = shutdown_and_leave  # type: ignore[method-assign]
+
+
+async def leave_groups(bootstrap: str, members: Iterable[tuple[str, str]]) -> list[str]:
+    """Remove each (group, group.instance.id) member from its group: what a dynamic member's LeaveGroup on
+    close does. Finds the member id the instance joined with (DescribeGroups), then sends a LeaveGroup for
+    that member id (the broker removes a static member that way too). Returns the groups left."""
+    from aiokafka.client import AIOKafkaClient, CoordinationType
+    from aiokafka.errors import for_code
+    from aiokafka.protocol.group import LeaveGroupRequest
+    from confluent_kafka.admin import AdminClient
+
+    log = logging.getLogger(__name__)
+    wanted = dict(members)
+
+    def describe() -> dict[str, str]:
+        admin = AdminClient({"bootstrap.servers": bootstrap})
+        found = {}
+        for group, future in admin.describe_consumer_groups(list(wanted), request_timeout=5).items():
+            for m in future.result().members:
+                if m.group_instance_id == wanted[group]:
+                    found[group] = m.member_id
+        return found
+
+    found = await asyncio.to_thread(describe)
+    if not found:
+        return []
+    client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
+    left = []
+    try:
+        await client.bootstrap()
+        for group, member_id in found.items():
+            node = await client.coordinator_lookup(CoordinationType.GROUP, group)
+            response = await client.send(node, LeaveGroupRequest(group, member_id))
+            error = for_code(response.error_code)
+            if error.errno == 0:
+                left.append(group)
+                log.info("left consumer group %s (static member %s)", group, wanted[group])
+            else:  # e.g. UnknownMemberId: a worker with the same name replaced it meanwhile
+                log.warning("static member %s not removed from %s: %s", wanted[group], group, error.__name__)
+    finally:
+        await client.close()
+    return left
 
 
 def _flush_output_before_commit(app: faust.App, output: OutputProducer) -> None:

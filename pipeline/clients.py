@@ -83,7 +83,10 @@ def decode_message(reg: TopicRegistry, logical: str, msg: Any) -> dict[str, Any]
     if msg.headers():
         out["headers"] = {k: (v or b"").decode(errors="replace") for k, v in msg.headers()}
     if isinstance(spec.codec, RawCodec):
-        raw = msg.value() or b""
+        if msg.value() is None:
+            out["value"] = None  # a null (tombstone) value, kept as such on dead-letter topics
+            return out
+        raw = msg.value()
         try:
             out["value"] = json.loads(raw)
         except (ValueError, UnicodeDecodeError):

@@ -61,6 +61,25 @@ class SegmentSyntaxError(ConfigError):
     """A segment query does not parse; the message says where and what was expected."""
 
 
+class OutputRefused(PipelineError):
+    """The producer refused a message (too large for the broker, unknown topic ...): the message that caused
+    it is dead-lettered and the worker goes on. `reason` is librdkafka's error name."""
+
+    def __init__(self, topic: str, size: int, reason: str) -> None:
+        self.topic = topic
+        self.size = size
+        self.reason = reason
+        super().__init__(f"{topic}: a {size}-byte message was refused ({reason})")
+
+
+def describe(exc: BaseException) -> str:
+    """What a dead-letter header or log line may say about an error: our own messages (which never carry
+    personal data) or, for anything else, only the exception's type (its text may quote a value)."""
+    if isinstance(exc, PipelineError):
+        return str(exc)[:500]
+    return f"{type(exc).__name__} (see the worker log for the traceback)"
+
+
 class TopicPlanError(PipelineError):
     """`topics apply` found an unsafe change (e.g. shrinking partitions) and refused it."""
 

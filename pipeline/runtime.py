@@ -12,13 +12,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import faust
-from confluent_kafka import KafkaError, Producer
+from confluent_kafka import KafkaError, KafkaException, Producer
 
-from pipeline.errors import PipelineError
+from pipeline.errors import OutputRefused, PipelineError, describe
 from pipeline.identity.stitch import Send
 from pipeline.observability import metrics
 from pipeline.profiles.ops import ProfileProcessor
 from pipeline.segments import SegmentEngine
+from pipeline.serde.codecs import RawCodec
 from pipeline.settings import PipelineConfig, Settings
 from pipeline.state.tables import PartitionedTable
 from pipeline.topics import TopicRegistry
@@ -97,6 +98,9 @@ class OutputProducer:
                 break
             except BufferError:  # librdkafka's queue is full: backpressure on this agent
                 self._p.poll(0.05)
+            except KafkaException as exc:  # refused at once (too large ...): the caller dead-letters its cause
+                err = exc.args[0]
+                raise OutputRefused(topic, len(value or b"") + len(key), err.name()) from exc
         epoch.pending += 1  # after the produce: a refused message has no delivery report coming
         self.produced += 1
         if self.produced % 256 == 0:
@@ -187,7 +191,10 @@ BATCH_MAX = 500
 BATCH_WITHIN_S = 0.01
 LocalItem = tuple[int, bytes, Any]  # (partition, key, decoded message): one message handled in-process
 LocalHandler = Callable[[list[LocalItem]], None]
-MAX_LOCAL_ROUNDS = 64  # hops are bounded (identities per record, forwards go to older ids); this is a backstop
+MAX_LOCAL_ROUNDS = 64
+# A dead-lettered copy keeps at most this much of the original (under Kafka's default 1 MB message limit,
+# with room for the headers); `original_size` says how much there was.
+DLQ_MAX_BYTES = 512 * 1024  # hops are bounded (identities per record, forwards go to older ids); this is a backstop
 
 
 @dataclass
@@ -229,7 +236,33 @@ class Runtime:
                 self._local.append((send.topic, (p, key, send.value)))
                 return
         spec = self.registry[send.topic]
-        self.output.produce(spec.name, send.key.encode(), spec.codec.encode(send.value), headers, partition)
+        # a null value stays null (a dead-lettered tombstone is kept as it came)
+        value = None if send.value is None and isinstance(spec.codec, RawCodec) else spec.codec.encode(send.value)
+        self.output.produce(spec.name, send.key.encode(), value, headers, partition)
+
+    def dead_letter(self, topic: str, key: str, value: bytes | None, reason: str, detail: str,
+                    headers: dict[str, bytes] | None = None) -> None:
+        """Put what could not be processed on a dead-letter topic, with its reason in headers: the original
+        bytes, or their first DLQ_MAX_BYTES with `truncated` set and `original_size` always given."""
+        hdrs = {"reason": reason.encode(), "detail": detail[:1000].encode(),
+                "original_size": str(len(value) if value is not None else 0).encode(), **(headers or {})}
+        if value is not None and len(value) > DLQ_MAX_BYTES:
+            value, hdrs["truncated"] = value[:DLQ_MAX_BYTES], b"true"
+        self.send(Send(topic, key, value), headers=hdrs)
+
+    def dead_letter_stage(self, topic: str, key: bytes, msg: Any, exc: BaseException) -> None:
+        """A stage message (identity or profile op) whose handling failed: logged (op and error type, no
+        values), counted and dead-lettered to `internal.dlq` msgpack-encoded, with its stage topic."""
+        op = msg.get("op", "?") if isinstance(msg, dict) else "?"
+        log.error("%s: %r message failed and was dead-lettered: %s", topic, op, describe(exc),
+                  exc_info=not isinstance(exc, PipelineError))
+        metrics.RECORDS_DEAD_LETTERED.labels(topic, "handling-failed").inc()
+        try:
+            raw = self.registry[topic].codec.encode(msg)
+        except Exception:  # noqa: BLE001 - the message itself may be what cannot be encoded
+            raw = repr(type(msg)).encode()
+        self.dead_letter("internal.dlq", key.decode(errors="replace"), raw, "handling-failed", describe(exc),
+                         {"stage_topic": topic.encode(), "op": str(op).encode()})
 
     def send_encoded_once(self, targets: list[tuple[str, str]], value: Any) -> None:
         """One value to several output topics that share a codec (checked at registration): encoded once."""

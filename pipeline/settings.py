@@ -16,6 +16,17 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "config" / "example"
 
 
+def _flag(name: str, default: bool) -> bool:
+    value = os.environ.get(name, "").strip().lower()
+    if not value:
+        return default
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be 1/0 (true/false, yes/no, on/off), not {value!r}")
+
+
 @dataclass(frozen=True)
 class Settings:
     bootstrap: str
@@ -24,7 +35,14 @@ class Settings:
     data_dir: Path
     web_port: int
     topic_prefix: str
-    worker_name: str
+    worker_name: str  # unique per worker of an app id, and the same when that worker restarts
+    # Static group membership (KIP-345): both consumers (Faust's and the ingest one) join their groups with a
+    # `group.instance.id` made of the app id and worker name, so a worker restarted after a crash gets its
+    # partitions back at once instead of after the dead member's session timeout (Faust 60 s, ingest 45 s).
+    static_membership: bool = True
+    # A static member does not leave its group when it stops; with this the worker leaves both groups on a
+    # graceful stop anyway (SIGTERM), so its partitions move to the others at once (see pipeline/app.py).
+    leave_group_on_stop: bool = True
 
     @classmethod
     def from_env(cls, config_dir: str | Path | None = None) -> Settings:
@@ -36,7 +54,17 @@ class Settings:
             web_port=int(os.environ.get("PIPELINE_WEB_PORT", "6066")),
             topic_prefix=os.environ.get("PIPELINE_TOPIC_PREFIX", ""),
             worker_name=os.environ.get("PIPELINE_WORKER_NAME", "worker-1"),
+            static_membership=_flag("PIPELINE_STATIC_MEMBERSHIP", True),
+            leave_group_on_stop=_flag("PIPELINE_LEAVE_GROUP_ON_STOP", True),
         )
+
+    def group_instance_id(self, consumer: str = "") -> str | None:
+        """The `group.instance.id` of this worker's consumer (`consumer`: "" for Faust's, "ingest" for the
+        ingest one), or None without static membership. Stable across restarts of the same worker name,
+        unique per worker: two live processes with the same worker name would fence each other out."""
+        if not self.static_membership:
+            return None
+        return "-".join(part for part in (self.app_id, self.worker_name, consumer) if part)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from pipeline.identity.stitch import IDENTITY_TOPIC, PROFILE_TOPIC, Send
-from pipeline.runtime import MAX_LOCAL_ROUNDS, LocalItem, OutputProducer, Runtime
+from pipeline.runtime import DLQ_MAX_BYTES, MAX_LOCAL_ROUNDS, LocalItem, OutputProducer, Runtime
 from pipeline.state.tables import partition_for
 from pipeline.topics import TopicRegistry
 
@@ -173,3 +173,33 @@ def test_gc_policy_raises_thresholds_freezes_the_start_up_heap_and_every_pause_i
         gc.unfreeze()
         gc.set_threshold(*before)
         gc.callbacks.remove(metrics._on_gc)
+
+
+class RecordingOutput(FakeOutput):
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent: list[tuple[str, bytes, bytes | None, dict[str, bytes]]] = []
+
+    def produce(self, topic: str, key: bytes, value: bytes | None, headers: Any = None,
+                partition: int | None = None, on_delivery: Any = None) -> None:
+        self.sent.append((topic, key, value, dict(headers or {})))
+
+
+def test_dead_letters_keep_a_null_as_null_and_a_huge_value_as_its_first_bytes() -> None:
+    # Given the runtime's one dead-letter path
+    rt, _, _ = make_runtime(set(), set())
+    out = RecordingOutput()
+    rt.output = out  # type: ignore[assignment]
+    dlq = rt.registry.name("ingest.dlq")
+    # When a null record, a small one and a 2 MB one are dead-lettered
+    rt.dead_letter("ingest.dlq", "k1", None, "null-value", "no value")
+    rt.dead_letter("ingest.dlq", "k2", b"abc", "not-avro", "bad bytes", {"source_offset": b"7"})
+    rt.dead_letter("ingest.dlq", "k3", b"x" * 2_000_000, "record-too-large", "2000000 bytes")
+    # Then the null stays null, the small one is whole, the huge one is cut with its original size given
+    assert out.sent == [
+        (dlq, b"k1", None, {"reason": b"null-value", "detail": b"no value", "original_size": b"0"}),
+        (dlq, b"k2", b"abc", {"reason": b"not-avro", "detail": b"bad bytes", "original_size": b"3",
+                              "source_offset": b"7"}),
+        (dlq, b"k3", b"x" * DLQ_MAX_BYTES, {"reason": b"record-too-large", "detail": b"2000000 bytes",
+                                            "original_size": b"2000000", "truncated": b"true"}),
+    ]

@@ -16,14 +16,19 @@ def register(rt: Runtime) -> None:
     def handle(items: list[LocalItem]) -> None:
         """Each message in order: read its identity's owner, write what the stage decides, send the rest."""
         for partition, key_b, msg in items:
-            current = table.get(partition, key_b)
-            res = handle_identity(key_b.decode(), current.decode() if current else None, msg)
-            if res.write is not None:
-                table.put(partition, key_b, res.write.encode())
-            elif res.delete:
-                table.delete(partition, key_b)
-            for send in res.sends:
-                rt.send(send)
+            try:
+                current = table.get(partition, key_b)
+                res = handle_identity(key_b.decode(), current.decode() if current else None, msg)
+                # the sends first: a send refused (too large) leaves the table as it was
+                for send in res.sends:
+                    rt.send(send)
+                if res.write is not None:
+                    table.put(partition, key_b, res.write.encode())
+                elif res.delete:
+                    table.delete(partition, key_b)
+            except Exception as exc:  # noqa: BLE001 - one message never stops the stage
+                rt.dead_letter_stage(IDENTITY_TOPIC, key_b, msg, exc)
+                continue
             rt.tally.add(metrics.IDENTITY_OPS, msg["op"])
 
     rt.local_handlers[IDENTITY_TOPIC] = (table, handle)

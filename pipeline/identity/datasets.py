@@ -103,13 +103,30 @@ class EventHistory:
 
 
 @dataclass(frozen=True)
+class Limits:
+    """Sizes that could otherwise grow without bound, checked before anything is written: a record over a
+    limit is dead-lettered with its reason; a profile over its byte budget drops its oldest events (as the
+    reference platform drops events over 10 KB and profiles over 100 KB). Each stays well under Kafka's
+    default 1 MB message limit, with room for the hops that carry a record."""
+
+    max_record_bytes: int = 64 * 1024
+    max_identities_per_record: int = 20
+    max_identity_length: int = 256
+    max_profile_bytes: int = 256 * 1024
+
+
+_LIMIT_KEYS = ("max_record_bytes", "max_identities_per_record", "max_identity_length", "max_profile_bytes")
+
+
+@dataclass(frozen=True)
 class DatasetsConfig:
-    """All datasets, the merge policy and the event-history bounds."""
+    """All datasets, the merge policy, the event-history bounds and the size limits."""
 
     datasets: Mapping[str, Dataset]
     merge_policy: MergePolicy
     event_history: EventHistory = EventHistory()
     source: str | None = None
+    limits: Limits = Limits()
 
     def profile_enabled(self, dataset: str) -> bool:
         """True if records of `dataset` may change profiles (unknown datasets may not)."""
@@ -175,7 +192,7 @@ def parse_datasets_config(text: str, file: str = "<datasets config>") -> Dataset
 
 def _parse(doc: Doc, root: yaml.Node) -> DatasetsConfig:
     top = doc.mapping(root, "datasets config")
-    doc.check_keys(top, "datasets config", {"datasets", "merge_policy"}, {"event_history"}, root)
+    doc.check_keys(top, "datasets config", {"datasets", "merge_policy"}, {"event_history", "limits"}, root)
     datasets: dict[str, Dataset] = {}
     for item in doc.sequence(top["datasets"][1], "datasets"):
         fields = doc.mapping(item, "dataset")
@@ -221,4 +238,11 @@ def _parse(doc: Doc, root: yaml.Node) -> DatasetsConfig:
             retention_ms=(doc.duration_ms(h_fields["retention"][1], "event_history.retention")
                           if "retention" in h_fields else history.retention_ms),
         )
-    return DatasetsConfig(MappingProxyType(datasets), policy, history, doc.file)
+    limits = Limits()
+    if "limits" in top:
+        l_node = top["limits"][1]
+        l_fields = doc.mapping(l_node, "limits")
+        doc.check_keys(l_fields, "limits", set(), set(_LIMIT_KEYS), l_node)
+        limits = Limits(**{k: doc.integer(l_fields[k][1], f"limits.{k}", minimum=1)
+                           for k in _LIMIT_KEYS if k in l_fields})
+    return DatasetsConfig(MappingProxyType(datasets), policy, history, doc.file, limits)

@@ -96,7 +96,14 @@ class Decoder:
         self._annotated = identity_fields(self.codec.catalog.raw_schema(self.codec.name))
 
     def decode(self, data: bytes | None, now_ms: int | None = None) -> IngestRecord | Rejected | Skipped:
-        """1. Avro-decode; 2. check timestamp and dataset; 3. collect and normalise identities; 4. build."""
+        """0. check the size; 1. Avro-decode; 2. check timestamp and dataset; 3. collect and normalise
+        identities (each within the length limit, at most the per-record limit); 4. build."""
+        limits = self.datasets.limits
+        if data is None:
+            return Rejected("null-value", "the record has no value (a tombstone?)")
+        if len(data) > limits.max_record_bytes:
+            return Rejected("record-too-large", f"{len(data)} bytes; limits.max_record_bytes is "
+                            f"{limits.max_record_bytes}")
         try:
             raw = self.codec.decode(data)
         except SerdeError as exc:
@@ -111,7 +118,15 @@ class Decoder:
         if not self.datasets.profile_enabled(dataset):
             return Skipped("dataset-not-enabled-for-profile", dataset)
         pairs, primary_raw = raw_identities(raw, self._annotated)
+        too_long = [ns for ns, value in pairs if len(value) > limits.max_identity_length]
+        if too_long:  # not an id anyone has: left out, as junk identities are
+            pairs = [(ns, value) for ns, value in pairs if len(value) <= limits.max_identity_length]
         identities, problems = normalise_identities(pairs, self.identity)
+        problems += [f"a {ns} value longer than limits.max_identity_length ({limits.max_identity_length})"
+                     for ns in too_long]
+        if len(identities) > limits.max_identities_per_record:
+            return Rejected("too-many-identities", f"{len(identities)} identities; limits.max_identities_per_record "
+                            f"is {limits.max_identities_per_record}")
         if not identities:
             why = "; ".join(problems) if problems else "the record carries no identity"
             return Rejected("no-usable-identity", why)

@@ -24,7 +24,13 @@ from pipeline.profiles.walk import META_PREFIX, Outcome, Walk, WalkPool, WalkSpe
 from pipeline.runtime import BATCH_MAX, BATCH_WITHIN_S, TABLE_CACHE, LocalItem, Runtime
 from pipeline.segments import SegmentEngine, load_segments
 from pipeline.segments.batch import batch_request, new_run_id
-from pipeline.state.codec import Forward, decode_profile_entry, encode_forward, encode_profile, peek_deadline
+from pipeline.state.codec import (
+    Forward,
+    decode_profile_entry,
+    encode_forward,
+    encode_profile_within,
+    peek_deadline,
+)
 from pipeline.state.tables import PartitionedTable
 
 log = logging.getLogger(__name__)
@@ -106,9 +112,13 @@ def register(rt: Runtime) -> None:
         for name, n in res.counters.items():
             rt.tally.add(metrics.PROFILE_EVENTS, name, n=n)
 
+    budget = rt.config.profile.datasets.limits.max_profile_bytes
+
     def write(partition: int, key: bytes, entry: ProfileState | Forward) -> None:
         if isinstance(entry, ProfileState):
-            raw = encode_profile(entry)
+            raw, dropped = encode_profile_within(entry, budget)
+            if dropped:
+                rt.tally.add(metrics.PROFILE_EVENTS, "events_dropped_over_budget", n=dropped)
             table.put(partition, key, raw)
             cache.put(key, raw, entry)
             deadlines.note(entry.profile_id, entry.next_deadline_ms)
@@ -126,22 +136,54 @@ def register(rt: Runtime) -> None:
             groups.setdefault((partition, key), []).append(msg)
         for (partition, key), msgs in groups.items():
             started = time.perf_counter()
-            entry = cache.load(key, table.get(partition, key))
-            changed = False
-            pid = key.decode()
-            try:
-                for msg in msgs:
-                    res = rt.processor.handle(pid, entry, msg)
-                    if res.write is not None:
-                        entry, changed = res.write, True
-                    publish(res)
-                    rt.tally.add(metrics.PROFILE_OPS, msg["op"])
-            except Exception:
-                cache.drop(key)  # the cached object may be half-mutated
-                raise
-            if changed and entry is not None:
-                write(partition, key, entry)
+            handle_group(partition, key, msgs)
             metrics.EVALUATION_SECONDS.observe((time.perf_counter() - started) / len(msgs))
+
+    def handle_group(partition: int, key: bytes, msgs: list[dict[str, Any]]) -> None:
+        """One profile's messages in order. A message whose handling fails (an exception, an output the
+        producer refuses) is dead-lettered and the others go on: 1. drop the decoded profile, which the
+        failed message may have half changed; 2. rebuild it from the stored value and the messages before
+        the failed one (their output is sent already, so only their state is redone); 3. go on after it."""
+        stored = table.get(partition, key)
+        entry = cache.load(key, stored)
+        changed = False
+        pid = key.decode()
+        failed: set[int] = set()
+        for i, msg in enumerate(msgs):
+            try:
+                res = rt.processor.handle(pid, entry, msg)
+                publish(res)
+            except Exception as exc:  # noqa: BLE001 - one message never stops the stage
+                cache.drop(key)
+                rt.dead_letter_stage(PROFILE_TOPIC, key, msg, exc)
+                failed.add(i)
+                entry, changed = _rebuild(pid, stored, [m for j, m in enumerate(msgs[:i]) if j not in failed])
+                continue
+            if res.write is not None:
+                entry, changed = res.write, True
+            rt.tally.add(metrics.PROFILE_OPS, msg["op"])
+        if changed and entry is not None:
+            try:
+                write(partition, key, entry)
+            except Exception as exc:  # noqa: BLE001 - e.g. a value the broker refuses: the store stays as it was
+                cache.drop(key)
+                rt.dead_letter_stage(PROFILE_TOPIC, key, msgs[-1], exc)
+
+    def _rebuild(pid: str, stored: bytes | None, done: list[dict[str, Any]]) -> tuple[Any, bool]:
+        """The profile as the stored value and the messages `done` leave it (their output is not sent again);
+        if redoing them fails too, the stored value as it is."""
+        entry: ProfileState | Forward | None = decode_profile_entry(stored) if stored is not None else None
+        changed = False
+        try:
+            for msg in done:
+                res = rt.processor.handle(pid, entry, msg)
+                if res.write is not None:
+                    entry, changed = res.write, True
+        except Exception:  # noqa: BLE001
+            log.exception("profile %s: messages before a failed one could not be redone; keeping the stored value",
+                          pid)
+            return (decode_profile_entry(stored) if stored is not None else None), False
+        return entry, changed
 
     rt.local_handlers[PROFILE_TOPIC] = (table, handle)
     walks = Walks(table, cache, deadlines, publish, WalkPool(n) if (n := pool_size()) else None)

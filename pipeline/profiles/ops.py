@@ -460,10 +460,12 @@ class ProfileProcessor:
                   audience_ids: list[str] | None = None) -> None:
         """Evaluate the audiences the change can affect, record memberships and the next deadline,
         and emit membership changes and (for streaming destinations) the profile change."""
+        every = audience_ids is None and (all_ or created)
         if audience_ids is None:
             audience_ids = self.engine.affected(
                 event_types=summary.event_types_added | summary.event_types_dropped,
-                attributes=summary.attributes_changed, all_=all_ or created)
+                attributes=summary.attributes_changed, all_=every)
+        deadline: int | None = None
         if audience_ids:
             decisions, deadline = self.engine.decide(profile, now, audience_ids)
             if cause is not None:
@@ -472,12 +474,10 @@ class ProfileProcessor:
             if decisions:
                 res.changes.extend(apply_decisions(profile, decisions, self.engine, now_ms=now,
                                                    event_time_ms=event_time, kind=kind))
-            current = profile.next_deadline_ms
-            if current is not None and current <= now:
-                current = None
-            if deadline is not None and (current is None or deadline < current):
-                current = deadline
-            profile.next_deadline_ms = current
+        # a partial evaluation never moves the deadline later, even a passed one: its due tick re-checks all
+        current = profile.next_deadline_ms
+        if every or (deadline is not None and (current is None or deadline < current)):
+            profile.next_deadline_ms = deadline
         if summary.attributes_changed or summary.identities_added or summary.identities_removed:
             changed_ns = sorted({i.namespace for i in (*summary.identities_added, *summary.identities_removed)})
             key_src = f"{profile.profile_id}|{profile.seq}|{','.join(sorted(summary.attributes_changed))}"

@@ -83,6 +83,22 @@ def encode_profile(profile: ProfileState) -> bytes:
     return bytes((FORMAT_VERSION, _PROFILE)) + _pack(body)
 
 
+def encode_profile_within(profile: ProfileState, max_bytes: int) -> tuple[bytes, int]:
+    """Encode a profile in at most `max_bytes` if dropping its oldest events can do it (the profile's byte
+    budget): returns the encoding and how many events were dropped (from `profile.events`, in place).
+    A profile still over budget without events is returned as it is (its attributes are bounded by the
+    record size limit; the caller's write reports it if the broker refuses it)."""
+    raw = encode_profile(profile)
+    dropped = 0
+    while len(raw) > max_bytes and profile.events:
+        # drop about the share of events by which the value is over, plus one, and measure again
+        n = min(len(profile.events), len(profile.events) * (len(raw) - max_bytes) // len(raw) + 1)
+        del profile.events[:n]
+        dropped += n
+        raw = encode_profile(profile)
+    return raw, dropped
+
+
 def encode_forward(forward: Forward) -> bytes:
     """Encode a forwarding marker."""
     if forward.token is None:

@@ -72,3 +72,20 @@ def close_revoked_partitions(table: Any, release: Callable[[int], None]) -> None
 
     store.revoke_partitions = revoke_partitions  # type: ignore[method-assign]
     store.stop = stop  # type: ignore[method-assign]
+
+
+def static_membership_supported() -> bool:
+    """Whether Faust's consumer can join its group as a static member (KIP-345): faust-streaming passes its
+    `consumer_group_instance_id` setting to aiokafka's `group_instance_id` (faust-streaming 0.15.3 does,
+    in `AIOKafkaConsumerThread._create_worker_consumer`), and aiokafka sends it in its JoinGroup."""
+    import inspect
+
+    import aiokafka
+    from faust.types.settings import Settings as FaustSettings
+
+    if faust.__version__ != FAUST_VERSION:  # the setting may be accepted but no longer passed on: check first
+        log.warning("static membership off for Faust's consumer: written for faust-streaming %s, found %s",
+                    FAUST_VERSION, faust.__version__)
+        return False
+    return (hasattr(FaustSettings, "consumer_group_instance_id")
+            and "group_instance_id" in inspect.signature(aiokafka.AIOKafkaConsumer).parameters)

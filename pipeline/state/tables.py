@@ -149,11 +149,12 @@ class PartitionedTable:
         return value  # type: ignore[return-value]
 
     def put(self, partition: int, key: bytes, value: bytes) -> None:
-        """1. write the store; 2. keep the cache in step; 3. send the changelog record to the same partition."""
+        """1. send the changelog record to the same partition (first: if the producer refuses it, too large,
+        the store is left as it was); 2. write the store; 3. keep the cache in step."""
         # (Faust's key -> partition index is a cache for reads without an event; a miss scans the partitions)
+        self.table.send_changelog(partition, key, value)
         self._db(partition).put(key, value)
         self._written(partition, key, value)
-        self.table.send_changelog(partition, key, value)
 
     def delete(self, partition: int, key: bytes) -> None:
         """1. delete from the store; 2. keep the cache in step; 3. send the tombstone to the same partition."""

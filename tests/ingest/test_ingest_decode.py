@@ -108,3 +108,26 @@ def test_a_record_naming_two_crm_ids_is_dead_lettered_with_its_reason(decoder):
         "the record carries several CRMID ids; CRMID is unique: a record names one person")
     got = d.decode(same, NOW)
     assert isinstance(got, ProfileRecord) and got.identities == (Identity("CRMID", "C-1"),)
+
+
+def test_records_over_the_size_limits_are_dead_lettered_with_their_reason(decoder, cfg):
+    # Given the example limits (64 KiB per record, 20 identities per record, 256 characters per identity)
+    limits = cfg.profile.datasets.limits
+    assert (limits.max_record_bytes, limits.max_identities_per_record, limits.max_identity_length) == (65536, 20, 256)
+    d = decoder("event")
+    base = {"eventId": "e1", "timestamp": NOW, "eventType": "pageView", "dataset": "web-events",
+            "identityMap": {"ECID": [{"id": "c1"}]}}
+    # When a record is too big, carries 25 e-mails, has a 300-character cookie, or has no value at all
+    big = d.decode(encode(d, {**base, "fields": {"blob": "x" * 70_000}}), NOW)
+    many = d.decode(encode(d, {**base, "identityMap": {"Email": [{"id": f"p{i}@x.io"} for i in range(25)]}}), NOW)
+    long_and_short = d.decode(encode(d, {**base, "identityMap": {"ECID": [{"id": "c" * 300}, {"id": "c2"}]}}), NOW)
+    only_long = d.decode(encode(d, {**base, "identityMap": {"ECID": [{"id": "c" * 300}]}}), NOW)
+    null = d.decode(None, NOW)
+    # Then each is rejected with a reason and a detail without values; an over-long identity is left out
+    # like any junk identity (the record keeps its others)
+    assert isinstance(big, Rejected) and big.reason == "record-too-large"
+    assert big.detail.endswith("bytes; limits.max_record_bytes is 65536")
+    assert many == Rejected("too-many-identities", "50 identities; limits.max_identities_per_record is 20")
+    assert isinstance(long_and_short, ExperienceEvent) and long_and_short.identities == (Identity("ECID", "c2"),)
+    assert only_long == Rejected("no-usable-identity", "a ECID value longer than limits.max_identity_length (256)")
+    assert null == Rejected("null-value", "the record has no value (a tombstone?)")

@@ -16,6 +16,7 @@ from pipeline.state.codec import (
     decode_profile_entry,
     encode_forward,
     encode_profile,
+    encode_profile_within,
     peek_deadline,
 )
 
@@ -133,3 +134,19 @@ def test_unencodable_value_raises_serde_error() -> None:
     with pytest.raises(SerdeError) as info:
         encode_profile(profile)
     assert info.value.reason == "profile_encode"
+
+
+def test_a_profile_over_its_byte_budget_drops_its_oldest_events_first() -> None:
+    # Given a profile with 2,000 events of about 200 bytes each
+    events = [StoredEvent(f"e{i:05d}", "pageView", 1_000 + i, "web-events", {"url": "u" * 180})
+              for i in range(2000)]
+    profile = ProfileState("p1", created_ms=1, identities={"ECID": {"c1": 1}}, events=list(events))
+    # When it is encoded within a 100 KB budget
+    raw, dropped = encode_profile_within(profile, 100_000)
+    # Then it fits, the oldest events went first, and what is stored is the profile that remains
+    assert len(raw) <= 100_000
+    assert dropped > 0 and profile.events == events[dropped:]
+    assert len(encode_profile(ProfileState("p1", 1, {"ECID": {"c1": 1}}, events=events[dropped - 1:]))) > 100_000
+    assert decode_profile(raw) == profile
+    # And a profile within budget is untouched
+    assert encode_profile_within(profile, 100_000) == (raw, 0)
