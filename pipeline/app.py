@@ -14,7 +14,11 @@ from pipeline.profiles.ops import ProfileProcessor
 from pipeline.runtime import ROCKSDB_OPTIONS, TABLE_CACHE, OutputProducer, Runtime
 from pipeline.segments import SegmentEngine
 from pipeline.settings import PipelineConfig, Settings
-from pipeline.state.faust_compat import close_revoked_partitions, static_membership_supported
+from pipeline.state.faust_compat import (
+    close_revoked_partitions,
+    static_membership_supported,
+    tolerate_stale_url_on_static_rejoin,
+)
 from pipeline.state.tables import ChangelogRouter, PartitionedTable
 from pipeline.topics import TopicRegistry
 
@@ -32,6 +36,8 @@ def build_app(settings: Settings, config: PipelineConfig | None = None,
         logging.getLogger(__name__).warning("this faust-streaming/aiokafka cannot join as a static member: "
                                             "Faust's consumer group stays dynamic")
         faust_instance_id = None
+    if faust_instance_id:
+        tolerate_stale_url_on_static_rejoin()
     app = faust.App(
         settings.app_id,
         broker=f"kafka://{settings.bootstrap}",

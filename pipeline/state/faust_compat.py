@@ -89,3 +89,35 @@ def static_membership_supported() -> bool:
         return False
     return (hasattr(FaustSettings, "consumer_group_instance_id")
             and "group_instance_id" in inspect.signature(aiokafka.AIOKafkaConsumer).parameters)
+
+
+def tolerate_stale_url_on_static_rejoin() -> None:
+    """Let a static member that rejoins with a new web URL keep its assignment instead of crashing.
+
+    A worker restarted under the same `group.instance.id` gets its old assignment back from the broker
+    without a rebalance, and Faust's user data in it still names the URL the member had before (its web port
+    or host may have changed). faust-streaming 0.15.3 `PartitionAssignor.on_assignment` ends with
+    `assert metadata.url == str(self._url)`: the worker would die at every restart. The partitions are right
+    (checked as Faust checks them); only the URL the other workers know for this one is stale until the next
+    rebalance, so it is logged and accepted. Any other assertion is raised as before."""
+    require_faust_version()
+    from faust.assignor.client_assignment import ClientMetadata
+    from faust.assignor.partition_assignor import PartitionAssignor
+
+    original = PartitionAssignor.on_assignment
+    if getattr(original, "_cdp_stale_url", False):
+        return
+
+    def on_assignment(self: Any, assignment: Any) -> None:
+        try:
+            original(self, assignment)
+        except AssertionError:
+            metadata = ClientMetadata.loads(self._decompress(assignment.user_data))
+            expected = sorted(self._assignment.kafka_protocol_assignment(self._table_manager))
+            if metadata.url == str(self._url) or sorted(assignment.assignment) != expected:
+                raise
+            log.warning("rejoined the group as a static member: its assignment names this worker's previous "
+                        "URL %s (now %s) until the next rebalance", metadata.url, self._url)
+
+    on_assignment._cdp_stale_url = True  # type: ignore[attr-defined]
+    PartitionAssignor.on_assignment = on_assignment  # type: ignore[method-assign]

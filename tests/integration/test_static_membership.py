@@ -214,3 +214,29 @@ def test_a_static_worker_stopped_gracefully_hands_its_partitions_over_at_once(
         rejoined_s = time.monotonic() - restarting
         print(f"the stopped worker started again: ready and back in both groups in {rejoined_s:.1f} s")
         assert rejoined_s < WELL_INSIDE * INGEST_SESSION_S
+
+
+def test_a_static_worker_restarted_on_another_port_after_sigkill_keeps_its_partitions(
+        registry, kafka_bootstrap, start_worker, make_config, tmp_path: Path) -> None:
+    config_dir = make_config("audiences: []\n")
+    tag = uuid.uuid4().hex[:6]
+
+    def start(port: int) -> Any:
+        w = start_worker("w1", config_dir=config_dir, data_dir=tmp_path / "w1", wait=False,
+                         extra_env={"PIPELINE_WEB_PORT": str(port)})
+        w.web_port = port
+        return w
+
+    # Given a static worker serving its first records on one HTTP port
+    w1 = start(free_port())
+    wait_for("w1 ready", ready(w1), w1)
+    wait_for("first batch served", serves(w1, produce_batch(registry, kafka_bootstrap, tag + "a")), w1)
+    # When it is SIGKILLed and started again under the same name on another port (a new pod address): the
+    # broker hands it its old assignment, whose Faust metadata names the old URL
+    w1.kill()
+    w1 = start(free_port())
+    # Then it does not die on Faust's URL check: it is ready, says why the URL is stale, and serves new records
+    wait_for("the restarted w1 ready", ready(w1), w1, timeout_s=150)
+    wait_for("a new batch served", serves(w1, produce_batch(registry, kafka_bootstrap, tag + "b")), w1)
+    assert "rejoined the group as a static member" in w1.log()
+    assert w1.proc.poll() is None
