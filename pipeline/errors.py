@@ -72,6 +72,14 @@ class OutputRefused(PipelineError):
         super().__init__(f"{topic}: a {size}-byte message was refused ({reason})")
 
 
+def where(exc: BaseException) -> str:
+    """The frames an error passed through, without its message (a library's message may quote a value):
+    what a log may show of an unexpected error."""
+    import traceback
+
+    return "".join(traceback.format_tb(exc.__traceback__)) + type(exc).__name__
+
+
 def describe(exc: BaseException) -> str:
     """What a dead-letter header or log line may say about an error: our own messages (which never carry
     personal data) or, for anything else, only the exception's type (its text may quote a value)."""

@@ -14,7 +14,7 @@ from typing import Any
 import faust
 from confluent_kafka import KafkaError, KafkaException, Producer
 
-from pipeline.errors import OutputRefused, PipelineError, describe
+from pipeline.errors import OutputRefused, PipelineError, describe, where
 from pipeline.identity.stitch import Send
 from pipeline.observability import metrics
 from pipeline.profiles.ops import ProfileProcessor
@@ -254,8 +254,8 @@ class Runtime:
         """A stage message (identity or profile op) whose handling failed: logged (op and error type, no
         values), counted and dead-lettered to `internal.dlq` msgpack-encoded, with its stage topic."""
         op = msg.get("op", "?") if isinstance(msg, dict) else "?"
-        log.error("%s: %r message failed and was dead-lettered: %s", topic, op, describe(exc),
-                  exc_info=not isinstance(exc, PipelineError))
+        log.error("%s: %r message failed and was dead-lettered: %s%s", topic, op, describe(exc),
+                  "" if isinstance(exc, PipelineError) else "\n" + where(exc))
         metrics.RECORDS_DEAD_LETTERED.labels(topic, "handling-failed").inc()
         try:
             raw = self.registry[topic].codec.encode(msg)

@@ -7,7 +7,7 @@ import logging
 import time
 from typing import Any
 
-from pipeline.errors import PipelineError, describe
+from pipeline.errors import PipelineError, describe, where
 from pipeline.identity.stitch import apply_msg, home_key, start_resolve
 from pipeline.ingest.decode import Decoder, Rejected, Skipped
 from pipeline.ingest.wire import record_to_wire, wire_identity_keys
@@ -99,8 +99,9 @@ def _record_handler(rt: Runtime) -> Any:
         try:
             handle(logical, decoder, msg)
         except Exception as exc:  # noqa: BLE001
-            log.error("%s: a record at offset %d of partition %d failed and was dead-lettered: %s", logical,
-                      msg.offset(), msg.partition(), describe(exc), exc_info=not isinstance(exc, PipelineError))
+            log.error("%s: a record at offset %d of partition %d failed and was dead-lettered: %s%s", logical,
+                      msg.offset(), msg.partition(), describe(exc),
+                      "" if isinstance(exc, PipelineError) else "\n" + where(exc))
             dead_letter(logical, msg, "handling-failed", describe(exc))
 
     return handle_safely

@@ -15,7 +15,7 @@ from typing import Any
 
 import msgpack
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, describe, where
 from pipeline.identity.stitch import PROFILE_TOPIC, Send
 from pipeline.model import ProfileState
 from pipeline.observability import metrics
@@ -179,9 +179,9 @@ def register(rt: Runtime) -> None:
                 res = rt.processor.handle(pid, entry, msg)
                 if res.write is not None:
                     entry, changed = res.write, True
-        except Exception:  # noqa: BLE001
-            log.exception("profile %s: messages before a failed one could not be redone; keeping the stored value",
-                          pid)
+        except Exception as exc:  # noqa: BLE001
+            log.error("profile %s: messages before a failed one could not be redone; keeping the stored value: "
+                      "%s\n%s", pid, describe(exc), where(exc))
             return (decode_profile_entry(stored) if stored is not None else None), False
         return entry, changed
 
