@@ -69,7 +69,8 @@ def build_app(settings: Settings, config: PipelineConfig | None = None,
     history_ms = config.profile.datasets.event_history.retention_ms
     engine = SegmentEngine(config.audiences, history_retention_ms=history_ms)
     processor = ProfileProcessor(config.profile, engine, time.time)
-    rt = Runtime(settings, config, registry, app, engine, processor, OutputProducer(settings.bootstrap))
+    rt = Runtime(settings, config, registry, app, engine, processor, OutputProducer(
+        settings.bootstrap, frozenset(registry.name(t) for t in settings.fault_lose_output)))
 
     @app.task
     async def drop_monitor() -> None:

@@ -96,6 +96,17 @@ class Membership:
 
 
 @dataclass(slots=True)
+class Outbox:
+    """Messages a profile's handling sent to output topics that may not have reached Kafka yet, stamped with
+    the producer epoch they were sent in (pipeline.profiles.outbox): written with the profile, so a crash
+    that keeps the profile and loses the messages is followed by sending them again."""
+
+    run: str  # the output producer's run (one per process)
+    epoch: int  # its epoch: once that epoch is acknowledged, the messages are delivered
+    messages: list[list[Any]]  # [logical topic, key, value], the latest per (topic, key)
+
+
+@dataclass(slots=True)
 class ProfileState:
     """The unified profile: identities, attributes, bounded event history and memberships."""
 
@@ -118,6 +129,7 @@ class ProfileState:
     # the last refused merge attempt's token and the stage messages its held messages sent when they were
     # handled: a redelivered `refused` sends them again (a crash may have kept the state and lost them)
     thawed: tuple[str, list[list[Any]]] | None = None
+    outbox: Outbox | None = None  # output of recent handlings not known to be delivered
 
     def identity_list(self) -> list[Identity]:
         return [Identity(ns, i) for ns, ids in sorted(self.identities.items()) for i in sorted(ids)]

@@ -7,6 +7,7 @@ import contextlib
 import gc
 import logging
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,7 +67,7 @@ class OutputProducer:
     where the table data for that key lives, whichever producer sent it.
     """
 
-    def __init__(self, bootstrap: str) -> None:
+    def __init__(self, bootstrap: str, lose: frozenset[str] = frozenset()) -> None:
         # linger 20 ms: fewer, larger produce requests (the broker's cost is per request more than per
         # message), for at most 20 ms more latency on a path whose budget is a second
         self._p = Producer({
@@ -76,16 +77,25 @@ class OutputProducer:
         })
         self._errors: list[KafkaError] = []
         self.produced = 0
-        self._epoch = _Epoch(self._errors)  # messages produced since the last flush began
+        # Epochs are numbered within this process's run: a profile's outbox is stamped (run, epoch) and is
+        # known delivered once `acked_epoch` (every epoch up to it acknowledged) reaches its epoch.
+        self.run = uuid.uuid4().hex[:12]
+        self.acked_epoch = 0
+        self._epoch = _Epoch(self._errors, 1)  # messages produced since the last flush began
         self._open: list[_Epoch] = [self._epoch]  # epochs that may still have unacknowledged messages
         # called after each successful `flush`, whoever asked for it (commits of Faust and of the ingest loop)
         self.on_flushed: list[Callable[[], None]] = []
+        self._lose = lose  # fault injection (tests): topics whose messages stay in flight until the process dies
 
     def produce(self, topic: str, key: bytes, value: bytes | None, headers: dict[str, bytes] | None = None,
                 partition: int | None = None, on_delivery: Any = None) -> None:
         """Queue one message (no await). `on_delivery(err, msg)` runs in `flush`/`poll`, on this thread;
         pass the same function object for many messages (it is wrapped once per epoch)."""
         epoch = self._epoch
+        if self._lose and topic in self._lose:
+            epoch.pending += 1  # never acknowledged: no flush completes, no offset is committed
+            self.produced += 1
+            return
         callback = epoch.done if on_delivery is None else epoch.chained(on_delivery)
         hdrs: list[tuple[str, str | bytes | None]] | None = list(headers.items()) if headers else None
         part = -1 if partition is None else partition  # -1: librdkafka's partitioner picks (by key)
@@ -107,6 +117,11 @@ class OutputProducer:
             self._p.poll(0)
 
     @property
+    def epoch(self) -> int:
+        """The number of the epoch that messages produced now belong to."""
+        return self._epoch.no
+
+    @property
     def acknowledged(self) -> int:
         """Messages acknowledged (delivered or failed) so far."""
         return self.produced - sum(e.pending for e in self._open)
@@ -115,7 +130,7 @@ class OutputProducer:
         """1. close the current epoch (what the caller must wait for: every message produced so far);
         2. open a new one for what comes next; 3. forget epochs that are fully acknowledged."""
         waiting = list(self._open)
-        self._epoch = _Epoch(self._errors)
+        self._epoch = _Epoch(self._errors, self._epoch.no + 1)
         self._open = [e for e in waiting if e.pending > 0] + [self._epoch]
         return waiting
 
@@ -144,6 +159,7 @@ class OutputProducer:
             await asyncio.sleep(0.002)
             self._p.poll(0)
         self._raise_errors()
+        self.acked_epoch = waiting[-1].no
         for callback in self.on_flushed:
             callback()
 
@@ -156,15 +172,17 @@ class OutputProducer:
         if self._unacked(waiting):
             raise PipelineError(f"output producer: {self._unacked(waiting)} messages not acknowledged")
         self._raise_errors()
+        self.acked_epoch = waiting[-1].no
 
 
 class _Epoch:
     """The messages produced between two flushes: how many still await their delivery report. One bound
     callback per epoch, not one closure per message (the producer is on the hot path)."""
 
-    __slots__ = ("pending", "errors", "done", "_chained")
+    __slots__ = ("no", "pending", "errors", "done", "_chained")
 
-    def __init__(self, errors: list[KafkaError]) -> None:
+    def __init__(self, errors: list[KafkaError], no: int) -> None:
+        self.no = no
         self.pending = 0
         self.errors = errors
         self.done = self._done

@@ -43,6 +43,9 @@ class Settings:
     # A static member does not leave its group when it stops; with this the worker leaves both groups on a
     # graceful stop anyway (SIGTERM), so its partitions move to the others at once (see pipeline/app.py).
     leave_group_on_stop: bool = True
+    # Fault injection, for tests only: output to these logical topics is never produced and never
+    # acknowledged, as if a crash lost it in flight (PIPELINE_FAULT_LOSE_OUTPUT, comma-separated).
+    fault_lose_output: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls, config_dir: str | Path | None = None) -> Settings:
@@ -56,6 +59,8 @@ class Settings:
             worker_name=os.environ.get("PIPELINE_WORKER_NAME", "worker-1"),
             static_membership=_flag("PIPELINE_STATIC_MEMBERSHIP", True),
             leave_group_on_stop=_flag("PIPELINE_LEAVE_GROUP_ON_STOP", True),
+            fault_lose_output=tuple(t.strip() for t in os.environ.get("PIPELINE_FAULT_LOSE_OUTPUT", "").split(",")
+                                    if t.strip()),
         )
 
     def group_instance_id(self, consumer: str = "") -> str | None:

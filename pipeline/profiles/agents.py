@@ -10,15 +10,16 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import msgpack
 
 from pipeline.errors import ConfigError, describe, where
 from pipeline.identity.stitch import PROFILE_TOPIC, Send
-from pipeline.model import ProfileState
+from pipeline.model import Outbox, ProfileState
 from pipeline.observability import metrics
+from pipeline.profiles import outbox
 from pipeline.profiles.ops import MEMBERSHIP_STATE_TOPIC, MEMBERSHIP_TOPIC, OpResult
 from pipeline.profiles.walk import META_PREFIX, Outcome, Walk, WalkPool, WalkSpec, pool_size
 from pipeline.runtime import BATCH_MAX, BATCH_WITHIN_S, TABLE_CACHE, LocalItem, Runtime
@@ -26,10 +27,11 @@ from pipeline.segments import SegmentEngine, load_segments
 from pipeline.segments.batch import batch_request, new_run_id
 from pipeline.state.codec import (
     Forward,
+    decode_profile,
     decode_profile_entry,
     encode_forward,
     encode_profile_within,
-    peek_deadline,
+    peek_entry,
 )
 from pipeline.state.tables import PartitionedTable
 
@@ -99,18 +101,70 @@ def register(rt: Runtime) -> None:
     # one encoding for the change and the compacted current-membership table (a KTable, for backfills)
     assert rt.registry[MEMBERSHIP_TOPIC].codec_spec == rt.registry[MEMBERSHIP_STATE_TOPIC].codec_spec
 
+    def send_membership(change: dict[str, Any]) -> None:
+        pid = change["profile_id"]
+        rt.send_encoded_once([(MEMBERSHIP_TOPIC, pid), (MEMBERSHIP_STATE_TOPIC, f"{pid}|{change['audience_id']}")],
+                             change)
+
     def publish(res: OpResult) -> None:
         now = time.time()
         for change in res.changes:
             rt.tally.add(metrics.MEMBERSHIP_CHANGES, change.status, change.evaluation)
             metrics.END_TO_END_SECONDS.observe(max(0.0, now - change.event_time_ms / 1000))
-            rt.send_encoded_once([(MEMBERSHIP_TOPIC, change.profile_id),
-                                  (MEMBERSHIP_STATE_TOPIC, f"{change.profile_id}|{change.audience_id}")],
-                                 change.to_dict())
+            send_membership(change.to_dict())
         for send in res.sends:
             rt.send(send)
         for name, n in res.counters.items():
             rt.tally.add(metrics.PROFILE_EVENTS, name, n=n)
+
+    def resend(box: Outbox) -> None:
+        """Send an outbox's messages again (they may have been lost with the process that sent them)."""
+        for topic, key, value in box.messages:
+            if topic == MEMBERSHIP_TOPIC:
+                send_membership(value)
+            else:
+                rt.send(Send(topic, key, value))
+        rt.tally.add(metrics.PROFILE_EVENTS, "outbox_resent", n=len(box.messages))
+
+    acks_written: dict[int, int] = {}  # partition -> this run's acknowledged epoch last written to its record
+    stamped: dict[int, int] = {}  # partition -> the latest epoch this run stamped an outbox of it with
+
+    def acks(partition: int) -> outbox.Acks:
+        return outbox.Acks(rt.output.run, rt.output.acked_epoch,
+                           outbox.decode_record(table.get(partition, outbox.acks_key(partition))))
+
+    def with_outbox(entry: ProfileState | Forward, box: Outbox | None) -> ProfileState | Forward:
+        if isinstance(entry, Forward):
+            return replace(entry, outbox=box)
+        entry.outbox = box
+        return entry
+
+    def stamp(partition: int, entry: ProfileState | Forward, previous: Outbox | None,
+              messages: list[outbox.Message]) -> ProfileState | Forward:
+        """The entry to write, with its outbox: the previous one unless delivered, plus `messages`."""
+        if previous is None and not messages:
+            return with_outbox(entry, None)
+        delivered = previous is not None and acks(partition).delivered(previous)
+        box = outbox.stamp(previous, messages, rt.output.run, rt.output.epoch, delivered)
+        if box is not None:
+            stamped[partition] = box.epoch
+        return with_outbox(entry, box)
+
+    def record_acks() -> None:
+        """For each partition this run stamped outboxes in: once its producer has acknowledged more epochs,
+        write that to the partition's acknowledgement record (so that the next owner knows those outboxes
+        are delivered and does not send them again)."""
+        acked, active = rt.output.acked_epoch, table.active()
+        for partition, latest in list(stamped.items()):
+            if partition not in active:
+                del stamped[partition]
+            elif acked > acks_written.get(partition, 0):
+                key = outbox.acks_key(partition)
+                table.put(partition, key, outbox.encode_record(outbox.decode_record(table.get(partition, key)),
+                                                               rt.output.run, acked))
+                acks_written[partition] = acked
+                if latest <= acked:
+                    del stamped[partition]
 
     budget = rt.config.profile.datasets.limits.max_profile_bytes
 
@@ -138,16 +192,28 @@ def register(rt: Runtime) -> None:
             started = time.perf_counter()
             handle_group(partition, key, msgs)
             metrics.EVALUATION_SECONDS.observe((time.perf_counter() - started) / len(msgs))
+        if stamped:
+            record_acks()
 
     def handle_group(partition: int, key: bytes, msgs: list[dict[str, Any]]) -> None:
-        """One profile's messages in order. A message whose handling fails (an exception, an output the
-        producer refuses) is dead-lettered and the others go on: 1. drop the decoded profile, which the
-        failed message may have half changed; 2. rebuild it from the stored value and the messages before
-        the failed one (their output is sent already, so only their state is redone); 3. go on after it."""
+        """One profile's messages in order, and its outbox (pipeline.profiles.outbox):
+        1. load the entry; if its outbox was sent by another run and is not known delivered, send it again
+           now (before this group's output: the order per key holds) and keep it, stamped in this epoch;
+        2. handle each message and publish its output, keeping what the outbox must hold. A message whose
+           handling fails (an exception, an output the producer refuses) is dead-lettered and the others go
+           on: drop the decoded profile, which the failed message may have half changed; rebuild it from the
+           stored value and the messages before the failed one (their output is sent already, so only their
+           state is redone); go on after it;
+        3. write the final entry once, with its outbox."""
         stored = table.get(partition, key)
         entry = cache.load(key, stored)
         changed = False
         pid = key.decode()
+        previous = entry.outbox if entry is not None else None
+        if previous is not None and acks(partition).resend_now(previous):
+            resend(previous)
+            previous, changed = Outbox(rt.output.run, rt.output.epoch, previous.messages), True
+        kept: list[outbox.Message] = []
         failed: set[int] = set()
         for i, msg in enumerate(msgs):
             try:
@@ -157,17 +223,21 @@ def register(rt: Runtime) -> None:
                 cache.drop(key)
                 rt.dead_letter_stage(PROFILE_TOPIC, key, msg, exc)
                 failed.add(i)
-                entry, changed = _rebuild(pid, stored, [m for j, m in enumerate(msgs[:i]) if j not in failed])
+                entry, redone = _rebuild(pid, stored, [m for j, m in enumerate(msgs[:i]) if j not in failed])
+                changed = changed or redone
                 continue
+            if res.changes or res.sends:
+                kept += outbox.messages_of(res.changes, res.sends)
             if res.write is not None:
                 entry, changed = res.write, True
             rt.tally.add(metrics.PROFILE_OPS, msg["op"])
         if changed and entry is not None:
+            entry = stamp(partition, entry, previous, kept)
             try:
                 write(partition, key, entry)
             except Exception as exc:  # noqa: BLE001 - e.g. a value the broker refuses: the store stays as it was
                 cache.drop(key)
-                rt.dead_letter_stage(PROFILE_TOPIC, key, msgs[-1], exc)
+                rt.dead_letter_stage(PROFILE_TOPIC, key, msgs[-1] if msgs else {"op": "outbox"}, exc)
 
     def _rebuild(pid: str, stored: bytes | None, done: list[dict[str, Any]]) -> tuple[Any, bool]:
         """The profile as the stored value and the messages `done` leave it (their output is not sent again);
@@ -186,7 +256,26 @@ def register(rt: Runtime) -> None:
         return entry, changed
 
     rt.local_handlers[PROFILE_TOPIC] = (table, handle)
-    walks = Walks(table, cache, deadlines, publish, WalkPool(n) if (n := pool_size()) else None)
+    def restamp_walked(partition: int, o: Outcome) -> bytes | None:
+        """A walk's profile to write, with its outbox (`handle_group` step 3 for the walk's output)."""
+        messages = outbox.messages_of(o.result.changes, o.result.sends)
+        if o.raw is None or not messages:
+            return o.raw
+        profile = decode_profile(o.raw)  # a walk only evaluates profiles
+        stamp(partition, profile, profile.outbox, messages)
+        return encode_profile_within(profile, budget)[0]
+
+    def resend_undelivered(partition: int, keys: list[bytes]) -> None:
+        """Profiles of a newly assigned partition whose outbox another run may not have delivered: handled
+        with no message, which sends the outbox again (`handle_group` step 1)."""
+        for key in keys:
+            handle_group(partition, key, [])
+        if keys:
+            log.info("partition %d: sent again the undelivered output of %d profiles", partition, len(keys))
+            record_acks()
+
+    walks = Walks(table, cache, deadlines, publish, WalkPool(n) if (n := pool_size()) else None,
+                  acks, restamp_walked, resend_undelivered, record_acks)
     if walks.pool is not None:
         rt.app.on_before_shutdown.connect(lambda *_a, **_k: walks.pool.close() if walks.pool else None)
 
@@ -253,6 +342,12 @@ def register(rt: Runtime) -> None:
         log.info("segments reloaded: %d audiences; re-evaluating changed ones on every partition", len(audiences))
         checked.clear()  # the timer below sends a defs-check to each assigned partition again
 
+    @rt.app.timer(1.0)
+    async def record_acknowledged() -> None:
+        """Keep the acknowledgement records up to date when no batch comes to do it (an idle worker)."""
+        if stamped and not rt.app.rebalancing:
+            record_acks()
+
     @rt.app.timer(0.5)
     async def fire_deadlines() -> None:
         # each newly assigned partition checks the audience definitions once (through its own stream,
@@ -275,6 +370,10 @@ class Walks:
     deadlines: Deadlines
     publish: Callable[[OpResult], None]
     pool: WalkPool | None
+    acks: Callable[[int], outbox.Acks]  # which outboxes of a partition are delivered
+    restamp: Callable[[int, Outcome], bytes | None]  # a walked profile to write, with its outbox
+    resend: Callable[[int, list[bytes]], None]  # send the undelivered outboxes of these profiles again
+    record_acks: Callable[[], None]
 
     def task_base(self, rt: Runtime, store: Any) -> dict[str, Any] | None:
         """The fields of a SliceTask common to a walk's ranges (the current definitions: they can be
@@ -290,19 +389,25 @@ def _defs_key(partition: int) -> bytes:
     return f"__cdp_defs__:{partition}".encode()
 
 
-def _rebuild_deadlines(table: PartitionedTable, partition: int, deadlines: Deadlines) -> None:
-    """The deadline heap lives in memory: when a partition is (re)assigned, re-read the deadlines kept in
-    its profiles, so time-driven changes still happen after a restart or a rebalance."""
+def _restore_partition(walks: Walks, partition: int) -> None:
+    """What lives in memory or may have been lost with a previous owner, when a partition is (re)assigned:
+    1. re-read the deadlines kept in its profiles (the heap is in memory), so time-driven changes still
+    happen after a restart or a rebalance; 2. send again the outboxes not known delivered."""
     n = 0
-    for key, raw in table.table.data._db_for_partition(partition).items():
+    acks = walks.acks(partition)
+    undelivered: list[bytes] = []
+    for key, raw in walks.table.table.data._db_for_partition(partition).items():
         if key.startswith(META_PREFIX):
             continue
-        peeked = peek_deadline(raw)  # not a full decode: this reads every profile of the partition
-        if peeked is not None and peeked[1] is not None:
-            deadlines.note(*peeked)
+        peeked = peek_entry(raw)  # not a full decode: this reads every profile of the partition
+        if peeked.profile_id is not None and peeked.deadline is not None:
+            walks.deadlines.note(peeked.profile_id, peeked.deadline)
             n += 1
+        if peeked.outbox is not None and acks.resend_now(Outbox(*peeked.outbox, [])):
+            undelivered.append(key)
     if n:
         log.info("partition %d: restored %d pending deadlines", partition, n)
+    walks.resend(partition, undelivered)
 
 
 async def _walk_partition(rt: Runtime, walks: Walks, partition: int, run: str, spec: WalkSpec,
@@ -313,8 +418,9 @@ async def _walk_partition(rt: Runtime, walks: Walks, partition: int, run: str, s
     started = time.monotonic()
 
     def apply(o: Outcome) -> None:
-        if o.raw is not None:
-            table.put(partition, o.key, o.raw)
+        raw = walks.restamp(partition, o)
+        if raw is not None:
+            table.put(partition, o.key, raw)
             walks.cache.drop(o.key)
             walks.deadlines.note(o.profile_id, o.deadline)
         walks.publish(o.result)
@@ -329,6 +435,7 @@ async def _walk_partition(rt: Runtime, walks: Walks, partition: int, run: str, s
                     progress, dirty, task_base=walks.task_base(rt, store),
                     owner=lambda: not rt.app.rebalancing and partition in table.active())
         await walk.run(walks.pool)
+    walks.record_acks()
     if walk.aborted:
         log.warning("walk %s on partition %d stopped after %d of its profiles: the partition was revoked or is "
                     "being rebalanced (run it again)", run, partition, walk.seen)
@@ -355,7 +462,7 @@ async def _definitions_check(rt: Runtime, walks: Walks, partition: int) -> None:
     1. diff the stored fingerprints with the loaded definitions; 2. evaluate new/edited audiences over the
     partition's profiles and exit members of removed ones; 3. store the new fingerprints."""
     table = walks.table
-    _rebuild_deadlines(table, partition, walks.deadlines)
+    _restore_partition(walks, partition)
     key = _defs_key(partition)
     raw = table.get(partition, key)
     old = msgpack.unpackb(raw, raw=False) if raw else None

@@ -10,7 +10,8 @@ A profile body is one array:
      events [event_id, type_index, ts_delta, dataset_index, fields, ...]  (flat, ts delta-coded),
      memberships [audience, audience_id or None if equal, status_code, since, version, reason,
                   changed_ms, ...]  (flat),
-     (only while stitching is in flight) [claims, merging, held, merged(, thawed)]]
+     (only while stitching is in flight, else None when an outbox follows) [claims, merging, held, merged(, thawed)],
+     (only while output may be undelivered) [run, epoch, [[topic, key, value], ...]]]
 
 Interning dataset and type names and delta-coding event timestamps keeps the value small (RocksDB
 and the changelog topic hold one per profile); flat arrays avoid one msgpack array header per item.
@@ -20,14 +21,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import accumulate
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 
 from pipeline.errors import SerdeError
-from pipeline.model import AttributeValue, Membership, MembershipStatus, ProfileState, StoredEvent
+from pipeline.model import AttributeValue, Membership, MembershipStatus, Outbox, ProfileState, StoredEvent
 
 FORMAT_VERSION = 1
+_BODY_LENGTHS = (9, 10, 11)  # without stitching state and outbox, with stitching state, with an outbox too
 _PROFILE = b"P"[0]
 _FORWARD = b"F"[0]
 _STATUS: tuple[MembershipStatus, ...] = ("realized", "existing", "exited")
@@ -40,12 +42,14 @@ class Forward:
 
     It also keeps what the merge's `accepted` sent (`token`, the identities it repointed and the held
     messages it passed on): a crash can keep this entry and lose those messages, and the redelivered
-    `accepted` then sends them again (the profile stage's outbox for that one step)."""
+    `accepted` then sends them again (the profile stage's outbox for that one step). Its `outbox` holds the
+    membership exits it sent, until they are known delivered (as a profile's does)."""
 
     into: str
     token: str | None = None
     repointed: tuple[str, ...] = ()
     passed: tuple[Any, ...] = ()
+    outbox: Outbox | None = None
 
 
 def _pack(obj: Any) -> bytes:
@@ -75,11 +79,15 @@ def encode_profile(profile: ProfileState) -> bytes:
                     m.since_ms, m.version, m.reason, m.changed_ms)
     body = [profile.profile_id, profile.created_ms, profile.next_deadline_ms, profile.seq,
             profile.identities, list(strings), attrs, events, members]
+    stitching: list[Any] | None = None
     if profile.claims or profile.merging or profile.held or profile.merged or profile.thawed:
-        stitching: list[Any] = [profile.claims, profile.merging, profile.held, profile.merged]
+        stitching = [profile.claims, profile.merging, profile.held, profile.merged]
         if profile.thawed:
             stitching.append(profile.thawed)
+    if stitching is not None or profile.outbox is not None:
         body.append(stitching)
+    if profile.outbox is not None:
+        body.append(_outbox_body(profile.outbox))
     return bytes((FORMAT_VERSION, _PROFILE)) + _pack(body)
 
 
@@ -101,10 +109,28 @@ def encode_profile_within(profile: ProfileState, max_bytes: int) -> tuple[bytes,
 
 def encode_forward(forward: Forward) -> bytes:
     """Encode a forwarding marker."""
-    if forward.token is None:
+    if forward.token is None and forward.outbox is None:
         return bytes((FORMAT_VERSION, _FORWARD)) + _pack(forward.into)
     body = [forward.into, forward.token, list(forward.repointed), list(forward.passed)]
+    if forward.outbox is not None:
+        body.append(_outbox_body(forward.outbox))
     return bytes((FORMAT_VERSION, _FORWARD)) + _pack(body)
+
+
+def _outbox_body(outbox: Outbox) -> list[Any]:
+    return [outbox.run, outbox.epoch, outbox.messages]
+
+
+def _outbox_from_body(body: Any) -> Outbox | None:
+    if body is None:
+        return None
+    try:
+        run, epoch, messages = body
+        if not (isinstance(run, str) and type(epoch) is int and isinstance(messages, list)):
+            raise TypeError("fields of the wrong type")
+    except (ValueError, TypeError) as exc:
+        raise SerdeError("profile_decode", f"malformed outbox: {exc}") from exc
+    return Outbox(run, epoch, messages)
 
 
 def _unpack(data: bytes) -> tuple[int, Any]:
@@ -120,10 +146,10 @@ def _unpack(data: bytes) -> tuple[int, Any]:
 
 def _profile_from_body(body: Any) -> ProfileState:
     try:
-        if len(body) not in (9, 10):
+        if len(body) not in _BODY_LENGTHS:
             raise ValueError(f"{len(body)} fields")
         pid, created, deadline, seq, identities, strings, attrs, events, members = body[:9]
-        stitching = body[9] if len(body) == 10 else None
+        stitching = body[9] if len(body) > 9 else None
         if len(attrs) % 4 or len(events) % 5 or len(members) % 7:
             raise ValueError("truncated attribute, event or membership array")
         # Column-wise map() over strided slices: no per-item Python loop, ~2x faster than one.
@@ -141,6 +167,8 @@ def _profile_from_body(body: Any) -> ProfileState:
     except (ValueError, TypeError, IndexError, KeyError) as exc:
         raise SerdeError("profile_decode", f"malformed profile body: {exc}") from exc
     profile = ProfileState(pid, created, identities, attributes, stored, memberships, deadline, seq)
+    if len(body) > 10:
+        profile.outbox = _outbox_from_body(body[10])
     if stitching is not None:
         try:
             claims, merging, held, merged = stitching[:4]
@@ -161,33 +189,52 @@ def decode_profile_entry(data: bytes) -> ProfileState | Forward:
     if kind == _FORWARD:
         if isinstance(body, str):
             return Forward(body)
-        if not (isinstance(body, list) and len(body) == 4 and isinstance(body[0], str)):
+        if not (isinstance(body, list) and len(body) in (4, 5) and isinstance(body[0], str)):
             raise SerdeError("profile_decode", "malformed forward marker")
-        return Forward(body[0], body[1], tuple(body[2]), tuple(body[3]))
+        return Forward(body[0], body[1], tuple(body[2]), tuple(body[3]),
+                       _outbox_from_body(body[4]) if len(body) == 5 else None)
     raise SerdeError("profile_decode", f"unknown entry kind {kind}")
 
 
-def peek_deadline(data: bytes) -> tuple[str, int | None] | None:
-    """(profile id, next_deadline_ms) of a profile-table value without decoding the rest (~20x cheaper:
-    a worker re-reads every profile's deadline when it is assigned a partition); None for a forward."""
+class Peeked(NamedTuple):
+    """What a worker re-reads from every profile-table value of a partition it is assigned."""
+
+    profile_id: str | None  # None for a forward
+    deadline: int | None
+    outbox: tuple[str, int] | None  # (run, epoch) of output that may be undelivered
+
+
+def peek_entry(data: bytes) -> Peeked:
+    """The id, next deadline and outbox stamp of a profile-table value without decoding the rest (~20x
+    cheaper than a decode: a worker re-reads every profile when it is assigned a partition)."""
     if len(data) < 3 or data[0] != FORMAT_VERSION:
         raise SerdeError("profile_version" if len(data) >= 3 else "profile_decode",
                          "unsupported profile format version" if len(data) >= 3 else "value too short")
     if data[1] == _FORWARD:
-        return None
+        forward = decode_profile_entry(data)  # small: an id, the merge's repoints and its outbox
+        assert isinstance(forward, Forward)
+        return Peeked(None, None, (forward.outbox.run, forward.outbox.epoch) if forward.outbox else None)
     if data[1] != _PROFILE:
         raise SerdeError("profile_decode", f"unknown entry kind {data[1]}")
     unpacker = msgpack.Unpacker(raw=False)
     unpacker.feed(memoryview(data)[2:])
     try:
-        if unpacker.read_array_header() not in (9, 10):
+        fields = unpacker.read_array_header()
+        if fields not in _BODY_LENGTHS:
             raise ValueError("not a profile body")
         pid, _created, deadline = unpacker.unpack(), unpacker.unpack(), unpacker.unpack()
+        stamp = None
+        if fields > 10:  # skip to the outbox
+            for _ in range(7):
+                unpacker.skip()
+            if unpacker.read_array_header() != 3:
+                raise ValueError("malformed outbox")
+            stamp = (unpacker.unpack(), unpacker.unpack())
     except (ValueError, TypeError, msgpack.UnpackException, msgpack.OutOfData) as exc:
         raise SerdeError("profile_decode", f"malformed profile body: {exc}") from exc
     if not isinstance(pid, str) or not (deadline is None or type(deadline) is int):
         raise SerdeError("profile_decode", "malformed profile body: id or deadline of the wrong type")
-    return pid, deadline
+    return Peeked(pid, deadline, stamp)
 
 
 # Positions in a profile body (see the module docstring), for readers of the raw body such as the batch pre-check.
@@ -204,7 +251,7 @@ def profile_body(data: bytes | None) -> list[Any] | None:
         kind, body = _unpack(data)
     except SerdeError:
         return None
-    return body if kind == _PROFILE and type(body) is list and len(body) in (9, 10) else None
+    return body if kind == _PROFILE and type(body) is list and len(body) in _BODY_LENGTHS else None
 
 
 def decode_profile(data: bytes) -> ProfileState:

@@ -8,16 +8,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.errors import SerdeError
-from pipeline.model import AttributeValue, Membership, ProfileState, StoredEvent
+from pipeline.model import AttributeValue, Membership, Outbox, ProfileState, StoredEvent
 from pipeline.state.codec import (
     FORMAT_VERSION,
     Forward,
+    Peeked,
     decode_profile,
     decode_profile_entry,
     encode_forward,
     encode_profile,
     encode_profile_within,
-    peek_deadline,
+    peek_entry,
 )
 
 text = st.text(max_size=12)
@@ -42,6 +43,9 @@ profiles = st.builds(
     held=st.lists(st.fixed_dictionaries({"op": text, "pid": text, "state": st.binary(max_size=8)}), max_size=2),
     merged=st.lists(text, max_size=3),
     thawed=st.one_of(st.none(), st.tuples(text, st.lists(st.lists(text, min_size=3, max_size=3), max_size=2))),
+    # output that may be undelivered: membership changes with their topic and key
+    outbox=st.one_of(st.none(), st.builds(Outbox, text, st.integers(0, 2**40), st.lists(
+        st.tuples(text, text, st.dictionaries(text, scalars, max_size=3)).map(list), max_size=3))),
 )
 
 
@@ -62,13 +66,16 @@ def test_profile_round_trips_exactly(profile: ProfileState) -> None:
 
 
 @given(profiles)
-def test_peek_deadline_reads_what_a_full_decode_reads(profile: ProfileState) -> None:
-    # a worker re-reads every profile's deadline on assignment without decoding the whole profile
-    assert peek_deadline(encode_profile(profile)) == (profile.profile_id, profile.next_deadline_ms)
+def test_peek_reads_what_a_full_decode_reads(profile: ProfileState) -> None:
+    # a worker re-reads every profile's deadline and outbox stamp on assignment without decoding the whole profile
+    stamp = (profile.outbox.run, profile.outbox.epoch) if profile.outbox else None
+    assert peek_entry(encode_profile(profile)) == Peeked(profile.profile_id, profile.next_deadline_ms, stamp)
 
 
-def test_peek_deadline_of_a_forward_is_none_and_bad_bytes_raise() -> None:
-    assert peek_deadline(encode_forward(Forward("p0001"))) is None
+def test_peek_of_a_forward_gives_its_outbox_stamp_and_bad_bytes_raise() -> None:
+    assert peek_entry(encode_forward(Forward("p0001"))) == Peeked(None, None, None)
+    exits = Outbox("run1", 7, [["activation.memberships", "p0002|a1", {"status": "exited"}]])
+    assert peek_entry(encode_forward(Forward("p0001", "t", ("ECID:c",), (), exits))) == Peeked(None, None, ("run1", 7))
     for data, reason in [(b"", "profile_decode"), (bytes((99, ord("P"))) + msgpack.packb([1]), "profile_version"),
                          (bytes((FORMAT_VERSION, ord("X"))) + msgpack.packb("a"), "profile_decode"),
                          (bytes((FORMAT_VERSION, ord("P"))) + msgpack.packb([1, 2]), "profile_decode"),
@@ -76,7 +83,7 @@ def test_peek_deadline_of_a_forward_is_none_and_bad_bytes_raise() -> None:
                          (bytes((FORMAT_VERSION, ord("P"))) + msgpack.packb([7, 0, None, 0, {}, [], [], [], []]),
                           "profile_decode")]:
         with pytest.raises(SerdeError) as info:
-            peek_deadline(data)
+            peek_entry(data)
         assert info.value.reason == reason, data
 
 
@@ -111,6 +118,10 @@ def test_forward_keeps_what_its_merge_sent() -> None:
     # When encoded and decoded Then all of it comes back, and a plain forward stays the old, short encoding
     assert decode_profile_entry(encode_forward(forward)) == forward
     assert encode_forward(Forward("p0001"))[2:] == msgpack.packb("p0001")
+    # And the membership exits it sent, while they may be undelivered
+    with_exits = Forward(forward.into, forward.token, forward.repointed, forward.passed,
+                         Outbox("run1", 3, [["activation.memberships", "p0009|a1", {"status": "exited"}]]))
+    assert decode_profile_entry(encode_forward(with_exits)) == with_exits
 
 
 @pytest.mark.parametrize(("data", "reason"), [

@@ -1,0 +1,87 @@
+"""A profile's outbox: output written with the profile until it is known delivered, sent again after a crash.
+
+A handling writes the profile (its changelog record) and sends membership and profile-change messages on the
+same producer, but Kafka acknowledges them independently: a SIGKILL can keep the profile and lose the messages.
+The redelivered input then finds its effect stored (a duplicate event, an attribute already set) and decides
+nothing again, so the messages would never be sent. Instead each write keeps the messages it caused, stamped
+with the producer's (run, epoch), and whoever loads the profile later sends them again unless that epoch is
+known acknowledged:
+  - by this process: its producer's `acked_epoch` has reached the epoch;
+  - by an earlier process or another worker: the partition's acknowledgement record (a metadata key in the
+    profile table, written by the owner as its epochs are acknowledged) has reached it.
+A worker assigned a partition also sends every undelivered outbox found in it, so a profile no input touches
+again still gets its messages. Copies sent twice carry the same idempotency key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from pipeline.identity.stitch import Send
+from pipeline.model import MembershipChange, Outbox
+from pipeline.profiles.ops import MEMBERSHIP_TOPIC, PROFILE_CHANGES_TOPIC
+
+KEEP_RUNS = 32  # runs an acknowledgement record remembers; an outbox of an older run is sent again (harmless)
+
+Message = list[Any]  # [logical topic, key, value]
+
+
+def acks_key(partition: int) -> bytes:
+    """The profile-table key of a partition's acknowledgement record (a metadata key: walks skip `__` keys)."""
+    return f"__cdp_acked__:{partition}".encode()
+
+
+def messages_of(changes: Iterable[MembershipChange], sends: Iterable[Send]) -> list[Message]:
+    """What of a handling's output an outbox keeps: its membership changes and profile changes (stage
+    messages have their own redelivery rules, pipeline.profiles.ops)."""
+    out: list[Message] = [[MEMBERSHIP_TOPIC, f"{c.profile_id}|{c.audience_id}", c.to_dict()] for c in changes]
+    out += [[s.topic, s.key, s.value] for s in sends if s.topic == PROFILE_CHANGES_TOPIC]
+    return out
+
+
+def stamp(previous: Outbox | None, messages: list[Message], run: str, epoch: int,
+          delivered: bool) -> Outbox | None:
+    """The outbox to write: the previous one's messages unless delivered, then the new ones, the latest per
+    (topic, key) (only the last membership change of an audience matters to whoever reads the topic)."""
+    latest: dict[tuple[str, str], Message] = {}
+    if previous is not None and not delivered:
+        for m in previous.messages:
+            latest[(m[0], m[1])] = m
+    for m in messages:
+        latest.pop((m[0], m[1]), None)  # keep the send order: a newer message goes last
+        latest[(m[0], m[1])] = m
+    return Outbox(run, epoch, list(latest.values())) if latest else None
+
+
+@dataclass
+class Acks:
+    """Which outboxes are delivered, for one partition: this run's producer and the partition's record."""
+
+    run: str
+    acked_epoch: int  # this run's: every epoch up to it is acknowledged
+    record: dict[str, int] = field(default_factory=dict)  # run -> acknowledged epoch (earlier runs, other workers)
+
+    def delivered(self, outbox: Outbox) -> bool:
+        if outbox.run == self.run:
+            return outbox.epoch <= self.acked_epoch
+        return self.record.get(outbox.run, -1) >= outbox.epoch
+
+    def resend_now(self, outbox: Outbox) -> bool:
+        """Sent by another run and not known delivered: that run may have died with it in flight (this run's
+        own undelivered messages are still in flight in this process's producer: not sent again)."""
+        return outbox.run != self.run and not self.delivered(outbox)
+
+
+def decode_record(raw: bytes | None) -> dict[str, int]:
+    return dict(msgpack.unpackb(raw, raw=False)) if raw else {}
+
+
+def encode_record(record: dict[str, int], run: str, acked_epoch: int) -> bytes:
+    """The record with this run's acknowledged epoch, keeping the KEEP_RUNS most recently written runs."""
+    updated = {r: e for r, e in record.items() if r != run}
+    updated[run] = acked_epoch
+    return msgpack.packb(dict(list(updated.items())[-KEEP_RUNS:]))  # type: ignore[no-any-return]
