@@ -5,7 +5,6 @@ profile's other messages."""
 from __future__ import annotations
 
 import collections
-import heapq
 import logging
 import os
 import time
@@ -20,6 +19,7 @@ from pipeline.identity.stitch import PROFILE_TOPIC, Send
 from pipeline.model import Outbox, ProfileState
 from pipeline.observability import metrics
 from pipeline.profiles import outbox
+from pipeline.profiles.deadlines import Deadlines
 from pipeline.profiles.ops import MEMBERSHIP_STATE_TOPIC, MEMBERSHIP_TOPIC, OpResult
 from pipeline.profiles.walk import META_PREFIX, Outcome, Walk, WalkPool, WalkSpec, pool_size
 from pipeline.runtime import BATCH_MAX, BATCH_WITHIN_S, TABLE_CACHE, LocalItem, Runtime
@@ -38,27 +38,6 @@ from pipeline.state.tables import PartitionedTable
 log = logging.getLogger(__name__)
 
 # Batching amortises Faust's per-message cost and writes a profile once per batch, not once per message.
-
-
-class Deadlines:
-    """In-memory min-heap of (due ms, profile id) for this worker; rebuilt from the table on start.
-    Stale entries are harmless: a tick re-checks the stored deadline before evaluating."""
-
-    def __init__(self) -> None:
-        self.heap: list[tuple[int, str]] = []
-
-    def note(self, pid: str, due: int | None) -> None:
-        if due is not None:
-            heapq.heappush(self.heap, (due, pid))
-            metrics.DEADLINES_PENDING.set(len(self.heap))
-
-    def due(self, now_ms: int) -> list[str]:
-        out: list[str] = []
-        while self.heap and self.heap[0][0] <= now_ms:
-            out.append(heapq.heappop(self.heap)[1])
-        if out:
-            metrics.DEADLINES_PENDING.set(len(self.heap))
-        return sorted(set(out))
 
 
 class DecodedCache:
@@ -168,12 +147,15 @@ def register(rt: Runtime) -> None:
 
     budget = rt.config.profile.datasets.limits.max_profile_bytes
 
-    def write(partition: int, key: bytes, entry: ProfileState | Forward) -> None:
+    def write(partition: int, key: bytes, entry: ProfileState | Forward, stored: bytes | None) -> None:
+        """Store the entry, unless its bytes are those stored already (a replayed duplicate changes nothing:
+        no store write, no changelog record)."""
         if isinstance(entry, ProfileState):
             raw, dropped = encode_profile_within(entry, budget)
             if dropped:
                 rt.tally.add(metrics.PROFILE_EVENTS, "events_dropped_over_budget", n=dropped)
-            table.put(partition, key, raw)
+            if raw != stored:
+                table.put(partition, key, raw)
             cache.put(key, raw, entry)
             deadlines.note(entry.profile_id, entry.next_deadline_ms)
         else:
@@ -234,7 +216,7 @@ def register(rt: Runtime) -> None:
         if changed and entry is not None:
             entry = stamp(partition, entry, previous, kept)
             try:
-                write(partition, key, entry)
+                write(partition, key, entry, stored)
             except Exception as exc:  # noqa: BLE001 - e.g. a value the broker refuses: the store stays as it was
                 cache.drop(key)
                 rt.dead_letter_stage(PROFILE_TOPIC, key, msgs[-1] if msgs else {"op": "outbox"}, exc)
