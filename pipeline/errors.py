@@ -72,6 +72,16 @@ class OutputRefused(PipelineError):
         super().__init__(f"{topic}: a {size}-byte message was refused ({reason})")
 
 
+class ProfileOverBudget(PipelineError):
+    """A record would take a profile's attributes and identities (what dropping events cannot shrink) over
+    the profile's byte budget: the record is dead-lettered and the profile stays as it was."""
+
+    def __init__(self, profile_id: str, size: int, budget: int) -> None:
+        self.size = size
+        super().__init__(f"profile {profile_id}: the record would make it {size} bytes without its events, "
+                         f"over its budget of {budget}")
+
+
 def where(exc: BaseException) -> str:
     """The frames an error passed through, without its message (a library's message may quote a value):
     what a log may show of an unexpected error."""

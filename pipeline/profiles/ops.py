@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from pipeline.errors import ProfileOverBudget
 from pipeline.identity.stitch import (
     IDENTITY_TOPIC,
     PROFILE_TOPIC,
@@ -54,7 +55,7 @@ from pipeline.profiles.merge import (
 )
 from pipeline.segments import Decision, SegmentEngine, apply_decisions, exit_all
 from pipeline.segments.membership import grouped_identities
-from pipeline.state.codec import Forward, decode_profile, encode_profile
+from pipeline.state.codec import Forward, decode_profile, encode_profile, size_without_events
 
 log = logging.getLogger(__name__)
 
@@ -199,8 +200,16 @@ class ProfileProcessor:
             else:
                 self._claim(profile, ident, rec.timestamp_ms, res)
         rec = replace(rec, identities=tuple(listed))
-        summary = (apply_event(profile, rec, self.config) if isinstance(rec, ExperienceEvent)
-                   else apply_record(profile, rec, self.config))
+        if isinstance(rec, ExperienceEvent):
+            summary = apply_event(profile, rec, self.config)
+        else:
+            before = size_without_events(profile)
+            summary = apply_record(profile, rec, self.config)
+            budget = self.config.datasets.limits.max_profile_bytes
+            # only a record that grows it past its budget is refused (one already over may still shrink);
+            # raised before any output: the agent restores the profile and dead-letters the record
+            if summary.changed and (size := size_without_events(profile)) > max(budget, before):
+                raise ProfileOverBudget(pid, size, budget)
         if summary.duplicate:
             res.count("duplicates")
         self._release(pid, enforce_identity_limit(profile, self.config), res)

@@ -19,7 +19,7 @@ and the changelog topic hold one per profile); flat arrays avoid one msgpack arr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import accumulate
 from typing import Any, NamedTuple
 
@@ -105,6 +105,11 @@ def encode_profile_within(profile: ProfileState, max_bytes: int) -> tuple[bytes,
         dropped += n
         raw = encode_profile(profile)
     return raw, dropped
+
+
+def size_without_events(profile: ProfileState) -> int:
+    """The encoded size of a profile without its event history: what its byte budget cannot evict."""
+    return len(encode_profile(replace(profile, events=[])))
 
 
 def encode_forward(forward: Forward) -> bytes:

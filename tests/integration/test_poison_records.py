@@ -76,23 +76,41 @@ def test_poison_records_at_the_start_middle_and_end_of_a_batch(registry, kafka_b
     dlq.close()
 
 
-def test_a_profile_that_outgrows_what_the_broker_accepts_does_not_stop_the_worker(registry, kafka_bootstrap,
-                                                                                 start_worker, config_dir):
-    # Given a running worker, and a CRM customer whose records each add 55 KB of new attributes: after
-    # about 18 of them the profile is over the 1 MB a Kafka message may hold
+def test_a_profile_whose_attributes_outgrow_its_budget_refuses_the_records_and_stays_usable(
+        registry, kafka_bootstrap, start_worker, config_dir):
+    # Given a running worker (profile budget 256 KiB), and a CRM customer whose records each add 55 KB of new
+    # attributes: after 4 of them the profile is at its budget (and after about 18 past the 1 MB a Kafka
+    # message may hold)
     worker = start_worker(config_dir=config_dir)
     now = int(time.time() * 1000)
     internal_dlq = Collector(registry, kafka_bootstrap, "internal.dlq")
     records = [{"recordId": f"r{n}", "timestamp": now - 1000 + n, "dataset": "crm", "crmId": "C-HUGE",
                 "attributes": {f"a{n}.{k}": "v" * 500 for k in range(110)}} for n in range(22)]
-    # When its 22 records arrive, and then 100 page views of other visitors
+    # When its 22 records arrive, then a small update of the same customer, and 100 page views of others
     produce(registry, kafka_bootstrap, "ingest.profiles", records, key=lambda v: "C-HUGE")
+    produce(registry, kafka_bootstrap, "ingest.profiles", [{"recordId": "small", "timestamp": now, "dataset": "crm",
+                                                            "crmId": "C-HUGE", "attributes": {"a0.0": "updated"}}],
+            key=lambda v: "C-HUGE")
     produce(registry, kafka_bootstrap, "ingest.events", [page_view(f"v{i}", now, f"visitor{i}") for i in range(100)])
-    # Then the records the profile could not take are dead-lettered with the reason the producer gave
-    msgs = internal_dlq.wait_for(lambda ms: len(ms) >= 1, timeout_s=60, what="a dead-lettered profile message")
+    # Then the 18 records the profile could not take are dead-lettered with the reason, without their values
+    msgs = internal_dlq.wait_for(lambda ms: len(ms) >= 18, timeout_s=60, what="18 dead-lettered records")
+    internal_dlq.settle(quiet_s=2)
+    assert len(internal_dlq.messages) == 18
     assert {m["headers"]["reason"] for m in msgs} == {"handling-failed"}
-    assert all("MSG_SIZE_TOO_LARGE" in m["headers"]["detail"] for m in msgs), msgs[0]["headers"]
+    assert all("over its budget of 262144" in m["headers"]["detail"] for m in msgs), msgs[0]["headers"]
     assert {m["headers"]["stage_topic"] for m in msgs} == {"internal.profile-ops"}
+    # And the profile holds the first 4 records and the small update
+    deadline = time.monotonic() + 60
+    profile: dict[str, object] = {}
+    while time.monotonic() < deadline:
+        r = httpx.get(f"{worker.url}/profiles", params={"namespace": "CRMID", "id": "C-HUGE"}, timeout=10)
+        profile = r.json() if r.status_code == 200 else {}
+        if profile.get("attributes", {}).get("a0.0", {}).get("value") == "updated":
+            break
+        time.sleep(0.5)
+    attrs = profile["attributes"]
+    assert isinstance(attrs, dict)
+    assert attrs["a0.0"]["value"] == "updated" and sorted({k.split(".")[0] for k in attrs}) == ["a0", "a1", "a2", "a3"]
     # And the worker is still running and applies everything else
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and any(events_of(worker.url, f"visitor{i}") != [f"v{i}"] for i in (0, 50, 99)):
