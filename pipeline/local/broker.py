@@ -64,34 +64,45 @@ def ensure_jars(progress: bool = True) -> Path:
 
 @dataclass
 class LocalBroker:
-    """A single-node combined broker+controller; `data_dir` holds its logs, config and log file."""
+    """A combined broker+controller KRaft node; `data_dir` holds its logs, config and log file. Alone by
+    default (a single-node cluster); a node of a LocalCluster (pipeline.local.cluster) when given the quorum,
+    the cluster id, a replication factor for Kafka's own topics and optionally a secured listener."""
 
     data_dir: Path
     port: int
     controller_port: int
     heap: str = "768m"
     proc: subprocess.Popen[bytes] | None = None
+    node_id: int = 1
+    voters: str | None = None  # controller.quorum.voters; None: this node alone
+    cluster_id: str | None = None  # the same for every node of a cluster; None: a new one
+    internal_replication: int = 1  # of Kafka's own topics (consumer offsets, transactions)
+    secure: SecureListener | None = None  # a SASL_SSL listener besides the PLAINTEXT one
 
     @property
     def bootstrap(self) -> str:
         return f"127.0.0.1:{self.port}"
 
     def _write_config(self) -> Path:
+        listeners = {"PLAINTEXT": self.port}
+        if self.secure is not None:
+            listeners["SASL_SSL"] = self.secure.port
+        advertised = ",".join(f"{name}://127.0.0.1:{port}" for name, port in listeners.items())
         props = {
             "process.roles": "broker,controller",
-            "node.id": "1",
-            "controller.quorum.voters": f"1@127.0.0.1:{self.controller_port}",
-            "listeners": f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
-            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port}",
+            "node.id": str(self.node_id),
+            "controller.quorum.voters": self.voters or f"{self.node_id}@127.0.0.1:{self.controller_port}",
+            "listeners": f"{advertised},CONTROLLER://127.0.0.1:{self.controller_port}",
+            "advertised.listeners": advertised,
             "controller.listener.names": "CONTROLLER",
-            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "listener.security.protocol.map": ",".join([*(f"{n}:{n}" for n in listeners), "CONTROLLER:PLAINTEXT"]),
             "inter.broker.listener.name": "PLAINTEXT",
             "log.dirs": str(self.data_dir / "logs"),
-            "offsets.topic.replication.factor": "1",
+            "offsets.topic.replication.factor": str(self.internal_replication),
             # few offset partitions: the first consumer group of a test run gets its coordinator fast
             "offsets.topic.num.partitions": "4",
-            "transaction.state.log.replication.factor": "1",
-            "transaction.state.log.min.isr": "1",
+            "transaction.state.log.replication.factor": str(self.internal_replication),
+            "transaction.state.log.min.isr": str(min(2, self.internal_replication)),
             "transaction.state.log.num.partitions": "4",
             "group.initial.rebalance.delay.ms": "0",
             "num.partitions": "1",
@@ -100,6 +111,7 @@ class LocalBroker:
             "num.io.threads": "4",
             "log.retention.check.interval.ms": "60000",
             "message.max.bytes": "10485760",
+            **(self.secure.broker_props() if self.secure is not None else {}),
         }
         cfg = self.data_dir / "server.properties"
         cfg.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
@@ -110,20 +122,24 @@ class LocalBroker:
         return ["java", f"-Xmx{self.heap}", "-Xms128m", "-XX:+UseG1GC", *JVM_OPTS.split(), "-cp", f"{ensure_jars()}/*",
                 f"-Dlog4j.configuration=file:{self.data_dir / 'log4j.properties'}", main, *args]
 
-    def start(self, timeout_s: float = 60.0) -> None:
-        """1. write the config; 2. format the KRaft storage once; 3. spawn the JVM; 4. wait until it answers."""
+    def start(self, timeout_s: float = 60.0, wait: bool = True) -> None:
+        """1. write the config; 2. format the KRaft storage once; 3. spawn the JVM; 4. wait until it answers
+        (a node of a cluster answers once a quorum of its controllers runs: start them all, then wait)."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         cfg = self._write_config()
         if not (self.data_dir / "logs" / "meta.properties").exists():
-            fmt = subprocess.run(self._java("kafka.tools.StorageTool", "format", "-t", uuid.uuid4().hex[:22],
-                                            "-c", str(cfg)), capture_output=True, text=True)
+            scram = self.secure.format_args() if self.secure is not None else []
+            fmt = subprocess.run(self._java("kafka.tools.StorageTool", "format", "-t",
+                                            self.cluster_id or uuid.uuid4().hex[:22], "-c", str(cfg), *scram),
+                                 capture_output=True, text=True)
             if fmt.returncode != 0:
                 raise BrokerError(f"formatting KRaft storage failed: {fmt.stdout}{fmt.stderr}")
         log = open(self.data_dir / "broker.log", "ab")  # noqa: SIM115 - lives as long as the process
         self.proc = subprocess.Popen(self._java("kafka.Kafka", str(cfg)), stdout=log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         (self.data_dir / "broker.pid").write_text(str(self.proc.pid))
-        self.wait_ready(timeout_s)
+        if wait:
+            self.wait_ready(timeout_s)
 
     def wait_ready(self, timeout_s: float) -> None:
         from confluent_kafka.admin import AdminClient
@@ -156,6 +172,42 @@ class LocalBroker:
         _terminate(pid, timeout_s)
         (self.data_dir / "broker.pid").unlink(missing_ok=True)
 
+    def kill(self) -> None:
+        """SIGKILL the JVM: a broker crash."""
+        pid = self.proc.pid if self.proc else _read_pid(self.data_dir)
+        if pid is not None:
+            _terminate(pid, 0)
+            if self.proc is not None:
+                self.proc.wait(10)
+            (self.data_dir / "broker.pid").unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class SecureListener:
+    """A SASL_SSL listener: TLS with a certificate for 127.0.0.1 signed by the cluster's CA (PEM files), and
+    SCRAM users created when the storage is formatted."""
+
+    port: int
+    keystore: Path  # PEM: the node's private key (PKCS#8) and certificate chain
+    truststore: Path  # PEM: the CA
+    users: tuple[tuple[str, str], ...]  # (name, password)
+    mechanism: str = "SCRAM-SHA-512"
+
+    def broker_props(self) -> dict[str, str]:
+        return {
+            "sasl.enabled.mechanisms": self.mechanism,
+            f"listener.name.sasl_ssl.{self.mechanism.lower()}.sasl.jaas.config":
+                "org.apache.kafka.common.security.scram.ScramLoginModule required;",
+            "ssl.keystore.type": "PEM", "ssl.keystore.location": str(self.keystore),
+            "ssl.truststore.type": "PEM", "ssl.truststore.location": str(self.truststore),
+        }
+
+    def format_args(self) -> list[str]:
+        out: list[str] = []
+        for name, password in self.users:
+            out += ["--add-scram", f"{self.mechanism}=[name={name},password={password}]"]
+        return out
+
 
 def _port_open(port: int) -> bool:
     with socket.socket() as s:
@@ -187,8 +239,10 @@ def _alive(pid: int) -> bool:
 
 
 def _terminate(pid: int, timeout_s: float) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGTERM)
+    """SIGTERM, and SIGKILL after timeout_s (0: SIGKILL at once)."""
+    if timeout_s > 0:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and _alive(pid):
         time.sleep(0.2)
