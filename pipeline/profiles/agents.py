@@ -110,7 +110,7 @@ def register(rt: Runtime) -> None:
 
     def acks(partition: int) -> outbox.Acks:
         return outbox.Acks(rt.output.run, rt.output.acked_epoch,
-                           outbox.decode_record(table.get(partition, outbox.acks_key(partition))))
+                           lambda: table.get(partition, outbox.acks_key(partition)))
 
     def with_outbox(entry: ProfileState | Forward, box: Outbox | None) -> ProfileState | Forward:
         if isinstance(entry, Forward):

@@ -15,8 +15,8 @@ again still gets its messages. Copies sent twice carry the same idempotency key.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from functools import cached_property
 from typing import Any
 
 import msgpack
@@ -57,13 +57,19 @@ def stamp(previous: Outbox | None, messages: list[Message], run: str, epoch: int
     return Outbox(run, epoch, list(latest.values())) if latest else None
 
 
-@dataclass
 class Acks:
-    """Which outboxes are delivered, for one partition: this run's producer and the partition's record."""
+    """Which outboxes are delivered, for one partition: this run's producer, and the partition's record (read
+    only when an outbox of another run asks: most outboxes a worker meets are its own)."""
 
-    run: str
-    acked_epoch: int  # this run's: every epoch up to it is acknowledged
-    record: dict[str, int] = field(default_factory=dict)  # run -> acknowledged epoch (earlier runs, other workers)
+    def __init__(self, run: str, acked_epoch: int, read_record: Callable[[], bytes | None]) -> None:
+        self.run = run
+        self.acked_epoch = acked_epoch  # this run's: every epoch up to it is acknowledged
+        self._read_record = read_record
+
+    @cached_property
+    def record(self) -> dict[str, int]:
+        """run -> acknowledged epoch, for earlier runs and other workers."""
+        return decode_record(self._read_record())
 
     def delivered(self, outbox: Outbox) -> bool:
         if outbox.run == self.run:

@@ -42,7 +42,7 @@ def test_a_delivered_outbox_is_dropped_and_an_empty_one_is_none() -> None:
 
 def test_delivery_is_known_from_this_run_s_producer_or_the_partition_s_record() -> None:
     # Given this run has every epoch up to 10 acknowledged, and the record says run0 had up to 7
-    acks = Acks("run1", 10, {"run0": 7})
+    acks = Acks("run1", 10, lambda: encode_record({}, "run0", 7))
     # Then this run's outboxes up to epoch 10 are delivered, later ones are in flight (never sent again here)
     assert [acks.delivered(Outbox("run1", e, [])) for e in (10, 11)] == [True, False]
     assert [acks.resend_now(Outbox("run1", e, [])) for e in (10, 11)] == [False, False]
@@ -59,3 +59,16 @@ def test_the_record_keeps_the_latest_runs() -> None:
     assert len(record) == KEEP_RUNS
     assert list(record)[-2:] == [f"run{KEEP_RUNS + 2}", "run5"] and record["run5"] == 99
     assert "run0" not in record and decode_record(None) == {}
+
+
+def test_the_record_is_read_once_and_only_for_another_run_s_outbox() -> None:
+    reads: list[int] = []
+
+    def read() -> bytes | None:
+        reads.append(1)
+        return None
+
+    acks = Acks("run1", 10, read)
+    assert acks.delivered(Outbox("run1", 3, [])) and reads == []
+    assert not acks.delivered(Outbox("run0", 3, [])) and not acks.delivered(Outbox("run0", 4, []))
+    assert reads == [1]
