@@ -91,7 +91,7 @@ def build_app(settings: Settings, config: PipelineConfig | None = None,
             changelog_topic=app.topic(spec.name, key_type=bytes, value_type=bytes, key_serializer="raw",
                                       value_serializer="raw", partitions=spec.partitions, internal=False))
         changelogs.route(rt.tables[table])
-        rt.ptables[table] = PartitionedTable(rt.tables[table], spec.partitions, cache_size=TABLE_CACHE[table])
+        rt.ptables[table] = PartitionedTable(rt.tables[table], spec.partitions, *TABLE_CACHE[table])
         close_revoked_partitions(rt.tables[table], rt.ptables[table].release)  # reopened when reassigned
 
     from pipeline.api import routes as api_routes

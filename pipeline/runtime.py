@@ -34,9 +34,14 @@ ROCKSDB_OPTIONS = {
     "target_file_size_base": 32 * 1024 * 1024,
 }
 
-# Keys kept in memory in front of each table's RocksDB (`PartitionedTable`): an identity entry costs ~250
-# bytes; a profile entry shares its bytes with the decoded-profile cache, which keeps as many profiles.
-TABLE_CACHE = {"identity": 200_000, "profiles": 20_000}
+# What a worker keeps in memory in front of each table's RocksDB (`PartitionedTable`): (keys, bytes of
+# values). An identity entry costs ~250 bytes; a profile entry shares its bytes with the decoded-profile cache.
+TABLE_CACHE = {"identity": (200_000, 64 << 20), "profiles": (20_000, 32 << 20)}
+# Decoded profiles (pipeline.profiles.agents.DecodedCache): (profiles, bytes). A decoded profile holds about
+# DECODED_PER_BYTE times its encoded size in Python objects (measured: 6.5x for a profile of 200 events), so
+# this bounds what a worker's caches hold at ~64 + 32 + 192 MB, whatever the size of its profiles.
+DECODED_PER_BYTE = 7
+DECODED_CACHE = (20_000, 192 << 20)
 
 # The cyclic GC: a full collection walks every tracked object, and the decoded-profile cache holds about a
 # million of them, so a full pass stops the worker for ~250 ms. With CPython's defaults (700, 10, 10) one runs

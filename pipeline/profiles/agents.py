@@ -4,7 +4,6 @@ profile's other messages."""
 
 from __future__ import annotations
 
-import collections
 import logging
 import os
 import time
@@ -22,7 +21,7 @@ from pipeline.profiles import outbox
 from pipeline.profiles.deadlines import Deadlines
 from pipeline.profiles.ops import MEMBERSHIP_STATE_TOPIC, MEMBERSHIP_TOPIC, OpResult
 from pipeline.profiles.walk import META_PREFIX, Outcome, Walk, WalkPool, WalkSpec, pool_size
-from pipeline.runtime import BATCH_MAX, BATCH_WITHIN_S, TABLE_CACHE, LocalItem, Runtime
+from pipeline.runtime import BATCH_MAX, BATCH_WITHIN_S, DECODED_CACHE, DECODED_PER_BYTE, LocalItem, Runtime
 from pipeline.segments import SegmentEngine, load_segments
 from pipeline.segments.batch import batch_request, new_run_id
 from pipeline.state.codec import (
@@ -33,6 +32,7 @@ from pipeline.state.codec import (
     encode_profile_within,
     peek_entry,
 )
+from pipeline.state.lru import BoundedCache
 from pipeline.state.tables import PartitionedTable
 
 log = logging.getLogger(__name__)
@@ -43,18 +43,19 @@ log = logging.getLogger(__name__)
 class DecodedCache:
     """Decoded profiles by id, valid only while the stored bytes are exactly the ones we decoded or wrote:
     comparing the bytes is far cheaper than decoding a profile with its event history, and it stays
-    correct across rebalances (another worker's write changes the bytes)."""
+    correct across rebalances (another worker's write changes the bytes). Bounded by count and by an
+    estimate of the memory the decoded profiles hold (DECODED_PER_BYTE times their encoded size), most
+    recently used kept: profiles grow with their event history, a count alone would not bound memory."""
 
-    def __init__(self, size: int = 20_000) -> None:
-        self.size = size
-        self._d: collections.OrderedDict[bytes, tuple[bytes, ProfileState]] = collections.OrderedDict()
+    def __init__(self, size: int, max_bytes: int) -> None:
+        self._d: BoundedCache[bytes, tuple[bytes, ProfileState]] = BoundedCache(size, max_bytes)
 
     def load(self, key: bytes, raw: bytes | None) -> ProfileState | Forward | None:
         if raw is None:
             return None
-        hit = self._d.get(key)
+        hit = self._d.get(key, None)
         if hit is not None and hit[0] == raw:
-            self._d.move_to_end(key)
+            self._d.touch(key)
             return hit[1]
         entry = decode_profile_entry(raw)
         if isinstance(entry, ProfileState):
@@ -62,18 +63,15 @@ class DecodedCache:
         return entry
 
     def put(self, key: bytes, raw: bytes, profile: ProfileState) -> None:
-        self._d[key] = (raw, profile)
-        self._d.move_to_end(key)
-        if len(self._d) > self.size:
-            self._d.popitem(last=False)
+        self._d.put(key, (raw, profile), len(raw) * DECODED_PER_BYTE)
 
     def drop(self, key: bytes) -> None:
-        self._d.pop(key, None)
+        self._d.pop(key)
 
 
 def register(rt: Runtime) -> None:
     table = rt.ptables["profiles"]
-    cache = DecodedCache(TABLE_CACHE["profiles"])
+    cache = DecodedCache(*DECODED_CACHE)
     codec = rt.registry[PROFILE_TOPIC].codec
     deadlines = Deadlines()
 

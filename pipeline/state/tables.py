@@ -11,7 +11,6 @@ Every changelog write of a table, whichever API made it, goes through the worker
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import functools
 import struct
@@ -20,6 +19,8 @@ from typing import Any
 
 from faust.types import TP
 from rocksdict import WriteOptions
+
+from pipeline.state.lru import BoundedCache
 
 _M = 0x5BD1E995
 _MASK = 0xFFFFFFFF
@@ -64,12 +65,13 @@ class PartitionedTable:
     """One Faust table addressed by explicit partition. Reads and writes go straight to the partition's
     RocksDB store; writes also send the changelog record (the same record Faust would send).
 
-    Reads are cached in memory (`cache_size` keys, oldest dropped first): a RocksDB point read costs ~7 us
+    Reads are cached in memory (at most `cache_size` keys and `cache_bytes` bytes of values, oldest dropped
+    first): a RocksDB point read costs ~7 us
     and an event reads 3-5 keys. The cache is write-through and holds only what this worker read or wrote
     while it held the partition, so it is dropped whenever that can stop being true: at each new assignment,
     and whenever the app is rebalancing or recovering tables (recovery writes the stores directly)."""
 
-    def __init__(self, table: Any, partitions: int, cache_size: int = 0) -> None:
+    def __init__(self, table: Any, partitions: int, cache_size: int = 0, cache_bytes: int = 64 << 20) -> None:
         self.table = table
         self.partitions = partitions
         self.changelog = table.changelog_topic.get_topic_name()
@@ -77,7 +79,7 @@ class PartitionedTable:
         self._active: frozenset[int] = frozenset()
         self._unlogged: dict[int, Any] = {}
         self.cache_size = cache_size
-        self._cache: collections.OrderedDict[tuple[int, bytes], bytes | None] = collections.OrderedDict()
+        self._cache: BoundedCache[tuple[int, bytes], bytes | None] = BoundedCache(cache_size, cache_bytes)
         self._cache_assignment: Any = None
         self._assignor: Any = None
         self._recovered: Any = None
@@ -111,10 +113,7 @@ class PartitionedTable:
         return True
 
     def _remember(self, slot: tuple[int, bytes], value: bytes | None) -> None:
-        cache = self._cache
-        cache[slot] = value
-        if len(cache) > self.cache_size:
-            cache.popitem(last=False)
+        self._cache.put(slot, value, len(slot[1]) + (len(value) if value is not None else 0))
 
     def _db(self, partition: int) -> Any:
         """The partition's RocksDB, writing without a write-ahead log (as Kafka Streams does): the changelog
@@ -180,7 +179,7 @@ class PartitionedTable:
         if self._cache_valid():
             self._remember((partition, key), value)
         else:
-            self._cache.pop((partition, key), None)
+            self._cache.pop((partition, key))
 
 
 Produce = Callable[..., None]

@@ -11,6 +11,7 @@ from aiokafka.partitioner import murmur2 as reference_murmur2
 from hypothesis import given
 from hypothesis import strategies as st
 
+from pipeline.state.lru import ENTRY_OVERHEAD
 from pipeline.state.tables import ChangelogRouter, PartitionedTable, murmur2, partition_for
 
 
@@ -165,14 +166,14 @@ class FakeApp:
         self.tables = type("Tables", (), {"recovery": FakeRecovery()})()
 
 
-def make_cached(size: int = 3) -> tuple[FakeTable, PartitionedTable, FakeApp]:
+def make_cached(size: int = 3, nbytes: int = 1 << 20) -> tuple[FakeTable, PartitionedTable, FakeApp]:
     table = FakeTable()
     app = FakeApp()
     table.app = app  # type: ignore[assignment]
     table.data._dbs = {p: CountingDB() for p in range(4)}
     table.send_changelog = lambda *a, **k: None  # type: ignore[attr-defined]
     CountingDB.reads = 0
-    return table, PartitionedTable(table, 4, cache_size=size), app
+    return table, PartitionedTable(table, 4, cache_size=size, cache_bytes=nbytes), app
 
 
 def test_reads_are_served_from_memory_after_a_read_or_a_write() -> None:
@@ -195,6 +196,18 @@ def test_the_cache_keeps_at_most_its_size_dropping_the_oldest() -> None:
         view.put(0, k, k)
     assert list(view._cache) == [(0, b"b"), (0, b"c"), (0, b"d")]
     assert view.get(0, b"a") == b"a" and CountingDB.reads == 1  # dropped from memory, read from the store
+
+
+def test_the_cache_keeps_at_most_its_bytes_dropping_the_oldest() -> None:
+    # Given a cache of 1,000 keys but 3,000 bytes (an entry costs its key, its value and ENTRY_OVERHEAD)
+    table, view, _ = make_cached(size=1000, nbytes=3000)
+    # When five values of 900 bytes are written, and a missing key is read
+    for k in (b"a", b"b", b"c", b"d", b"e"):
+        view.put(0, k, k * 900)
+    assert view.get(0, b"none") is None
+    # Then the newest values that fit are kept
+    assert list(view._cache) == [(0, b"d"), (0, b"e"), (0, b"none")]
+    assert view._cache.nbytes == 2 * (1 + 900 + ENTRY_OVERHEAD) + 4 + ENTRY_OVERHEAD
 
 
 def test_a_scan_read_is_not_remembered() -> None:
