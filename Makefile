@@ -42,7 +42,7 @@ test-stitching: kafka-jars
 # Faults against a real broker and real worker processes (tests/faults/): SIGKILLs with restarts, broker
 # outages of 20 s and 120 s (stop and SIGKILL), rebalances 1 -> 2 -> 3 -> 1, an HTTP destination down for 60 s,
 # a 10,000-record hostile corpus and a 10-minute soak at 1,000 events/s; each prints a `FAULTS <name>:` line.
-# About 45 minutes; FAULTS_SEED picks the input, FAULTS_SOAK_S the soak's length. Its fast subset (three
+# About 50 minutes on 2 shared cores; FAULTS_SEED picks the input, FAULTS_SOAK_S the soak's length. Its fast subset (three
 # SIGKILLs, a 1 -> 2 -> 1 rebalance) is in `make test`.
 test-faults: kafka-jars
 	$(BIN)/pytest -q -p no:cacheprovider -s -m integration tests/faults
