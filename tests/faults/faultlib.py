@@ -51,7 +51,9 @@ audiences:
 FAST_FAILOVER = {"BROKER_SESSION_TIMEOUT": "10"}
 WORKER_ENV = {"PIPELINE_STATIC_MEMBERSHIP": "1", "PIPELINE_WALK_PROCESSES": "0", **FAST_FAILOVER}
 CATEGORIES = ("shoes", "bags", "shirts")
-TRACEBACK = "Traceback (most recent call last)"
+# A traceback: Python's own, or the frames the worker logs of an unexpected error (`pipeline.errors.where`):
+# one block of consecutive `  File "...", line N, in f` lines (with their source lines) each.
+FRAMES = re.compile(r'(?:^  File "[^\n]*", line \d+, in [^\n]*\n(?:^    [^\n]*\n)*)+', re.MULTILINE)
 # The test's own clients log only critical errors: a broker outage would print ~20 lines/s per client.
 QUIET = {"log_level": 2}
 
@@ -624,11 +626,9 @@ class Fleet:
         lines: list[str] = [f"{w.log_path.name} exited {w.proc.returncode}" for w in exits]
         tracebacks = 0
         for w in self.everyone:
-            log = w.log()
-            n = log.count(TRACEBACK)
-            tracebacks += n
-            for m in list(re.finditer(re.escape(TRACEBACK), log))[:2]:
-                lines.append(f"{w.log_path.name}: " + " | ".join(log[m.start():m.start() + 1500].splitlines()[-4:]))
+            blocks = FRAMES.findall(w.log())
+            tracebacks += len(blocks)
+            lines += [f"{w.log_path.name}: " + " | ".join(b.strip().splitlines()[-4:]) for b in blocks[:2]]
         return len(exits), tracebacks, lines
 
 
