@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: run test test-stitching test-unit test-integration lint bench bench-batch kafka-jars kafka-up kafka-down topics clean venv
+.PHONY: run test test-stitching test-faults soak test-unit test-integration lint bench bench-batch kafka-jars kafka-up kafka-down topics clean venv
 
 venv: $(STAMP)
 
@@ -38,6 +38,18 @@ test: kafka-jars
 # (STITCH_PEOPLE=2000 for the large run). Not in `make test`: a SIGKILL can still tear a handling's output.
 test-stitching: kafka-jars
 	$(BIN)/pytest -q -p no:cacheprovider -s -m faults tests/integration/test_stitching_rebalance.py
+
+# Faults against a real broker and real worker processes (tests/faults/): SIGKILLs with restarts, broker
+# outages of 20 s and 120 s (stop and SIGKILL), rebalances 1 -> 2 -> 3 -> 1, an HTTP destination down for 60 s,
+# a 10,000-record hostile corpus and a 10-minute soak at 1,000 events/s; each prints a `FAULTS <name>:` line.
+# About 50 minutes on 2 shared cores; FAULTS_SEED picks the input, FAULTS_SOAK_S the soak's length. Its fast subset (three
+# SIGKILLs, a 1 -> 2 -> 1 rebalance) is in `make test`.
+test-faults: kafka-jars
+	$(BIN)/pytest -q -p no:cacheprovider -s -m integration tests/faults
+
+# The soak alone (FAULTS_SOAK_S=600 by default): memory and lag every 10 s, PNG + JSON in tests/faults/results/.
+soak: kafka-jars
+	$(BIN)/pytest -q -p no:cacheprovider -s -m faults tests/faults/test_soak.py
 
 test-unit: venv
 	$(BIN)/pytest -q -p no:cacheprovider -m "not integration"

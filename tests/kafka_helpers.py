@@ -34,11 +34,12 @@ def produce(reg: TopicRegistry, bootstrap: str, logical: str, values: Iterable[A
 class Collector:
     """Reads a topic from the beginning into `messages` (decoded dicts) while the test waits on conditions."""
 
-    def __init__(self, reg: TopicRegistry, bootstrap: str, logical: str) -> None:
+    def __init__(self, reg: TopicRegistry, bootstrap: str, logical: str, **config: Any) -> None:
+        """`config`: more consumer settings (e.g. `log_level=2` to keep a broker outage out of stderr)."""
         self.reg, self.logical = reg, logical
         spec = reg[logical]
         self.consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"test-{uuid.uuid4().hex[:8]}",
-                                  "enable.auto.commit": False, "auto.offset.reset": "earliest"})
+                                  "enable.auto.commit": False, "auto.offset.reset": "earliest", **config})
         md = self.consumer.list_topics(spec.name, timeout=10).topics[spec.name]
         self.consumer.assign([TopicPartition(spec.name, p, -2) for p in md.partitions])
         self.messages: list[dict[str, Any]] = []
