@@ -245,17 +245,22 @@ def register(rt: Runtime) -> None:
         stamp(partition, profile, profile.outbox, messages)
         return encode_profile_within(profile, budget)[0]
 
-    def resend_undelivered(partition: int, keys: list[bytes]) -> None:
-        """Profiles of a newly assigned partition whose outbox another run may not have delivered: handled
-        with no message, which sends the outbox again (`handle_group` step 1)."""
-        for key in keys:
+    def resume(partition: int, undelivered: list[bytes], in_flight: list[bytes]) -> None:
+        """Profiles of a newly assigned partition that a crash may have left waiting: those whose outbox another
+        run may not have delivered are handled with no message, which sends the outbox again (`handle_group`
+        step 1); those with stitching in flight get a `resume` (pipeline.profiles.ops), which sends again
+        what they wait on."""
+        for key in undelivered:
             handle_group(partition, key, [])
-        if keys:
-            log.info("partition %d: sent again the undelivered output of %d profiles", partition, len(keys))
+        for key in in_flight:
+            handle_group(partition, key, [{"op": "resume", "pid": key.decode()}])
+        if undelivered or in_flight:
+            log.info("partition %d: sent again the undelivered output of %d profiles; resumed stitching at %d",
+                     partition, len(undelivered), len(in_flight))
             record_acks()
 
     walks = Walks(table, cache, deadlines, publish, WalkPool(n) if (n := pool_size()) else None,
-                  acks, restamp_walked, resend_undelivered, record_acks)
+                  acks, restamp_walked, resume, record_acks)
     if walks.pool is not None:
         rt.app.on_before_shutdown.connect(lambda *_a, **_k: walks.pool.close() if walks.pool else None)
 
@@ -352,7 +357,7 @@ class Walks:
     pool: WalkPool | None
     acks: Callable[[int], outbox.Acks]  # which outboxes of a partition are delivered
     restamp: Callable[[int, Outcome], bytes | None]  # a walked profile to write, with its outbox
-    resend: Callable[[int, list[bytes]], None]  # send the undelivered outboxes of these profiles again
+    resume: Callable[[int, list[bytes], list[bytes]], None]  # undelivered outboxes, stitching in flight
     record_acks: Callable[[], None]
 
     def task_base(self, rt: Runtime, store: Any) -> dict[str, Any] | None:
@@ -372,10 +377,12 @@ def _defs_key(partition: int) -> bytes:
 def _restore_partition(walks: Walks, partition: int) -> None:
     """What lives in memory or may have been lost with a previous owner, when a partition is (re)assigned:
     1. re-read the deadlines kept in its profiles (the heap is in memory), so time-driven changes still
-    happen after a restart or a rebalance; 2. send again the outboxes not known delivered."""
+    happen after a restart or a rebalance; 2. send again the outboxes not known delivered, and what
+    stitching in flight waits on (a resumed profile's outbox is sent again by the same handling)."""
     n = 0
     acks = walks.acks(partition)
     undelivered: list[bytes] = []
+    in_flight: list[bytes] = []
     for key, raw in walks.table.table.data._db_for_partition(partition).items():
         if key.startswith(META_PREFIX):
             continue
@@ -383,11 +390,13 @@ def _restore_partition(walks: Walks, partition: int) -> None:
         if peeked.profile_id is not None and peeked.deadline is not None:
             walks.deadlines.note(peeked.profile_id, peeked.deadline)
             n += 1
-        if peeked.outbox is not None and acks.resend_now(Outbox(*peeked.outbox, [])):
+        if peeked.in_flight:
+            in_flight.append(key)
+        elif peeked.outbox is not None and acks.resend_now(Outbox(*peeked.outbox, [])):
             undelivered.append(key)
     if n:
         log.info("partition %d: restored %d pending deadlines", partition, n)
-    walks.resend(partition, undelivered)
+    walks.resume(partition, undelivered, in_flight)
 
 
 async def _walk_partition(rt: Runtime, walks: Walks, partition: int, run: str, spec: WalkSpec,

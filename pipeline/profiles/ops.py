@@ -66,7 +66,8 @@ PROFILE_CHANGES_TOPIC = "activation.profile-changes"
 Entry = ProfileState | Forward | None
 MERGED_KEEP = 64  # absorbed ids a profile remembers, to recognise a redelivered absorb
 _ANSWERS = frozenset({"accepted", "refused"})  # handled even while merging: they end the wait
-_DROPPED_AT_FORWARD = _ANSWERS | {"tick"}
+_NOT_HELD = _ANSWERS | {"resume"}  # handled even while merging
+_DROPPED_AT_FORWARD = _NOT_HELD | {"tick"}
 _STAGES = frozenset({PROFILE_TOPIC, IDENTITY_TOPIC})  # the stitching stages' own topics  # for a finished merge attempt / a deadline the survivor has re-checked
 
 
@@ -121,7 +122,7 @@ class ProfileProcessor:
         self._handlers: dict[str, Callable[[str, ProfileState | None, dict[str, Any]], OpResult]] = {
             "apply": self._apply, "claimed": self._claimed, "taken": self._taken, "link": self._link,
             "absorb": self._absorb, "accepted": self._accepted, "refused": self._refused,
-            "tick": self._tick, "evaluate": self._evaluate_op,
+            "tick": self._tick, "evaluate": self._evaluate_op, "resume": self._resume,
         }
 
     def now_ms(self) -> int:
@@ -140,7 +141,7 @@ class ProfileProcessor:
                 res.sends.append(Send(PROFILE_TOPIC, entry.into, {**msg, "pid": entry.into}))
                 res.count("forwarded")
             return res
-        if entry is not None and entry.merging is not None and op not in _ANSWERS:
+        if entry is not None and entry.merging is not None and op not in _NOT_HELD:
             if op == "link" and msg["from"] == entry.merging[0]:  # redelivered: the absorb may have been lost
                 res = OpResult()
                 res.sends.append(self._absorb_msg(pid, entry))
@@ -397,6 +398,23 @@ class ProfileProcessor:
         if isinstance(current, ProfileState):
             current.thawed = (msg["token"], [[s.topic, s.key, s.value] for s in res.sends if s.topic in _STAGES])
         res.write = current
+        return res
+
+    def _resume(self, pid: str, entry: ProfileState | None, msg: dict[str, Any]) -> OpResult:
+        """A worker was assigned this profile's partition and found stitching in flight: a crash may have lost
+        the messages it waits for (kept in-process by local delivery, or unacknowledged) while its state
+        survived, and nothing else would send them again. 1. a merging profile sends its `absorb` again (the
+        survivor answers again if it has absorbed it already); 2. every pending claim is asked again (claims
+        are idempotent; the answer to an absorbed claimant comes through its forward)."""
+        res = OpResult()
+        if entry is None:
+            return res
+        if entry.merging is not None:
+            res.sends.append(self._absorb_msg(pid, entry))
+        for key, claimants in sorted(entry.claims.items()):
+            for claimant, ts in sorted(claimants.items()):
+                res.sends.append(claim_msg(key, claimant, ts))
+        res.count("resumed")
         return res
 
     # -- time and batch -----------------------------------------------------------------------------

@@ -207,6 +207,7 @@ class Peeked(NamedTuple):
     profile_id: str | None  # None for a forward
     deadline: int | None
     outbox: tuple[str, int] | None  # (run, epoch) of output that may be undelivered
+    in_flight: bool = False  # stitching waits for answers: a merge attempt or pending claims
 
 
 def peek_entry(data: bytes) -> Peeked:
@@ -228,18 +229,21 @@ def peek_entry(data: bytes) -> Peeked:
         if fields not in _BODY_LENGTHS:
             raise ValueError("not a profile body")
         pid, _created, deadline = unpacker.unpack(), unpacker.unpack(), unpacker.unpack()
-        stamp = None
-        if fields > 10:  # skip to the outbox
-            for _ in range(7):
+        stamp, in_flight = None, False
+        if fields > 9:  # skip to the stitching state, then the outbox
+            for _ in range(6):
                 unpacker.skip()
-            if unpacker.read_array_header() != 3:
-                raise ValueError("malformed outbox")
-            stamp = (unpacker.unpack(), unpacker.unpack())
+            stitching = unpacker.unpack()  # small: [claims, merging, held, merged(, thawed)] or None
+            in_flight = stitching is not None and (bool(stitching[0]) or stitching[1] is not None)
+            if fields > 10:
+                if unpacker.read_array_header() != 3:
+                    raise ValueError("malformed outbox")
+                stamp = (unpacker.unpack(), unpacker.unpack())
     except (ValueError, TypeError, msgpack.UnpackException, msgpack.OutOfData) as exc:
         raise SerdeError("profile_decode", f"malformed profile body: {exc}") from exc
     if not isinstance(pid, str) or not (deadline is None or type(deadline) is int):
         raise SerdeError("profile_decode", "malformed profile body: id or deadline of the wrong type")
-    return Peeked(pid, deadline, stamp)
+    return Peeked(pid, deadline, stamp, in_flight)
 
 
 # Positions in a profile body (see the module docstring), for readers of the raw body such as the batch pre-check.

@@ -12,6 +12,10 @@ handling of each partition's log happen in any interleaving the `choose` functio
   since its last checkpoint (one idempotent producer per partition keeps order and leaves no gap), each of
   the channels it was sending on keeps a random prefix of what it had not yet flushed, and its partitions
   (ingest included) are handled again from their committed offsets over the state their changelogs give.
+  With `local_delivery`, a message between two partitions of the same worker is delivered in-process, as
+  the worker does: it was never in Kafka, so a crash loses it unless the worker checkpointed since, and
+  only the input that caused it is handled again. A restarted worker resumes the profiles it finds with
+  stitching in flight, as the profile agent does when it is assigned a partition.
 
 Messages are msgpack round-tripped and table values go through the profile codec, as on the wire.
 """
@@ -39,7 +43,7 @@ from pipeline.model import ExperienceEvent, MembershipChange, ProfileRecord
 from pipeline.profiles.config import ProfileConfig
 from pipeline.profiles.ops import ProfileProcessor
 from pipeline.segments import SegmentEngine
-from pipeline.state.codec import Forward, decode_profile_entry, encode_forward, encode_profile
+from pipeline.state.codec import Forward, decode_profile_entry, encode_forward, encode_profile, peek_entry
 from pipeline.state.snapshot import GraphSnapshot
 from pipeline.state.tables import partition_for
 
@@ -56,6 +60,13 @@ class Log:
     table: dict[str, bytes] = field(default_factory=dict)
     committed: tuple[int, dict[str, bytes]] = (0, {})
     unflushed: list[tuple[str, bytes | None]] = field(default_factory=list)  # changelog since the last commit
+    local: set[int] = field(default_factory=set)  # positions of messages delivered in-process
+
+    def deliver(self, messages: Any, local: bool) -> None:
+        for m in messages:
+            if local:
+                self.local.add(len(self.messages))
+            self.messages.append(m)
 
     def write(self, key: str, value: bytes | None) -> None:
         if value is None:
@@ -67,8 +78,9 @@ class Log:
 
 class StitchSim:
     def __init__(self, config: ProfileConfig, partitions: int = 4, fast_path: bool = True, workers: int = 1,
-                 placement: random.Random | None = None) -> None:
+                 placement: random.Random | None = None, local_delivery: bool = False) -> None:
         self.config = config
+        self.local_delivery = local_delivery
         self.partitions = partitions
         self.fast_path = fast_path
         self.now = 1_700_000_000_000
@@ -184,8 +196,7 @@ class StitchSim:
             self.ingest_pos += 1
             self.ingest(*self.ingest_log[self.ingest_pos - 1])
         elif kind == "deliver":
-            key, msg = self.channels[arg].popleft()
-            self.logs[arg[1]].messages.append((key, msg))
+            self.logs[arg[1]].deliver([self.channels[arg].popleft()], self._local(arg))
         else:
             self.handle_next(arg, rng if torn_rate and rng.random() < torn_rate else None)
         return True
@@ -204,6 +215,9 @@ class StitchSim:
         log.unflushed = []
         self.crashes += 1
 
+    def _local(self, channel: tuple[Part, Part]) -> bool:
+        return self.local_delivery and self.worker_of[channel[0]] == self.worker_of[channel[1]]
+
     def _parts_of(self, worker: int) -> list[Part]:
         return [part for part, w in self.worker_of.items() if w == worker]
 
@@ -213,13 +227,16 @@ class StitchSim:
         parts = set(self._parts_of(worker))
         for (src, dst), q in self.channels.items():
             if src in parts:
-                self.logs[dst].messages.extend(q)
+                self.logs[dst].deliver(q, self._local((src, dst)))
                 q.clear()
         for part in parts:
             if part == INGEST:
                 self.ingest_committed = self.ingest_pos
             else:
                 self.commit(part)
+                # committed input's output is durable: the real worker handles what it delivers in-process
+                # before it commits (or produces it), so nothing delivered before a checkpoint is lost
+                self.logs[part].local.clear()
 
     def crash_worker(self, worker: int, rng: random.Random) -> None:
         """The worker dies (SIGKILL): 1. each of its changelogs keeps a prefix of its unflushed writes, which
@@ -240,11 +257,21 @@ class StitchSim:
             log.table, log.unflushed = table, []
             log.pos = log.committed[0]
             log.committed = (log.pos, dict(table))
+            # what was delivered in-process and not committed is gone with the process
+            log.messages = log.messages[:log.pos] + [m for i, m in enumerate(log.messages)
+                                                     if i >= log.pos and i not in log.local]
+            log.local = {i for i in log.local if i < log.pos}
         for (src, _), q in self.channels.items():
             if src in parts:
                 for _ in range(rng.randint(0, len(q))):
                     q.pop()
         self.crashes += 1
+        for part in parts:  # the restarted worker is assigned its partitions again
+            if part[0] == PROFILE_TOPIC and self.local_delivery:
+                log = self.logs[part]
+                for key, raw in sorted(log.table.items()):
+                    if peek_entry(raw).in_flight:
+                        log.deliver([(key, {"op": "resume", "pid": key})], local=True)
 
     def run(self, records: list[Rec] | tuple[Rec, ...], rng: random.Random, crash_rate: float = 0.0,
             max_steps: int = 2_000_000, torn_rate: float = 0.0, worker_crash_rate: float = 0.0) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from stitch_sim import StitchSim
@@ -140,7 +141,7 @@ def test_a_hundred_people_with_crashes() -> None:
     assert (rep.right, rep.wrong_merges, rep.splits, rep.on_two_profiles) == (rep.identities, 0, 0, 0)
 
 
-def test_generated_customers_stitch_right_when_workers_die_mid_output() -> None:
+def workers_die_mid_output(local_delivery: bool) -> None:
     # Given generated customers spread over 1-3 workers, and workers that die (SIGKILL) with part of their
     # output written: each changelog keeps a prefix of its writes since the last commit, each channel a prefix
     # of its unflushed messages, and the worker handles its partitions again from their committed offsets
@@ -148,14 +149,26 @@ def test_generated_customers_stitch_right_when_workers_die_mid_output() -> None:
     for seed in range(300):
         rng = random.Random(seed)
         world = generate_world(random.Random(seed), rng.randint(1, 6), households=0.5, hostile=0.2)
-        sim = StitchSim(CONFIG, workers=rng.randint(1, 3), placement=random.Random(seed), fast_path=seed % 2 == 0)
+        sim = StitchSim(CONFIG, workers=rng.randint(1, 3), placement=random.Random(seed), fast_path=seed % 2 == 0,
+                        local_delivery=local_delivery)
         # When their records are stitched while workers keep dying
         sim.run(world.records, random.Random(seed * 7 + 1), worker_crash_rate=0.01, max_steps=200_000)
         # Then the graph is the reference's, every time
         rep = check_world(world, sim.snapshot())
         if rep.problems:
             failures.append(f"seed {seed} ({sim.crashes} crashes): {rep.problems[:3]}")
-    assert not failures, "\n".join(failures)
+    assert not failures, f"{len(failures)} of 300 seeds:\n" + "\n".join(failures)
+
+
+def test_generated_customers_stitch_right_when_workers_die_mid_output() -> None:
+    workers_die_mid_output(local_delivery=False)
+
+
+@pytest.mark.xfail(strict=True, reason="known defect (issue 14 notes): a crash loses messages delivered in-process "
+                                       "while their effects survive; 18 of 300 seeds end wrong (26 without resume)")
+def test_generated_customers_stitch_right_when_workers_die_mid_output_with_local_delivery() -> None:
+    # (as above, with the messages between a worker's own partitions delivered in-process, as the worker does)
+    workers_die_mid_output(local_delivery=True)
 
 
 def _processor() -> ProfileProcessor:
@@ -225,3 +238,24 @@ def test_a_redelivered_adoption_sends_its_apply_again() -> None:
     assert again.sends == first.sends == [Send(PROFILE_TOPIC, "p5", {"op": "apply", "pid": "p5", "rec": None,
                                                                     "home": "CRMID:B", "hop": True})]
     assert handle_identity("CRMID:B", "p2", msg).sends == []
+
+
+def test_a_profile_left_waiting_by_a_crash_sends_again_what_it_waits_on_when_resumed() -> None:
+    # Given the state a crash left: p9 merging into p1 (its absorb lost in-process with the worker), holding a
+    # record that reached it meanwhile, with a pending claim of its own and one of a profile it absorbed
+    proc = _processor()
+    held = {"op": "apply", "pid": "p9", "rec": None, "home": "ECID:c9", "hop": True}
+    p9 = ProfileState("p9", created_ms=1, identities={"ECID": {"c9": 1}}, merging=("p1", "p9/2"),
+                      claims={"Email:e9": {"p9": 5, "p12": 3}}, held=[held])
+    stored = _round_trip(p9)
+    # When a worker is assigned its partition and resumes it
+    res = proc.handle("p9", stored, {"op": "resume", "pid": "p9"})
+    # Then it ships its state to p1 again, as its first absorb did, and asks for the pending claims again
+    assert res.sends == [ProfileProcessor._absorb_msg("p9", p9),
+                         Send(IDENTITY_TOPIC, "Email:e9", {"op": "claim", "pid": "p12", "ts": 3}),
+                         Send(IDENTITY_TOPIC, "Email:e9", {"op": "claim", "pid": "p9", "ts": 5})]
+    # And nothing changes: the held message stays held, in order
+    assert res.write is None and isinstance(stored, ProfileState) and stored.held == [held]
+    # And a resume reaching a forward, or a profile with nothing in flight, sends nothing
+    assert proc.handle("p9", Forward("p1"), {"op": "resume", "pid": "p9"}).sends == []
+    assert proc.handle("p2", ProfileState("p2", 1), {"op": "resume", "pid": "p2"}).sends == []
