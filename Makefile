@@ -4,7 +4,13 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: run test test-stitching test-faults soak test-unit test-integration lint bench bench-batch kafka-jars kafka-up kafka-down topics clean venv
+.PHONY: run test test-stitching test-faults soak test-unit test-pythons test-integration lint bench bench-batch kafka-jars kafka-up kafka-down topics clean venv
+
+# The other Pythons `make test-pythons` runs the unit tests on (3.11 is the main .venv's), each in .venv-X.Y.
+PYTHONS ?= 3.12 3.13
+# pythonX.Y on PATH, else pyenv's X.Y.* (installed there but not selected by `pyenv global`)
+find_python = $(or $(shell python$(1) -c 'import sys; print(sys.executable)' 2>/dev/null),$(lastword $(sort \
+	$(wildcard $(or $(PYENV_ROOT),$(HOME)/.pyenv)/versions/$(1).*/bin/python$(1)))))
 
 venv: $(STAMP)
 
@@ -53,6 +59,20 @@ soak: kafka-jars
 
 test-unit: venv
 	$(BIN)/pytest -q -p no:cacheprovider -m "not integration"
+
+.venv-%/.installed: pyproject.toml
+	@test -n "$(call find_python,$*)" || { echo "need Python $* (python$* on PATH, or pyenv install $*)"; exit 1; }
+	@test -x .venv-$*/bin/python || $(call find_python,$*) -m venv .venv-$*
+	.venv-$*/bin/pip install -q --upgrade pip
+	.venv-$*/bin/pip install -q -e ".[dev]"
+	@touch $@
+
+# The unit tests on every supported Python, one after the other (2 cores): 3.11 (.venv), then $(PYTHONS).
+test-pythons: venv $(foreach v,$(PYTHONS),.venv-$(v)/.installed)
+	@failed=""; for bin in $(BIN) $(foreach v,$(PYTHONS),.venv-$(v)/bin); do \
+		echo "== $$($$bin/python -V)"; \
+		$$bin/pytest -q -p no:cacheprovider -m "not integration" || failed="$$failed $$($$bin/python -V)"; \
+	done; test -z "$$failed" || { echo "unit tests failed on:$$failed"; exit 1; }
 
 lint: venv
 	$(BIN)/ruff check pipeline tests

@@ -37,6 +37,7 @@ from pipeline.profiles.config import load_profile_config
 from pipeline.profiles.merge import apply_event, apply_record
 from pipeline.profiles.ops import ProfileProcessor
 from pipeline.profiles.walk import Outcome, Walk, WalkPool, WalkSpec
+from pipeline.resources import EXAMPLE_CONFIG_DIR
 from pipeline.runtime import tune_gc
 from pipeline.segments import SegmentEngine
 from pipeline.segments.config import load_segments_text
@@ -45,7 +46,6 @@ from pipeline.state.tables import partition_for
 from pipeline.topics import TopicRegistry
 
 ROOT = Path(__file__).resolve().parents[1]
-EXAMPLE = ROOT / "config" / "example"
 CACHE = ROOT / "bench" / ".cache"
 RESULTS = ROOT / "bench" / "results"
 PARTITIONS = 4
@@ -87,7 +87,7 @@ def audiences() -> list[Any]:
 def templates(count: int, events_per: int, now_ms: int) -> list[ProfileState]:
     """`count` profiles built by the real merge code from the bench's record mix, spread over 40 days."""
     reg = TopicRegistry.load(prefix="bench-batch.")
-    cfg = load_profile_config(EXAMPLE / "identity.yaml", EXAMPLE / "datasets.yaml")
+    cfg = load_profile_config(EXAMPLE_CONFIG_DIR / "identity.yaml", EXAMPLE_CONFIG_DIR / "datasets.yaml")
     dec = {"event": Decoder("event", reg["ingest.events"].codec, cfg.identity, cfg.datasets),  # type: ignore[arg-type]
            "record": Decoder("record", reg["ingest.profiles"].codec, cfg.identity, cfg.datasets)}  # type: ignore[arg-type]
     wl = Workload(reg, population=count, seed=5)
@@ -136,7 +136,7 @@ def build(path: Path, total: int, now_ms: int, engine: SegmentEngine | None) -> 
     t0 = time.monotonic()
     tpls = templates(min(total, 20_000), 15, now_ms)
     if engine is not None:
-        cfg = load_profile_config(EXAMPLE / "identity.yaml", EXAMPLE / "datasets.yaml")
+        cfg = load_profile_config(EXAMPLE_CONFIG_DIR / "identity.yaml", EXAMPLE_CONFIG_DIR / "datasets.yaml")
         processor = ProfileProcessor(cfg, engine, clock=lambda: now_ms / 1000)
         for t in tpls:
             for _ in range(2):
@@ -227,7 +227,7 @@ def main() -> None:
     args = ap.parse_args()
     tune_gc()
     auds = audiences()
-    cfg = load_profile_config(EXAMPLE / "identity.yaml", EXAMPLE / "datasets.yaml")
+    cfg = load_profile_config(EXAMPLE_CONFIG_DIR / "identity.yaml", EXAMPLE_CONFIG_DIR / "datasets.yaml")
     engine = SegmentEngine(auds)
     out: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M"), "profiles": args.profiles,
                            "audiences": len(auds), "processes": args.processes, "cpu_count": os.cpu_count(),
@@ -243,7 +243,7 @@ def main() -> None:
             now_ms = json.loads(meta.read_text())["now_ms"]
             processor = ProfileProcessor(cfg, engine, clock=lambda: now_ms / 1000)  # noqa: B023 - used in this pass only
             task = {"audiences": tuple(auds), "retention_ms": engine.history_retention_ms,
-                    "config_dir": str(EXAMPLE), "now_ms": now_ms}
+                    "config_dir": str(EXAMPLE_CONFIG_DIR), "now_ms": now_ms}
             store = path
             if name == "first":  # it writes every profile: walk a copy, keep the store for the next run
                 store = path.parent / f"{path.name}-work"

@@ -37,6 +37,7 @@ from typing import Any
 import psutil
 
 from pipeline.ingest.agents import ingest_group
+from pipeline.resources import EXAMPLE_CONFIG_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -343,7 +344,7 @@ def write_config(tmp: Path) -> Path:
     cfg = tmp / "config"
     cfg.mkdir()
     for name in ("identity.yaml", "datasets.yaml"):
-        shutil.copy(ROOT / "config" / "example" / name, cfg / name)
+        shutil.copy(EXAMPLE_CONFIG_DIR / name, cfg / name)
     shutil.copy(ROOT / "bench" / "segments.yaml", cfg / "segments.yaml")
     return cfg
 

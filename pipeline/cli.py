@@ -1,4 +1,4 @@
-"""The `pipeline` command: worker, topics, produce, tail, profile, segments, sample, destinations."""
+"""The `pipeline` command: init, worker, topics, produce, tail, profile, segments, sample, destinations."""
 
 from __future__ import annotations
 
@@ -42,10 +42,40 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
+    import shutil
+
+    from pipeline.resources import EXAMPLE_CONFIG_DIR
+
+    target = Path(args.dir)
+    names = sorted(p.name for p in EXAMPLE_CONFIG_DIR.glob("*.yaml"))
+    taken = [n for n in names if (target / n).exists()]
+    if taken and not args.force:
+        print(f"{target} already has {', '.join(taken)}: not overwritten (--force replaces them)",
+              file=sys.stderr)
+        return 1
+    target.mkdir(parents=True, exist_ok=True)
+    for name in names:  # contents only, not the mode: an installed package's files may be read-only
+        shutil.copyfile(EXAMPLE_CONFIG_DIR / name, target / name)
+    config = target.resolve()
+    print(f"wrote {', '.join(names)} to {config}\n"
+          "next:\n"
+          "  1. edit them: identity.yaml (identity namespaces), datasets.yaml (datasets, merge policy, limits),\n"
+          "     segments.yaml (audiences), destinations.yaml (where memberships are delivered)\n"
+          f"  2. export PIPELINE_CONFIG={config} KAFKA_BOOTSTRAP=host:port\n"
+          f"     (the worker keeps its state in {settings.data_dir}; PIPELINE_DATA_DIR changes it)\n"
+          "  3. pipeline topics apply --dry-run   # the plan; then without --dry-run to create the topics\n"
+          "  4. pipeline worker")
+    return 0
+
+
 def cmd_topics(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.topics import apply
 
-    apply(_registry(settings), settings.bootstrap, dry_run=args.dry_run)
+    items = apply(_registry(settings), settings.bootstrap, dry_run=args.dry_run)
+    if args.dry_run:
+        changes = sum(1 for it in items if it.action != "ok")
+        print(f"dry run against {settings.bootstrap}: {changes} change(s) planned, nothing applied")
     return 0
 
 
@@ -215,14 +245,21 @@ def cmd_sample(args: argparse.Namespace, settings: Settings) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="pipeline", description="Real-time customer data pipeline")
-    ap.add_argument("--config", help="configuration folder (default $PIPELINE_CONFIG or config/example)")
+    ap.add_argument("--config", help="configuration folder (default $PIPELINE_CONFIG, else the example "
+                                     "shipped with the package: `pipeline init DIR` writes a copy to edit)")
     sub = ap.add_subparsers(dest="command", required=True)
+    i = sub.add_parser("init", help="write a starter configuration folder (a copy of the example) to edit")
+    i.add_argument("dir", help="the folder to write identity.yaml, datasets.yaml, segments.yaml and "
+                               "destinations.yaml into (created if missing)")
+    i.add_argument("--force", action="store_true", help="replace files that are already there")
+    i.set_defaults(func=cmd_init)
     w = sub.add_parser("worker", help="run the stream-processing worker")
     w.add_argument("--loglevel", default="info")
     w.set_defaults(func=cmd_worker)
     t = sub.add_parser("topics", help="manage the topics declared in topics.yaml")
     t.add_argument("action", choices=["apply"])
-    t.add_argument("--dry-run", action="store_true")
+    t.add_argument("--dry-run", action="store_true",
+                   help="print the plan (compared with the cluster at KAFKA_BOOTSTRAP) and change nothing")
     t.set_defaults(func=cmd_topics)
     p = sub.add_parser("produce", help="publish JSON-lines records as Avro to a pipeline topic")
     p.add_argument("--topic", required=True, help="logical topic name from topics.yaml")

@@ -10,10 +10,19 @@ from pipeline.errors import ConfigError
 from pipeline.identity.datasets import load_datasets_config
 from pipeline.identity.namespaces import load_identity_config
 from pipeline.profiles.config import ProfileConfig
+from pipeline.resources import EXAMPLE_CONFIG_DIR
 from pipeline.segments import AudienceDef, load_segments
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = ROOT / "config" / "example"
+DEFAULT_CONFIG = EXAMPLE_CONFIG_DIR  # without --config or PIPELINE_CONFIG; `pipeline init DIR` copies it
+
+
+def default_data_dir(app_id: str) -> Path:
+    """Where a worker keeps its state without PIPELINE_DATA_DIR: per user (XDG), one folder per app id."""
+    # Per user rather than the working directory: a worker's RocksDB tables stay where it left them whichever
+    # folder it is started from. Per app id: two deployments on one machine both run a "worker-1".
+    xdg = os.environ.get("XDG_DATA_HOME", "")
+    base = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".local" / "share"  # the spec ignores relative
+    return base / "cdp-pipeline" / app_id
 
 
 def _flag(name: str, default: bool) -> bool:
@@ -49,11 +58,12 @@ class Settings:
 
     @classmethod
     def from_env(cls, config_dir: str | Path | None = None) -> Settings:
+        app_id = os.environ.get("PIPELINE_APP_ID", "cdp-pipeline")
         return cls(
             bootstrap=os.environ.get("KAFKA_BOOTSTRAP", "127.0.0.1:9092"),
-            app_id=os.environ.get("PIPELINE_APP_ID", "cdp-pipeline"),
+            app_id=app_id,
             config_dir=Path(config_dir or os.environ.get("PIPELINE_CONFIG") or DEFAULT_CONFIG),
-            data_dir=Path(os.environ.get("PIPELINE_DATA_DIR", ROOT / "data")),
+            data_dir=Path(os.environ.get("PIPELINE_DATA_DIR") or default_data_dir(app_id)),
             web_port=int(os.environ.get("PIPELINE_WEB_PORT", "6066")),
             topic_prefix=os.environ.get("PIPELINE_TOPIC_PREFIX", ""),
             worker_name=os.environ.get("PIPELINE_WORKER_NAME", "worker-1"),

@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import TopicPlanError, UnknownNameError
+from pipeline.resources import TOPICS_FILE
 from pipeline.serde.codecs import Codec, codec_from_spec
 from pipeline.yamlconf import compose_file
 
-TOPICS_FILE = Path(__file__).resolve().parents[1] / "topics.yaml"
 _REQUIRED = {"name", "partitions", "codec"}
 _KEYS = {"name", "partitions", "replication_factor", "cleanup_policy", "retention_ms", "codec", "description"}
 _DEFAULT_KEYS = {"replication_factor", "cleanup_policy", "retention_ms"}
@@ -131,7 +131,7 @@ def plan(reg: TopicRegistry, admin: Any) -> list[PlanItem]:
     """Compare the declared topics with the cluster; raise TopicPlanError for unsafe changes."""
     from confluent_kafka.admin import ConfigResource
 
-    md = admin.list_topics(timeout=10)
+    md = admin.list_topics(timeout=5)  # a reachable cluster answers in well under a second
     items: list[PlanItem] = []
     for spec in reg:
         existing = md.topics.get(spec.name)
@@ -162,6 +162,7 @@ def apply(reg: TopicRegistry, bootstrap: str, *, dry_run: bool = False, out: Any
     1. plan (raises on shrinking); 2. print it; 3. create missing topics; 4. add partitions;
     5. alter configs (incremental, so unrelated settings stay).
     """
+    from confluent_kafka import KafkaException
     from confluent_kafka.admin import (
         AdminClient,
         AlterConfigOpType,
@@ -172,7 +173,11 @@ def apply(reg: TopicRegistry, bootstrap: str, *, dry_run: bool = False, out: Any
     )
 
     admin = AdminClient({"bootstrap.servers": bootstrap})
-    items = plan(reg, admin)
+    try:
+        items = plan(reg, admin)
+    except KafkaException as exc:  # the plan compares with the cluster: without one there is no plan
+        raise TopicPlanError(f"cannot read the topics of the Kafka cluster at {bootstrap}: "
+                             f"{exc.args[0].str()}") from exc
     for it in items:
         out(f"{it.action:15} {it.topic.name:45} {it.detail}")
     if dry_run:

@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import os
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from procs import PipelineProc, stop_all
+from procs import WorkerProc, stop_all
 
 from pipeline.local.broker import LocalBroker, free_port
+from pipeline.resources import EXAMPLE_CONFIG_DIR
 from pipeline.topics import TopicRegistry, apply
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -62,44 +60,11 @@ def make_config(tmp_path: Path) -> Callable[..., Path]:
         d = tmp_path / name
         d.mkdir(exist_ok=True)
         for f in ("identity.yaml", "datasets.yaml"):
-            (d / f).write_text((ROOT / "config" / "example" / f).read_text())
+            (d / f).write_text((EXAMPLE_CONFIG_DIR / f).read_text())
         (d / "segments.yaml").write_text(segments)
         return d
 
     return make
-
-
-class WorkerProc(PipelineProc):
-    """A `pipeline worker` process with its HTTP API port."""
-
-    def __init__(self, name: str, env: dict[str, str], log_path: Path, web_port: int) -> None:
-        super().__init__(["worker", "--loglevel", "info"], env, log_path)
-        self.name = name
-        self.web_port = web_port
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.web_port}"
-
-    def wait_ready(self, timeout_s: float = 90) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"worker {self.name} exited {self.proc.returncode}:\n{self.log()[-5000:]}")
-            if "Worker ready" in self.log() or "[^Worker]: Ready" in self.log():
-                return
-            time.sleep(0.3)
-        raise AssertionError(f"worker {self.name} not ready after {timeout_s}s:\n{self.log()[-5000:]}")
-
-    def wait_settled(self, timeout_s: float = 60) -> None:
-        """Ready after its latest partition assignment (a later worker joining triggers another one)."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            text = self.log()
-            if text.count("Worker ready") >= text.count("Executing _on_partitions_assigned") > 0:
-                return
-            time.sleep(0.3)
-        raise AssertionError(f"worker {self.name} not settled after {timeout_s}s:\n{self.log()[-5000:]}")
 
 
 @pytest.fixture
@@ -116,7 +81,7 @@ def start_worker(kafka_bootstrap: str, topic_prefix: str, registry: TopicRegistr
         env = {**os.environ, "KAFKA_BOOTSTRAP": kafka_bootstrap, "PIPELINE_TOPIC_PREFIX": topic_prefix,
                "PIPELINE_APP_ID": app_id, "PIPELINE_DATA_DIR": str(data_dir or tmp_path / "data"),
                "PIPELINE_WEB_PORT": str(port), "PIPELINE_WORKER_NAME": name,
-               "PIPELINE_CONFIG": str(config_dir or ROOT / "config" / "example"), **(extra_env or {})}
+               "PIPELINE_CONFIG": str(config_dir or EXAMPLE_CONFIG_DIR), **(extra_env or {})}
         w = WorkerProc(name, env, tmp_path / f"{name}-{len(workers)}.log", port)
         workers.append(w)
         if wait:

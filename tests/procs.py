@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -15,12 +16,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 class PipelineProc:
-    """One `python -m pipeline <args>` process, its output in `log_path`."""
+    """One `python -m pipeline <args>` process (or `command <args>`, from `cwd`), its output in `log_path`."""
 
-    def __init__(self, args: list[str], env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, args: list[str], env: dict[str, str], log_path: Path, *,
+                 command: list[str] | None = None, cwd: Path | None = None) -> None:
         self.log_path = log_path
         self.env = env
-        self.proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args], env=env, cwd=ROOT,
+        self.proc = subprocess.Popen([*(command or [sys.executable, "-m", "pipeline"]), *args], env=env,
+                                     cwd=cwd or ROOT,
                                      stdout=open(log_path, "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
                                      start_new_session=True)
 
@@ -43,6 +46,40 @@ class PipelineProc:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout_s)
         return self.proc.returncode
+
+
+class WorkerProc(PipelineProc):
+    """A `pipeline worker` process with its HTTP API port."""
+
+    def __init__(self, name: str, env: dict[str, str], log_path: Path, web_port: int, *,
+                 command: list[str] | None = None, cwd: Path | None = None) -> None:
+        super().__init__(["worker", "--loglevel", "info"], env, log_path, command=command, cwd=cwd)
+        self.name = name
+        self.web_port = web_port
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.web_port}"
+
+    def wait_ready(self, timeout_s: float = 90) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"worker {self.name} exited {self.proc.returncode}:\n{self.log()[-5000:]}")
+            if "Worker ready" in self.log() or "[^Worker]: Ready" in self.log():
+                return
+            time.sleep(0.3)
+        raise AssertionError(f"worker {self.name} not ready after {timeout_s}s:\n{self.log()[-5000:]}")
+
+    def wait_settled(self, timeout_s: float = 60) -> None:
+        """Ready after its latest partition assignment (a later worker joining triggers another one)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            text = self.log()
+            if text.count("Worker ready") >= text.count("Executing _on_partitions_assigned") > 0:
+                return
+            time.sleep(0.3)
+        raise AssertionError(f"worker {self.name} not settled after {timeout_s}s:\n{self.log()[-5000:]}")
 
 
 def stop_all(procs: Iterable[PipelineProc], request: Any, tail: int = 8000) -> None:

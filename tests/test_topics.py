@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import ConfigError, TopicPlanError, UnknownNameError
-from pipeline.topics import TOPICS_FILE, TopicRegistry, apply
+from pipeline.resources import TOPICS_FILE
+from pipeline.topics import TopicRegistry, apply
 
 
 def write(tmp_path: Path, text: str) -> Path:

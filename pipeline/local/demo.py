@@ -18,9 +18,11 @@ from pipeline.identity.namespaces import load_identity_config
 from pipeline.ingest.keys import KeySpec, RecordKeyer
 from pipeline.local.broker import DEFAULT_DIR, DEFAULT_PORT, LocalBroker, _alive, _read_pid
 from pipeline.sample import write
+from pipeline.settings import Settings
 from pipeline.topics import TopicRegistry, apply
 
 ROOT = Path(__file__).resolve().parents[2]
+DATA = ROOT / "data"  # the demo's logs, sample and (unless PIPELINE_DATA_DIR says otherwise) worker state
 
 
 def main() -> int:
@@ -44,9 +46,10 @@ def main() -> int:
         print(f"broker on {broker.bootstrap}", flush=True)
         reg = TopicRegistry.load(prefix="")
         apply(reg, broker.bootstrap)
-        log_path = ROOT / "data" / "worker.log"
+        log_path = DATA / "worker.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "KAFKA_BOOTSTRAP": broker.bootstrap}
+        # state in the checkout's data/ (what `make clean` removes), not in the per-user default
+        env = {"PIPELINE_DATA_DIR": str(DATA), **os.environ, "KAFKA_BOOTSTRAP": broker.bootstrap}
         worker = subprocess.Popen([sys.executable, "-m", "pipeline", "worker"], env=env, cwd=ROOT,
                                   stdout=open(log_path, "ab"), stderr=subprocess.STDOUT,  # noqa: SIM115
                                   start_new_session=True)
@@ -61,13 +64,13 @@ def main() -> int:
         for name, args in (("receiver", ["destinations", "receive", "--port", "8089"]),
                            ("destinations", ["destinations", "run"])):
             helpers.append(subprocess.Popen([sys.executable, "-m", "pipeline", *args], env=env, cwd=ROOT,
-                                            stdout=open(ROOT / "data" / f"{name}.log", "ab"),  # noqa: SIM115
+                                            stdout=open(DATA / f"{name}.log", "ab"),  # noqa: SIM115
                                             stderr=subprocess.STDOUT, start_new_session=True))
         print("destination runner and demo webhook started (logs in data/)", flush=True)
-        ev, rec = write(people, ROOT / "data" / "sample", int(time.time() * 1000))
+        ev, rec = write(people, DATA / "sample", int(time.time() * 1000))
         print(f"sample: {people} people -> {ev.name}, {rec.name}", flush=True)
         # keyed by each record's home identity, as producers should: one person's records stay in order
-        identity = load_identity_config(ROOT / "config" / "example" / "identity.yaml")
+        identity = load_identity_config(Settings.from_env().config_dir / "identity.yaml")  # the worker's
         by_person = KeySpec.parse("identity")
         with open(rec) as f:
             n_rec = produce_json_lines(reg, broker.bootstrap, "ingest.profiles", f,

@@ -21,9 +21,9 @@ import fastavro
 from fastavro.schema import to_parsing_canonical_form
 
 from pipeline.errors import ConfigError, SerdeError, UnknownNameError
+from pipeline.resources import SCHEMAS_DIR
 from pipeline.serde.compiled import Reader, compile_reader, compile_writer
 
-SCHEMAS_DIR = Path(__file__).resolve().parents[2] / "schemas"
 MAGIC = 0
 _HEADER = struct.Struct(">bI")
 

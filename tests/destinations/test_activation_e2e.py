@@ -21,6 +21,7 @@ from pipeline.destinations.backfill import Backfill, read_compacted
 from pipeline.destinations.cli import make_runner
 from pipeline.destinations.config import load_destinations
 from pipeline.destinations.runner import DestinationRunner
+from pipeline.resources import EXAMPLE_CONFIG_DIR
 from pipeline.settings import Settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -45,7 +46,7 @@ def config_dir(tmp_path: Path) -> Path:
     d = tmp_path / "config"
     d.mkdir()
     for name in ("identity.yaml", "datasets.yaml"):
-        (d / name).write_text((ROOT / "config" / "example" / name).read_text())
+        (d / name).write_text((EXAMPLE_CONFIG_DIR / name).read_text())
     (d / "segments.yaml").write_text(SEGMENTS)
     return d
 

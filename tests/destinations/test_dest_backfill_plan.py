@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 
 from dest_helpers import dest_config, membership
 
 from pipeline.destinations.backfill import DestState, Plan, member_payloads, next_state, plan_for
 from pipeline.destinations.config import load_destinations
+from pipeline.resources import EXAMPLE_CONFIG_DIR
 from pipeline.segments import load_segments
 from pipeline.topics import TopicRegistry
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "example"
+EXAMPLE = EXAMPLE_CONFIG_DIR
 
 
 def test_plan_backfills_only_audiences_never_backfilled() -> None:

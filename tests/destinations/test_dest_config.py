@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from pipeline.destinations.base import DestinationContext, create_destination, destination_kinds
 from pipeline.destinations.config import load_destinations, parse_destinations
 from pipeline.errors import ConfigError, UnknownNameError
+from pipeline.resources import EXAMPLE_CONFIG_DIR
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "example" / "destinations.yaml"
+EXAMPLE = EXAMPLE_CONFIG_DIR / "destinations.yaml"
 
 BASE = """destinations:
   - name: hook

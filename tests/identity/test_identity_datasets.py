@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from pipeline.errors import ConfigError, UnknownNameError
@@ -15,8 +13,9 @@ from pipeline.identity.datasets import (
     load_datasets_config,
     parse_datasets_config,
 )
+from pipeline.resources import EXAMPLE_CONFIG_DIR
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "example" / "datasets.yaml"
+EXAMPLE = EXAMPLE_CONFIG_DIR / "datasets.yaml"
 
 GOOD = """\
 datasets:

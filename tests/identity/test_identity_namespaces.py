@@ -23,8 +23,9 @@ from pipeline.identity.namespaces import (
     parse_identity_config,
 )
 from pipeline.model import Identity
+from pipeline.resources import EXAMPLE_CONFIG_DIR
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "example" / "identity.yaml"
+EXAMPLE = EXAMPLE_CONFIG_DIR / "identity.yaml"
 
 GOOD = """\
 max_identities_per_graph: 50

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from pipeline.model import AttributeValue, ExperienceEvent, Identity, ProfileRecord, ProfileState
 from pipeline.profiles.config import load_profile_config
 from pipeline.profiles.merge import absorb, apply_event, apply_record
+from pipeline.resources import EXAMPLE_CONFIG_DIR
 from pipeline.state.codec import decode_profile, encode_profile
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "example"
+EXAMPLE = EXAMPLE_CONFIG_DIR
 CONFIG = load_profile_config(EXAMPLE / "identity.yaml", EXAMPLE / "datasets.yaml")
 T0 = 1_700_000_000_000
 IDS = (Identity("ECID", "e1"), Identity("Email", "a@b.c"))

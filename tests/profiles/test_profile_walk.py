@@ -26,6 +26,7 @@ from pipeline.profiles.walk import (
     needs_full,
     slices,
 )
+from pipeline.resources import EXAMPLE_CONFIG_DIR
 from pipeline.segments import AudienceDef, parse_query
 from pipeline.state.codec import Forward, decode_profile, encode_forward, encode_profile
 
@@ -34,7 +35,7 @@ def audience(aid: str, query: str) -> AudienceDef:
     return AudienceDef(aid, aid, "", query, 1, (), parse_query(query))
 
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "example"
+EXAMPLE = EXAMPLE_CONFIG_DIR
 NOW = 1_800_000_000_000
 AUDIENCES = (audience("gold", 'loyalty.tier = "gold"'), audience("silver", 'loyalty.tier = "silver"'),
              audience("rich", "loyalty.points >= 1000"))

@@ -7,6 +7,7 @@ import pathlib
 import pytest
 
 from pipeline.errors import ConfigError, SegmentSyntaxError
+from pipeline.resources import EXAMPLE_CONFIG_DIR
 from pipeline.segments import load_segments, load_segments_text, parse_query, to_text
 from pipeline.segments.nodes import (
     Aggregate,
@@ -29,7 +30,7 @@ from pipeline.segments.nodes import (
     Within,
 )
 
-EXAMPLE = pathlib.Path(__file__).resolve().parents[2] / "config" / "example" / "segments.yaml"
+EXAMPLE = EXAMPLE_CONFIG_DIR / "segments.yaml"
 
 
 @pytest.mark.parametrize("query", [

@@ -7,7 +7,6 @@ import io
 import json
 import math
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import fastavro
@@ -15,12 +14,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pipeline.resources import SCHEMAS_DIR
 from pipeline.serde.avro import _strip_logical
 from pipeline.serde.compiled import _parse, _writer_fn, compile_reader, compile_reader_full, compile_writer
 
-SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schemas"
 PROJECT = {p.stem: fastavro.parse_schema(_strip_logical(json.loads(p.read_text())))
-           for p in sorted(SCHEMA_DIR.glob("*.avsc"))}
+           for p in sorted(SCHEMAS_DIR.glob("*.avsc"))}
 PRIMITIVES = ["null", "boolean", "int", "long", "float", "double", "bytes", "string"]
 
 # Hand-written schemas covering every type; names are short so that error paths are easy to read.
@@ -238,7 +237,7 @@ def test_generated_schemas_match_fastavro(raw: Any, data: st.DataObject) -> None
 
 def test_raw_schema_and_full_reader() -> None:
     """The raw JSON schema does as the parsed one; compile_reader_full ignores trailing bytes like fastavro."""
-    raw = json.loads((SCHEMA_DIR / "ExperienceEvent.avsc").read_text())
+    raw = json.loads((SCHEMAS_DIR / "ExperienceEvent.avsc").read_text())
     body = fa_write(ALL["ExperienceEvent"], EVENT)
     assert compile_writer(_strip_logical(raw))(EVENT) == body
     assert same(compile_reader_full(raw)(body + b"\xff\xff"), fa_read(ALL["ExperienceEvent"], body))
