@@ -63,11 +63,17 @@ class BatchConfig:
 
 @dataclass(frozen=True)
 class RetryConfig:
-    """Exponential backoff with full jitter: delay = uniform(0, min(max, base * 2**attempt))."""
+    """Exponential backoff with full jitter: delay = uniform(0, min(max, base * 2**attempt)). A batch whose
+    retryable failures go on is dead-lettered once it has had `max_attempts` *and* has been failing for
+    `max_elapsed_s` (-1: never): an outage of the receiver shorter than that is waited out."""
 
     max_attempts: int = 5
     base_delay_ms: int = 200
     max_delay_ms: int = 10_000
+    max_elapsed_s: float = 3600.0
+
+    def exhausted(self, attempt: int, failing_since: float, now: float) -> bool:
+        return attempt >= self.max_attempts and 0 <= self.max_elapsed_s <= now - failing_since
 
 
 @dataclass(frozen=True)
@@ -313,11 +319,13 @@ def _http(doc: Doc, f: dict[str, tuple[yaml.Node, yaml.Node]],
     if "retry" in f:
         rnode = f["retry"][1]
         r = doc.mapping(rnode, "retry")
-        doc.check_keys(r, "retry", set(), {"max_attempts", "base_delay_ms", "max_delay_ms"}, rnode)
+        doc.check_keys(r, "retry", set(), {"max_attempts", "base_delay_ms", "max_delay_ms", "max_elapsed_s"},
+                       rnode)
         retry = RetryConfig(
             doc.integer(r["max_attempts"][1], "max_attempts", minimum=1) if "max_attempts" in r else 5,
             doc.integer(r["base_delay_ms"][1], "base_delay_ms", minimum=0) if "base_delay_ms" in r else 200,
-            doc.integer(r["max_delay_ms"][1], "max_delay_ms", minimum=0) if "max_delay_ms" in r else 10_000)
+            doc.integer(r["max_delay_ms"][1], "max_delay_ms", minimum=0) if "max_delay_ms" in r else 10_000,
+            _number(doc, r["max_elapsed_s"][1], "max_elapsed_s", positive=False) if "max_elapsed_s" in r else 3600.0)
     breaker = BreakerConfig()
     if "circuit_breaker" in f:
         cnode = f["circuit_breaker"][1]

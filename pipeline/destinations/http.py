@@ -252,6 +252,7 @@ class HttpDestination(Destination):
     async def _send(self, batch: list[Payload]) -> None:
         retry = self.settings.retry
         attempt = 0
+        failing_since = time.monotonic()
         while True:
             while not self.breaker.allow():
                 # Open breaker: wait for the trial instead of burning attempts against a dead host.
@@ -272,7 +273,7 @@ class HttpDestination(Destination):
                     await self._dead_letter(batch, reason)
                     return
                 self.breaker.record_failure()
-                if attempt >= retry.max_attempts:
+                if retry.exhausted(attempt, failing_since, time.monotonic()):
                     await self._dead_letter(batch, f"retries_exhausted:{reason}")
                     return
                 delay = backoff_delay_s(attempt, retry.base_delay_ms, retry.max_delay_ms)

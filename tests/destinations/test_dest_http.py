@@ -34,10 +34,11 @@ def payloads(n: int, prefix: str = "k", dest: str = "d1") -> list[Payload]:
 def make(receiver: Receiver, path: str, dlq: DeadLetters, *, name: str = "d1", max_records: int = 50,
          max_age_ms: int = 20, max_attempts: int = 8, timeout_s: float = 2.0, threshold: int = 50,
          reset_s: float = 0.2, queue: int = 10_000, rate: float | None = None,
-         headers: str = "") -> HttpDestination:
+         headers: str = "", max_elapsed_s: float = 0) -> HttpDestination:
     extra = (f"    batch: {{max_records: {max_records}, max_age_ms: {max_age_ms}}}\n"
              f"    timeout_s: {timeout_s}\n"
-             f"    retry: {{max_attempts: {max_attempts}, base_delay_ms: 5, max_delay_ms: 50}}\n"
+             f"    retry: {{max_attempts: {max_attempts}, base_delay_ms: 5, max_delay_ms: 50, "
+             f"max_elapsed_s: {max_elapsed_s}}}\n"
              f"    circuit_breaker: {{failure_threshold: {threshold}, reset_timeout_s: {reset_s}}}\n"
              f"    queue_max_records: {queue}\n"
              + (f"    rate_limit_per_s: {rate}\n" if rate else "") + headers)
@@ -158,6 +159,24 @@ async def test_exhausted_retries_go_to_dead_letter(receiver: Receiver) -> None:
     await run(dest, body)
     assert len(receiver.requests) == 3
     assert dlq.items == [(f"k-{i}", "retries_exhausted:http_503") for i in range(5)]
+
+
+async def test_an_outage_shorter_than_the_retry_window_is_waited_out(receiver: Receiver) -> None:
+    # Given a receiver that is down (503), and retries of 3 attempts within a window of 30 s
+    receiver.default["/out"] = "503"
+    dlq = DeadLetters()
+    dest = make(receiver, "/out", dlq, max_attempts=3, max_elapsed_s=30, threshold=2, reset_s=0.05)
+
+    async def body() -> None:
+        await dest.deliver(payloads(5))
+        # When it stays down for more than 3 attempts, then comes back
+        await wait_until(lambda: len(receiver.requests) >= 6)
+        receiver.default["/out"] = "ok"
+        await dest.flush()
+
+    await run(dest, body)
+    # Then everything reaches it and nothing is dead-lettered
+    assert set(receiver.keys("/out")) == {f"k-{i}" for i in range(5)} and not dlq.items
 
 
 async def test_breaker_opens_then_half_opens_then_closes(receiver: Receiver) -> None:
