@@ -60,8 +60,11 @@ def home_key(keys: list[str], unique: Collection[str]) -> str:
 def start_resolve(rec_wire: dict[str, Any] | None, home: str, now_ms: int) -> Send:
     """The home hop of a record: to its home identity, which names (or, if free, becomes) its profile.
     `rec_wire` None adopts a lone identity: it gets a profile of its own if it has none."""
-    seed = rec_wire["id"] if rec_wire is not None else home
-    return Send(IDENTITY_TOPIC, home, {"op": "resolve", "rec": rec_wire, "cand": new_profile_id(now_ms, seed)})
+    # The candidate id comes from the record alone (its time and id), not from the clock: a record handled
+    # again after a crash names the same candidate, so a profile its first handling created (its write kept,
+    # the identity's lost) is the one the identity is given again.
+    seed, born = (rec_wire["id"], rec_wire["ts"]) if rec_wire is not None else (home, now_ms)
+    return Send(IDENTITY_TOPIC, home, {"op": "resolve", "rec": rec_wire, "cand": new_profile_id(born, seed)})
 
 
 def apply_msg(owner: str, rec_wire: dict[str, Any] | None, home: str, hop: bool = False) -> Send:

@@ -211,8 +211,13 @@ class ProfileProcessor:
             # raised before any output: the agent restores the profile and dead-letters the record
             if summary.changed and (size := size_without_events(profile)) > max(budget, before):
                 raise ProfileOverBudget(pid, size, budget)
-        if summary.duplicate:
-            res.count("duplicates")
+        if summary.duplicate or (not isinstance(rec, ExperienceEvent) and not summary.changed):
+            # handled before (a replay after a crash, most likely): the identity table may have lost what the
+            # first handling's answers gave this profile while its listing survived; ask again (idempotent)
+            res.count("duplicates" if summary.duplicate else "unchanged")
+            for ident in listed:
+                if ident != home or not msg.get("hop"):
+                    res.sends.append(claim_msg(ident.key, pid, rec.timestamp_ms))
         self._release(pid, enforce_identity_limit(profile, self.config), res)
         cause = rec.event_id if isinstance(rec, ExperienceEvent) else rec.record_id
         self._evaluate(profile, summary, res, now=now, event_time=rec.timestamp_ms, cause=cause,

@@ -261,9 +261,10 @@ class StitchSim:
             log.messages = log.messages[:log.pos] + [m for i, m in enumerate(log.messages)
                                                      if i >= log.pos and i not in log.local]
             log.local = {i for i in log.local if i < log.pos}
-        for (src, _), q in self.channels.items():
+        for (src, dst), q in self.channels.items():
             if src in parts:
-                for _ in range(rng.randint(0, len(q))):
+                # a message to its own partitions the worker would have handled in-process: gone with it
+                for _ in range(len(q) if self._local((src, dst)) else rng.randint(0, len(q))):
                     q.pop()
         self.crashes += 1
         for part in parts:  # the restarted worker is assigned its partitions again
