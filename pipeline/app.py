@@ -10,6 +10,10 @@ from typing import Any
 
 import faust
 
+from pipeline.observability import metrics
+from pipeline.observability.logs import client_config, throttle_library_loggers
+from pipeline.observability.readiness import Readiness
+from pipeline.outage import KafkaWatch
 from pipeline.profiles.ops import ProfileProcessor
 from pipeline.runtime import ROCKSDB_OPTIONS, TABLE_CACHE, OutputProducer, Runtime
 from pipeline.segments import SegmentEngine
@@ -69,14 +73,28 @@ def build_app(settings: Settings, config: PipelineConfig | None = None,
     history_ms = config.profile.datasets.event_history.retention_ms
     engine = SegmentEngine(config.audiences, history_retention_ms=history_ms)
     processor = ProfileProcessor(config.profile, engine, time.time)
-    rt = Runtime(settings, config, registry, app, engine, processor, OutputProducer(
-        settings.bootstrap, frozenset(registry.name(t) for t in settings.fault_lose_output)))
+    readiness = Readiness()
+    output = OutputProducer(settings.bootstrap, frozenset(registry.name(t) for t in settings.fault_lose_output),
+                            error_cb=lambda err: kafka.error_cb(err))
+    kafka = KafkaWatch(readiness, lambda: output.produced - output.acknowledged, output.waiting_s, output.probe)
+    output.stopping = lambda: bool(app.should_stop)
+    metrics.OUTPUT_UNACKNOWLEDGED.set_function(lambda: output.produced - output.acknowledged)
+    rt = Runtime(settings, config, registry, app, engine, processor, output, readiness=readiness, kafka=kafka)
 
     @app.task
     async def drop_monitor() -> None:
         """Faust's Monitor keeps per-message statistics we export through Prometheus instead."""
         if any(s is app.monitor for s in app.sensors):
             app.sensors.remove(app.monitor)
+
+    @app.task
+    async def watch_kafka() -> None:
+        """The outage watch's probes and reports (pipeline.outage), every second; by now every client library
+        has created its loggers, so their repeated lines are throttled from here on."""
+        throttle_library_loggers()
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL_S)
+            await kafka.tick()
 
     changelogs = ChangelogRouter(rt.output.produce)
     rt.output.on_flushed.append(changelogs.persist_offsets)
@@ -103,7 +121,11 @@ def build_app(settings: Settings, config: PipelineConfig | None = None,
     identity_agents.register(rt)
     profile_agents.register(rt)
     api_routes.register(rt)
+    throttle_library_loggers()
     return rt
+
+
+WATCH_INTERVAL_S = 1.0
 
 
 FETCH_MAX_WAIT_MS = 50
@@ -184,7 +206,7 @@ async def leave_groups(bootstrap: str, members: Iterable[tuple[str, str]]) -> li
     wanted = dict(members)
 
     def describe() -> dict[str, str]:
-        admin = AdminClient({"bootstrap.servers": bootstrap})
+        admin = AdminClient(client_config({"bootstrap.servers": bootstrap}))
         found = {}
         for group, future in admin.describe_consumer_groups(list(wanted), request_timeout=5).items():
             for m in future.result().members:
@@ -241,7 +263,7 @@ def init_group_offsets(settings: Settings, registry: TopicRegistry) -> int:
     from confluent_kafka import ConsumerGroupTopicPartitions, KafkaException, TopicPartition
     from confluent_kafka.admin import AdminClient
 
-    admin = AdminClient({"bootstrap.servers": settings.bootstrap})
+    admin = AdminClient(client_config({"bootstrap.servers": settings.bootstrap}))
     group = settings.app_id
     try:
         if admin.describe_consumer_groups([group])[group].result().members:

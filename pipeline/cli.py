@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ConfigError, PipelineError
+from pipeline.observability.logs import client_config
 from pipeline.settings import PipelineConfig, Settings
 from pipeline.topics import TopicRegistry
 
@@ -176,8 +177,8 @@ def run_batch(settings: Settings, audiences: list[str], since_ms: int = 0, timeo
     reg = _registry(settings)
     ops, control = reg["internal.profile-ops"], reg["control.segments"]
     run = new_run_id()
-    c = Consumer({"bootstrap.servers": settings.bootstrap, "group.id": f"cdp-batch-{run}",
-                  "enable.auto.commit": False})
+    c = Consumer(client_config({"bootstrap.servers": settings.bootstrap, "group.id": f"cdp-batch-{run}",
+                                "enable.auto.commit": False}))
     c.assign([TopicPartition(control.name, 0, -1)])  # latest: only this run's progress
     c.poll(0.5)
     p = producer(settings.bootstrap)

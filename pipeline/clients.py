@@ -14,13 +14,14 @@ from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
 from pipeline.errors import PipelineError, SerdeError
 from pipeline.ingest.keys import KeyChoice, record_id
+from pipeline.observability.logs import client_config
 from pipeline.serde.codecs import RawCodec
 from pipeline.topics import TopicRegistry
 
 
 def producer(bootstrap: str, **extra: Any) -> Producer:
-    return Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "acks": "all",
-                     "enable.idempotence": True, **extra})
+    return Producer(client_config({"bootstrap.servers": bootstrap, "linger.ms": 5, "acks": "all",
+                                   "enable.idempotence": True, **extra}))
 
 
 def by_record_id(value: Any) -> KeyChoice:
@@ -100,8 +101,8 @@ def tail(reg: TopicRegistry, bootstrap: str, logical: str, *, from_beginning: bo
          max_messages: int | None = None, idle_timeout_s: float = 5.0) -> Iterator[dict[str, Any]]:
     """Yield a topic's messages decoded, until max_messages or idle_timeout_s without one."""
     spec = reg[logical]
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"cdp-tail-{uuid.uuid4().hex[:8]}",
-                  "enable.auto.commit": False, "auto.offset.reset": "earliest" if from_beginning else "latest"})
+    c = Consumer(client_config({"bootstrap.servers": bootstrap, "group.id": f"cdp-tail-{uuid.uuid4().hex[:8]}",
+                                "enable.auto.commit": False, "auto.offset.reset": "earliest" if from_beginning else "latest"}))
     try:
         md = c.list_topics(spec.name, timeout=10).topics.get(spec.name)
         if md is None or md.error is not None:

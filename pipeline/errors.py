@@ -61,6 +61,16 @@ class SegmentSyntaxError(ConfigError):
     """A segment query does not parse; the message says where and what was expected."""
 
 
+class SchemaRegistryUnavailable(PipelineError):
+    """The Schema Registry could not be asked for a schema (unreachable, timed out, 5xx): not the record's fault,
+    so it is not dead-lettered; ingest holds it and asks again with backoff. `cause` is the error's type."""
+
+    def __init__(self, schema_id: int, cause: str) -> None:
+        self.schema_id = schema_id
+        self.cause = cause
+        super().__init__(f"schema {schema_id}: the Schema Registry is unavailable ({cause})")
+
+
 class OutputRefused(PipelineError):
     """The producer refused a message (too large for the broker, unknown topic ...): the message that caused
     it is dead-lettered and the worker goes on. `reason` is librdkafka's error name."""

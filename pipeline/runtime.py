@@ -18,6 +18,9 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 from pipeline.errors import OutputRefused, PipelineError, describe, where
 from pipeline.identity.stitch import Send
 from pipeline.observability import metrics
+from pipeline.observability.logs import client_config
+from pipeline.observability.readiness import Readiness
+from pipeline.outage import KafkaWatch
 from pipeline.profiles.ops import ProfileProcessor
 from pipeline.segments import SegmentEngine
 from pipeline.serde.codecs import RawCodec
@@ -62,6 +65,12 @@ def tune_gc() -> None:
 
 log = logging.getLogger(__name__)
 
+# How often a flush polls for acknowledgements: every 2 ms while they come (a commit waits on it), every
+# 50 ms once it has waited a second (the broker is slow or away).
+FLUSH_POLL_S, FLUSH_SLOW_POLL_S = 0.002, 0.05
+# A worker asked to stop while the broker is away does not wait for it for ever.
+STOPPING_FLUSH_S = 30.0
+
 
 class OutputProducer:
     """The agents' one producer (librdkafka): no per-message await, batched and compressed by librdkafka.
@@ -72,14 +81,20 @@ class OutputProducer:
     where the table data for that key lives, whichever producer sent it.
     """
 
-    def __init__(self, bootstrap: str, lose: frozenset[str] = frozenset()) -> None:
+    def __init__(self, bootstrap: str, lose: frozenset[str] = frozenset(),
+                 error_cb: Callable[[KafkaError], None] | None = None) -> None:
         # linger 20 ms: fewer, larger produce requests (the broker's cost is per request more than per
-        # message), for at most 20 ms more latency on a path whose budget is a second
-        self._p = Producer({
+        # message), for at most 20 ms more latency on a path whose budget is a second.
+        # message.timeout.ms 0: a message waits for the broker as long as it takes (librdkafka's default fails
+        # it after 5 min), so a broker outage of any length is waited out, not turned into lost output.
+        self._p = Producer(client_config({
             "bootstrap.servers": bootstrap, "partitioner": "murmur2_random", "acks": "all",
             "enable.idempotence": True, "linger.ms": 20, "compression.type": "lz4",
-            "queue.buffering.max.messages": 200_000, "batch.num.messages": 10_000,
-        })
+            "queue.buffering.max.messages": 200_000, "batch.num.messages": 10_000, "message.timeout.ms": 0,
+        }, error_cb))
+        self._waits: list[float] = []  # when each flush still waiting began
+        # whether the worker is stopping: a flush then gives up after STOPPING_FLUSH_S (`build_app` sets it)
+        self.stopping: Callable[[], bool] = lambda: False
         self._errors: list[KafkaError] = []
         self.produced = 0
         # Epochs are numbered within this process's run: a profile's outbox is stamped (run, epoch) and is
@@ -149,24 +164,41 @@ class OutputProducer:
             self._errors.clear()
             raise PipelineError(f"{len(errors)} output messages failed, first: {errors[0]}")
 
-    async def flush(self, timeout_s: float = 60.0) -> None:
+    async def flush(self, timeout_s: float | None = None) -> None:
         """Wait until every message produced *before this call* is acknowledged; raise if any delivery failed.
 
         Messages produced while waiting are not waited for: under steady load librdkafka's queue is never
-        empty, and waiting for it to be would hold the commit (and Faust's fetch loop) until traffic stops."""
+        empty, and waiting for it to be would hold the commit (and Faust's fetch loop) until traffic stops.
+        No deadline by default: while the broker is away the commits that need this wait for it, however long
+        (`waiting_s` tells the outage watch, which reports it); `timeout_s` raises after that long, and so
+        does STOPPING_FLUSH_S once the worker is stopping (nothing is committed: handled again after a restart)."""
         waiting = self._begin_wait()
-        deadline = time.monotonic() + timeout_s
-        self._p.poll(0)
-        while self._unacked(waiting):
-            if time.monotonic() > deadline:
-                raise PipelineError(f"output producer: {self._unacked(waiting)} messages not "
-                                    f"acknowledged in {timeout_s}s")
-            await asyncio.sleep(0.002)
+        started = time.monotonic()
+        self._waits.append(started)
+        try:
             self._p.poll(0)
+            while self._unacked(waiting):
+                waited = time.monotonic() - started
+                limit = STOPPING_FLUSH_S if timeout_s is None and self.stopping() else timeout_s
+                if limit is not None and waited > limit:
+                    raise PipelineError(f"output producer: {self._unacked(waiting)} messages not "
+                                        f"acknowledged in {limit}s")
+                await asyncio.sleep(FLUSH_POLL_S if waited < 1.0 else FLUSH_SLOW_POLL_S)
+                self._p.poll(0)
+        finally:
+            self._waits.remove(started)
         self._raise_errors()
         self.acked_epoch = waiting[-1].no
         for callback in self.on_flushed:
             callback()
+
+    def waiting_s(self) -> float:
+        """How long the oldest flush still running has been waiting (0 when none is)."""
+        return time.monotonic() - min(self._waits) if self._waits else 0.0
+
+    def probe(self, timeout_s: float = 5.0) -> None:
+        """Ask the broker for metadata (blocking: run it in a thread); raises if none answers in time."""
+        self._p.list_topics(timeout=timeout_s)
 
     def flush_blocking(self, timeout_s: float = 30.0) -> None:
         """`flush` for shutdown paths that cannot await (without `on_flushed`: the stores may be closing)."""
@@ -236,6 +268,8 @@ class Runtime:
     ptables: dict[str, PartitionedTable] = field(default_factory=dict)
     local_handlers: dict[str, tuple[PartitionedTable, LocalHandler]] = field(default_factory=dict)
     tally: metrics.Tally = field(default_factory=metrics.Tally)  # flushed when a local-delivery block ends
+    readiness: Readiness = field(default_factory=Readiness)  # why the worker cannot work now (GET /readyz)
+    kafka: KafkaWatch | None = None  # outages of the broker (`build_app` starts it; its error_cb for clients)
     _local: list[tuple[str, LocalItem]] | None = None  # None: local delivery is off
 
     def topic(self, logical: str) -> faust.TopicT:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import TopicPlanError, UnknownNameError
+from pipeline.observability.logs import client_config
 from pipeline.resources import TOPICS_FILE
 from pipeline.serde.codecs import Codec, codec_from_spec
 from pipeline.yamlconf import compose_file
@@ -172,7 +173,7 @@ def apply(reg: TopicRegistry, bootstrap: str, *, dry_run: bool = False, out: Any
         NewTopic,
     )
 
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin = AdminClient(client_config({"bootstrap.servers": bootstrap}))
     try:
         items = plan(reg, admin)
     except KafkaException as exc:  # the plan compares with the cluster: without one there is no plan

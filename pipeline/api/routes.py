@@ -1,7 +1,8 @@
 """API routes on the worker's web server (faust web, aiohttp underneath).
 
 GET /profiles?namespace=Email&id=a@b.com, GET /profiles/{id}, POST /edge/evaluate, GET /audiences,
-GET /metrics. Lookups read this worker's local table partitions (one worker in `make run`; with several
+GET /metrics, GET /healthz (the worker's event loop answers) and GET /readyz (200, or 503 with the reasons
+the worker cannot do its work now, e.g. Kafka unreachable: `Runtime.readiness`). Lookups read this worker's local table partitions (one worker in `make run`; with several
 workers, ask the one that owns the partition: the 404 body says so).
 """
 
@@ -91,6 +92,17 @@ def register(rt: Runtime) -> None:
         return web.json([{"id": e.audience_id, "streaming": e.streaming, "batch": e.batch, "edge": e.edge,
                           "reason": e.reason, "version": rt.engine.audiences[e.audience_id].version}
                          for e in rt.engine.explain()])
+
+    @app.page("/healthz")
+    async def healthz(web: Any, request: Any) -> Any:
+        return web.json({"alive": True})
+
+    @app.page("/readyz")
+    async def readyz(web: Any, request: Any) -> Any:
+        reasons = rt.readiness.reasons()
+        if not reasons:
+            return web.json({"ready": True})
+        return web.json({"ready": False, "reasons": [f"{r}: {d}" for r, d in sorted(reasons.items())]}, status=503)
 
     @app.page("/metrics")
     async def metrics_page(web: Any, request: Any) -> Any:

@@ -25,6 +25,7 @@ from pipeline.destinations.config import DestinationConfig
 from pipeline.destinations.mapping import Skip, map_change
 from pipeline.errors import DeliveryError, PipelineError
 from pipeline.observability import metrics
+from pipeline.observability.logs import client_config
 
 if TYPE_CHECKING:
     from pipeline.destinations.runner import Decoder, DestinationRunner
@@ -96,9 +97,9 @@ def read_compacted(bootstrap: str, topic: str, *, timeout_s: float = 120.0,
                    consumer_config: dict[str, Any] | None = None) -> dict[bytes, bytes | None]:
     """Every key's latest value (None for a tombstone) of a topic, read up to the end offsets taken
     at the start. No consumer group offsets are committed."""
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"cdp-read-{uuid.uuid4().hex[:12]}",
-                  "enable.auto.commit": False, "auto.offset.reset": "earliest",
-                  **(consumer_config or {})})
+    c = Consumer(client_config({"bootstrap.servers": bootstrap, "group.id": f"cdp-read-{uuid.uuid4().hex[:12]}",
+                                "enable.auto.commit": False, "auto.offset.reset": "earliest",
+                                **(consumer_config or {})}))
     try:
         meta = c.list_topics(topic, timeout=10).topics.get(topic)
         if meta is None or meta.error is not None or not meta.partitions:
@@ -235,8 +236,8 @@ class Backfill:
     def _fresh_groups(self, bootstrap: str, topics: TopicResolver, groups: list[str]
                       ) -> tuple[set[str], list[TopicPartition]]:
         """(groups without any committed offset on the source topics, the source topics' end offsets)."""
-        probe = Consumer({"bootstrap.servers": bootstrap, "group.id": f"cdp-probe-{uuid.uuid4().hex[:12]}",
-                          "enable.auto.commit": False})
+        probe = Consumer(client_config({"bootstrap.servers": bootstrap, "group.id": f"cdp-probe-{uuid.uuid4().hex[:12]}",
+                                        "enable.auto.commit": False}))
         try:
             tps: list[TopicPartition] = []
             for logical in self.source_topics:
@@ -251,7 +252,7 @@ class Backfill:
             probe.close()
         fresh: set[str] = set()
         for group in groups:
-            c = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+            c = Consumer(client_config({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False}))
             try:
                 committed = c.committed([TopicPartition(tp.topic, tp.partition) for tp in tps], timeout=10)
                 if all(tp.offset is None or tp.offset < 0 or tp.offset == OFFSET_INVALID for tp in committed):
@@ -264,7 +265,7 @@ class Backfill:
     def _commit_group(bootstrap: str, group: str, ends: list[TopicPartition]) -> None:
         if not ends:
             return
-        c = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+        c = Consumer(client_config({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False}))
         try:
             c.commit(offsets=ends, asynchronous=False)
         finally:
@@ -273,7 +274,7 @@ class Backfill:
     @staticmethod
     def _write_states(bootstrap: str, topic: str, writes: list[tuple[str, DestState]]) -> None:
         errors: list[Any] = []
-        p = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True})
+        p = Producer(client_config({"bootstrap.servers": bootstrap, "enable.idempotence": True}))
         for name, state in writes:
             p.produce(topic, key=name.encode("utf-8"), value=state.to_json(),
                       on_delivery=lambda err, _m: errors.append(err) if err else None)

@@ -6,13 +6,13 @@ import asyncio
 import contextlib
 import email.utils
 import logging
-import random
 import time
 from collections.abc import Callable
 from typing import Any, Literal
 
 import aiohttp
 
+from pipeline.backoff import full_jitter_s as backoff_delay_s
 from pipeline.destinations.base import Destination, DestinationContext, Payload, register_kind
 from pipeline.destinations.config import BreakerConfig, DestinationConfig, HttpSettings
 from pipeline.errors import DeliveryError
@@ -104,12 +104,6 @@ def parse_retry_after(value: str | None) -> float | None:
     except (TypeError, ValueError):
         return None
     return max(0.0, when.timestamp() - time.time())
-
-
-def backoff_delay_s(attempt: int, base_ms: int, max_ms: int, rng: random.Random | None = None) -> float:
-    """Full jitter: uniform(0, min(max, base * 2**(attempt-1))) for the `attempt`-th failure (1-based)."""
-    cap = min(float(max_ms), base_ms * (2.0 ** max(0, attempt - 1)))
-    return (rng or random).uniform(0.0, cap) / 1000.0
 
 
 class HttpDestination(Destination):

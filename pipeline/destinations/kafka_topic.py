@@ -11,6 +11,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from pipeline.destinations.base import Destination, DestinationContext, Payload, register_kind
 from pipeline.destinations.config import DestinationConfig
 from pipeline.errors import DeliveryError
+from pipeline.observability.logs import client_config
 
 
 class KafkaTopicDestination(Destination):
@@ -37,7 +38,7 @@ class KafkaTopicDestination(Destination):
         self.last_delivery_ms: int | None = None
 
     async def start(self) -> None:
-        self._producer = Producer(self._producer_config)
+        self._producer = Producer(client_config(self._producer_config))
 
     def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
         # Runs inside poll()/flush() on whichever thread called them.

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import random
 import re
 import time
 from collections import Counter
@@ -17,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from pipeline.backoff import full_jitter_s
 from pipeline.destinations.base import (
     Destination,
     DestinationContext,
@@ -28,6 +28,7 @@ from pipeline.destinations.config import DestinationConfig
 from pipeline.destinations.mapping import Skip, map_message
 from pipeline.errors import DeliveryError, UnknownNameError
 from pipeline.observability import metrics
+from pipeline.observability.logs import client_config
 
 if TYPE_CHECKING:
     from pipeline.destinations.backfill import Backfill
@@ -147,8 +148,8 @@ class DestinationRunner:
         4. Subscribe one consumer per destination and start its loop.
 
         `consume=False` stops after step 2: destinations usable for `redrive()` or exports only."""
-        self._producer = Producer({"bootstrap.servers": self.bootstrap, "enable.idempotence": True,
-                                   "linger.ms": 5, **self.settings.producer_config})
+        self._producer = Producer(client_config({"bootstrap.servers": self.bootstrap, "enable.idempotence": True,
+                                                 "linger.ms": 5, **self.settings.producer_config}))
         if self.settings.create_dead_letter_topic:
             await asyncio.to_thread(self._create_dead_letter_topic)
         for cfg in self._configs:
@@ -164,13 +165,13 @@ class DestinationRunner:
             await self.backfill.run(self)
         for lane in self._lanes.values():
             cfg = lane.config
-            lane.consumer = Consumer({
+            lane.consumer = Consumer(client_config({
                 "bootstrap.servers": self.bootstrap,
                 "group.id": group_id(cfg.name),
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
                 **self.settings.consumer_config,
-            })
+            }))
             lane.consumer.subscribe(list(self._logical))
             lane.task = asyncio.create_task(self._run_lane(lane), name=f"dest-lane-{cfg.name}")
 
@@ -336,8 +337,7 @@ class DestinationRunner:
         lane.last_commit = time.monotonic()
 
     def _backoff(self, attempt: int, retry_after_s: float | None) -> float:
-        cap = min(self.settings.retry_max_delay_ms, self.settings.retry_base_delay_ms * 2 ** (attempt - 1))
-        delay = random.uniform(0, cap) / 1000.0
+        delay = full_jitter_s(attempt, self.settings.retry_base_delay_ms, self.settings.retry_max_delay_ms)
         return max(delay, retry_after_s or 0.0)
 
     # -- dead letters ----------------------------------------------------------------------------
@@ -389,7 +389,7 @@ class DestinationRunner:
 
     def _create_dead_letter_topic(self) -> None:
         """Create the dead-letter topic if the registry's `topics apply` has not (tests, dev)."""
-        admin = AdminClient({"bootstrap.servers": self.bootstrap})
+        admin = AdminClient(client_config({"bootstrap.servers": self.bootstrap}))
         topic = self.dead_letter_topic
         if topic in admin.list_topics(timeout=10).topics:
             return
@@ -404,9 +404,9 @@ class DestinationRunner:
     # -- redrive ---------------------------------------------------------------------------------
 
     def _redrive_consumer(self, name: str) -> Consumer:
-        return Consumer({"bootstrap.servers": self.bootstrap, "group.id": f"cdp-dest-{name}-redrive",
-                         "enable.auto.commit": False, "auto.offset.reset": "earliest",
-                         **self.settings.consumer_config})
+        return Consumer(client_config({"bootstrap.servers": self.bootstrap, "group.id": f"cdp-dest-{name}-redrive",
+                                       "enable.auto.commit": False, "auto.offset.reset": "earliest",
+                                       **self.settings.consumer_config}))
 
     async def redrive(self, name: str) -> int:
         """Re-deliver `name`'s dead letters up to the topic's current end; returns how many.
@@ -523,8 +523,8 @@ class DestinationRunner:
 
     def _lag(self, name: str) -> int | None:
         try:
-            probe = Consumer({"bootstrap.servers": self.bootstrap, "group.id": group_id(name),
-                              "enable.auto.commit": False})
+            probe = Consumer(client_config({"bootstrap.servers": self.bootstrap, "group.id": group_id(name),
+                                            "enable.auto.commit": False}))
             try:
                 lag = 0
                 for topic in self._logical:

@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
-from pipeline.errors import PipelineError, describe, where
+from pipeline.backoff import Backoff
+from pipeline.errors import PipelineError, SchemaRegistryUnavailable, describe, where
 from pipeline.identity.stitch import apply_msg, home_key, start_resolve
 from pipeline.ingest.decode import Decoder, Rejected, Skipped
 from pipeline.ingest.wire import record_to_wire, wire_identity_keys
 from pipeline.observability import metrics
+from pipeline.observability.logs import client_config
 from pipeline.runtime import BATCH_MAX, Runtime
 from pipeline.serde.avro import AvroCodec
 
@@ -21,6 +24,14 @@ log = logging.getLogger(__name__)
 INGEST_TOPICS = (("ingest.events", "event"), ("ingest.profiles", "profile"))
 COMMIT_INTERVAL_S = 1.0
 IDLE_SLEEP_S = 0.005
+# While the loop waits for the output or the Schema Registry, the consumer is still served this often.
+KEEPALIVE_S = 5.0
+# The ingest consumer's assignment lost in an outage: how long after Kafka is back it may take to rejoin.
+REJOIN_GRACE_S = 20.0
+# Schema Registry unavailable: asked again after 1 s, 2 s ... at most every 30 s (jittered: every worker was
+# refused at once); a line after 15 s, 30 s, 60 s ... then every 5 min.
+REGISTRY_RETRY_FIRST_S, REGISTRY_RETRY_MAX_S = 1.0, 30.0
+REGISTRY_REPORT_FIRST_S, REGISTRY_REPORT_MAX_S = 15.0, 300.0
 
 
 def ingest_group(app_id: str) -> str:
@@ -98,6 +109,8 @@ def _record_handler(rt: Runtime) -> Any:
         ingest (what it causes in the later stages is guarded there, message by message)."""
         try:
             handle(logical, decoder, msg)
+        except SchemaRegistryUnavailable:  # not the record's fault: the loop holds it and asks again
+            raise
         except Exception as exc:  # noqa: BLE001
             log.error("%s: a record at offset %d of partition %d failed and was dead-lettered: %s%s", logical,
                       msg.offset(), msg.partition(), describe(exc),
@@ -114,15 +127,21 @@ async def _ingest_loop(rt: Runtime, decoders: dict[str, tuple[str, Decoder]], ha
     explicitly and most of what a record causes is delivered in-process), and Faust's per-message machinery
     (fetch thread hand-off, events, acks) was a quarter of the worker's CPU; librdkafka fetches in C.
 
-    1. take up to BATCH_MAX buffered records (never blocking the event loop);
-    2. handle them in one local-delivery block (everything they cause in-process happens here);
+    1. take up to BATCH_MAX buffered records (never blocking the event loop), the held ones first;
+    2. handle them in one local-delivery block (everything they cause in-process happens here); a record
+       whose schema the Schema Registry cannot give now is held with those after it, and asked for again
+       with backoff (`_Waiting`), nothing new taken meanwhile;
     3. every COMMIT_INTERVAL_S: wait for the output producer to acknowledge everything produced so far,
-       then commit the offsets handled (at-least-once; a record handled twice is recognised by its id);
+       however long the broker is away, then commit the offsets handled (at-least-once; a record handled
+       twice is recognised by its id);
     4. on stop: the same flush and commit, then leave the group; after an error, only leave the group
-       (what was handled but not committed is handled again: at-least-once)."""
+       (what was handled but not committed is handled again: at-least-once).
+    While waiting (2, 3) the consumer is paused and still served every KEEPALIVE_S: an outage can outlast
+    max.poll.interval.ms (5 min), after which librdkafka would leave the group."""
     from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
     done: dict[tuple[str, int], int] = {}  # next offset to commit, per partition handled since the last commit
+    held: list[Any] = []  # records taken from the consumer, not handled yet (the Schema Registry is away)
     last_commit = time.monotonic()
 
     def committed(err: Any, partitions: list[Any]) -> None:
@@ -136,10 +155,15 @@ async def _ingest_loop(rt: Runtime, decoders: dict[str, tuple[str, Decoder]], ha
             if tp.error is None and done.get(k) == tp.offset:
                 del done[k]
 
-    consumer = Consumer({**consumer_config(rt.settings.bootstrap, ingest_group(rt.settings.app_id),
-                                           f"{rt.settings.worker_name}-ingest",
-                                           instance_id=rt.settings.group_instance_id("ingest")),
-                         "on_commit": committed})
+    def new_consumer() -> Any:
+        return Consumer(client_config({
+            **consumer_config(rt.settings.bootstrap, ingest_group(rt.settings.app_id),
+                              f"{rt.settings.worker_name}-ingest", instance_id=rt.settings.group_instance_id("ingest")),
+            "on_commit": committed}, rt.kafka.error_cb if rt.kafka else None))
+
+    consumer = new_consumer()
+    paused = _Paused(consumer, held)
+    lost: list[float] = []  # when the assignment was lost (the session expired), until a new one comes
 
     def commit_offsets(only: set[tuple[str, int]] | None = None, wait: bool = False) -> None:
         """Commit what was handled (its output is acknowledged by now). The periodic commit does not wait
@@ -162,47 +186,190 @@ async def _ingest_loop(rt: Runtime, decoders: dict[str, tuple[str, Decoder]], ha
             if done.get(k) == v:
                 del done[k]
 
-    def on_revoke(_: Any, partitions: list[Any]) -> None:
-        """Partitions moving to another worker: commit what this one handled (output flushed first), then
-        forget them, so a later commit never moves their offsets back."""
-        revoked = {(tp.topic, tp.partition) for tp in partitions}
-        if revoked & set(done):
+    def flush_and_commit(only: set[tuple[str, int]] | None = None) -> None:
+        """Revocation and stop: commit what was handled once its output is acknowledged; if it is not within
+        flush_blocking's timeout, or Kafka is unreachable (a synchronous commit would then block the event
+        loop for a session timeout, 45 s), commit nothing: whoever takes the partitions over handles those
+        records again (at-least-once), and their output is still delivered when it can be."""
+        if rt.kafka is not None and rt.kafka.unreachable:
+            log.warning("ingest offsets not committed (Kafka is unreachable): the records are handled again")
+            return
+        try:
             rt.output.flush_blocking()
-            commit_offsets(revoked, wait=True)
-        for k in revoked:
+        except PipelineError as exc:
+            log.warning("ingest offsets not committed (%s): the records are handled again", exc)
+            return
+        commit_offsets(only, wait=True)
+
+    def forget(partitions: list[Any]) -> None:
+        gone = {(tp.topic, tp.partition) for tp in partitions}
+        held[:] = [m for m in held if (m.topic(), m.partition()) not in gone]
+        for k in gone:
             done.pop(k, None)
 
-    def on_lost(_: Any, partitions: list[Any]) -> None:
-        for tp in partitions:  # not ours any more: their new owner re-handles the uncommitted records
-            done.pop((tp.topic, tp.partition), None)
+    def on_revoke(_: Any, partitions: list[Any]) -> None:
+        """Partitions moving to another worker: commit what this one handled (output flushed first), then
+        forget them (and the records held for them), so a later commit never moves their offsets back."""
+        revoked = {(tp.topic, tp.partition) for tp in partitions}
+        if revoked & set(done):
+            flush_and_commit(revoked)
+        forget(partitions)
 
-    consumer.subscribe(list(decoders), on_revoke=on_revoke, on_lost=on_lost)
+    def on_lost(_: Any, partitions: list[Any]) -> None:
+        forget(partitions)  # not ours any more: their new owner re-handles the uncommitted records
+        log.warning("ingest: %d partitions lost (the group session expired); rejoining", len(partitions))
+        lost[:] = [time.monotonic()]
+
+    def on_assign(_: Any, partitions: list[Any]) -> None:  # (librdkafka assigns them after this returns)
+        log.info("ingest: %d partitions assigned", len(partitions))
+        lost.clear()
+
+    def rejoined_or_restarted() -> Any:
+        """The consumer, or a new one: after its session expired in an outage, librdkafka (2.16) sometimes
+        never rejoins the group once the broker is back (seen once in the outage test: no assignment in
+        3 min, the others rejoined in 1 s). REJOIN_GRACE_S after Kafka is reachable again without an
+        assignment, the consumer is closed and a new one joins (as a worker restart would: the same static
+        member takes its partitions back, from the committed offsets)."""
+        if not lost or (rt.kafka is not None and rt.kafka.unreachable):
+            if lost:
+                lost[:] = [time.monotonic()]  # the grace counts from when Kafka is reachable
+            return consumer
+        if time.monotonic() - lost[0] < REJOIN_GRACE_S:
+            return consumer
+        log.warning("ingest: no partitions %.0f s after Kafka came back; restarting the ingest consumer",
+                    REJOIN_GRACE_S)
+        lost.clear()
+        consumer.close()
+        fresh = new_consumer()
+        fresh.subscribe(list(decoders), on_assign=on_assign, on_revoke=on_revoke, on_lost=on_lost)
+        paused.consumer = fresh
+        return fresh
+
+    async def flush_output() -> None:
+        """`rt.output.flush()`, the consumer paused and served meanwhile if it takes longer than KEEPALIVE_S."""
+        flush = asyncio.ensure_future(rt.output.flush())
+        try:
+            while not (await asyncio.wait({flush}, timeout=KEEPALIVE_S))[0]:
+                paused.keepalive()
+            flush.result()
+        finally:
+            flush.cancel()  # (done already, unless this task is cancelled)
+            paused.resume()
+
+    consumer.subscribe(list(decoders), on_assign=on_assign, on_revoke=on_revoke, on_lost=on_lost)
     try:
         while True:
-            msgs = consumer.consume(BATCH_MAX, 0)  # also runs the rebalance callbacks above
+            if held:
+                msgs, held[:] = list(held), []
+            else:
+                msgs = consumer.consume(BATCH_MAX, 0)  # also runs the rebalance callbacks above
+            unavailable: SchemaRegistryUnavailable | None = None
             if msgs:
                 handled: dict[tuple[str, int], int] = {}
                 with rt.local_delivery():
-                    for msg in msgs:
+                    for i, msg in enumerate(msgs):
                         err = msg.error()
                         if err is not None:
                             if err.code() != KafkaError._PARTITION_EOF:
                                 log.warning("ingest consumer: %s", err)
                             continue
                         logical, decoder = decoders[msg.topic()]  # type: ignore[index]
-                        handle(logical, decoder, msg)
+                        try:
+                            handle(logical, decoder, msg)
+                        except SchemaRegistryUnavailable as exc:
+                            held[:0] = msgs[i:]  # this one and the rest, in order, before anything newer
+                            unavailable = exc
+                            break
                         handled[(msg.topic(), msg.partition())] = msg.offset() + 1  # type: ignore[index, operator]
                 # only now: the block's local deliveries ran without raising (if it raised, nothing of
                 # this batch is committed and its records come again)
                 done.update(handled)
+            if unavailable is not None:
+                _, decoder = decoders[held[0].topic()]
+                await _Waiting(rt, paused).registry(unavailable, decoder.codec.catalog.parsed_by_id)
+            consumer = rejoined_or_restarted()
             if time.monotonic() - last_commit >= COMMIT_INTERVAL_S:
-                await rt.output.flush()  # only this task adds to `done`, so nothing is added meanwhile
+                await flush_output()  # only this task adds to `done`, so nothing is added meanwhile
                 commit_offsets()
                 last_commit = time.monotonic()
             await asyncio.sleep(0 if msgs else IDLE_SLEEP_S)
     except asyncio.CancelledError:  # the worker stops: what was handled is committed once its output is acked
-        rt.output.flush_blocking()
-        commit_offsets(wait=True)
+        flush_and_commit()
+        done.clear()  # committed, or not to be: close() (which revokes what is assigned) does not try again
         raise
     finally:
         consumer.close()  # runs on_revoke for what is still assigned (a static member leaves in app.leave_groups_on_stop)
+
+
+class _Paused:
+    """The ingest consumer taking nothing new while the loop waits (for the output or the Schema Registry),
+    still served (`keepalive`) so that it keeps its group membership: partitions assigned meanwhile are
+    paused too; a record it still returns is held, in order, for later."""
+
+    def __init__(self, consumer: Any, held: list[Any]) -> None:
+        self.consumer, self.held = consumer, held
+        self.partitions: list[Any] = []
+
+    def keepalive(self) -> None:
+        assignment = self.consumer.assignment()
+        new = [tp for tp in assignment if (tp.topic, tp.partition) not in {(p.topic, p.partition)
+                                                                           for p in self.partitions}]
+        if new:
+            self.consumer.pause(new)
+            self.partitions += new
+        self.held.extend(self.consumer.consume(BATCH_MAX, 0))
+
+    def resume(self) -> None:
+        """Resume every partition paused, assigned now or not: librdkafka keeps a partition paused through a
+        loss and a new assignment (a session that timed out during the outage), so one paused, lost and
+        assigned again would otherwise never be fetched again."""
+        if not self.partitions:
+            return
+        assigned = self.consumer.assignment()
+        seen = {(tp.topic, tp.partition) for tp in assigned}
+        back = assigned + [tp for tp in self.partitions if (tp.topic, tp.partition) not in seen]
+        self.partitions = []
+        self.consumer.resume(back)
+
+
+class _Waiting:
+    """Ingest waiting for the Schema Registry: not ready meanwhile, a line when it starts, now and then with
+    backoff, and when it ends; the schema asked again with backoff, in a thread (a request can take the
+    client's timeout), the consumer served in between."""
+
+    def __init__(self, rt: Runtime, paused: _Paused) -> None:
+        self.rt, self.paused = rt, paused
+
+    async def registry(self, exc: SchemaRegistryUnavailable, fetch: Callable[[int], Any]) -> None:
+        started = time.monotonic()
+        retries = Backoff(REGISTRY_RETRY_FIRST_S, REGISTRY_RETRY_MAX_S, jitter=True)
+        reports = Backoff(REGISTRY_REPORT_FIRST_S, REGISTRY_REPORT_MAX_S)
+        next_report = started + reports.next()
+        log.warning("Schema Registry unavailable (%s, schema %d): ingest holds %d records and asks again "
+                    "with backoff; the worker reports not ready on /readyz meanwhile", exc.cause, exc.schema_id,
+                    len(self.paused.held))
+        try:
+            while True:
+                now = time.monotonic()
+                self.rt.readiness.set("schema-registry", f"schema {exc.schema_id} unavailable for "
+                                      f"{now - started:.0f} s ({exc.cause}), {len(self.paused.held)} records held")
+                if now >= next_report:
+                    next_report = now + reports.next()
+                    log.warning("Schema Registry still unavailable after %.0f s (%s): %d records held; still "
+                                "waiting", now - started, exc.cause, len(self.paused.held))
+                until = now + retries.next()
+                while (left := until - time.monotonic()) > 0:
+                    self.paused.keepalive()
+                    await asyncio.sleep(min(left, KEEPALIVE_S))
+                try:
+                    await asyncio.to_thread(fetch, exc.schema_id)
+                except SchemaRegistryUnavailable as again:
+                    exc = again
+                    continue
+                except Exception:  # noqa: BLE001, S110 - it answered (no such schema...): decoding the held
+                    pass  # record again dead-letters it with the reason
+                break
+        finally:
+            self.paused.resume()
+            self.rt.readiness.clear("schema-registry")
+        log.warning("Schema Registry available again after %.0f s; ingest resumes", time.monotonic() - started)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import BrokerError
+from pipeline.observability.logs import client_config
 
 ROOT = Path(__file__).resolve().parents[2]
 KAFKA_HOME = Path(os.environ.get("PIPELINE_KAFKA_HOME", ROOT / ".kafka"))
@@ -149,7 +150,7 @@ class LocalBroker:
             if self.proc is not None and self.proc.poll() is not None:
                 break
             time.sleep(0.2)
-        admin = AdminClient({"bootstrap.servers": self.bootstrap})
+        admin = AdminClient(client_config({"bootstrap.servers": self.bootstrap}))
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
                 raise BrokerError(f"broker exited with {self.proc.returncode}; see {self.data_dir / 'broker.log'}:\n"

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from pipeline.errors import BrokerError
 from pipeline.local.broker import LocalBroker, SecureListener, free_port
+from pipeline.observability.logs import client_config
 
 DEFAULT_USERS = (("pipeline", "pipeline-secret"),)
 
@@ -72,7 +73,7 @@ class LocalCluster:
         """Until the cluster's metadata lists every node (a restarted one has rejoined)."""
         from confluent_kafka.admin import AdminClient
 
-        admin = AdminClient({"bootstrap.servers": self.bootstrap})
+        admin = AdminClient(client_config({"bootstrap.servers": self.bootstrap}))
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             try:

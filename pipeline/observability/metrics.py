@@ -28,6 +28,11 @@ DESTINATION_DELIVERIES = Counter("cdp_destination_deliveries_total", "Payloads d
 DESTINATION_FAILURES = Counter("cdp_destination_failures_total", "Failed delivery attempts",
                                ["destination", "reason"])
 DESTINATION_SKIPS = Counter("cdp_destination_skips_total", "Payloads skipped by mapping", ["destination", "reason"])
+READY = Gauge("cdp_ready", "1 while the worker can do its work (GET /readyz answers 200), else 0")
+NOT_READY = Gauge("cdp_not_ready", "1 while this reason keeps the worker not ready (GET /readyz)", ["reason"])
+OUTPUT_UNACKNOWLEDGED = Gauge("cdp_output_unacknowledged",
+                              "Output messages produced and not yet acknowledged by the broker")
+KAFKA_OUTAGES = Counter("cdp_kafka_outages_total", "Times the worker found Kafka unreachable and waited")
 GC_PAUSE_SECONDS = Histogram("cdp_gc_pause_seconds", "Python garbage-collector pauses (the event loop stops)",
                              ["generation"], buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2))
 

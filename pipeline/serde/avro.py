@@ -20,11 +20,12 @@ from typing import Any, Protocol
 import fastavro
 from fastavro.schema import to_parsing_canonical_form
 
-from pipeline.errors import ConfigError, SerdeError, UnknownNameError
+from pipeline.errors import ConfigError, SchemaRegistryUnavailable, SerdeError, UnknownNameError
 from pipeline.resources import SCHEMAS_DIR
 from pipeline.serde.compiled import Reader, compile_reader, compile_writer
 
 MAGIC = 0
+REGISTRY_TIMEOUT_S = 5  # one request to the Schema Registry (ingest asks again with backoff)
 _HEADER = struct.Struct(">bI")
 
 
@@ -106,7 +107,10 @@ class RegistryCatalog:
     def __init__(self, url: str, embedded: EmbeddedCatalog | None = None, client: Any = None) -> None:
         from confluent_kafka.schema_registry import SchemaRegistryClient
 
-        self._client = client or SchemaRegistryClient.new_client({"url": url})
+        # no retries inside the client: they sleep on the caller's thread (the worker's event loop); ingest
+        # retries with backoff itself (SchemaRegistryUnavailable). A short timeout for the same reason.
+        self._client = client or SchemaRegistryClient.new_client({"url": url, "max.retries": 0,
+                                                                  "timeout": REGISTRY_TIMEOUT_S})
         self._embedded = embedded or EmbeddedCatalog()
         self._ids: dict[str, int] = {}
         self._by_id: dict[int, Any] = {}
@@ -130,9 +134,21 @@ class RegistryCatalog:
                 try:
                     schema = self._client.get_schema(schema_id)
                 except Exception as exc:  # the client raises its own error types per transport
+                    if _unavailable(exc):
+                        raise SchemaRegistryUnavailable(schema_id, type(exc).__name__) from exc
                     raise SerdeError("unknown-schema-id", f"registry has no schema {schema_id}: {exc}") from exc
                 self._by_id[schema_id] = fastavro.parse_schema(_strip_logical(json.loads(str(schema.schema_str))))
             return self._by_id[schema_id]
+
+
+def _unavailable(exc: Exception) -> bool:
+    """Whether a registry error says nothing about the schema id: no answer (connection refused, timeout) or
+    any status but 404 (5xx, 429, an auth problem). Only "no such schema" makes a record undecodable."""
+    from confluent_kafka.schema_registry.error import SchemaRegistryError
+
+    if isinstance(exc, SchemaRegistryError):
+        return exc.http_status_code != 404
+    return isinstance(exc, (OSError, TimeoutError)) or type(exc).__module__.startswith(("httpx", "httpcore"))
 
 
 _default: SchemaCatalog | None = None

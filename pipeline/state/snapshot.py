@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from confluent_kafka import Consumer, TopicPartition
 
 from pipeline.model import ProfileState
+from pipeline.observability.logs import client_config
 from pipeline.state.codec import Forward, decode_profile_entry
 from pipeline.topics import TopicRegistry
 
@@ -20,8 +21,8 @@ from pipeline.topics import TopicRegistry
 def read_changelog(reg: TopicRegistry, bootstrap: str, logical: str, timeout_s: float = 30) -> dict[bytes, bytes]:
     """The latest value per key of a changelog topic (tombstoned keys left out), read up to its end."""
     spec = reg[logical]
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"cdp-snapshot-{uuid.uuid4().hex[:8]}",
-                  "enable.auto.commit": False, "enable.partition.eof": True})
+    c = Consumer(client_config({"bootstrap.servers": bootstrap, "group.id": f"cdp-snapshot-{uuid.uuid4().hex[:8]}",
+                                "enable.auto.commit": False, "enable.partition.eof": True}))
     try:
         ends = {}
         for p in range(spec.partitions):
