@@ -47,6 +47,8 @@ def stamp(previous: Outbox | None, messages: list[Message], run: str, epoch: int
           delivered: bool) -> Outbox | None:
     """The outbox to write: the previous one's messages unless delivered, then the new ones, the latest per
     (topic, key) (only the last membership change of an audience matters to whoever reads the topic)."""
+    if not messages and previous is not None and not delivered:
+        return previous  # unchanged, stamp included: nothing new to wait for, and the stored bytes stay the same
     latest: dict[tuple[str, str], Message] = {}
     if previous is not None and not delivered:
         for m in previous.messages:

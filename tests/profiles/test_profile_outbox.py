@@ -33,6 +33,12 @@ def test_a_newer_message_replaces_the_older_one_of_its_audience_and_goes_last() 
     assert box == Outbox("run1", 6, [["m", "p1|a2", {"s": "realized"}], ["m", "p1|a1", {"s": "exited"}]])
 
 
+def test_an_undelivered_outbox_with_nothing_new_keeps_its_stamp() -> None:
+    # (a replayed duplicate then writes nothing: the profile's bytes stay the same)
+    old = Outbox("run1", 4, [["m", "p1|a1", {"s": "realized"}]])
+    assert stamp(old, [], "run1", 6, delivered=False) is old
+
+
 def test_a_delivered_outbox_is_dropped_and_an_empty_one_is_none() -> None:
     old = Outbox("run1", 4, [["m", "p1|a1", {"s": "realized"}]])
     assert stamp(old, [], "run1", 6, delivered=True) is None
