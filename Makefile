@@ -30,8 +30,9 @@ kafka-up: kafka-jars
 kafka-down: venv
 	$(BIN)/python -m pipeline.local.broker down
 
+# (on the single local broker of `make kafka-up`: one replica)
 topics: venv
-	$(BIN)/pipeline topics apply
+	PIPELINE_REPLICATION_FACTOR=1 PIPELINE_MIN_INSYNC_REPLICAS=1 $(BIN)/pipeline topics apply
 
 run: kafka-jars
 	$(BIN)/python -m pipeline.local.demo

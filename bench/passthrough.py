@@ -18,6 +18,7 @@ import time
 
 from confluent_kafka import Consumer, TopicPartition
 
+from pipeline.connection import KafkaConnection, client_config
 from pipeline.errors import SerdeError
 from pipeline.ingest.agents import BATCH_MAX, COMMIT_INTERVAL_S, IDLE_SLEEP_S, consumer_config
 from pipeline.runtime import OutputProducer
@@ -25,14 +26,15 @@ from pipeline.topics import TopicRegistry
 
 
 async def main() -> None:
-    bootstrap = os.environ.get("KAFKA_BOOTSTRAP", "127.0.0.1:9092")
+    kafka = KafkaConnection.from_env()
     codec = TopicRegistry.load(prefix=os.environ.get("PIPELINE_TOPIC_PREFIX", ""))["ingest.events"].codec
     n_total = int(os.environ.get("BENCH_N", "50000"))
     result = os.environ.get("BENCH_RESULT", "/tmp/passthrough.json")
     out_topic = os.environ.get("BENCH_OUT", "bench.out")
-    consumer = Consumer(consumer_config(bootstrap, os.environ.get("BENCH_APP_ID", "bench-pt"), "bench-passthrough"))
+    consumer = Consumer(client_config(kafka, consumer_config(os.environ.get("BENCH_APP_ID", "bench-pt"),
+                                                               "bench-passthrough")))
     consumer.subscribe([os.environ.get("BENCH_IN", "bench.in")])
-    output = OutputProducer(bootstrap)
+    output = OutputProducer(kafka)
     n, errors, first, t10 = 0, 0, 0.0, 0.0
     done: dict[tuple[str, int], int] = {}
     last_commit = time.monotonic()

@@ -688,7 +688,7 @@ def main(argv: list[str] | None = None) -> int:
     drain_cap = 5.0 if args.quick else 15.0
     lag_cap = args.lag_cap or (2_000 if args.quick else 5_000)
 
-    from pipeline.local.broker import LocalBroker, ensure_jars, free_port
+    from pipeline.local.broker import SINGLE_BROKER_ENV, LocalBroker, ensure_jars, free_port
     from pipeline.topics import TopicRegistry, apply
 
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -713,6 +713,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"starting broker on {broker.port} (data {tmp / 'kafka'})")
         broker.start(timeout_s=120)
         bootstrap = broker.bootstrap
+        os.environ.update(SINGLE_BROKER_ENV)  # one broker: one replica (here and in the workers started below)
         prefix = f"b{uuid.uuid4().hex[:6]}-"
         reg = TopicRegistry.load(prefix=prefix)
         apply(reg, bootstrap, out=lambda *_: None)

@@ -10,8 +10,9 @@ from typing import Any
 
 import faust
 
+from pipeline.connection import KafkaConnection, client_config
 from pipeline.observability import metrics
-from pipeline.observability.logs import client_config, throttle_library_loggers
+from pipeline.observability.logs import throttle_library_loggers
 from pipeline.observability.readiness import Readiness
 from pipeline.outage import KafkaWatch
 from pipeline.profiles.ops import ProfileProcessor
@@ -44,11 +45,12 @@ def build_app(settings: Settings, config: PipelineConfig | None = None,
         tolerate_stale_url_on_static_rejoin()
     app = faust.App(
         settings.app_id,
-        broker=f"kafka://{settings.bootstrap}",
+        broker=settings.kafka.faust_brokers(),
+        broker_credentials=settings.kafka.faust_credentials(),
         store="rocksdb://",
         datadir=str(settings.data_dir / settings.worker_name),
         topic_partitions=ops_partitions,
-        topic_replication_factor=1,
+        topic_replication_factor=registry.replication_factor,  # Faust's own (leader) topic
         topic_allow_declare=True,  # only for faust's own leader topic; ours come from topics.yaml (internal=False)
         table_standby_replicas=0,
         consumer_auto_offset_reset="earliest",
@@ -65,7 +67,7 @@ def build_app(settings: Settings, config: PipelineConfig | None = None,
         broker_max_poll_records=2000,
         stream_buffer_maxsize=16384,
         web_enabled=True,
-        web_bind="127.0.0.1",
+        web_bind=settings.web_host,
         web_port=settings.web_port,
         web_in_thread=False,
         logging_config=None,
@@ -74,7 +76,7 @@ def build_app(settings: Settings, config: PipelineConfig | None = None,
     engine = SegmentEngine(config.audiences, history_retention_ms=history_ms)
     processor = ProfileProcessor(config.profile, engine, time.time)
     readiness = Readiness()
-    output = OutputProducer(settings.bootstrap, frozenset(registry.name(t) for t in settings.fault_lose_output),
+    output = OutputProducer(settings.kafka, frozenset(registry.name(t) for t in settings.fault_lose_output),
                             error_cb=lambda err: kafka.error_cb(err))
     kafka = KafkaWatch(readiness, lambda: output.produced - output.acknowledged, output.waiting_s, output.probe)
     output.stopping = lambda: bool(app.should_stop)
@@ -100,7 +102,7 @@ def build_app(settings: Settings, config: PipelineConfig | None = None,
     rt.output.on_flushed.append(changelogs.persist_offsets)
     _flush_output_before_commit(app, rt.output)
     if settings.leave_group_on_stop:
-        leave_groups_on_stop(app, settings.bootstrap, static_members(settings, faust_instance_id))
+        leave_groups_on_stop(app, settings.kafka, static_members(settings, faust_instance_id))
     for logical, table in (("state.identity-changelog", "identity"), ("state.profiles-changelog", "profiles")):
         spec = registry[logical]
         rt.tables[table] = app.Table(
@@ -164,7 +166,7 @@ def static_members(settings: Settings, faust_instance_id: str | None) -> list[tu
 LEAVE_TIMEOUT_S = 10.0
 
 
-def leave_groups_on_stop(app: faust.App, bootstrap: str, members: list[tuple[str, str]]) -> None:
+def leave_groups_on_stop(app: faust.App, kafka: KafkaConnection, members: list[tuple[str, str]]) -> None:
     """On a graceful stop, the worker's static members leave their groups once its consumers are closed.
 
     The trade-off of static membership (KIP-345): a static member never sends a LeaveGroup when it closes
@@ -186,14 +188,14 @@ def leave_groups_on_stop(app: faust.App, bootstrap: str, members: list[tuple[str
     async def shutdown_and_leave() -> None:
         await on_shutdown()
         try:
-            await asyncio.wait_for(leave_groups(bootstrap, members), LEAVE_TIMEOUT_S)
+            await asyncio.wait_for(leave_groups(kafka, members), LEAVE_TIMEOUT_S)
         except Exception as exc:  # the session timeout removes them anyway
             logging.getLogger(__name__).warning("static members not removed from their groups: %r", exc)
 
     app.on_shutdown = shutdown_and_leave  # type: ignore[method-assign]
 
 
-async def leave_groups(bootstrap: str, members: Iterable[tuple[str, str]]) -> list[str]:
+async def leave_groups(kafka: KafkaConnection, members: Iterable[tuple[str, str]]) -> list[str]:
     """Remove each (group, group.instance.id) member from its group: what a dynamic member's LeaveGroup on
     close does. Finds the member id the instance joined with (DescribeGroups), then sends a LeaveGroup for
     that member id (the broker removes a static member that way too). Returns the groups left."""
@@ -206,7 +208,7 @@ async def leave_groups(bootstrap: str, members: Iterable[tuple[str, str]]) -> li
     wanted = dict(members)
 
     def describe() -> dict[str, str]:
-        admin = AdminClient(client_config({"bootstrap.servers": bootstrap}))
+        admin = AdminClient(client_config(kafka))
         found = {}
         for group, future in admin.describe_consumer_groups(list(wanted), request_timeout=5).items():
             for m in future.result().members:
@@ -217,7 +219,7 @@ async def leave_groups(bootstrap: str, members: Iterable[tuple[str, str]]) -> li
     found = await asyncio.to_thread(describe)
     if not found:
         return []
-    client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
+    client = AIOKafkaClient(**kafka.aiokafka(), request_timeout_ms=5000)
     left = []
     try:
         await client.bootstrap()
@@ -263,7 +265,7 @@ def init_group_offsets(settings: Settings, registry: TopicRegistry) -> int:
     from confluent_kafka import ConsumerGroupTopicPartitions, KafkaException, TopicPartition
     from confluent_kafka.admin import AdminClient
 
-    admin = AdminClient(client_config({"bootstrap.servers": settings.bootstrap}))
+    admin = AdminClient(client_config(settings.kafka))
     group = settings.app_id
     try:
         if admin.describe_consumer_groups([group])[group].result().members:

@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pipeline.connection import check_cluster, client_config
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.observability.logs import client_config
 from pipeline.settings import PipelineConfig, Settings
 from pipeline.topics import TopicRegistry
 
@@ -32,6 +32,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())  # the worker's loop is created after this
     config = PipelineConfig.load(settings.config_dir)  # a bad config stops here, before any connection
+    check_cluster(settings.kafka)  # refused credentials stop here; an unreachable cluster is waited for
     rt = build_app(settings, config)
     watch_gc()
     tune_gc()
@@ -73,7 +74,7 @@ def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_topics(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.topics import apply
 
-    items = apply(_registry(settings), settings.bootstrap, dry_run=args.dry_run)
+    items = apply(_registry(settings), settings.kafka, dry_run=args.dry_run)
     if args.dry_run:
         changes = sum(1 for it in items if it.action != "ok")
         print(f"dry run against {settings.bootstrap}: {changes} change(s) planned, nothing applied")
@@ -95,7 +96,7 @@ def cmd_produce(args: argparse.Namespace, settings: Settings) -> int:
     sources: Counter[str] = Counter()
     src = sys.stdin if args.file == "-" else open(args.file)  # noqa: SIM115
     with src:
-        n = produce_json_lines(reg, settings.bootstrap, args.topic, src, key=keyer, sources=sources)
+        n = produce_json_lines(reg, settings.kafka, args.topic, src, key=keyer, sources=sources)
     # how the keys were chosen, never the keys themselves (an identity key holds an e-mail, phone, CRM id...)
     how = ", ".join(f"{c} {s}" for s, c in sorted(sources.items(), key=lambda sc: (-sc[1], sc[0])))
     print(f"published {n} records to {reg.name(args.topic)}, keyed by --key {spec}: {how or 'nothing'}",
@@ -120,7 +121,7 @@ def _key_spec(text: str) -> Any:
 def cmd_tail(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.clients import tail
 
-    for rec in tail(_registry(settings), settings.bootstrap, args.topic, from_beginning=args.from_beginning,
+    for rec in tail(_registry(settings), settings.kafka, args.topic, from_beginning=args.from_beginning,
                     max_messages=args.max, idle_timeout_s=args.timeout):
         print(json.dumps(rec, default=str), flush=True)
     return 0
@@ -163,7 +164,7 @@ def last_run_start(settings: Settings) -> int:
     from pipeline.segments.batch import last_completed_start
 
     reg = _registry(settings)
-    progress = (m["value"] for m in tail(reg, settings.bootstrap, "control.segments", idle_timeout_s=2))
+    progress = (m["value"] for m in tail(reg, settings.kafka, "control.segments", idle_timeout_s=2))
     return last_completed_start(progress, reg["internal.profile-ops"].partitions)
 
 
@@ -177,11 +178,10 @@ def run_batch(settings: Settings, audiences: list[str], since_ms: int = 0, timeo
     reg = _registry(settings)
     ops, control = reg["internal.profile-ops"], reg["control.segments"]
     run = new_run_id()
-    c = Consumer(client_config({"bootstrap.servers": settings.bootstrap, "group.id": f"cdp-batch-{run}",
-                                "enable.auto.commit": False}))
+    c = Consumer(client_config(settings.kafka, {"group.id": f"cdp-batch-{run}", "enable.auto.commit": False}))
     c.assign([TopicPartition(control.name, 0, -1)])  # latest: only this run's progress
     c.poll(0.5)
-    p = producer(settings.bootstrap)
+    p = producer(settings.kafka)
     for part in range(ops.partitions):
         p.produce(ops.name, key=run.encode(), partition=part,
                   value=ops.codec.encode(batch_request(run, audiences, since_ms)))

@@ -12,16 +12,15 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
+from pipeline.connection import Kafka, client_config
 from pipeline.errors import PipelineError, SerdeError
 from pipeline.ingest.keys import KeyChoice, record_id
-from pipeline.observability.logs import client_config
 from pipeline.serde.codecs import RawCodec
 from pipeline.topics import TopicRegistry
 
 
-def producer(bootstrap: str, **extra: Any) -> Producer:
-    return Producer(client_config({"bootstrap.servers": bootstrap, "linger.ms": 5, "acks": "all",
-                                   "enable.idempotence": True, **extra}))
+def producer(kafka: Kafka, **extra: Any) -> Producer:
+    return Producer(client_config(kafka, {"linger.ms": 5, "acks": "all", "enable.idempotence": True, **extra}))
 
 
 def by_record_id(value: Any) -> KeyChoice:
@@ -29,7 +28,7 @@ def by_record_id(value: Any) -> KeyChoice:
     return KeyChoice(record_id(value) if isinstance(value, dict) else None, "record id")
 
 
-def produce_json_lines(reg: TopicRegistry, bootstrap: str, logical: str, lines: Any, *,
+def produce_json_lines(reg: TopicRegistry, kafka: Kafka, logical: str, lines: Any, *,
                        key: Callable[[Any], KeyChoice] = by_record_id,
                        sources: Counter[str] | None = None) -> int:
     """Publish JSON-lines records to a registry topic with its codec; returns the count (raises on failure).
@@ -38,7 +37,7 @@ def produce_json_lines(reg: TopicRegistry, bootstrap: str, logical: str, lines: 
     murmur2 like Java clients and the worker, so a key lands where any other producer would put it.
     `sources` counts how keys were chosen (never their values: a key may be an e-mail)."""
     spec = reg[logical]
-    p = producer(bootstrap, partitioner="murmur2_random")
+    p = producer(kafka, partitioner="murmur2_random")
     errors: list[str] = []
     n = 0
 
@@ -97,12 +96,12 @@ def decode_message(reg: TopicRegistry, logical: str, msg: Any) -> dict[str, Any]
     return out
 
 
-def tail(reg: TopicRegistry, bootstrap: str, logical: str, *, from_beginning: bool = True,
+def tail(reg: TopicRegistry, kafka: Kafka, logical: str, *, from_beginning: bool = True,
          max_messages: int | None = None, idle_timeout_s: float = 5.0) -> Iterator[dict[str, Any]]:
     """Yield a topic's messages decoded, until max_messages or idle_timeout_s without one."""
     spec = reg[logical]
-    c = Consumer(client_config({"bootstrap.servers": bootstrap, "group.id": f"cdp-tail-{uuid.uuid4().hex[:8]}",
-                                "enable.auto.commit": False, "auto.offset.reset": "earliest" if from_beginning else "latest"}))
+    c = Consumer(client_config(kafka, {"group.id": f"cdp-tail-{uuid.uuid4().hex[:8]}", "enable.auto.commit": False,
+                                       "auto.offset.reset": "earliest" if from_beginning else "latest"}))
     try:
         md = c.list_topics(spec.name, timeout=10).topics.get(spec.name)
         if md is None or md.error is not None:

@@ -17,12 +17,13 @@ Environment (file key in brackets):
 
 from __future__ import annotations
 
+import logging
 import os
 import ssl
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 from pipeline.errors import ConfigError
 from pipeline.yamlconf import compose_file
@@ -156,6 +157,10 @@ class KafkaConnection:
             ctx.load_cert_chain(str(self.cert_file), str(self.key_file), self.key_password)
         return ctx
 
+    def faust_brokers(self) -> list[str]:
+        """Faust's `broker` setting: one URL per bootstrap server."""
+        return [f"kafka://{server.strip()}" for server in self.bootstrap.split(",") if server.strip()]
+
     def faust_credentials(self) -> Any:
         """Faust's `broker_credentials` (None for PLAINTEXT)."""
         import faust
@@ -177,6 +182,123 @@ class KafkaConnection:
         if self.tls:
             out["ssl_context"] = self.ssl_context()
         return out
+
+
+Kafka: TypeAlias = "KafkaConnection | str"  # a bare string is a PLAINTEXT bootstrap (local brokers, tests)
+
+
+def connection(kafka: Kafka) -> KafkaConnection:
+    """The connection itself; a bare bootstrap string is a PLAINTEXT connection to it."""
+    return kafka if isinstance(kafka, KafkaConnection) else KafkaConnection(bootstrap=kafka)
+
+
+def client_config(kafka: Kafka, props: Mapping[str, Any] | None = None, *,
+                  error_cb: Callable[[Any], None] | None = None) -> dict[str, Any]:
+    """The one builder of confluent-kafka client settings: the connection (servers and security), the client's
+    own properties, and logging through the throttled LIBRDKAFKA logger (librdkafka otherwise prints each failed
+    connection attempt to stderr: thousands of lines in a few minutes of outage; idle connections closed by
+    the broker are not logged at all)."""
+    from pipeline.observability.logs import LIBRDKAFKA, log_client_error
+
+    quiet = {"logger": LIBRDKAFKA, "log.connection.close": False, "error_cb": error_cb or log_client_error}
+    return {**quiet, **connection(kafka).librdkafka(**dict(props or {}))}
+
+
+# librdkafka errors that waiting cannot fix: the cluster answered and refused us, or we speak the wrong protocol
+_REFUSED = ("_AUTHENTICATION", "SASL_AUTHENTICATION_FAILED", "_SSL", "TOPIC_AUTHORIZATION_FAILED",
+            "CLUSTER_AUTHORIZATION_FAILED", "_UNSUPPORTED_FEATURE")
+# librdkafka's hints, in an error or a log line, that client and listener speak different protocols
+_WRONG_PROTOCOL = ("incorrect security.protocol", "connecting to a PLAINTEXT broker listener",
+                   "connecting to a SSL listener")
+CHECK_REPORT_EVERY_S = 30.0
+
+
+def check_cluster(kafka: Kafka, *, wait_s: float | None = None, log: logging.Logger | None = None) -> int:
+    """Called once when a long-running command starts (worker, destination runner) and by `topics apply`:
+    connect to the cluster before anything else does, so a misconfiguration is one clear error.
+
+    1. Ask for the cluster's metadata with an admin client, collecting the client's errors.
+    2. An authentication, TLS or protocol error raises KafkaAuthError at once, naming the listener
+       (`describe()`, never a secret) and librdkafka's reason.
+    3. An unreachable cluster is waited for, with a log line every 30 s: for as long as it takes when
+       `wait_s` is None (like any other outage), else up to `wait_s` seconds, then a PipelineError.
+    Returns the number of brokers in the cluster."""
+    import time
+
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
+
+    from pipeline.errors import KafkaAuthError, PipelineError
+
+    conn = connection(kafka)
+    log = log or logging.getLogger("pipeline.connection")
+    errors: list[Any] = []
+    hints: list[str] = []  # librdkafka log lines naming a protocol mismatch (not all reach error_cb)
+    admin = AdminClient(client_config(conn, {"socket.connection.setup.timeout.ms": 10_000,
+                                             "logger": _Hints(hints)}, error_cb=errors.append))
+    start = time.monotonic()
+    next_report = start + CHECK_REPORT_EVERY_S
+    while True:
+        try:
+            brokers = len(admin.list_topics(timeout=5).brokers)
+        except KafkaException as exc:
+            errors.append(exc.args[0])
+            brokers = 0
+        admin.poll(0)  # serves error_cb
+        refused = [e.str() for e in errors if e.name() in _REFUSED or _wrong_protocol(e.str())] + hints
+        if refused:
+            raise KafkaAuthError(f"the Kafka cluster at {conn.describe()} refused the connection: {refused[0]}",
+                                 file=None if conn.source == "environment" else conn.source)
+        if brokers:
+            return brokers
+        waited = time.monotonic() - start
+        last = errors[-1].str() if errors else "no answer"
+        listening = _accepting(conn.bootstrap)
+        if listening:  # librdkafka keeps its protocol-mismatch hint to itself on a PLAINTEXT client
+            last += (f"; {listening[0]} accepts connections but no Kafka handshake succeeds: is "
+                     f"{conn.security_protocol} the protocol of that listener?")
+        if wait_s is not None and waited >= wait_s:
+            raise PipelineError(f"the Kafka cluster at {conn.describe()} is not reachable: {last}")
+        if time.monotonic() >= next_report:
+            log.warning("the Kafka cluster at %s is not reachable after %.0f s (%s); waiting",
+                        conn.describe(), waited, last)
+            next_report += CHECK_REPORT_EVERY_S
+        errors.clear()
+        time.sleep(1.0)
+
+
+def _accepting(bootstrap: str) -> list[str]:
+    """The bootstrap servers that accept a TCP connection (for a diagnosis, after the Kafka client failed)."""
+    import socket
+
+    out = []
+    for server in bootstrap.split(","):
+        host, _, port = server.strip().rpartition(":")
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=1):
+                out.append(server.strip())
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def _wrong_protocol(text: str) -> bool:
+    return any(hint in text for hint in _WRONG_PROTOCOL)
+
+
+class _Hints:
+    """A librdkafka logger that keeps the lines naming a protocol mismatch and passes every line on."""
+
+    def __init__(self, into: list[str]) -> None:
+        self._into = into
+
+    def log(self, level: int, msg: str, *args: Any) -> None:
+        from pipeline.observability.logs import LIBRDKAFKA
+
+        text = msg % args if args else msg
+        if _wrong_protocol(text):
+            self._into.append(text)
+        LIBRDKAFKA.log(level, msg, *args)
 
 
 def _read_file(path: str) -> dict[str, Any]:

@@ -121,5 +121,10 @@ class DeliveryError(PipelineError):
         super().__init__(message)
 
 
+class KafkaAuthError(ConfigError):
+    """The Kafka cluster refused this client's connection (credentials, TLS trust or protocol): a
+    configuration problem, reported at start-up naming the listener, never retried."""
+
+
 class BrokerError(PipelineError):
     """The local Kafka broker could not be fetched, started or reached."""

@@ -15,10 +15,10 @@ from typing import Any
 import faust
 from confluent_kafka import KafkaError, KafkaException, Producer
 
+from pipeline.connection import Kafka, client_config
 from pipeline.errors import OutputRefused, PipelineError, describe, where
 from pipeline.identity.stitch import Send
 from pipeline.observability import metrics
-from pipeline.observability.logs import client_config
 from pipeline.observability.readiness import Readiness
 from pipeline.outage import KafkaWatch
 from pipeline.profiles.ops import ProfileProcessor
@@ -81,17 +81,17 @@ class OutputProducer:
     where the table data for that key lives, whichever producer sent it.
     """
 
-    def __init__(self, bootstrap: str, lose: frozenset[str] = frozenset(),
+    def __init__(self, kafka: Kafka, lose: frozenset[str] = frozenset(),
                  error_cb: Callable[[KafkaError], None] | None = None) -> None:
         # linger 20 ms: fewer, larger produce requests (the broker's cost is per request more than per
         # message), for at most 20 ms more latency on a path whose budget is a second.
         # message.timeout.ms 0: a message waits for the broker as long as it takes (librdkafka's default fails
         # it after 5 min), so a broker outage of any length is waited out, not turned into lost output.
-        self._p = Producer(client_config({
-            "bootstrap.servers": bootstrap, "partitioner": "murmur2_random", "acks": "all",
+        self._p = Producer(client_config(kafka, {
+            "partitioner": "murmur2_random", "acks": "all",
             "enable.idempotence": True, "linger.ms": 20, "compression.type": "lz4",
             "queue.buffering.max.messages": 200_000, "batch.num.messages": 10_000, "message.timeout.ms": 0,
-        }, error_cb))
+        }, error_cb=error_cb))
         self._waits: list[float] = []  # when each flush still waiting began
         # whether the worker is stopping: a flush then gives up after STOPPING_FLUSH_S (`build_app` sets it)
         self.stopping: Callable[[], bool] = lambda: False

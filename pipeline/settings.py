@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.connection import KafkaConnection
 from pipeline.errors import ConfigError
 from pipeline.identity.datasets import load_datasets_config
 from pipeline.identity.namespaces import load_identity_config
@@ -36,15 +37,33 @@ def _flag(name: str, default: bool) -> bool:
     raise ConfigError(f"{name} must be 1/0 (true/false, yes/no, on/off), not {value!r}")
 
 
+def _port(name: str, default: int) -> int:
+    value = os.environ.get(name, "").strip() or str(default)
+    if not value.isdigit() or not 0 <= int(value) <= 65535:
+        raise ConfigError(f"{name} must be a TCP port (0-65535), not {value!r}")
+    return int(value)
+
+
 @dataclass(frozen=True)
 class Settings:
-    bootstrap: str
+    """Environment (flag default in brackets): the Kafka connection (pipeline.connection: KAFKA_*),
+    PIPELINE_APP_ID, PIPELINE_CONFIG, PIPELINE_DATA_DIR, PIPELINE_TOPIC_PREFIX, PIPELINE_WORKER_NAME,
+    PIPELINE_WEB_HOST [127.0.0.1] and PIPELINE_WEB_PORT [6066] (the worker's API and /metrics),
+    PIPELINE_DEST_METRICS_HOST [127.0.0.1] and PIPELINE_DEST_METRICS_PORT [off] (the destination runner),
+    PIPELINE_STATIC_MEMBERSHIP, PIPELINE_LEAVE_GROUP_ON_STOP; replication overrides are read with topics.yaml
+    (pipeline.topics)."""
+
+    kafka: KafkaConnection
     app_id: str
     config_dir: Path
     data_dir: Path
     web_port: int
     topic_prefix: str
     worker_name: str  # unique per worker of an app id, and the same when that worker restarts
+    # Local by default (`make run` on a laptop); 0.0.0.0 or a pod IP in a deployment.
+    web_host: str = "127.0.0.1"
+    dest_metrics_host: str = "127.0.0.1"
+    dest_metrics_port: int = 0  # 0: the destination runner serves no metrics
     # Static group membership (KIP-345): both consumers (Faust's and the ingest one) join their groups with a
     # `group.instance.id` made of the app id and worker name, so a worker restarted after a crash gets its
     # partitions back at once instead of after the dead member's session timeout (Faust 60 s, ingest 45 s).
@@ -60,11 +79,14 @@ class Settings:
     def from_env(cls, config_dir: str | Path | None = None) -> Settings:
         app_id = os.environ.get("PIPELINE_APP_ID", "cdp-pipeline")
         return cls(
-            bootstrap=os.environ.get("KAFKA_BOOTSTRAP", "127.0.0.1:9092"),
+            kafka=KafkaConnection.from_env(),
             app_id=app_id,
             config_dir=Path(config_dir or os.environ.get("PIPELINE_CONFIG") or DEFAULT_CONFIG),
             data_dir=Path(os.environ.get("PIPELINE_DATA_DIR") or default_data_dir(app_id)),
-            web_port=int(os.environ.get("PIPELINE_WEB_PORT", "6066")),
+            web_port=_port("PIPELINE_WEB_PORT", 6066),
+            web_host=os.environ.get("PIPELINE_WEB_HOST", "").strip() or "127.0.0.1",
+            dest_metrics_host=os.environ.get("PIPELINE_DEST_METRICS_HOST", "").strip() or "127.0.0.1",
+            dest_metrics_port=_port("PIPELINE_DEST_METRICS_PORT", 0),
             topic_prefix=os.environ.get("PIPELINE_TOPIC_PREFIX", ""),
             worker_name=os.environ.get("PIPELINE_WORKER_NAME", "worker-1"),
             static_membership=_flag("PIPELINE_STATIC_MEMBERSHIP", True),
@@ -72,6 +94,11 @@ class Settings:
             fault_lose_output=tuple(t.strip() for t in os.environ.get("PIPELINE_FAULT_LOSE_OUTPUT", "").split(",")
                                     if t.strip()),
         )
+
+    @property
+    def bootstrap(self) -> str:
+        """The brokers, for messages (clients are configured from `kafka`)."""
+        return self.kafka.bootstrap
 
     def group_instance_id(self, consumer: str = "") -> str | None:
         """The `group.instance.id` of this worker's consumer (`consumer`: "" for Faust's, "ingest" for the

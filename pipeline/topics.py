@@ -2,6 +2,11 @@
 
 Code names topics by their logical name (e.g. "ingest.events"); the physical name is the prefix
 (PIPELINE_TOPIC_PREFIX, so tests and tenants get their own topics) plus the declared name.
+
+Durability comes from topics.yaml (`replication_factor`, `min_insync_replicas`, per topic or in `defaults`),
+overridable for every topic by the environment: PIPELINE_REPLICATION_FACTOR and PIPELINE_MIN_INSYNC_REPLICAS
+(e.g. 1 and 1 on a single development broker). Faust's own topics and the runner's dead-letter topic take
+the same values.
 """
 
 from __future__ import annotations
@@ -12,15 +17,17 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import TopicPlanError, UnknownNameError
-from pipeline.observability.logs import client_config
+from pipeline.connection import Kafka, check_cluster, client_config, connection
+from pipeline.errors import ConfigError, TopicPlanError, UnknownNameError
 from pipeline.resources import TOPICS_FILE
 from pipeline.serde.codecs import Codec, codec_from_spec
 from pipeline.yamlconf import compose_file
 
 _REQUIRED = {"name", "partitions", "codec"}
-_KEYS = {"name", "partitions", "replication_factor", "cleanup_policy", "retention_ms", "codec", "description"}
-_DEFAULT_KEYS = {"replication_factor", "cleanup_policy", "retention_ms"}
+_KEYS = {"name", "partitions", "replication_factor", "min_insync_replicas", "cleanup_policy", "retention_ms",
+         "codec", "description"}
+_DEFAULT_KEYS = {"replication_factor", "min_insync_replicas", "cleanup_policy", "retention_ms"}
+REPLICATION_ENV, MIN_INSYNC_ENV = "PIPELINE_REPLICATION_FACTOR", "PIPELINE_MIN_INSYNC_REPLICAS"
 _CLEANUP = ("delete", "compact", "compact,delete")
 
 
@@ -30,6 +37,7 @@ class TopicSpec:
     name: str  # physical, prefix included
     partitions: int
     replication_factor: int
+    min_insync_replicas: int
     cleanup_policy: str
     retention_ms: int
     codec_spec: str
@@ -40,19 +48,25 @@ class TopicSpec:
         return codec_from_spec(self.codec_spec)
 
     def config(self) -> dict[str, str]:
-        return {"cleanup.policy": self.cleanup_policy, "retention.ms": str(self.retention_ms)}
+        return {"cleanup.policy": self.cleanup_policy, "retention.ms": str(self.retention_ms),
+                "min.insync.replicas": str(self.min_insync_replicas)}
 
 
 class TopicRegistry:
     """Every topic of the pipeline by logical name."""
 
-    def __init__(self, specs: dict[str, TopicSpec]) -> None:
+    def __init__(self, specs: dict[str, TopicSpec], replication_factor: int = 1, min_insync_replicas: int = 1
+                 ) -> None:
         self._specs = specs
+        # the defaults (after the environment's overrides), for topics declared elsewhere (Faust's own)
+        self.replication_factor = replication_factor
+        self.min_insync_replicas = min_insync_replicas
 
     @classmethod
     def load(cls, path: Path = TOPICS_FILE, prefix: str | None = None) -> TopicRegistry:
         """Parse topics.yaml; ConfigError names the file, line and problem."""
         prefix = os.environ.get("PIPELINE_TOPIC_PREFIX", "") if prefix is None else prefix
+        rf_env, isr_env = _env_int(REPLICATION_ENV), _env_int(MIN_INSYNC_ENV)
         doc, root = compose_file(path)
         top = doc.mapping(root, "topics.yaml")
         doc.check_keys(top, "topics.yaml", {"topics"}, {"defaults"}, root)
@@ -76,12 +90,22 @@ class TopicRegistry:
                 raise doc.error(f"{what}: cleanup_policy must be one of {', '.join(_CLEANUP)}",
                                 merged["cleanup_policy"])
             retention = merged.get("retention_ms")
+            rf = rf_env or (doc.integer(merged["replication_factor"], f"{what}: replication_factor", minimum=1)
+                            if "replication_factor" in merged else 1)
+            isr = isr_env or (doc.integer(merged["min_insync_replicas"], f"{what}: min_insync_replicas",
+                                          minimum=1) if "min_insync_replicas" in merged else 1)
+            if isr > rf:  # every produce with acks=all would fail: NOT_ENOUGH_REPLICAS
+                where = merged.get("min_insync_replicas") if isr_env is None else None
+                message = (f"{what}: min_insync_replicas {isr} is more than its replication_factor {rf}"
+                           + (f" ({REPLICATION_ENV}/{MIN_INSYNC_ENV} from the environment)"
+                              if rf_env or isr_env else ""))
+                raise doc.error(message, where)
             specs[logical] = TopicSpec(
                 logical=logical,
                 name=prefix + doc.string(fields["name"][1], f"{what}: name"),
                 partitions=doc.integer(fields["partitions"][1], f"{what}: partitions", minimum=1),
-                replication_factor=doc.integer(merged["replication_factor"], f"{what}: replication_factor",
-                                               minimum=1) if "replication_factor" in merged else 1,
+                replication_factor=rf,
+                min_insync_replicas=isr,
                 cleanup_policy=cleanup,
                 retention_ms=doc.integer(retention, f"{what}: retention_ms", minimum=-1)
                 if retention is not None else 604800000,
@@ -89,7 +113,11 @@ class TopicRegistry:
                 description=doc.string(fields["description"][1], f"{what}: description")
                 if "description" in fields else "",
             )
-        return cls(specs)
+        rf_default = rf_env or (doc.integer(defaults["replication_factor"], "defaults: replication_factor", minimum=1)
+                                if "replication_factor" in defaults else 1)
+        isr_default = isr_env or (doc.integer(defaults["min_insync_replicas"], "defaults: min_insync_replicas",
+                                              minimum=1) if "min_insync_replicas" in defaults else 1)
+        return cls(specs, rf_default, min(isr_default, rf_default))
 
     def __getitem__(self, logical: str) -> TopicSpec:
         try:
@@ -110,6 +138,15 @@ class TopicRegistry:
         raise UnknownNameError("topic", name, [s.logical for s in self._specs.values()])
 
 
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ConfigError(f"{name} must be a whole number of at least 1, not {value!r}")
+    return int(value)
+
+
 _registry: TopicRegistry | None = None
 
 
@@ -123,22 +160,37 @@ def registry() -> TopicRegistry:
 
 @dataclass(frozen=True)
 class PlanItem:
-    action: str  # create | update-config | add-partitions | ok
+    action: str  # create | update-config | add-partitions | replication (reported, not applied) | ok
     topic: TopicSpec
     detail: str
 
 
 def plan(reg: TopicRegistry, admin: Any) -> list[PlanItem]:
-    """Compare the declared topics with the cluster; raise TopicPlanError for unsafe changes."""
+    """Compare the declared topics with the cluster; raise TopicPlanError for unsafe or impossible changes."""
     from confluent_kafka.admin import ConfigResource
 
     md = admin.list_topics(timeout=5)  # a reachable cluster answers in well under a second
+    brokers = len(md.brokers)
+    too_wide = [s for s in reg if s.replication_factor > brokers]
+    if too_wide:
+        spec = too_wide[0]
+        raise TopicPlanError(
+            f"topic {spec.logical} asks for replication factor {spec.replication_factor} and the cluster has "
+            f"{brokers} broker(s). On a development cluster set {REPLICATION_ENV}={brokers} and "
+            f"{MIN_INSYNC_ENV}=1; in production add brokers.")
     items: list[PlanItem] = []
     for spec in reg:
         existing = md.topics.get(spec.name)
         if existing is None or existing.error is not None:
-            items.append(PlanItem("create", spec, f"{spec.partitions} partitions, {spec.cleanup_policy}"))
+            items.append(PlanItem("create", spec, f"{spec.partitions} partitions, {spec.cleanup_policy}, "
+                                                  f"replication {spec.replication_factor}, "
+                                                  f"min.insync {spec.min_insync_replicas}"))
             continue
+        replicas = min(len(pm.replicas) for pm in existing.partitions.values())
+        if replicas != spec.replication_factor:  # Kafka changes it only by reassigning replicas
+            items.append(PlanItem("replication", spec, f"{replicas} replicas, topics.yaml asks for "
+                                  f"{spec.replication_factor}: not changed here; reassign the partitions "
+                                  "(kafka-reassign-partitions.sh)"))
         have = len(existing.partitions)
         if have > spec.partitions:
             raise TopicPlanError(
@@ -157,9 +209,10 @@ def plan(reg: TopicRegistry, admin: Any) -> list[PlanItem]:
     return items
 
 
-def apply(reg: TopicRegistry, bootstrap: str, *, dry_run: bool = False, out: Any = print) -> list[PlanItem]:
+def apply(reg: TopicRegistry, kafka: Kafka, *, dry_run: bool = False, out: Any = print) -> list[PlanItem]:
     """Create or update every declared topic idempotently; print the plan; refuse unsafe changes.
 
+    0. check the connection (refused credentials, or no cluster within 5 s, raise);
     1. plan (raises on shrinking); 2. print it; 3. create missing topics; 4. add partitions;
     5. alter configs (incremental, so unrelated settings stay).
     """
@@ -173,11 +226,12 @@ def apply(reg: TopicRegistry, bootstrap: str, *, dry_run: bool = False, out: Any
         NewTopic,
     )
 
-    admin = AdminClient(client_config({"bootstrap.servers": bootstrap}))
+    check_cluster(kafka, wait_s=5)
+    admin = AdminClient(client_config(kafka))
     try:
         items = plan(reg, admin)
     except KafkaException as exc:  # the plan compares with the cluster: without one there is no plan
-        raise TopicPlanError(f"cannot read the topics of the Kafka cluster at {bootstrap}: "
+        raise TopicPlanError(f"cannot read the topics of the Kafka cluster at {connection(kafka).describe()}: "
                              f"{exc.args[0].str()}") from exc
     for it in items:
         out(f"{it.action:15} {it.topic.name:45} {it.detail}")

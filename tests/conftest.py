@@ -11,9 +11,14 @@ from typing import Any
 import pytest
 from procs import WorkerProc, stop_all
 
-from pipeline.local.broker import LocalBroker, free_port
+from pipeline.local.broker import SINGLE_BROKER_ENV, LocalBroker, free_port
 from pipeline.resources import EXAMPLE_CONFIG_DIR
 from pipeline.topics import TopicRegistry, apply
+
+# The session broker is one node: one replica per topic, here and in every worker the tests start (tests of
+# the 3-node cluster set their own).
+for _key, _value in SINGLE_BROKER_ENV.items():
+    os.environ.setdefault(_key, _value)
 
 
 @pytest.hookimpl(hookwrapper=True)

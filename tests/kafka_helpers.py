@@ -10,14 +10,15 @@ from typing import Any
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from pipeline.clients import decode_message
+from pipeline.connection import Kafka, client_config
 from pipeline.topics import TopicRegistry
 
 
-def produce(reg: TopicRegistry, bootstrap: str, logical: str, values: Iterable[Any], *,
+def produce(reg: TopicRegistry, bootstrap: Kafka, logical: str, values: Iterable[Any], *,
             key: Callable[[Any], str] | None = None, raw: bool = False) -> int:
     """Publish values (dicts encoded with the topic's codec, or raw bytes) and wait for delivery."""
     spec = reg[logical]
-    p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "acks": "all"})
+    p = Producer(client_config(bootstrap, {"linger.ms": 5, "acks": "all"}))
     errors: list[Any] = []
     n = 0
     for v in values:
@@ -34,12 +35,13 @@ def produce(reg: TopicRegistry, bootstrap: str, logical: str, values: Iterable[A
 class Collector:
     """Reads a topic from the beginning into `messages` (decoded dicts) while the test waits on conditions."""
 
-    def __init__(self, reg: TopicRegistry, bootstrap: str, logical: str, **config: Any) -> None:
+    def __init__(self, reg: TopicRegistry, bootstrap: Kafka, logical: str, **config: Any) -> None:
         """`config`: more consumer settings (e.g. `log_level=2` to keep a broker outage out of stderr)."""
         self.reg, self.logical = reg, logical
         spec = reg[logical]
-        self.consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"test-{uuid.uuid4().hex[:8]}",
-                                  "enable.auto.commit": False, "auto.offset.reset": "earliest", **config})
+        self.consumer = Consumer(client_config(bootstrap, {
+            "group.id": f"test-{uuid.uuid4().hex[:8]}", "enable.auto.commit": False, "auto.offset.reset": "earliest",
+            **config}))
         md = self.consumer.list_topics(spec.name, timeout=10).topics[spec.name]
         self.consumer.assign([TopicPartition(spec.name, p, -2) for p in md.partitions])
         self.messages: list[dict[str, Any]] = []

@@ -6,9 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.connection import KafkaConnection
-from pipeline.errors import ConfigError
+from pipeline.connection import KafkaConnection, check_cluster, client_config
+from pipeline.errors import ConfigError, KafkaAuthError, PipelineError
+from pipeline.local.broker import free_port
 from pipeline.local.cluster import make_tls
+from pipeline.observability.logs import LIBRDKAFKA, log_client_error
+from pipeline.settings import Settings
 
 
 @pytest.fixture
@@ -66,3 +69,56 @@ def test_a_bad_file_stops_start_up_naming_the_file_and_the_problem(tmp_path: Pat
     with pytest.raises(ConfigError) as info:
         KafkaConnection.from_env({"PIPELINE_KAFKA_CONFIG": str(f)})
     assert str(f) in str(info.value) and problem in str(info.value)
+
+
+def test_client_config_is_the_connection_then_the_clients_own_properties_and_quiet_logging(ca: Path) -> None:
+    # Given a SASL_SSL connection
+    conn = KafkaConnection("b1:9093", "SASL_SSL", "SCRAM-SHA-512", "svc", "s3cret", ca_file=ca)
+    # When a client's settings are built with its own properties and error callback
+    seen: list[object] = []
+    conf = client_config(conn, {"group.id": "g", "enable.auto.commit": False}, error_cb=seen.append)
+    # Then it has the connection, its properties, the throttled logger and its callback
+    assert {k: v for k, v in conf.items() if k not in ("logger", "error_cb")} == {
+        "bootstrap.servers": "b1:9093", "security.protocol": "SASL_SSL", "sasl.mechanisms": "SCRAM-SHA-512",
+        "sasl.username": "svc", "sasl.password": "s3cret", "ssl.ca.location": str(ca),
+        "log.connection.close": False, "group.id": "g", "enable.auto.commit": False}
+    assert conf["logger"] is LIBRDKAFKA and conf["error_cb"] == seen.append
+    # And a bare string is a PLAINTEXT bootstrap (the local broker, tests)
+    assert client_config("127.0.0.1:1")["security.protocol"] == "PLAINTEXT"
+    assert client_config("127.0.0.1:1")["error_cb"] is log_client_error
+
+
+def test_faust_gets_one_broker_url_per_server() -> None:
+    assert KafkaConnection("b1:9093, b2:9093").faust_brokers() == ["kafka://b1:9093", "kafka://b2:9093"]
+
+
+def test_an_unreachable_cluster_is_waited_for_then_reported_without_secrets(caplog: pytest.LogCaptureFixture
+                                                                            ) -> None:
+    # Given nothing listening where the cluster should be, and a password
+    conn = KafkaConnection(f"127.0.0.1:{free_port()}", "SASL_PLAINTEXT", "PLAIN", "svc", "s3cret")
+    # When start-up checks it with a short wait
+    with pytest.raises(PipelineError) as err:
+        check_cluster(conn, wait_s=2)
+    # Then the error says where and that it is unreachable (not refused), and never the password
+    assert not isinstance(err.value, KafkaAuthError)
+    assert f"{conn.bootstrap} (SASL_PLAINTEXT/PLAIN as svc) is not reachable" in str(err.value)
+    assert "s3cret" not in str(err.value) and "s3cret" not in caplog.text
+
+
+def test_bind_addresses_and_ports_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given a deployment's bind settings
+    monkeypatch.setenv("PIPELINE_WEB_HOST", "0.0.0.0")
+    monkeypatch.setenv("PIPELINE_WEB_PORT", "8080")
+    monkeypatch.setenv("PIPELINE_DEST_METRICS_HOST", "10.0.0.5")
+    monkeypatch.setenv("PIPELINE_DEST_METRICS_PORT", "9100")
+    s = Settings.from_env()
+    assert (s.web_host, s.web_port, s.dest_metrics_host, s.dest_metrics_port) == ("0.0.0.0", 8080, "10.0.0.5", 9100)
+    # And without them everything stays local, the runner's metrics off
+    for name in ("PIPELINE_WEB_HOST", "PIPELINE_WEB_PORT", "PIPELINE_DEST_METRICS_HOST", "PIPELINE_DEST_METRICS_PORT"):
+        monkeypatch.delenv(name)
+    s = Settings.from_env()
+    assert (s.web_host, s.web_port, s.dest_metrics_host, s.dest_metrics_port) == ("127.0.0.1", 6066, "127.0.0.1", 0)
+    # And a port that is not one stops start-up naming the variable
+    monkeypatch.setenv("PIPELINE_WEB_PORT", "80a")
+    with pytest.raises(ConfigError, match="PIPELINE_WEB_PORT must be a TCP port"):
+        Settings.from_env()

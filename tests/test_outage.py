@@ -264,7 +264,7 @@ class Output:
 
 
 def fake_runtime(kafka: Any = None) -> Any:
-    settings = SimpleNamespace(bootstrap="127.0.0.1:1", app_id="a", worker_name="w",
+    settings = SimpleNamespace(kafka="127.0.0.1:1", app_id="a", worker_name="w",
                                group_instance_id=lambda _consumer: None)
     return SimpleNamespace(settings=settings, output=Output(), readiness=Readiness(), kafka=kafka,
                            local_delivery=contextlib.nullcontext)

@@ -48,10 +48,10 @@ def test_a_misspelt_switch_is_a_config_error(env) -> None:
 
 
 def test_the_ingest_consumer_joins_as_a_static_member_only_with_an_instance_id() -> None:
-    static = consumer_config("k:9092", "g", "w-ingest", instance_id="app-w-ingest")
+    static = consumer_config("g", "w-ingest", instance_id="app-w-ingest")
     assert static["group.instance.id"] == "app-w-ingest"
-    assert "group.instance.id" not in consumer_config("k:9092", "g", "w-ingest")
-    assert {k: v for k, v in static.items() if k != "group.instance.id"} == consumer_config("k:9092", "g", "w-ingest")
+    assert "group.instance.id" not in consumer_config("g", "w-ingest")
+    assert {k: v for k, v in static.items() if k != "group.instance.id"} == consumer_config("g", "w-ingest")
 
 
 def test_the_worker_leaves_both_groups_as_the_static_members_it_joined_as(env) -> None:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
 from pipeline.errors import ConfigError, TopicPlanError, UnknownNameError
 from pipeline.resources import TOPICS_FILE
-from pipeline.topics import TopicRegistry, apply
+from pipeline.topics import MIN_INSYNC_ENV, REPLICATION_ENV, TopicRegistry, apply
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -64,3 +66,60 @@ def test_apply_is_idempotent_and_refuses_to_shrink(kafka_bootstrap, topic_prefix
     grown = write(tmp_path, TOPICS_FILE.read_text().replace("partitions: 4", "partitions: 6", 1))
     items = apply(TopicRegistry.load(grown, prefix=topic_prefix), kafka_bootstrap, out=lambda *_: None)
     assert [i.action for i in items if i.topic.logical == "ingest.events"] == ["add-partitions"]
+
+
+def test_durability_comes_from_topics_yaml_with_min_insync_in_each_topic_config():
+    # Given the shipped topics.yaml with no override in the environment
+    env = {k: v for k, v in os.environ.items() if k not in (REPLICATION_ENV, MIN_INSYNC_ENV)}
+    with mock.patch.dict(os.environ, env, clear=True):
+        reg = TopicRegistry.load(TOPICS_FILE, prefix="")
+    # Then every topic has 3 replicas and needs 2 in sync, which each topic's config carries
+    assert {(s.replication_factor, s.min_insync_replicas) for s in reg} == {(3, 2)}
+    assert (reg.replication_factor, reg.min_insync_replicas) == (3, 2)
+    assert reg["ingest.events"].config()["min.insync.replicas"] == "2"
+
+
+def test_the_environment_overrides_replication_for_every_topic(monkeypatch):
+    # Given a single development broker's overrides
+    monkeypatch.setenv(REPLICATION_ENV, "1")
+    monkeypatch.setenv(MIN_INSYNC_ENV, "1")
+    reg = TopicRegistry.load(TOPICS_FILE, prefix="")
+    # Then every topic and the defaults (Faust's own topics) take them
+    assert {(s.replication_factor, s.min_insync_replicas) for s in reg} == {(1, 1)}
+    assert (reg.replication_factor, reg.min_insync_replicas) == (1, 1)
+
+
+@pytest.mark.parametrize("rf,isr,problem", [
+    ("2", "3", "min_insync_replicas 3 is more than its replication_factor 2"),
+    ("0", "", f"{REPLICATION_ENV} must be a whole number of at least 1, not '0'"),
+    ("three", "", f"{REPLICATION_ENV} must be a whole number of at least 1, not 'three'"),
+])
+def test_impossible_replication_from_the_environment_stops_loading(monkeypatch, rf, isr, problem):
+    monkeypatch.setenv(REPLICATION_ENV, rf)
+    monkeypatch.setenv(MIN_INSYNC_ENV, isr)
+    with pytest.raises(ConfigError) as err:
+        TopicRegistry.load(TOPICS_FILE, prefix="")
+    assert problem in str(err.value)
+
+
+def test_min_insync_above_replication_in_the_file_names_its_line(tmp_path, monkeypatch):
+    monkeypatch.delenv(REPLICATION_ENV, raising=False)
+    monkeypatch.delenv(MIN_INSYNC_ENV, raising=False)
+    path = write(tmp_path, "topics:\n  a:\n    name: x\n    partitions: 1\n    codec: raw\n"
+                           "    replication_factor: 1\n    min_insync_replicas: 2\n")
+    with pytest.raises(ConfigError) as err:
+        TopicRegistry.load(path, prefix="")
+    assert err.value.line == 7 and "min_insync_replicas 2 is more than its replication_factor 1" in str(err.value)
+
+
+@pytest.mark.integration
+def test_apply_refuses_more_replicas_than_brokers_and_says_what_to_set(kafka_bootstrap, topic_prefix, monkeypatch):
+    # Given topics.yaml's production durability (3 replicas) and the one-broker test cluster
+    monkeypatch.delenv(REPLICATION_ENV, raising=False)
+    monkeypatch.delenv(MIN_INSYNC_ENV, raising=False)
+    reg = TopicRegistry.load(TOPICS_FILE, prefix=topic_prefix)
+    # When applied, the plan refuses before creating anything, naming the override
+    with pytest.raises(TopicPlanError) as err:
+        apply(reg, kafka_bootstrap, out=lambda *_: None)
+    assert "replication factor 3" in str(err.value) and "1 broker(s)" in str(err.value)
+    assert f"{REPLICATION_ENV}=1" in str(err.value)

@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING, Any
 
 from confluent_kafka import OFFSET_INVALID, Consumer, Producer, TopicPartition
 
+from pipeline.connection import Kafka, client_config
 from pipeline.destinations.base import Payload, TopicResolver
 from pipeline.destinations.config import DestinationConfig
 from pipeline.destinations.mapping import Skip, map_change
 from pipeline.errors import DeliveryError, PipelineError
 from pipeline.observability import metrics
-from pipeline.observability.logs import client_config
 
 if TYPE_CHECKING:
     from pipeline.destinations.runner import Decoder, DestinationRunner
@@ -93,11 +93,11 @@ def next_state(cfg: DestinationConfig, prev: DestState | None, seen: Iterable[st
     return DestState(cfg.audiences, False, now)
 
 
-def read_compacted(bootstrap: str, topic: str, *, timeout_s: float = 120.0,
+def read_compacted(kafka: Kafka, topic: str, *, timeout_s: float = 120.0,
                    consumer_config: dict[str, Any] | None = None) -> dict[bytes, bytes | None]:
     """Every key's latest value (None for a tombstone) of a topic, read up to the end offsets taken
     at the start. No consumer group offsets are committed."""
-    c = Consumer(client_config({"bootstrap.servers": bootstrap, "group.id": f"cdp-read-{uuid.uuid4().hex[:12]}",
+    c = Consumer(client_config(kafka, {"group.id": f"cdp-read-{uuid.uuid4().hex[:12]}",
                                 "enable.auto.commit": False, "auto.offset.reset": "earliest",
                                 **(consumer_config or {})}))
     try:
@@ -166,9 +166,9 @@ def member_payloads(cfg: DestinationConfig, members: Iterable[dict[str, Any]], p
     return out
 
 
-def read_current_members(bootstrap: str, topics: TopicResolver, decode: Decoder) -> list[dict[str, Any]]:
+def read_current_members(kafka: Kafka, topics: TopicResolver, decode: Decoder) -> list[dict[str, Any]]:
     """Current members of every audience, from activation.membership-state (blocking)."""
-    return current_members(read_compacted(bootstrap, topics.name(MEMBERSHIP_STATE_TOPIC)), decode)
+    return current_members(read_compacted(kafka, topics.name(MEMBERSHIP_STATE_TOPIC)), decode)
 
 
 class Backfill:
@@ -192,7 +192,7 @@ class Backfill:
         from pipeline.destinations.runner import group_id
 
         topics = runner.topics
-        states_raw = await asyncio.to_thread(read_compacted, runner.bootstrap, topics.name(DEST_STATE_TOPIC),
+        states_raw = await asyncio.to_thread(read_compacted, runner.kafka, topics.name(DEST_STATE_TOPIC),
                                              timeout_s=self.timeout_s)
         states = {k.decode("utf-8", "replace"): DestState.from_json(v) for k, v in states_raw.items() if v}
         configs = runner.configs()
@@ -201,9 +201,9 @@ class Backfill:
         seen: set[str] = set()
         if any(not p.empty for p in plans.values()):
             planned = [cfg for cfg in configs if not plans[cfg.name].empty]
-            fresh, ends = await asyncio.to_thread(self._fresh_groups, runner.bootstrap, topics,
+            fresh, ends = await asyncio.to_thread(self._fresh_groups, runner.kafka, topics,
                                                   [group_id(c.name) for c in planned])
-            members = await asyncio.to_thread(read_current_members, runner.bootstrap, topics, runner.decode)
+            members = await asyncio.to_thread(read_current_members, runner.kafka, topics, runner.decode)
             seen = {str(m["audience_id"]) for m in members}
             for cfg in planned:
                 plan = plans[cfg.name]
@@ -214,7 +214,7 @@ class Backfill:
                     metrics.DESTINATION_SKIPS.labels(cfg.name, reason).inc(n)
                 runner.record_skips(cfg.name, skips)
                 if group_id(cfg.name) in fresh:
-                    await asyncio.to_thread(self._commit_group, runner.bootstrap, group_id(cfg.name), ends)
+                    await asyncio.to_thread(self._commit_group, runner.kafka, group_id(cfg.name), ends)
                 self.last_run[cfg.name] = len(payloads)
                 audiences = [a for a in sorted(seen if plan.include is None else plan.include)
                              if plan.wants(a)]
@@ -230,13 +230,13 @@ class Backfill:
             if not nxt.same_as(prev):
                 writes.append((cfg.name, nxt))
         if writes:
-            await asyncio.to_thread(self._write_states, runner.bootstrap, topics.name(DEST_STATE_TOPIC), writes)
+            await asyncio.to_thread(self._write_states, runner.kafka, topics.name(DEST_STATE_TOPIC), writes)
         return self.last_run
 
-    def _fresh_groups(self, bootstrap: str, topics: TopicResolver, groups: list[str]
+    def _fresh_groups(self, kafka: Kafka, topics: TopicResolver, groups: list[str]
                       ) -> tuple[set[str], list[TopicPartition]]:
         """(groups without any committed offset on the source topics, the source topics' end offsets)."""
-        probe = Consumer(client_config({"bootstrap.servers": bootstrap, "group.id": f"cdp-probe-{uuid.uuid4().hex[:12]}",
+        probe = Consumer(client_config(kafka, {"group.id": f"cdp-probe-{uuid.uuid4().hex[:12]}",
                                         "enable.auto.commit": False}))
         try:
             tps: list[TopicPartition] = []
@@ -252,7 +252,7 @@ class Backfill:
             probe.close()
         fresh: set[str] = set()
         for group in groups:
-            c = Consumer(client_config({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False}))
+            c = Consumer(client_config(kafka, {"group.id": group, "enable.auto.commit": False}))
             try:
                 committed = c.committed([TopicPartition(tp.topic, tp.partition) for tp in tps], timeout=10)
                 if all(tp.offset is None or tp.offset < 0 or tp.offset == OFFSET_INVALID for tp in committed):
@@ -262,19 +262,19 @@ class Backfill:
         return fresh, ends
 
     @staticmethod
-    def _commit_group(bootstrap: str, group: str, ends: list[TopicPartition]) -> None:
+    def _commit_group(kafka: Kafka, group: str, ends: list[TopicPartition]) -> None:
         if not ends:
             return
-        c = Consumer(client_config({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False}))
+        c = Consumer(client_config(kafka, {"group.id": group, "enable.auto.commit": False}))
         try:
             c.commit(offsets=ends, asynchronous=False)
         finally:
             c.close()
 
     @staticmethod
-    def _write_states(bootstrap: str, topic: str, writes: list[tuple[str, DestState]]) -> None:
+    def _write_states(kafka: Kafka, topic: str, writes: list[tuple[str, DestState]]) -> None:
         errors: list[Any] = []
-        p = Producer(client_config({"bootstrap.servers": bootstrap, "enable.idempotence": True}))
+        p = Producer(client_config(kafka, {"enable.idempotence": True}))
         for name, state in writes:
             p.produce(topic, key=name.encode("utf-8"), value=state.to_json(),
                       on_delivery=lambda err, _m: errors.append(err) if err else None)

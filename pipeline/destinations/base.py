@@ -11,6 +11,7 @@ from pipeline.errors import UnknownNameError
 from pipeline.model import Scalar
 
 if TYPE_CHECKING:
+    from pipeline.connection import Kafka
     from pipeline.destinations.config import DestinationConfig
 
 PayloadKind = Literal["membership", "attributes"]
@@ -83,7 +84,7 @@ class DestinationContext:
     """What a destination needs from its surroundings besides its own config."""
 
     dead_letter: DeadLetterSink = _discard_dead_letters
-    kafka_bootstrap: str | None = None
+    kafka: Kafka | None = None  # the pipeline's cluster (pipeline.connection)
     topics: TopicResolver | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 

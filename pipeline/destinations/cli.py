@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.connection import check_cluster
 from pipeline.destinations.backfill import Backfill, member_payloads, read_current_members
 from pipeline.destinations.base import DestinationContext, Payload
 from pipeline.destinations.config import DestinationConfig, DestinationsConfig, load_destinations
@@ -94,7 +95,7 @@ def select(config: DestinationsConfig, names: list[str] | None) -> list[Destinat
 def make_runner(settings: Settings, configs: list[DestinationConfig], *, backfill: bool = True
                 ) -> DestinationRunner:
     reg = TopicRegistry.load(prefix=settings.topic_prefix)
-    return DestinationRunner(configs, bootstrap=settings.bootstrap, topics=reg, decode=registry_decoder(reg),
+    return DestinationRunner(configs, kafka=settings.kafka, topics=reg, decode=registry_decoder(reg),
                              backfill=Backfill() if backfill else None)
 
 
@@ -132,6 +133,7 @@ async def run_until_stopped(settings: Settings, configs: list[DestinationConfig]
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(sig, stop.set)
+    await asyncio.to_thread(check_cluster, settings.kafka)  # refused credentials stop here
     runner = make_runner(settings, configs, backfill=backfill)
     path = status_path(settings)
     try:
@@ -251,13 +253,13 @@ async def export_now(settings: Settings, cfg: DestinationConfig) -> dict[str, An
     async def no_dead_letters(payloads: list[Payload], reason: str) -> None:
         raise PipelineError(f"{len(payloads)} export row(s) failed: {reason}")
 
-    dest = FileDestination(cfg, DestinationContext(dead_letter=no_dead_letters, kafka_bootstrap=settings.bootstrap))
+    dest = FileDestination(cfg, DestinationContext(dead_letter=no_dead_letters, kafka=settings.kafka))
     await dest.start()
     try:
         members: list[Payload] | None = None
         if cfg.file.mode == "full":
             reg = TopicRegistry.load(prefix=settings.topic_prefix)
-            current = await asyncio.to_thread(read_current_members, settings.bootstrap, reg, registry_decoder(reg))
+            current = await asyncio.to_thread(read_current_members, settings.kafka, reg, registry_decoder(reg))
             skips: Counter[str] = Counter()
             members = member_payloads(cfg, current, skips=skips, key_suffix="")
             if skips:

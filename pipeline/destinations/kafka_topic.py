@@ -8,10 +8,10 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
+from pipeline.connection import client_config
 from pipeline.destinations.base import Destination, DestinationContext, Payload, register_kind
 from pipeline.destinations.config import DestinationConfig
 from pipeline.errors import DeliveryError
-from pipeline.observability.logs import client_config
 
 
 class KafkaTopicDestination(Destination):
@@ -22,11 +22,12 @@ class KafkaTopicDestination(Destination):
         super().__init__(config, context)
         if config.kafka is None:
             raise DeliveryError(f"destination {config.name} has no kafka settings", retryable=False)
-        if context.kafka_bootstrap is None and not (producer_config or {}).get("bootstrap.servers"):
-            raise DeliveryError(f"destination {config.name}: no Kafka bootstrap servers", retryable=False)
+        if context.kafka is None:
+            raise DeliveryError(f"destination {config.name}: no Kafka connection", retryable=False)
+        self._kafka = context.kafka
         self.topic = context.topics.name(config.kafka.topic) if context.topics else config.kafka.topic
         self._producer_config: dict[str, Any] = {
-            "bootstrap.servers": context.kafka_bootstrap,
+            "acks": "all",
             # Idempotent producer: broker-side retries cannot reorder or duplicate within a partition.
             "enable.idempotence": True,
             "linger.ms": 5,
@@ -38,7 +39,7 @@ class KafkaTopicDestination(Destination):
         self.last_delivery_ms: int | None = None
 
     async def start(self) -> None:
-        self._producer = Producer(client_config(self._producer_config))
+        self._producer = Producer(client_config(self._kafka, self._producer_config))
 
     def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
         # Runs inside poll()/flush() on whichever thread called them.

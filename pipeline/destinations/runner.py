@@ -17,6 +17,7 @@ from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, Message, Produ
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from pipeline.backoff import full_jitter_s
+from pipeline.connection import Kafka, client_config
 from pipeline.destinations.base import (
     Destination,
     DestinationContext,
@@ -28,7 +29,7 @@ from pipeline.destinations.config import DestinationConfig
 from pipeline.destinations.mapping import Skip, map_message
 from pipeline.errors import DeliveryError, UnknownNameError
 from pipeline.observability import metrics
-from pipeline.observability.logs import client_config
+from pipeline.topics import TopicRegistry, registry
 
 if TYPE_CHECKING:
     from pipeline.destinations.backfill import Backfill
@@ -121,10 +122,10 @@ class DestinationRunner:
     topics. Offsets are committed only after the destination's flush() (at-least-once); payloads that
     fail for good go to that destination's dead-letter topic with the reason in headers."""
 
-    def __init__(self, destinations: Iterable[DestinationConfig], *, bootstrap: str,
+    def __init__(self, destinations: Iterable[DestinationConfig], *, kafka: Kafka,
                  topics: TopicResolver | None = None, decode: Decoder = json_decoder,
                  settings: RunnerSettings | None = None, backfill: Backfill | None = None) -> None:
-        self.bootstrap = bootstrap
+        self.kafka = kafka
         # Optional: on start, deliver the current members of newly mapped audiences (see backfill.py).
         self.backfill = backfill
         self.topics: TopicResolver = topics or LogicalTopics()
@@ -148,13 +149,13 @@ class DestinationRunner:
         4. Subscribe one consumer per destination and start its loop.
 
         `consume=False` stops after step 2: destinations usable for `redrive()` or exports only."""
-        self._producer = Producer(client_config({"bootstrap.servers": self.bootstrap, "enable.idempotence": True,
-                                                 "linger.ms": 5, **self.settings.producer_config}))
+        self._producer = Producer(client_config(self.kafka, {"acks": "all", "enable.idempotence": True, "linger.ms": 5,
+                                                             **self.settings.producer_config}))
         if self.settings.create_dead_letter_topic:
             await asyncio.to_thread(self._create_dead_letter_topic)
         for cfg in self._configs:
             ctx = DestinationContext(dead_letter=self._dead_letter_sink(cfg.name),
-                                     kafka_bootstrap=self.bootstrap, topics=self.topics)
+                                     kafka=self.kafka, topics=self.topics)
             dest = create_destination(cfg, ctx)
             await dest.start()
             self._lanes[cfg.name] = _Lane(cfg, dest, last_commit=time.monotonic())
@@ -165,8 +166,7 @@ class DestinationRunner:
             await self.backfill.run(self)
         for lane in self._lanes.values():
             cfg = lane.config
-            lane.consumer = Consumer(client_config({
-                "bootstrap.servers": self.bootstrap,
+            lane.consumer = Consumer(client_config(self.kafka, {
                 "group.id": group_id(cfg.name),
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
@@ -388,12 +388,16 @@ class DestinationRunner:
                 await asyncio.to_thread(self._producer.poll, 0.1)
 
     def _create_dead_letter_topic(self) -> None:
-        """Create the dead-letter topic if the registry's `topics apply` has not (tests, dev)."""
-        admin = AdminClient(client_config({"bootstrap.servers": self.bootstrap}))
+        """Create the dead-letter topic as topics.yaml declares it, if `topics apply` has not (tests, dev)."""
+        admin = AdminClient(client_config(self.kafka))
         topic = self.dead_letter_topic
         if topic in admin.list_topics(timeout=10).topics:
             return
-        for fut in admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)]).values():
+        declared = (self.topics if isinstance(self.topics, TopicRegistry) else registry())[
+            self.settings.dead_letter_topic]
+        new = NewTopic(topic, num_partitions=declared.partitions, replication_factor=declared.replication_factor,
+                       config=declared.config())
+        for fut in admin.create_topics([new]).values():
             try:
                 fut.result(timeout=30)
             except Exception as exc:  # created concurrently by another runner: fine
@@ -404,9 +408,9 @@ class DestinationRunner:
     # -- redrive ---------------------------------------------------------------------------------
 
     def _redrive_consumer(self, name: str) -> Consumer:
-        return Consumer(client_config({"bootstrap.servers": self.bootstrap, "group.id": f"cdp-dest-{name}-redrive",
-                                       "enable.auto.commit": False, "auto.offset.reset": "earliest",
-                                       **self.settings.consumer_config}))
+        return Consumer(client_config(self.kafka, {"group.id": f"cdp-dest-{name}-redrive", "enable.auto.commit": False,
+                                                   "auto.offset.reset": "earliest",
+                                                   **self.settings.consumer_config}))
 
     async def redrive(self, name: str) -> int:
         """Re-deliver `name`'s dead letters up to the topic's current end; returns how many.
@@ -523,8 +527,7 @@ class DestinationRunner:
 
     def _lag(self, name: str) -> int | None:
         try:
-            probe = Consumer(client_config({"bootstrap.servers": self.bootstrap, "group.id": group_id(name),
-                                            "enable.auto.commit": False}))
+            probe = Consumer(client_config(self.kafka, {"group.id": group_id(name), "enable.auto.commit": False}))
             try:
                 lag = 0
                 for topic in self._logical:

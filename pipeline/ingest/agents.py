@@ -9,12 +9,12 @@ from collections.abc import Callable
 from typing import Any
 
 from pipeline.backoff import Backoff
+from pipeline.connection import client_config
 from pipeline.errors import PipelineError, SchemaRegistryUnavailable, describe, where
 from pipeline.identity.stitch import apply_msg, home_key, start_resolve
 from pipeline.ingest.decode import Decoder, Rejected, Skipped
 from pipeline.ingest.wire import record_to_wire, wire_identity_keys
 from pipeline.observability import metrics
-from pipeline.observability.logs import client_config
 from pipeline.runtime import BATCH_MAX, Runtime
 from pipeline.serde.avro import AvroCodec
 
@@ -39,9 +39,10 @@ def ingest_group(app_id: str) -> str:
     return f"{app_id}-ingest"
 
 
-def consumer_config(bootstrap: str, group: str, client_id: str,
+def consumer_config(group: str, client_id: str,
                     instance_id: str | None = None) -> dict[str, Any]:
-    """The ingest consumer's librdkafka settings (the benchmark's passthrough ceiling uses them too).
+    """The ingest consumer's own librdkafka settings, to pass through `client_config` (the benchmark's
+    passthrough ceiling uses them too).
 
     `instance_id`: the static member id (`Settings.group_instance_id("ingest")`, None for a dynamic member).
     A worker restarted after a SIGKILL rejoins with it and gets its partitions back at once, without a
@@ -49,7 +50,7 @@ def consumer_config(bootstrap: str, group: str, client_id: str,
     sends a LeaveGroup on close for a static member (KIP-345), so on a graceful stop the worker leaves for
     it afterwards (`pipeline.app.leave_groups_on_stop`)."""
     config: dict[str, Any] = {
-        "bootstrap.servers": bootstrap, "group.id": group, "client.id": client_id,
+        "group.id": group, "client.id": client_id,
         "enable.auto.commit": False, "auto.offset.reset": "earliest",
         # the broker answers a fetch once it has 64 KiB or after 25 ms: under load, tens of fetches a second
         # instead of one per few records, which cost the broker (on the same cores here) more than the data
@@ -156,10 +157,10 @@ async def _ingest_loop(rt: Runtime, decoders: dict[str, tuple[str, Decoder]], ha
                 del done[k]
 
     def new_consumer() -> Any:
-        return Consumer(client_config({
-            **consumer_config(rt.settings.bootstrap, ingest_group(rt.settings.app_id),
-                              f"{rt.settings.worker_name}-ingest", instance_id=rt.settings.group_instance_id("ingest")),
-            "on_commit": committed}, rt.kafka.error_cb if rt.kafka else None))
+        return Consumer(client_config(rt.settings.kafka, {
+            **consumer_config(ingest_group(rt.settings.app_id), f"{rt.settings.worker_name}-ingest",
+                              instance_id=rt.settings.group_instance_id("ingest")),
+            "on_commit": committed}, error_cb=rt.kafka.error_cb if rt.kafka else None))
 
     consumer = new_consumer()
     paused = _Paused(consumer, held)

@@ -19,8 +19,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.connection import client_config
 from pipeline.errors import BrokerError
-from pipeline.observability.logs import client_config
 
 ROOT = Path(__file__).resolve().parents[2]
 KAFKA_HOME = Path(os.environ.get("PIPELINE_KAFKA_HOME", ROOT / ".kafka"))
@@ -150,7 +150,7 @@ class LocalBroker:
             if self.proc is not None and self.proc.poll() is not None:
                 break
             time.sleep(0.2)
-        admin = AdminClient(client_config({"bootstrap.servers": self.bootstrap}))
+        admin = AdminClient(client_config(self.bootstrap))
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
                 raise BrokerError(f"broker exited with {self.proc.returncode}; see {self.data_dir / 'broker.log'}:\n"
@@ -253,6 +253,8 @@ def _terminate(pid: int, timeout_s: float) -> None:
 
 
 DEFAULT_DIR = KAFKA_HOME / "local"
+# What the pipeline needs to run on one broker: topics.yaml asks for 3 replicas, 2 in sync (pipeline.topics).
+SINGLE_BROKER_ENV = {"PIPELINE_REPLICATION_FACTOR": "1", "PIPELINE_MIN_INSYNC_REPLICAS": "1"}
 DEFAULT_PORT = int(os.environ.get("PIPELINE_KAFKA_PORT", "9092"))
 
 
@@ -276,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
             broker.start()
             print(f"broker up on {broker.bootstrap} (pid {broker.proc.pid if broker.proc else '?'}, "
                   f"data {args.dir})", flush=True)
+        print("one broker: run the pipeline with " + " ".join(f"{k}={v}" for k, v in SINGLE_BROKER_ENV.items()),
+              flush=True)
         if args.action == "run":  # foreground: stop the broker on Ctrl-C / SIGTERM
             signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
             try:

@@ -15,9 +15,9 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.connection import client_config
 from pipeline.errors import BrokerError
 from pipeline.local.broker import LocalBroker, SecureListener, free_port
-from pipeline.observability.logs import client_config
 
 DEFAULT_USERS = (("pipeline", "pipeline-secret"),)
 
@@ -73,7 +73,7 @@ class LocalCluster:
         """Until the cluster's metadata lists every node (a restarted one has rejoined)."""
         from confluent_kafka.admin import AdminClient
 
-        admin = AdminClient(client_config({"bootstrap.servers": self.bootstrap}))
+        admin = AdminClient(client_config(self.bootstrap))
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             try:
@@ -87,6 +87,11 @@ class LocalCluster:
     def stop(self) -> None:
         for b in self.brokers:
             b.stop()
+
+    def kill(self) -> None:
+        """SIGKILL every node (a throwaway cluster: a clean stop waits on the controllers' quorum, node by node)."""
+        for b in self.brokers:
+            b.kill()
 
 
 def make_tls(data_dir: Path) -> tuple[Path, Path]:

@@ -16,7 +16,7 @@ from pathlib import Path
 from pipeline.clients import produce_json_lines, tail
 from pipeline.identity.namespaces import load_identity_config
 from pipeline.ingest.keys import KeySpec, RecordKeyer
-from pipeline.local.broker import DEFAULT_DIR, DEFAULT_PORT, LocalBroker, _alive, _read_pid
+from pipeline.local.broker import DEFAULT_DIR, DEFAULT_PORT, SINGLE_BROKER_ENV, LocalBroker, _alive, _read_pid
 from pipeline.sample import write
 from pipeline.settings import Settings
 from pipeline.topics import TopicRegistry, apply
@@ -44,6 +44,8 @@ def main() -> int:
             print("starting the local Kafka broker...", flush=True)
             broker.start()
         print(f"broker on {broker.bootstrap}", flush=True)
+        for key, value in SINGLE_BROKER_ENV.items():  # here and in the worker it starts
+            os.environ.setdefault(key, value)
         reg = TopicRegistry.load(prefix="")
         apply(reg, broker.bootstrap)
         log_path = DATA / "worker.log"

@@ -95,11 +95,3 @@ def log_client_error(err: Any) -> None:
         LIBRDKAFKA.error(f"fatal client error {err.name()}: %s", err.str())
     else:
         LIBRDKAFKA.warning(f"client error {err.name()}: %s", err.str())
-
-
-def client_config(conf: dict[str, Any], error_cb: Callable[[Any], None] | None = None) -> dict[str, Any]:
-    """A confluent-kafka client's settings with its logs through the throttled LIBRDKAFKA logger: librdkafka
-    otherwise prints each failed connection attempt to stderr (thousands of lines in a few minutes of
-    outage); idle connections closed by the broker are not logged at all."""
-    quiet = {"logger": LIBRDKAFKA, "log.connection.close": False, "error_cb": log_client_error}
-    return {**quiet, **conf, **({"error_cb": error_cb} if error_cb else {})}

@@ -12,16 +12,16 @@ from dataclasses import dataclass
 
 from confluent_kafka import Consumer, TopicPartition
 
+from pipeline.connection import Kafka, client_config
 from pipeline.model import ProfileState
-from pipeline.observability.logs import client_config
 from pipeline.state.codec import Forward, decode_profile_entry
 from pipeline.topics import TopicRegistry
 
 
-def read_changelog(reg: TopicRegistry, bootstrap: str, logical: str, timeout_s: float = 30) -> dict[bytes, bytes]:
+def read_changelog(reg: TopicRegistry, kafka: Kafka, logical: str, timeout_s: float = 30) -> dict[bytes, bytes]:
     """The latest value per key of a changelog topic (tombstoned keys left out), read up to its end."""
     spec = reg[logical]
-    c = Consumer(client_config({"bootstrap.servers": bootstrap, "group.id": f"cdp-snapshot-{uuid.uuid4().hex[:8]}",
+    c = Consumer(client_config(kafka, {"group.id": f"cdp-snapshot-{uuid.uuid4().hex[:8]}",
                                 "enable.auto.commit": False, "enable.partition.eof": True}))
     try:
         ends = {}
@@ -67,11 +67,11 @@ class GraphSnapshot:
         return self.resolve(pid) if pid else None
 
 
-def snapshot(reg: TopicRegistry, bootstrap: str) -> GraphSnapshot:
-    ids = {k.decode(): v.decode() for k, v in read_changelog(reg, bootstrap, "state.identity-changelog").items()}
+def snapshot(reg: TopicRegistry, kafka: Kafka) -> GraphSnapshot:
+    ids = {k.decode(): v.decode() for k, v in read_changelog(reg, kafka, "state.identity-changelog").items()}
     profiles: dict[str, ProfileState] = {}
     forwards: dict[str, str] = {}
-    for k, v in read_changelog(reg, bootstrap, "state.profiles-changelog").items():
+    for k, v in read_changelog(reg, kafka, "state.profiles-changelog").items():
         if k.startswith(b"__"):  # per-partition metadata, not a profile
             continue
         entry = decode_profile_entry(v)

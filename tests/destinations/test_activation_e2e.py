@@ -17,6 +17,7 @@ import pytest
 from kafka_helpers import Collector, produce
 from procs import PipelineProc, stop_all
 
+from pipeline.connection import KafkaConnection
 from pipeline.destinations.backfill import Backfill, read_compacted
 from pipeline.destinations.cli import make_runner
 from pipeline.destinations.config import load_destinations
@@ -52,7 +53,7 @@ def config_dir(tmp_path: Path) -> Path:
 
 
 def settings_for(kafka_bootstrap: str, topic_prefix: str, config_dir: Path, tmp_path: Path) -> Settings:
-    return Settings(bootstrap=kafka_bootstrap, app_id="test", config_dir=config_dir, data_dir=tmp_path / "data",
+    return Settings(kafka=KafkaConnection(kafka_bootstrap), app_id="test", config_dir=config_dir, data_dir=tmp_path / "data",
                     web_port=0, topic_prefix=topic_prefix, worker_name="test")
 
 
@@ -269,7 +270,7 @@ async def test_a_newly_mapped_audience_backfills_current_members_once(
     raw = read_compacted(kafka_bootstrap, registry.name("activation.dest-state"))
     assert json.loads(raw[b"late"] or b"{}")["backfilled"] == ["gold"]
     # When the runner restarts, it does not backfill again
-    again = DestinationRunner(configs, bootstrap=kafka_bootstrap, topics=registry, decode=runner.decode,
+    again = DestinationRunner(configs, kafka=kafka_bootstrap, topics=registry, decode=runner.decode,
                               backfill=Backfill())
     await again.start()
     try:

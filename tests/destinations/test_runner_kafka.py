@@ -116,7 +116,7 @@ async def test_runner_delivers_dead_letters_redrives_and_resumes(kafka_bootstrap
     produce(kafka_bootstrap, topics.name(settings.profile_change_topic), [withdrawal])
     # And a receiver that refuses one batch for good (400) and then accepts
     receiver.plan("/hook", "400")
-    runner = DestinationRunner(configs(receiver, tmp_path), bootstrap=kafka_bootstrap, topics=topics,
+    runner = DestinationRunner(configs(receiver, tmp_path), kafka=kafka_bootstrap, topics=topics,
                                settings=settings)
     await runner.start()
     try:
@@ -161,7 +161,7 @@ async def test_runner_delivers_dead_letters_redrives_and_resumes(kafka_bootstrap
     # When the runner restarts and new messages arrive, only the new ones are delivered (offsets committed)
     before = len(receiver.keys("/hook"))
     produce(kafka_bootstrap, topics.name(settings.membership_topic), [membership("n1", "vip", key="new-1")])
-    again = DestinationRunner(configs(receiver, tmp_path), bootstrap=kafka_bootstrap, topics=topics,
+    again = DestinationRunner(configs(receiver, tmp_path), kafka=kafka_bootstrap, topics=topics,
                               settings=settings)
     await again.start()
     try:
@@ -179,7 +179,7 @@ async def test_undecodable_messages_go_to_the_dead_letter_topic(kafka_bootstrap:
     assert p.flush(30) == 0
     produce(kafka_bootstrap, topics.name(settings.membership_topic), [membership("p1", "vip", key="ok-1")])
     hook = configs(receiver, tmp_path)[0]
-    runner = DestinationRunner([hook], bootstrap=kafka_bootstrap, topics=topics, settings=settings)
+    runner = DestinationRunner([hook], kafka=kafka_bootstrap, topics=topics, settings=settings)
     await runner.start()
     try:
         await wait_until(lambda: "ok-1" in receiver.keys("/hook"))
