@@ -44,9 +44,9 @@ def add_parser(sub: Any) -> None:
                                     "SIGTERM / Ctrl-C")
     r.add_argument("--only", nargs="+", metavar="NAME", help="run only these destinations")
     r.add_argument("--no-backfill", action="store_true", help="do not backfill newly mapped audiences")
-    r.add_argument("--metrics-port", type=int,
-                   default=int(os.environ.get("PIPELINE_DEST_METRICS_PORT", "0")) or None,
-                   help="serve Prometheus metrics on this port (default $PIPELINE_DEST_METRICS_PORT)")
+    r.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus metrics on this port (default $PIPELINE_DEST_METRICS_PORT, else none), "
+                        "on $PIPELINE_DEST_METRICS_HOST (default 127.0.0.1)")
     r.set_defaults(func=cmd_run)
     st = dsub.add_parser("status", help="lag, last delivery, errors, dead-letter depth, breaker state")
     st.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -117,10 +117,11 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     if not configs:
         print("no destinations configured", file=sys.stderr)
         return 1
-    if args.metrics_port:
+    port = args.metrics_port if args.metrics_port is not None else settings.dest_metrics_port
+    if port:
         from prometheus_client import start_http_server
 
-        start_http_server(args.metrics_port)
+        start_http_server(port, addr=settings.dest_metrics_host)  # its default would be every interface
     return asyncio.run(run_until_stopped(settings, configs, backfill=not args.no_backfill))
 
 

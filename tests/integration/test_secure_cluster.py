@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
+import httpx
 import pytest
 from confluent_kafka import Producer
 from kafka_helpers import Collector, produce
@@ -124,8 +125,9 @@ def test_the_pipeline_runs_end_to_end_over_sasl_ssl_with_replicated_topics(clust
     conn = secure(cluster)
     admin_md = _topic_metadata(conn, durable_registry.name("ingest.events"))
     assert {len(p.replicas) for p in admin_md.partitions.values()} == {3}
-    # And a worker that reaches the cluster only through the SASL_SSL listener (password from a file)
-    worker = workers()
+    # And a worker that reaches the cluster only through the SASL_SSL listener (password from a file), its
+    # API bound to another address than the default
+    worker = workers(PIPELINE_WEB_HOST="127.0.0.2")
     memberships = Collector(durable_registry, conn, "activation.memberships")
     # When 40 people each view a product, published over SASL_SSL
     now = int(time.time() * 1000)
@@ -135,7 +137,11 @@ def test_the_pipeline_runs_end_to_end_over_sasl_ssl_with_replicated_topics(clust
     memberships.wait_for(lambda ms: len(ms) >= len(people), timeout_s=90, what="40 memberships")
     memberships.settle(quiet_s=2)
     assert realized_cookies(memberships.messages) == {f"cookie-{p}": 1 for p in people}
-    # And the worker's log says where it connected, without the password
+    # And its API answers on the address it was given, and only there
+    assert httpx.get(f"http://127.0.0.2:{worker.web_port}/healthz", timeout=5).status_code == 200
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://127.0.0.1:{worker.web_port}/healthz", timeout=5)
+    # And its log never has the password
     log = worker.log()
     assert PASSWORD not in log and "Worker ready" in log
     memberships.close()
