@@ -4,7 +4,8 @@
 writer reader returns: fields the writer lacks get the reader's default, fields the reader does not know are
 dropped, numbers are promoted (int -> long/float/double, long -> float/double, float -> double) and string and
 bytes convert, as the Avro specification (and fastavro) resolve schemas. It is generated code, like the
-compiled readers: a projection is a dict display per record, about a tenth of fastavro's resolving reader.
+compiled readers: a dict display per record. An ExperienceEvent of another version decodes 3-9% slower than one
+of the pipeline's own (which needs no projection); fastavro's resolving reader takes 6.5 times as long.
 A writer no reader value can come from (a reader field with no default the writer lacks, another type) raises
 SerdeError('incompatible-schema') when compiled; a value that cannot be resolved (an enum symbol or union
 branch the reader lacks) raises ValueError when projected. Unions whose branches cannot be told apart by the
@@ -67,7 +68,6 @@ class _Gen:
         self._n = 0
         # (writer name, reader name) -> function name, or None once known to need none; "" while being built
         self._records: dict[tuple[str, str], str | None] = {}
-        self._recursive: set[str] = set()
 
     def fresh(self, stem: str) -> str:
         self._n += 1
@@ -131,6 +131,7 @@ class _Gen:
         """A writer union: each branch resolved on its own, picked by the Python type of the value."""
         rk, rd = self.r.resolve(rs)
         by_type: dict[type, str | None] = {}
+        unreadable: list[str] = []
         for b in wbranches:
             wk, wd = self.w.resolve(b)
             target = self.branch_for(b, rd) if rk in ("union", "error_union") else rs
@@ -141,11 +142,14 @@ class _Gen:
             else:
                 why = f"{path}: the writer's {_describe(wk, wd)} is no branch of the reader's union"
             if target is None:
+                unreadable.append(why)
                 name = self.fn("_x", [f"raise ValueError({self.const(why)})"])
             py = _PY_TYPE[wk]
             if py in by_type and by_type[py] != name:
                 raise NeedsFallback(f"{path}: two branches of the writer's union are both {py.__name__}")
             by_type[py] = name
+        if len(unreadable) == len(wbranches):  # no value of the writer's can be read
+            raise SerdeError("incompatible-schema", "; ".join(unreadable))
         if all(name is None for name in by_type.values()):
             return None
         if len(by_type) == 2 and type(None) in by_type and by_type[type(None)] is None:
@@ -162,7 +166,6 @@ class _Gen:
             known = self._records[key]
             if known == "":  # recursion: the function is being written, and will be written
                 known = self._records[key] = self.fresh("_r")
-                self._recursive.add(known)
             return known
         self._records[key] = ""
         wfields = {f["name"]: f for f in wd["fields"]}

@@ -120,6 +120,8 @@ def test_the_same_schema_needs_no_projection_and_differences_in_docs_or_defaults
      "Event.n: the writer's long cannot be read as the reader's int"),
     (record("Event", field("s", "string")), record("Event", field("s", ["null", "int"])),
      "Event.s: the writer's string is none of the reader's union (null, int)"),
+    (record("Event", field("s", ["null", "string"])), record("Event", field("s", "long")),
+     "Event.s: the writer's null cannot be read as the reader's long; Event.s: the writer's string cannot be read"),
     (V1, record("Other", field("id", "string")),
      "Other: the writer's record t.Event cannot be read as the reader's record t.Other"),
 ])
