@@ -45,7 +45,7 @@ class TopicSpec:
 
     @cached_property
     def codec(self) -> Codec:
-        return codec_from_spec(self.codec_spec)
+        return codec_from_spec(self.codec_spec, topic=self.name)
 
     def config(self) -> dict[str, str]:
         return {"cleanup.policy": self.cleanup_policy, "retention.ms": str(self.retention_ms),

@@ -2,6 +2,7 @@
 
 from pipeline.serde.avro import AvroCodec, EmbeddedCatalog, RegistryCatalog, SchemaCatalog, default_catalog
 from pipeline.serde.codecs import Codec, MsgpackCodec, RawCodec, codec_from_spec
+from pipeline.serde.registry import SchemaRegistryConnection
 
 __all__ = ["AvroCodec", "Codec", "EmbeddedCatalog", "MsgpackCodec", "RawCodec", "RegistryCatalog",
-           "SchemaCatalog", "codec_from_spec", "default_catalog"]
+           "SchemaCatalog", "SchemaRegistryConnection", "codec_from_spec", "default_catalog"]

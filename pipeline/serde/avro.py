@@ -1,17 +1,20 @@
 """Avro in the Confluent wire format (magic byte 0, 4-byte schema id, Avro binary).
 
 Records are written and read by code compiled from each schema (`pipeline.serde.compiled`, byte-identical to
-fastavro and 2-3x faster on the hot path); fastavro parses the schemas. Two catalogs resolve schema ids: `EmbeddedCatalog` (schemas/*.avsc, deterministic ids from the schema's
-canonical form, no service needed) and `RegistryCatalog` (a Confluent-compatible Schema Registry, used when
-SCHEMA_REGISTRY_URL is set). Records written by confluent-kafka's AvroSerializer decode with either.
+fastavro and 2-3x faster on the hot path); fastavro parses the schemas. Two catalogs resolve schema ids:
+`EmbeddedCatalog` (schemas/*.avsc, deterministic ids from the schema's canonical form, no service needed) and
+`RegistryCatalog` (a Confluent-compatible Schema Registry, used when SCHEMA_REGISTRY_URL is set; see
+`pipeline.serde.registry`). Records written by confluent-kafka's AvroSerializer decode with either. Every
+record is read into the pipeline's own (reader) schema, whatever version of it the writer used
+(`pipeline.serde.resolve`).
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import io
 import json
-import os
 import struct
 import threading
 from pathlib import Path
@@ -23,9 +26,10 @@ from fastavro.schema import to_parsing_canonical_form
 from pipeline.errors import ConfigError, SchemaRegistryUnavailable, SerdeError, UnknownNameError
 from pipeline.resources import SCHEMAS_DIR
 from pipeline.serde.compiled import Reader, compile_reader, compile_writer
+from pipeline.serde.registry import SchemaRegistryConnection, record_fullname
+from pipeline.serde.resolve import NeedsFallback, Projection, compile_projection
 
 MAGIC = 0
-REGISTRY_TIMEOUT_S = 5  # one request to the Schema Registry (ingest asks again with backoff)
 _HEADER = struct.Struct(">bI")
 
 
@@ -47,8 +51,9 @@ def schema_id_for(schema: dict[str, Any]) -> int:
 class SchemaCatalog(Protocol):
     """Resolves schemas by name (to write) and by id (to read)."""
 
-    def id_for(self, name: str) -> int:
-        """Called when encoding; the id of the current schema of record `name`. Unknown name: UnknownNameError."""
+    def id_for(self, name: str, topic: str | None = None) -> int:
+        """Called when encoding to `topic`; the id of the current schema of record `name`. Unknown name:
+        UnknownNameError."""
         ...
 
     def raw_schema(self, name: str) -> dict[str, Any]:
@@ -82,7 +87,7 @@ class EmbeddedCatalog:
     def names(self) -> list[str]:
         return sorted(self._raw)
 
-    def id_for(self, name: str) -> int:
+    def id_for(self, name: str, topic: str | None = None) -> int:
         if name not in self._ids:
             raise UnknownNameError("schema", name, self._ids)
         return self._ids[name]
@@ -100,30 +105,35 @@ class EmbeddedCatalog:
 
 
 class RegistryCatalog:
-    """A Confluent-compatible Schema Registry: registers schemas/ under `<topic>-value`-style subjects by
-    record name and resolves ids written by any producer. Falls back to the embedded raw schemas for
-    annotations, which the registry keeps verbatim anyway."""
+    """A Confluent-compatible Schema Registry: registers schemas/ under the subject the connection's strategy
+    names (`<topic>-value` by default) and resolves ids written by any producer. Falls back to the embedded raw
+    schemas for annotations, which the registry keeps verbatim anyway."""
 
-    def __init__(self, url: str, embedded: EmbeddedCatalog | None = None, client: Any = None) -> None:
+    def __init__(self, connection: SchemaRegistryConnection | str, embedded: EmbeddedCatalog | None = None,
+                 client: Any = None) -> None:
         from confluent_kafka.schema_registry import SchemaRegistryClient
 
-        # no retries inside the client: they sleep on the caller's thread (the worker's event loop); ingest
-        # retries with backoff itself (SchemaRegistryUnavailable). A short timeout for the same reason.
-        self._client = client or SchemaRegistryClient.new_client({"url": url, "max.retries": 0,
-                                                                  "timeout": REGISTRY_TIMEOUT_S})
+        self.connection = connection if isinstance(connection, SchemaRegistryConnection) \
+            else SchemaRegistryConnection(connection)
+        self._client = client or SchemaRegistryClient.new_client(self.connection.client_config())
         self._embedded = embedded or EmbeddedCatalog()
-        self._ids: dict[str, int] = {}
+        self._ids: dict[str, int] = {}  # by subject
         self._by_id: dict[int, Any] = {}
         self._lock = threading.Lock()
 
-    def id_for(self, name: str) -> int:
+    def subject(self, name: str, topic: str | None = None) -> str:
+        """The subject record `name`'s schema is registered under when written to `topic`."""
+        return self.connection.subject(topic, record_fullname(self._embedded.raw_schema(name)))
+
+    def id_for(self, name: str, topic: str | None = None) -> int:
         from confluent_kafka.schema_registry import Schema
 
+        subject = self.subject(name, topic)
         with self._lock:
-            if name not in self._ids:
+            if subject not in self._ids:
                 raw = self._embedded.raw_schema(name)
-                self._ids[name] = self._client.register_schema(f"cdp.{name}", Schema(json.dumps(raw), "AVRO"))
-            return self._ids[name]
+                self._ids[subject] = self._client.register_schema(subject, Schema(json.dumps(raw), "AVRO"))
+            return self._ids[subject]
 
     def raw_schema(self, name: str) -> dict[str, Any]:
         return self._embedded.raw_schema(name)
@@ -155,25 +165,32 @@ _default: SchemaCatalog | None = None
 
 
 def default_catalog() -> SchemaCatalog:
-    """The registry catalog when SCHEMA_REGISTRY_URL is set, else the embedded one (built once)."""
+    """The registry catalog when SCHEMA_REGISTRY_URL (or its file) is set, else the embedded one (built once)."""
     global _default
     if _default is None:
-        url = os.environ.get("SCHEMA_REGISTRY_URL")
-        _default = RegistryCatalog(url) if url else EmbeddedCatalog()
+        connection = SchemaRegistryConnection.from_env()
+        _default = RegistryCatalog(connection) if connection is not None else EmbeddedCatalog()
     return _default
 
 
 class AvroCodec:
-    """Encodes dicts as record `name` and decodes any writer schema the catalog knows."""
+    """Encodes dicts as record `name` (registered for `topic`, the topic it writes to) and decodes any writer
+    schema version the catalog knows into the pipeline's own version of the record."""
 
-    def __init__(self, name: str, catalog: SchemaCatalog | None = None) -> None:
+    def __init__(self, name: str, catalog: SchemaCatalog | None = None, topic: str | None = None) -> None:
         self.name = name
+        self.topic = topic
         self.catalog = catalog or default_catalog()
-        self._write_id = self.catalog.id_for(name)
+        self._write_id = self.catalog.id_for(name, topic)
         self._write_schema = self.catalog.parsed_by_id(self._write_id)
         self._header = _HEADER.pack(MAGIC, self._write_id)
         self._write = compile_writer(self._write_schema)
-        self._readers: dict[int, Reader] = {}  # by writer schema id: one per schema version seen
+        # the reader schema: the pipeline's own version, whatever the registry holds under that id
+        self._read_schema = fastavro.parse_schema(_strip_logical(self.catalog.raw_schema(name)))
+        # by writer schema id, one per schema version seen: its compiled reader and the projection into the
+        # reader schema (None when it is the reader schema); or why that version cannot be read
+        self._readers: dict[int, tuple[Reader, Projection | None]] = {}
+        self._unreadable: dict[int, SerdeError] = {}
 
     def encode(self, value: dict[str, Any]) -> bytes:
         try:
@@ -181,15 +198,25 @@ class AvroCodec:
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise SerdeError("avro-encode-error", f"{self.name}: {exc}") from exc
 
-    def _reader(self, schema_id: int) -> Reader:
-        """The compiled reader of a writer schema, checked once to be a version of record `name`."""
-        reader = self._readers.get(schema_id)
-        if reader is None:
-            schema = self.catalog.parsed_by_id(schema_id)
-            if schema.get("name", "").split(".")[-1] != self.name:
-                raise SerdeError("wrong-schema", f"schema id {schema_id} is {schema.get('name')}, expected {self.name}")
-            reader = self._readers[schema_id] = compile_reader(schema)
-        return reader
+    def _reader(self, schema_id: int) -> tuple[Reader, Projection | None]:
+        """The compiled reader of a writer schema and its projection into the reader schema, built once, after
+        checking that the writer schema is a version of record `name` the pipeline can read."""
+        if schema_id in self._unreadable:
+            raise self._unreadable[schema_id]
+        schema = self.catalog.parsed_by_id(schema_id)
+        if schema.get("name", "").split(".")[-1] != self.name:
+            raise SerdeError("wrong-schema", f"schema id {schema_id} is {schema.get('name')}, expected {self.name}")
+        try:
+            project = compile_projection(schema, self._read_schema)
+            read = compile_reader(schema)
+        except NeedsFallback:  # a union the projection cannot tell apart: fastavro resolves it (slower, rare)
+            read, project = _fastavro_reader(schema, self._read_schema), None
+        except SerdeError as exc:
+            self._unreadable[schema_id] = SerdeError(
+                exc.reason, f"schema id {schema_id} cannot be read as the pipeline's {self.name}: {exc.detail}")
+            raise self._unreadable[schema_id] from exc
+        self._readers[schema_id] = read, project
+        return read, project
 
     def decode(self, data: bytes | None) -> dict[str, Any]:
         if not data or len(data) < 5:
@@ -197,11 +224,31 @@ class AvroCodec:
         magic, schema_id = _HEADER.unpack_from(data)
         if magic != MAGIC:
             raise SerdeError("not-avro", f"magic byte {magic}, expected {MAGIC}")
-        reader = self._reader(schema_id)
+        read, project = self._readers.get(schema_id) or self._reader(schema_id)
         try:
-            value, _end = reader(data, 5)
+            value, _end = read(data, 5)
         except ValueError as exc:  # the compiled reader reports any malformed input as ValueError
             raise SerdeError("avro-decode-error", str(exc)) from exc
         if not isinstance(value, dict):
             raise SerdeError("avro-decode-error", "payload is not a record")
+        if project is not None:
+            try:
+                value = project(value)
+            except ValueError as exc:  # an enum symbol or union branch of the writer's the reader lacks
+                raise SerdeError("schema-resolution-error", str(exc)) from exc
         return value
+
+
+def _fastavro_reader(writer: Any, reader: Any) -> Reader:
+    """fastavro's resolving reader in the compiled readers' form."""
+
+    def read(buf: bytes | bytearray | memoryview, pos: int) -> tuple[Any, int]:
+        stream = io.BytesIO(bytes(buf[pos:]))
+        try:
+            value = fastavro.schemaless_reader(stream, writer, reader)
+        except (EOFError, IndexError, KeyError, TypeError, UnicodeDecodeError, fastavro.read.SchemaResolutionError) \
+                as exc:
+            raise ValueError(f"{type(exc).__name__}: {exc}") from exc
+        return value, pos + stream.tell()
+
+    return read

@@ -44,13 +44,14 @@ class MsgpackCodec:
             raise SerdeError("msgpack-decode-error", str(exc)) from exc
 
 
-def codec_from_spec(spec: str) -> Codec:
-    """`avro:<Record>`, `msgpack` or `raw`; an unknown codec lists the valid ones."""
+def codec_from_spec(spec: str, topic: str | None = None) -> Codec:
+    """`avro:<Record>`, `msgpack` or `raw`; an unknown codec lists the valid ones. `topic` is the (physical) topic
+    the codec writes to: a Schema Registry names the subject of an Avro codec after it."""
     kind, _, arg = spec.partition(":")
     if kind == "avro":
         from pipeline.serde.avro import AvroCodec
 
-        return AvroCodec(arg)
+        return AvroCodec(arg, topic=topic)
     factories: dict[str, type] = {"msgpack": MsgpackCodec, "raw": RawCodec}
     if kind not in factories:
         raise UnknownNameError("codec", spec, ["avro:<Record>", *factories])

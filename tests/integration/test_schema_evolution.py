@@ -1,0 +1,195 @@
+"""A schema evolves while records of its old version are still on the topic: a worker reads every version into
+its own (reader) schema, old records get the new field's default, through a secured Schema Registry.
+
+The pipeline's ExperienceEvent is the new version; the old one is the same record before `dataset` was added
+(with its default, web-events). Producers use confluent-kafka's standard AvroSerializer, so subjects are named
+`<topic>-value` as Confluent names them. No real registry runs here (no Docker), so the registry is a small fake
+of its REST API (register under a subject, get a schema by id) served from this process over HTTPS with HTTP
+basic auth, which the worker reaches through SCHEMA_REGISTRY_URL, _USERNAME, _PASSWORD_FILE and _CA_FILE."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import ssl
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from confluent_kafka import SerializingProducer
+from confluent_kafka.schema_registry import SchemaRegistryClient
+from confluent_kafka.schema_registry.avro import AvroSerializer
+from confluent_kafka.serialization import StringSerializer
+from kafka_helpers import Collector
+
+from pipeline.local.broker import free_port
+from pipeline.local.cluster import make_tls
+from pipeline.serde.avro import EmbeddedCatalog
+from pipeline.serde.registry import SchemaRegistryConnection
+
+pytestmark = pytest.mark.integration
+
+USER, PASSWORD = "sr-user", "sr-s3cret"
+
+
+class SecuredRegistry:
+    """Subjects with versions and ids as Confluent's registry gives them (the same schema keeps its id across
+    subjects), over HTTPS; every request needs the basic-auth user."""
+
+    def __init__(self, tls_dir: Path) -> None:
+        self.keystore, self.ca_file = make_tls(tls_dir)
+        self.port = free_port()
+        self.by_id: dict[int, str] = {}
+        self.subjects: dict[str, list[int]] = {}
+        self.refused = 0
+        self._lock = threading.Lock()
+        self._server: ThreadingHTTPServer | None = None
+
+    def register(self, subject: str, schema: str) -> tuple[int, int]:
+        canonical = json.dumps(json.loads(schema), sort_keys=True)
+        with self._lock:
+            sid = next((i for i, s in self.by_id.items() if s == canonical), len(self.by_id) + 1)
+            self.by_id[sid] = canonical
+            versions = self.subjects.setdefault(subject, [])
+            if sid not in versions:
+                versions.append(sid)
+            return sid, versions.index(sid) + 1
+
+    def start(self) -> None:
+        registry = self
+        expected = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self, status: int, body: Any) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/vnd.schemaregistry.v1+json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _authorized(self) -> bool:
+                if self.headers.get("Authorization") == expected:
+                    return True
+                registry.refused += 1
+                self._answer(401, {"error_code": 40101, "message": "Unauthorized"})
+                return False
+
+            def do_POST(self) -> None:  # noqa: N802 - POST /subjects/<subject>/versions: register
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if not self._authorized():
+                    return
+                subject = self.path.split("?")[0].split("/")[2]
+                sid, version = registry.register(subject, body["schema"])
+                self._answer(200, {"id": sid, "subject": subject, "version": version, "schema": body["schema"]})
+
+            def do_GET(self) -> None:  # noqa: N802 - GET /schemas/ids/<id>: a schema by id
+                if not self._authorized():
+                    return
+                parts = self.path.split("?")[0].strip("/").split("/")
+                if parts[:2] == ["schemas", "ids"] and int(parts[2]) in registry.by_id:
+                    self._answer(200, {"schema": registry.by_id[int(parts[2])], "schemaType": "AVRO"})
+                else:
+                    self._answer(404, {"error_code": 40403, "message": "Schema not found"})
+
+            def log_message(self, *_args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(self.keystore)
+        self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+
+    @property
+    def url(self) -> str:
+        return f"https://localhost:{self.port}"
+
+
+@pytest.fixture
+def secured_registry(tmp_path: Path) -> Iterator[SecuredRegistry]:
+    r = SecuredRegistry(tmp_path)
+    r.start()
+    yield r
+    r.stop()
+
+
+def event(eid: str, cookie: str, **extra: Any) -> dict[str, Any]:
+    return {"eventId": eid, "timestamp": int(time.time() * 1000), "eventType": "pageView",
+            "identityMap": {"ECID": [{"id": cookie, "primary": True, "authenticatedState": "ambiguous"}]},
+            "ecid": None, "web": None, "product": None, "commerce": None, "fields": {}, **extra}
+
+
+def publish(bootstrap: str, client: SchemaRegistryClient, schema: dict[str, Any], topic: str,
+            values: list[dict[str, Any]]) -> None:
+    """What a producer of that schema version does: AvroSerializer, auto-registering under `<topic>-value`."""
+    producer = SerializingProducer({"bootstrap.servers": bootstrap, "key.serializer": StringSerializer(),
+                                    "value.serializer": AvroSerializer(client, json.dumps(schema))})
+    for v in values:
+        producer.produce(topic, key=v["eventId"], value=v)
+    assert producer.flush(15) == 0
+    producer.close()  # not left to reconnect to the session's broker once it has stopped
+
+
+def recent_events(url: str, cookie: str) -> list[tuple[str, str]]:
+    """(event id, dataset) of the profile's recent events; [] until it exists."""
+    try:
+        r = httpx.get(f"{url}/profiles", params={"namespace": "ECID", "id": cookie}, timeout=5)
+    except httpx.HTTPError:
+        return []
+    return sorted((e["event_id"], e["dataset"]) for e in r.json()["recent_events"]) if r.status_code == 200 else []
+
+
+def test_old_and_new_versions_of_an_event_are_read_into_the_new_one_through_a_secured_registry(
+        registry, kafka_bootstrap, start_worker, secured_registry, tmp_path):
+    current = EmbeddedCatalog().raw_schema("ExperienceEvent")
+    old = copy.deepcopy(current)
+    old["fields"] = [f for f in old["fields"] if f["name"] != "dataset"]
+    newer = copy.deepcopy(current)  # and a producer already one version ahead of the pipeline
+    newer["fields"].append({"name": "channel", "type": ["null", "string"], "default": None})
+    conn = SchemaRegistryConnection(secured_registry.url, username=USER, password=PASSWORD,
+                                    ca_file=secured_registry.ca_file)
+    client = SchemaRegistryClient(conn.client_config())
+    topic = registry.name("ingest.events")
+    # Given events of the old version (no dataset) on the topic before the worker starts
+    publish(kafka_bootstrap, client, old, topic, [event(f"old{i}", f"evo-{i}") for i in range(3)])
+    # When a worker reads them through the registry (password from a file, the registry's CA), and events of
+    # the current and of a newer version follow
+    (tmp_path / "sr-password").write_text(PASSWORD + "\n")
+    worker = start_worker(extra_env={
+        "SCHEMA_REGISTRY_URL": secured_registry.url, "SCHEMA_REGISTRY_USERNAME": USER,
+        "SCHEMA_REGISTRY_PASSWORD_FILE": str(tmp_path / "sr-password"),
+        "SCHEMA_REGISTRY_CA_FILE": str(secured_registry.ca_file)})
+    publish(kafka_bootstrap, client, current, topic,
+            [event("cur0", "evo-0", dataset="app-events"), event("cur3", "evo-3", dataset="app-events")])
+    publish(kafka_bootstrap, client, newer, topic, [event("new4", "evo-4", dataset="app-events", channel="app")])
+    # Then every event is applied: the old ones with the new field's default, the others with their own value
+    expected = {"evo-0": [("cur0", "app-events"), ("old0", "web-events")], "evo-1": [("old1", "web-events")],
+                "evo-2": [("old2", "web-events")], "evo-3": [("cur3", "app-events")],
+                "evo-4": [("new4", "app-events")]}
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and any(recent_events(worker.url, c) != e for c, e in expected.items()):
+        assert worker.proc.poll() is None, worker.log()[-5000:]
+        time.sleep(0.3)
+    assert {c: recent_events(worker.url, c) for c in expected} == expected, worker.log()[-5000:]
+    # And nothing was dead-lettered
+    dlq = Collector(registry, kafka_bootstrap, "ingest.dlq")
+    dlq.poll(2)
+    assert dlq.messages == []
+    dlq.close()
+    # And the three versions are registered under the topic's subject, the worker's own schemas under theirs,
+    # and no request went without the credentials
+    assert len(secured_registry.subjects[f"{topic}-value"]) == 3
+    assert f"{registry.name('ingest.profiles')}-value" in secured_registry.subjects
+    assert secured_registry.refused == 0
