@@ -17,7 +17,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 
 from pipeline.connection import Kafka, client_config
 from pipeline.errors import OutputRefused, PipelineError, describe, where
-from pipeline.identity.stitch import Send
+from pipeline.identity.stitch import Send, in_process_allowed
 from pipeline.observability import metrics
 from pipeline.observability.readiness import Readiness
 from pipeline.outage import KafkaWatch
@@ -282,10 +282,12 @@ class Runtime:
         return self.topics[logical]
 
     def send(self, send: Send, headers: dict[str, bytes] | None = None, partition: int | None = None) -> None:
-        """The one path every outgoing message takes: handled in-process when local delivery is on and this
-        worker holds the target partition of a stage topic; otherwise encoded with the topic's codec and
-        produced (no await: the output producer is flushed before each commit)."""
-        if self._local is not None and headers is None and send.topic in self.local_handlers:
+        """The one path every outgoing message takes: handled in-process when local delivery is on, this
+        worker holds the target partition of a stage topic and the protocol allows it (`in_process_allowed`:
+        identity-stage messages and a merge's `absorb` must be in their target's log); otherwise encoded with the
+        topic's codec and produced (no await: the output producer is flushed before each commit)."""
+        if (self._local is not None and headers is None and send.topic in self.local_handlers
+                and in_process_allowed(send)):
             table = self.local_handlers[send.topic][0]
             key = send.key.encode()
             p = table.partition(key) if partition is None else partition

@@ -46,13 +46,14 @@ def make_runtime(identity_active: set[int], profile_active: set[int]) -> tuple[R
     rt = Runtime(None, None, TopicRegistry.load(prefix="u-"), app, None, None, out)  # type: ignore[arg-type]
     handled: list[Any] = []
 
-    def identity(items: list[LocalItem]) -> None:  # like the identity stage: each hop sends the next message
-        for p, key, msg in items:
-            handled.append(("identity", p, key.decode(), msg["n"]))
-            rt.send(Send(PROFILE_TOPIC, f"pid-{msg['n']}", {"n": msg["n"]}))
+    def identity(items: list[LocalItem]) -> None:
+        handled.extend(("identity", p, key.decode(), msg["n"]) for p, key, msg in items)
 
-    def profiles(items: list[LocalItem]) -> None:
-        handled.extend(("profile", p, key.decode(), msg["n"]) for p, key, msg in items)
+    def profiles(items: list[LocalItem]) -> None:  # a first hop sends the next message, as stages do
+        for p, key, msg in items:
+            handled.append(("profile", p, key.decode(), msg["n"]))
+            if msg["op"] == "first":
+                rt.send(Send(PROFILE_TOPIC, f"pid-{msg['n']}", {"op": "next", "n": msg["n"]}))
 
     rt.local_handlers[IDENTITY_TOPIC] = (FakeTable(identity_active), identity)  # type: ignore[assignment]
     rt.local_handlers[PROFILE_TOPIC] = (FakeTable(profile_active), profiles)  # type: ignore[assignment]
@@ -60,32 +61,48 @@ def make_runtime(identity_active: set[int], profile_active: set[int]) -> tuple[R
 
 
 def test_messages_to_held_partitions_are_handled_in_process_and_others_are_produced() -> None:
-    # Given a worker holding every identity partition but only profile partitions 0 and 1
+    # Given a worker holding profile partitions 0 and 1
     rt, out, handled = make_runtime({0, 1, 2, 3}, {0, 1})
-    keys = [f"ECID:c{n}" for n in range(12)]
-    # When an agent's block sends one identity message per key
+    firsts = [n for n in range(40) if partition_for(f"first-{n}".encode(), 4) in {0, 1}][:12]
+    # When an agent's block sends one message to each of 12 held profiles
     with rt.local_delivery():
-        for n, key in enumerate(keys):
-            rt.send(Send(IDENTITY_TOPIC, key, {"op": "resolve", "n": n}))
+        for n in firsts:
+            rt.send(Send(PROFILE_TOPIC, f"first-{n}", {"op": "first", "n": n}))
         assert handled == []  # nothing runs before the block ends
-    # Then every identity message was handled here, in order; each profile message whose partition is held
-    # was handled here in the next round, the others were produced to their topic (partitioned by key)
-    held = [n for n in range(12) if partition_for(f"pid-{n}".encode(), 4) in {0, 1}]
+    # Then every one was handled here, in order; each message they sent whose partition is held was handled
+    # here in the next round, the others were produced to their topic (partitioned by key)
+    held = [n for n in firsts if partition_for(f"pid-{n}".encode(), 4) in {0, 1}]
     assert 0 < len(held) < 12
-    assert handled == ([("identity", partition_for(k.encode(), 4), k, n) for n, k in enumerate(keys)]
+    assert handled == ([("profile", partition_for(f"first-{n}".encode(), 4), f"first-{n}", n) for n in firsts]
                        + [("profile", partition_for(f"pid-{n}".encode(), 4), f"pid-{n}", n) for n in held])
     assert out.produced == [(rt.registry.name(PROFILE_TOPIC), f"pid-{n}".encode(), None)
-                            for n in range(12) if n not in held]
+                            for n in firsts if n not in held]
+
+
+def test_identity_messages_and_absorbs_go_through_kafka_even_to_a_held_partition() -> None:
+    # Given a worker holding every partition of both stages
+    rt, out, handled = make_runtime({0, 1, 2, 3}, {0, 1, 2, 3})
+    # When a block sends an identity-stage message, a merge's absorb and a link
+    with rt.local_delivery():
+        rt.send(Send(IDENTITY_TOPIC, "ECID:a", {"op": "claim", "pid": "p1", "ts": 1, "n": 1}))
+        rt.send(Send(PROFILE_TOPIC, "p1", {"op": "absorb", "pid": "p1", "from": "p2", "token": "p2/1",
+                                           "state": b"", "n": 2}))
+        rt.send(Send(PROFILE_TOPIC, "p1", {"op": "link", "n": 3}))
+    # Then only the link was handled in-process: the others must be in their target's log, where a crash
+    # cannot lose them (pipeline.identity.stitch.in_process_allowed)
+    assert handled == [("profile", partition_for(b"p1", 4), "p1", 3)]
+    assert [(t, k) for t, k, _ in out.produced] == [(rt.registry.name(IDENTITY_TOPIC), b"ECID:a"),
+                                                    (rt.registry.name(PROFILE_TOPIC), b"p1")]
 
 
 def test_outside_a_block_or_during_a_rebalance_everything_goes_through_kafka() -> None:
     rt, out, handled = make_runtime({0, 1, 2, 3}, {0, 1, 2, 3})
-    rt.send(Send(IDENTITY_TOPIC, "ECID:a", {"n": 1}))
+    rt.send(Send(PROFILE_TOPIC, "pid-a", {"op": "link", "n": 1}))
     rt.app.rebalancing = True
     with rt.local_delivery():
-        rt.send(Send(IDENTITY_TOPIC, "ECID:b", {"n": 2}))
+        rt.send(Send(PROFILE_TOPIC, "pid-b", {"op": "link", "n": 2}))
     assert handled == []
-    assert [k for _, k, _ in out.produced] == [b"ECID:a", b"ECID:b"]
+    assert [k for _, k, _ in out.produced] == [b"pid-a", b"pid-b"]
 
 
 def test_a_cycle_of_local_messages_is_cut_after_the_round_limit_and_produced() -> None:
@@ -95,11 +112,11 @@ def test_a_cycle_of_local_messages_is_cut_after_the_round_limit_and_produced() -
     def loop(items: list[LocalItem]) -> None:
         for _, key, msg in items:
             handled.append(msg["n"])
-            rt.send(Send(PROFILE_TOPIC, key.decode(), {"n": msg["n"] + 1}))
+            rt.send(Send(PROFILE_TOPIC, key.decode(), {"op": "link", "n": msg["n"] + 1}))
 
     rt.local_handlers[PROFILE_TOPIC] = (rt.local_handlers[PROFILE_TOPIC][0], loop)
     with rt.local_delivery():
-        rt.send(Send(PROFILE_TOPIC, "pid-x", {"n": 0}))
+        rt.send(Send(PROFILE_TOPIC, "pid-x", {"op": "link", "n": 0}))
     # Then it ran MAX_LOCAL_ROUNDS times in-process and the pending message left through Kafka
     assert handled == list(range(MAX_LOCAL_ROUNDS))
     assert out.produced == [(rt.registry.name(PROFILE_TOPIC), b"pid-x", partition_for(b"pid-x", 4))]

@@ -1,4 +1,4 @@
-"""Identity agent: applies pipeline.identity.stitch to messages keyed by identity, from Kafka or in-process."""
+"""Identity agent: applies pipeline.identity.stitch to messages keyed by identity, from Kafka (never in-process)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,8 @@ def register(rt: Runtime) -> None:
                 continue
             rt.tally.add(metrics.IDENTITY_OPS, msg["op"])
 
-    rt.local_handlers[IDENTITY_TOPIC] = (table, handle)
+    # Not registered for local delivery: identity-stage messages always go through Kafka, so that a crash can be
+    # recovered by handling them again in their log's order (pipeline.identity.stitch.in_process_allowed).
 
     async def identity(stream: Any) -> None:
         async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):

@@ -110,3 +110,26 @@ def handle_identity(key: str, current: str | None, msg: dict[str, Any]) -> Ident
     if op == "release":  # the size guardrail dropped this identity from its profile
         return IdentityResult(delete=True) if current == msg["pid"] else IdentityResult()
     raise ValueError(f"unknown identity op {op!r}")
+
+
+
+def in_process_allowed(send: Send) -> bool:
+    """Whether a worker may hand this stage message to a partition it holds in-process (`Runtime.local_delivery`)
+    rather than produce it. A message delivered in-process is in no log: a crash loses it, while what its handling
+    wrote may survive (each changelog partition keeps its own prefix), and only the root Kafka message of the
+    cascade is handled again. Two kinds of message must be in their target's log, as they are without local
+    delivery, because nothing could re-derive them after such a crash:
+      - every identity-stage message (resolve, claim, repoint, release): the identity stage decides first come,
+        first served (I3), and its decisions have effects elsewhere (a profile lists a claimed identity, is born
+        with its home, holds events). Handled from its log, a decision lost in a crash is made again in the same
+        order, so it comes out the same; a lost in-process claim or resolve would be sent again later, after a
+        rival claim that now wins, with the first one's effects kept (an identity on two profiles);
+      - `absorb`, the only copy of a merging profile's state in flight: its `accepted` turns the sender into a
+        Forward, after which nothing can send the state again. In the survivor's log it is handled again until
+        the survivor's absorption is acknowledged; in-process, a crash could keep the Forward and lose the
+        absorption (the merged-away profile's identities and events gone).
+    Everything else a stage sends in-process is re-derived by handling again what caused it (the redelivery rules
+    in pipeline.profiles.ops), as through Kafka."""
+    if send.topic == IDENTITY_TOPIC:
+        return False
+    return not (send.topic == PROFILE_TOPIC and isinstance(send.value, dict) and send.value.get("op") == "absorb")

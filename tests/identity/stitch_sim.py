@@ -13,8 +13,10 @@ handling of each partition's log happen in any interleaving the `choose` functio
   the channels it was sending on keeps a random prefix of what it had not yet flushed, and its partitions
   (ingest included) are handled again from their committed offsets over the state their changelogs give.
   With `local_delivery`, a message between two partitions of the same worker is delivered in-process, as
-  the worker does: it was never in Kafka, so a crash loses it unless the worker checkpointed since, and
-  only the input that caused it is handled again. A restarted worker resumes the profiles it finds with
+  the worker does (`Runtime.send`), unless the protocol wants it in its target's log
+  (`pipeline.identity.stitch.in_process_allowed`: identity-stage messages and `absorb`): it was never in
+  Kafka, so a crash loses it unless the worker checkpointed since, and only the input that caused it is
+  handled again. A restarted worker resumes the profiles it finds with
   stitching in flight, as the profile agent does when it is assigned a partition.
 
 Messages are msgpack round-tripped and table values go through the profile codec, as on the wire.
@@ -36,6 +38,7 @@ from pipeline.identity.stitch import (
     Send,
     apply_msg,
     handle_identity,
+    in_process_allowed,
     start_resolve,
 )
 from pipeline.ingest.wire import record_to_wire
@@ -87,7 +90,9 @@ class StitchSim:
         self.processor = ProfileProcessor(config, SegmentEngine([]), lambda: self.now / 1000)
         self.logs: dict[Part, Log] = {(t, p): Log() for t in (IDENTITY_TOPIC, PROFILE_TOPIC)
                                       for p in range(partitions)}
-        self.channels: dict[tuple[Part, Part], deque[Any]] = {}
+        # (sender, target, in-process): a worker's messages to a partition it holds go in-process or, when the
+        # protocol wants them in the target's log (`in_process_allowed`), through Kafka, as the worker sends them
+        self.channels: dict[tuple[Part, Part, bool], deque[Any]] = {}
         self.pending: deque[Rec] = deque()
         self.changes: list[MembershipChange] = []
         self.crashes = 0
@@ -108,7 +113,9 @@ class StitchSim:
         if send.topic not in (IDENTITY_TOPIC, PROFILE_TOPIC):
             return  # activation output: not part of stitching
         wire = msgpack.unpackb(msgpack.packb((send.key, send.value), use_bin_type=True), raw=False)
-        self.channels.setdefault((src, self._part(send.topic, send.key)), deque()).append(wire)
+        dst = self._part(send.topic, send.key)
+        local = (self.local_delivery and self.worker_of[src] == self.worker_of[dst] and in_process_allowed(send))
+        self.channels.setdefault((src, dst, local), deque()).append(wire)
 
     def ingest(self, rec: Rec, ts: int | None = None) -> None:
         """What the ingest loop does with a decoded record: the home hop, locally if the owner is known.
@@ -215,8 +222,9 @@ class StitchSim:
         log.unflushed = []
         self.crashes += 1
 
-    def _local(self, channel: tuple[Part, Part]) -> bool:
-        return self.local_delivery and self.worker_of[channel[0]] == self.worker_of[channel[1]]
+    @staticmethod
+    def _local(channel: tuple[Part, Part, bool]) -> bool:
+        return channel[2]
 
     def _parts_of(self, worker: int) -> list[Part]:
         return [part for part, w in self.worker_of.items() if w == worker]
@@ -225,9 +233,9 @@ class StitchSim:
         """The worker flushes its producer (everything it sent reaches its partition's log, its changelog
         writes are acknowledged), then commits the offsets it has handled."""
         parts = set(self._parts_of(worker))
-        for (src, dst), q in self.channels.items():
+        for (src, dst, local), q in self.channels.items():
             if src in parts:
-                self.logs[dst].deliver(q, self._local((src, dst)))
+                self.logs[dst].deliver(q, local)
                 q.clear()
         for part in parts:
             if part == INGEST:
@@ -261,10 +269,10 @@ class StitchSim:
             log.messages = log.messages[:log.pos] + [m for i, m in enumerate(log.messages)
                                                      if i >= log.pos and i not in log.local]
             log.local = {i for i in log.local if i < log.pos}
-        for (src, dst), q in self.channels.items():
+        for (src, _dst, local), q in self.channels.items():
             if src in parts:
                 # a message to its own partitions the worker would have handled in-process: gone with it
-                for _ in range(len(q) if self._local((src, dst)) else rng.randint(0, len(q))):
+                for _ in range(len(q) if local else rng.randint(0, len(q))):
                     q.pop()
         self.crashes += 1
         for part in parts:  # the restarted worker is assigned its partitions again
