@@ -137,6 +137,13 @@ def test_the_pipeline_runs_end_to_end_over_sasl_ssl_with_replicated_topics(clust
     memberships.wait_for(lambda ms: len(ms) >= len(people), timeout_s=90, what="40 memberships")
     memberships.settle(quiet_s=2)
     assert realized_cookies(memberships.messages) == {f"cookie-{p}": 1 for p in people}
+    # And every topic of topics.yaml has 3 replicas and needs 2 in sync; Faust's own (its leader election,
+    # no data) has 3 replicas too
+    made = _pipeline_topics(conn, durable_registry, worker.env["PIPELINE_APP_ID"])
+    declared = {spec.name for spec in durable_registry}
+    assert {name: made[name] for name in declared} == {name: (3, "2") for name in declared}
+    faust_own = set(made) - declared
+    assert faust_own and {made[name][0] for name in faust_own} == {3}, made
     # And its API answers on the address it was given, and only there
     assert httpx.get(f"http://127.0.0.2:{worker.web_port}/healthz", timeout=5).status_code == 200
     with pytest.raises(httpx.ConnectError):
@@ -214,6 +221,22 @@ def test_a_broker_killed_mid_stream_loses_no_membership_and_stops_nothing(cluste
     assert PASSWORD not in worker.log()
     memberships.close()
     victim.start(wait=False)  # back for the module's next test (`durable_registry` waits for it)
+
+
+def _pipeline_topics(conn: KafkaConnection, reg: TopicRegistry, app_id: str) -> dict[str, tuple[int, str]]:
+    """name -> (replicas, min.insync.replicas) of the topics of this registry and of Faust's app."""
+    from confluent_kafka.admin import AdminClient, ConfigResource
+
+    admin = AdminClient(client_config(conn))
+    prefix = reg.name("ingest.events").split("cdp.")[0]
+    topics = {name: md for name, md in admin.list_topics(timeout=10).topics.items()
+              if name.startswith((prefix, app_id))}
+    out = {}
+    for name, md in topics.items():
+        res = ConfigResource("topic", name)
+        isr = admin.describe_configs([res])[res].result()["min.insync.replicas"].value
+        out[name] = (min(len(p.replicas) for p in md.partitions.values()), isr)
+    return out
 
 
 def _topic_metadata(conn: KafkaConnection, topic: str) -> Any:
