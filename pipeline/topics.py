@@ -28,6 +28,8 @@ _KEYS = {"name", "partitions", "replication_factor", "min_insync_replicas", "cle
          "codec", "description"}
 _DEFAULT_KEYS = {"replication_factor", "min_insync_replicas", "cleanup_policy", "retention_ms"}
 REPLICATION_ENV, MIN_INSYNC_ENV = "PIPELINE_REPLICATION_FACTOR", "PIPELINE_MIN_INSYNC_REPLICAS"
+# A topics file that declares neither, per topic nor in `defaults`, gets Kafka's own broker defaults.
+KAFKA_DEFAULT_REPLICATION = KAFKA_DEFAULT_MIN_INSYNC = 1
 _CLEANUP = ("delete", "compact", "compact,delete")
 
 
@@ -55,8 +57,8 @@ class TopicSpec:
 class TopicRegistry:
     """Every topic of the pipeline by logical name."""
 
-    def __init__(self, specs: dict[str, TopicSpec], replication_factor: int = 1, min_insync_replicas: int = 1
-                 ) -> None:
+    def __init__(self, specs: dict[str, TopicSpec], replication_factor: int = KAFKA_DEFAULT_REPLICATION,
+                 min_insync_replicas: int = KAFKA_DEFAULT_MIN_INSYNC) -> None:
         self._specs = specs
         # the defaults (after the environment's overrides), for topics declared elsewhere (Faust's own)
         self.replication_factor = replication_factor
@@ -91,9 +93,9 @@ class TopicRegistry:
                                 merged["cleanup_policy"])
             retention = merged.get("retention_ms")
             rf = rf_env or (doc.integer(merged["replication_factor"], f"{what}: replication_factor", minimum=1)
-                            if "replication_factor" in merged else 1)
+                            if "replication_factor" in merged else KAFKA_DEFAULT_REPLICATION)
             isr = isr_env or (doc.integer(merged["min_insync_replicas"], f"{what}: min_insync_replicas",
-                                          minimum=1) if "min_insync_replicas" in merged else 1)
+                                          minimum=1) if "min_insync_replicas" in merged else KAFKA_DEFAULT_MIN_INSYNC)
             if isr > rf:  # every produce with acks=all would fail: NOT_ENOUGH_REPLICAS
                 where = merged.get("min_insync_replicas") if isr_env is None else None
                 message = (f"{what}: min_insync_replicas {isr} is more than its replication_factor {rf}"
@@ -114,9 +116,10 @@ class TopicRegistry:
                 if "description" in fields else "",
             )
         rf_default = rf_env or (doc.integer(defaults["replication_factor"], "defaults: replication_factor", minimum=1)
-                                if "replication_factor" in defaults else 1)
+                                if "replication_factor" in defaults else KAFKA_DEFAULT_REPLICATION)
         isr_default = isr_env or (doc.integer(defaults["min_insync_replicas"], "defaults: min_insync_replicas",
-                                              minimum=1) if "min_insync_replicas" in defaults else 1)
+                                              minimum=1) if "min_insync_replicas" in defaults
+                                  else KAFKA_DEFAULT_MIN_INSYNC)
         return cls(specs, rf_default, min(isr_default, rf_default))
 
     def __getitem__(self, logical: str) -> TopicSpec:
