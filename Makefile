@@ -50,8 +50,8 @@ test-stitching: kafka-jars
 # outages of 20 s and 120 s (stop and SIGKILL), rebalances 1 -> 2 -> 3 -> 1, an HTTP destination down for 60 s,
 # a 10,000-record hostile corpus and a 10-minute soak at 1,000 events/s; each prints a `FAULTS <name>:` line.
 # About 50 minutes on 2 shared cores; FAULTS_SEED picks the input, FAULTS_SOAK_S the soak's length. Its fast subset (three
-# SIGKILLs, a 1 -> 2 -> 1 rebalance) is in `make test`. Then the 2-minute broker outages of
-# tests/integration/test_broker_outage.py (readiness, log lines; its 75 s one is in `make test`).
+# SIGKILLs, a 1 -> 2 -> 1 rebalance) is in `make test`. Then the 75 s and 2-minute broker outages of
+# tests/integration/test_broker_outage.py (readiness, log lines).
 test-faults: kafka-jars
 	$(BIN)/pytest -q -p no:cacheprovider -s -m integration tests/faults
 	$(BIN)/pytest -q -p no:cacheprovider -s -m faults tests/integration/test_broker_outage.py
