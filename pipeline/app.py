@@ -11,15 +11,23 @@ from typing import Any
 import faust
 
 from pipeline.connection import KafkaConnection, client_config
-from pipeline.observability import metrics
+from pipeline.observability import memory, metrics
 from pipeline.observability.logs import throttle_library_loggers
 from pipeline.observability.readiness import Readiness
 from pipeline.outage import KafkaWatch
 from pipeline.profiles.ops import ProfileProcessor
-from pipeline.runtime import ROCKSDB_OPTIONS, TABLE_CACHE, OutputProducer, Runtime
+from pipeline.runtime import (
+    ROCKSDB_CACHE_BYTES,
+    ROCKSDB_MEMTABLE_BYTES,
+    ROCKSDB_OPTIONS,
+    TABLE_CACHE,
+    OutputProducer,
+    Runtime,
+)
 from pipeline.segments import SegmentEngine
 from pipeline.settings import PipelineConfig, Settings
 from pipeline.state.faust_compat import (
+    SharedRocksDBMemory,
     close_revoked_partitions,
     static_membership_supported,
     tolerate_stale_url_on_static_rejoin,
@@ -103,6 +111,7 @@ def build_app(settings: Settings, config: PipelineConfig | None = None,
     _flush_output_before_commit(app, rt.output)
     if settings.leave_group_on_stop:
         leave_groups_on_stop(app, settings.kafka, static_members(settings, faust_instance_id))
+    rocksdb_memory = SharedRocksDBMemory(ROCKSDB_CACHE_BYTES, ROCKSDB_MEMTABLE_BYTES)
     for logical, table in (("state.identity-changelog", "identity"), ("state.profiles-changelog", "profiles")):
         spec = registry[logical]
         rt.tables[table] = app.Table(
@@ -111,7 +120,9 @@ def build_app(settings: Settings, config: PipelineConfig | None = None,
             changelog_topic=app.topic(spec.name, key_type=bytes, value_type=bytes, key_serializer="raw",
                                       value_serializer="raw", partitions=spec.partitions, internal=False))
         changelogs.route(rt.tables[table])
+        rocksdb_memory.share(rt.tables[table].data)
         rt.ptables[table] = PartitionedTable(rt.tables[table], spec.partitions, *TABLE_CACHE[table])
+        rt.caches[f"{table}-table"] = rt.ptables[table].cache
         close_revoked_partitions(rt.tables[table], rt.ptables[table].release)  # reopened when reassigned
 
     from pipeline.api import routes as api_routes
@@ -123,6 +134,7 @@ def build_app(settings: Settings, config: PipelineConfig | None = None,
     identity_agents.register(rt)
     profile_agents.register(rt)
     api_routes.register(rt)
+    memory.register(rt)
     throttle_library_loggers()
     return rt
 

@@ -25,17 +25,31 @@ from pipeline.profiles.ops import ProfileProcessor
 from pipeline.segments import SegmentEngine
 from pipeline.serde.codecs import RawCodec
 from pipeline.settings import PipelineConfig, Settings
+from pipeline.state.lru import BoundedCache
 from pipeline.state.tables import PartitionedTable
 from pipeline.topics import TopicRegistry
 
-# Bounded RocksDB memory: faust's defaults give each table partition a 2 GiB block cache.
+# What a worker's memory is bounded by, whatever its load (GET /debug/memory shows each part; the soak,
+# tests/faults/test_soak.py, checks that RSS levels off):
+#   ~130 MB   the process once started (interpreter, libraries, the app)
+#   RocksDB   ROCKSDB_CACHE_BYTES: one block cache shared by every partition of both tables, which their
+#             memtables are charged to as well (flushed once they pass ROCKSDB_MEMTABLE_BYTES in all): 64 MB
+#             however many partitions the worker holds (faust's per-partition options gave each partition a
+#             block cache of its own plus 2 memtables: 64 MB a partition, 512 MB for 8)
+#   caches    TABLE_CACHE and DECODED_CACHE below: ~64 + 32 + 192 MB when full
+#   Kafka     the output producer's queue (OUTPUT_QUEUE_KBYTES, 64 MB) and the ingest consumer's prefetched
+#             records (INGEST_PREFETCH_KBYTES in pipeline.ingest.agents, 16 MB)
+# ~560 MB in all, plus what a batch in progress holds and what malloc keeps free after peaks.
+ROCKSDB_CACHE_BYTES = 64 << 20
+ROCKSDB_MEMTABLE_BYTES = 32 << 20
 ROCKSDB_OPTIONS = {
-    "block_cache_size": 32 * 1024 * 1024,
-    "block_cache_compressed_size": 8 * 1024 * 1024,
+    "block_cache_size": ROCKSDB_CACHE_BYTES,  # replaced by the shared cache (faust_compat.SharedRocksDBMemory)
     "write_buffer_size": 16 * 1024 * 1024,
     "max_write_buffer_number": 2,
     "target_file_size_base": 32 * 1024 * 1024,
 }
+# librdkafka's default producer queue is 1 GB; a profile's changelog record carries the whole profile
+OUTPUT_QUEUE_KBYTES = 64 * 1024
 
 # What a worker keeps in memory in front of each table's RocksDB (`PartitionedTable`): (keys, bytes of
 # values). An identity entry costs ~250 bytes; a profile entry shares its bytes with the decoded-profile cache.
@@ -90,7 +104,8 @@ class OutputProducer:
         self._p = Producer(client_config(kafka, {
             "partitioner": "murmur2_random", "acks": "all",
             "enable.idempotence": True, "linger.ms": 20, "compression.type": "lz4",
-            "queue.buffering.max.messages": 200_000, "batch.num.messages": 10_000, "message.timeout.ms": 0,
+            "queue.buffering.max.messages": 200_000, "queue.buffering.max.kbytes": OUTPUT_QUEUE_KBYTES,
+            "batch.num.messages": 10_000, "message.timeout.ms": 0,
         }, error_cb=error_cb))
         self._waits: list[float] = []  # when each flush still waiting began
         # whether the worker is stopping: a flush then gives up after STOPPING_FLUSH_S (`build_app` sets it)
@@ -267,6 +282,7 @@ class Runtime:
     tables: dict[str, Any] = field(default_factory=dict)
     ptables: dict[str, PartitionedTable] = field(default_factory=dict)
     local_handlers: dict[str, tuple[PartitionedTable, LocalHandler]] = field(default_factory=dict)
+    caches: dict[str, BoundedCache[Any, Any]] = field(default_factory=dict)  # the in-memory caches, by name (GET /debug/memory)
     tally: metrics.Tally = field(default_factory=metrics.Tally)  # flushed when a local-delivery block ends
     readiness: Readiness = field(default_factory=Readiness)  # why the worker cannot work now (GET /readyz)
     kafka: KafkaWatch | None = None  # outages of the broker (`build_app` starts it; its error_cb for clients)

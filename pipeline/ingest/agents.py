@@ -32,6 +32,11 @@ REJOIN_GRACE_S = 20.0
 # refused at once); a line after 15 s, 30 s, 60 s ... then every 5 min.
 REGISTRY_RETRY_FIRST_S, REGISTRY_RETRY_MAX_S = 1.0, 30.0
 REGISTRY_REPORT_FIRST_S, REGISTRY_REPORT_MAX_S = 15.0, 300.0
+# Records the ingest consumer fetches ahead, outside Python (librdkafka's defaults: 64 MB, and up to 100,000
+# records a partition): a worker behind its input holds that much, which its memory bound must count. 16 MB
+# is still tens of seconds of records at 1,000/s.
+INGEST_PREFETCH_KBYTES = 16 * 1024
+INGEST_PREFETCH_RECORDS = 10_000  # a partition
 
 
 def ingest_group(app_id: str) -> str:
@@ -56,6 +61,7 @@ def consumer_config(group: str, client_id: str,
         # instead of one per few records, which cost the broker (on the same cores here) more than the data
         "fetch.min.bytes": 65536, "fetch.wait.max.ms": 25,
         "partition.assignment.strategy": "cooperative-sticky",
+        "queued.max.messages.kbytes": INGEST_PREFETCH_KBYTES, "queued.min.messages": INGEST_PREFETCH_RECORDS,
     }
     if instance_id:
         config["group.instance.id"] = instance_id

@@ -50,6 +50,10 @@ class DecodedCache:
     def __init__(self, size: int, max_bytes: int) -> None:
         self._d: BoundedCache[bytes, tuple[bytes, ProfileState]] = BoundedCache(size, max_bytes)
 
+    @property
+    def entries(self) -> BoundedCache[bytes, tuple[bytes, ProfileState]]:
+        return self._d
+
     def load(self, key: bytes, raw: bytes | None) -> ProfileState | Forward | None:
         if raw is None:
             return None
@@ -72,6 +76,7 @@ class DecodedCache:
 def register(rt: Runtime) -> None:
     table = rt.ptables["profiles"]
     cache = DecodedCache(*DECODED_CACHE)
+    rt.caches["decoded-profiles"] = cache.entries
     codec = rt.registry[PROFILE_TOPIC].codec
     deadlines = Deadlines()
 

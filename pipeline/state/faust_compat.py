@@ -2,7 +2,7 @@
 
 Checked at start-up: with another version the worker stops with the reason instead of misbehaving during
 a rebalance. Before changing FAUST_VERSION, re-read `faust/stores/rocksdb.py` (`Store.revoke_partitions`,
-`Store._dbs`, `Store.on_rebalance`) and adjust this module.
+`Store._dbs`, `Store.on_rebalance`, `RocksDBOptions.as_options`) and adjust this module.
 """
 
 from __future__ import annotations
@@ -121,3 +121,39 @@ def tolerate_stale_url_on_static_rejoin() -> None:
 
     on_assignment._cdp_stale_url = True  # type: ignore[attr-defined]
     PartitionAssignor.on_assignment = on_assignment  # type: ignore[method-assign]
+
+
+class SharedRocksDBMemory:
+    """One block cache and one write buffer manager for every RocksDB a worker opens (each table partition is
+    a database of its own): RocksDB's memory is then bounded by `cache_bytes` in all, the memtables charged to
+    the cache, instead of growing with the number of partitions held."""
+
+    def __init__(self, cache_bytes: int, memtable_bytes: int) -> None:
+        import rocksdict
+
+        self.cache = rocksdict.Cache(cache_bytes)
+        self.write_buffers = rocksdict.WriteBufferManager.new_write_buffer_manager_with_cache(
+            memtable_bytes, False, self.cache)
+
+    def share(self, store: Any) -> None:
+        """Open `store`'s partitions with the shared cache and write buffer manager: faust 0.15.3's
+        `RocksDBOptions.as_options` gives each partition a `rocksdict.Cache(block_cache_size)` of its own;
+        the block-based table options it builds are rebuilt here the same way, with the shared cache."""
+        import rocksdict
+
+        options = store.rocksdb_options
+        if not options.use_rocksdict:
+            raise RuntimeError("shared RocksDB memory needs faust's rocksdict driver")
+        build = type(options).as_options
+
+        def as_options() -> Any:
+            db_options = build(options)
+            table = rocksdict.BlockBasedOptions()
+            table.set_bloom_filter(options.bloom_filter_size, True)
+            table.set_block_cache(self.cache)
+            table.set_index_type(rocksdict.BlockBasedIndexType.binary_search())
+            db_options.set_block_based_table_factory(table)
+            db_options.set_write_buffer_manager(self.write_buffers)
+            return db_options
+
+        options.as_options = as_options

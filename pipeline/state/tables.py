@@ -85,6 +85,10 @@ class PartitionedTable:
         self._recovered: Any = None
         self._watches: dict[int, list[set[bytes]]] = {}
 
+    @property
+    def cache(self) -> BoundedCache[tuple[int, bytes], bytes | None]:
+        return self._cache
+
     def partition(self, key: bytes) -> int:
         return partition_for(key, self.partitions)
 
