@@ -233,3 +233,36 @@ def test_identity_key_refuses_non_strings() -> None:
         with pytest.raises(ApiError) as err:
             identity_key(params, cfg)
         assert err.value.status == 400
+
+
+async def test_the_listener_speaks_tls_with_a_certificate_and_key(
+        tmp_path: Path, runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+    import httpx
+    from aiohttp import web
+
+    from pipeline.api.server import faust_web_settings, tls_context
+    from pipeline.local.broker import free_port
+    from pipeline.local.cluster import make_tls
+
+    # Given a certificate and key (one PEM holds both here) in PIPELINE_WEB_TLS_CERT / _KEY
+    keystore, ca = make_tls(tmp_path)
+    monkeypatch.setenv("PIPELINE_WEB_TLS_CERT", str(keystore))
+    monkeypatch.setenv("PIPELINE_WEB_TLS_KEY", str(keystore))
+    ctx = tls_context(Settings.from_env())
+    assert ctx is not None and faust_web_settings(Settings.from_env(), load_authenticator(Settings.from_env()))[
+        "web_ssl_context"] is not None
+    # When the API is served with that context (as Faust's TCPSite does with web_ssl_context)
+    runner = web.AppRunner(runtime.app.web.web_app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port, ssl_context=ctx).start()
+    try:
+        # Then a client that trusts the CA gets its answer over HTTPS
+        async with httpx.AsyncClient(verify=str(ca)) as http:
+            assert (await http.get(f"https://127.0.0.1:{port}/healthz")).json() == {"alive": True}
+    finally:
+        await runner.cleanup()
+    # And only one of the two is a configuration error
+    monkeypatch.delenv("PIPELINE_WEB_TLS_KEY")
+    with pytest.raises(ConfigError, match="go together"):
+        tls_context(Settings.from_env())
