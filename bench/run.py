@@ -720,7 +720,8 @@ def main(argv: list[str] | None = None) -> int:
         app_id = f"cdp-bench-{prefix.rstrip('-')}"
         cfg = write_config(tmp)
         env_base = {**os.environ, "KAFKA_BOOTSTRAP": bootstrap, "PIPELINE_TOPIC_PREFIX": prefix,
-                    "PIPELINE_APP_ID": app_id, "PIPELINE_DATA_DIR": str(tmp / "data"), "PIPELINE_CONFIG": str(cfg)}
+                    "PIPELINE_APP_ID": app_id, "PIPELINE_DATA_DIR": str(tmp / "data"), "PIPELINE_CONFIG": str(cfg),
+                    "PIPELINE_API_AUTH": "off"}  # the bench reads /metrics on its own local workers
         procs = Procs()
         procs.add("broker", broker.proc.pid)  # type: ignore[union-attr]
         cmd_q, out_q, abort = mpctx.Queue(), mpctx.Queue(), mpctx.Event()

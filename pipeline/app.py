@@ -10,6 +10,7 @@ from typing import Any
 
 import faust
 
+from pipeline.api.server import Authenticator, faust_web_settings, load_authenticator
 from pipeline.connection import KafkaConnection, client_config
 from pipeline.observability import memory, metrics
 from pipeline.observability.logs import throttle_library_loggers
@@ -29,6 +30,7 @@ from pipeline.settings import PipelineConfig, Settings
 from pipeline.state.faust_compat import (
     SharedRocksDBMemory,
     close_revoked_partitions,
+    set_web_timeouts,
     static_membership_supported,
     tolerate_stale_url_on_static_rejoin,
 )
@@ -37,9 +39,11 @@ from pipeline.topics import TopicRegistry
 
 
 def build_app(settings: Settings, config: PipelineConfig | None = None,
-              registry: TopicRegistry | None = None) -> Runtime:
-    """1. load config and topics; 2. create the app; 3. declare tables; 4. register each area's agents."""
+              registry: TopicRegistry | None = None, auth: Authenticator | None = None) -> Runtime:
+    """1. load config, topics and API keys; 2. create the app; 3. declare tables; 4. register each area's
+    agents and the API."""
     config = config or PipelineConfig.load(settings.config_dir)
+    auth = auth or load_authenticator(settings)
     registry = registry or TopicRegistry.load(prefix=settings.topic_prefix)
     ops_partitions = registry["internal.profile-ops"].partitions
     (settings.data_dir / settings.worker_name).mkdir(parents=True, exist_ok=True)
@@ -78,8 +82,10 @@ def build_app(settings: Settings, config: PipelineConfig | None = None,
         web_bind=settings.web_host,
         web_port=settings.web_port,
         web_in_thread=False,
+        **faust_web_settings(settings, auth),  # Faust's own pages off, the API's guard, limits, TLS
         logging_config=None,
     )
+    set_web_timeouts(app, settings.web_read_timeout_s)
     history_ms = config.profile.datasets.event_history.retention_ms
     engine = SegmentEngine(config.audiences, history_retention_ms=history_ms)
     processor = ProfileProcessor(config.profile, engine, time.time)

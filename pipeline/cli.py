@@ -33,9 +33,12 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
     start_tracing()  # PIPELINE_TRACEMALLOC (pipeline.observability.memory): off by default
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())  # the worker's loop is created after this
+    from pipeline.api.server import load_authenticator
+
     config = PipelineConfig.load(settings.config_dir)  # a bad config stops here, before any connection
+    auth = load_authenticator(settings)  # so do a bad API keys file, or none without PIPELINE_API_AUTH=off
     check_cluster(settings.kafka)  # refused credentials stop here; an unreachable cluster is waited for
-    rt = build_app(settings, config)
+    rt = build_app(settings, config, auth=auth)
     watch_gc()
     tune_gc()
     init_group_offsets(settings, rt.registry)
@@ -130,12 +133,40 @@ def cmd_tail(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_profile(args: argparse.Namespace, settings: Settings) -> int:
+    import os
+
     import httpx
 
     url = args.url or f"http://127.0.0.1:{settings.web_port}"
-    r = httpx.get(f"{url}/profiles", params={"namespace": args.namespace, "id": args.id}, timeout=10)
+    key = os.environ.get("PIPELINE_API_KEY", "").strip()
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    r = httpx.get(f"{url}/profiles", params={"namespace": args.namespace, "id": args.id}, headers=headers,
+                  timeout=10)
     print(json.dumps(r.json(), indent=2))
     return 0 if r.status_code == 200 else 1
+
+
+def cmd_api_key(args: argparse.Namespace, settings: Settings) -> int:
+    from datetime import UTC, datetime
+
+    from pipeline.api.auth import ApiKey, entry_yaml, hash_key, new_key, parse_keys, parse_scopes
+
+    scopes = parse_scopes(args.scopes)
+    expires = None
+    if args.expires:
+        try:
+            expires = datetime.fromisoformat(args.expires)
+        except ValueError:
+            raise ConfigError(f"--expires must be an ISO 8601 date or time, not {args.expires!r}") from None
+        expires = expires if expires.tzinfo else expires.replace(tzinfo=UTC)
+    key = new_key()
+    entry = ApiKey(args.id, hash_key(key), scopes, args.description or "", expires)
+    text = entry_yaml(entry)
+    parse_keys("keys:\n" + text, "(the new entry)")  # the entry is valid as printed (id, scopes)
+    print(f"API key (shown once; the keys file keeps only its hash):\n\n  {key}\n\n"
+          f"add this entry under `keys:` in the keys file (PIPELINE_API_KEYS_FILE); the worker picks it up "
+          f"within a second, without a restart:\n\n{text}")
+    return 0
 
 
 def cmd_segments(args: argparse.Namespace, settings: Settings) -> int:
@@ -288,7 +319,15 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--namespace", required=True)
     pr.add_argument("--id", required=True)
     pr.add_argument("--url")
-    pr.set_defaults(func=cmd_profile)
+    pr.set_defaults(func=cmd_profile)  # the API key: PIPELINE_API_KEY
+    ak = sub.add_parser("api-key", help="make an API key for the worker's HTTP API")
+    ak.add_argument("action", choices=["create"])
+    ak.add_argument("--id", required=True, help="the key's name (in the access log): letters, digits, - _ .")
+    ak.add_argument("--scopes", required=True, help="comma-separated: profiles:read, audiences:read, "
+                    "audiences:write, privacy:erase, metrics:read, admin (all of them)")
+    ak.add_argument("--description")
+    ak.add_argument("--expires", help="ISO 8601 date or time (UTC unless a zone is given)")
+    ak.set_defaults(func=cmd_api_key)
     s = sub.add_parser("segments", help="explain, list or batch-run audiences")
     s.add_argument("action", choices=["explain", "list", "run"])
     s.add_argument("ids", nargs="*")

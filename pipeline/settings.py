@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pipeline.connection import KafkaConnection
 from pipeline.errors import ConfigError
@@ -44,6 +45,25 @@ def _port(name: str, default: int) -> int:
     return int(value)
 
 
+def _path(name: str) -> Path | None:
+    value = os.environ.get(name, "").strip()
+    return Path(value) if value else None
+
+
+def _positive(name: str, default: Any) -> Any:
+    """A positive number of the default's type (int or float)."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        number = type(default)(value)
+    except ValueError:
+        number = 0
+    if not number > 0:
+        raise ConfigError(f"{name} must be a positive {type(default).__name__}, not {value!r}")
+    return number
+
+
 @dataclass(frozen=True)
 class Settings:
     """Environment (flag default in brackets): the Kafka connection (pipeline.connection: KAFKA_*),
@@ -51,7 +71,11 @@ class Settings:
     PIPELINE_WEB_HOST [127.0.0.1] and PIPELINE_WEB_PORT [6066] (the worker's API and /metrics),
     PIPELINE_DEST_METRICS_HOST [127.0.0.1] and PIPELINE_DEST_METRICS_PORT [off] (the destination runner),
     PIPELINE_STATIC_MEMBERSHIP, PIPELINE_LEAVE_GROUP_ON_STOP; replication overrides are read with topics.yaml
-    (pipeline.topics)."""
+    (pipeline.topics). The API (pipeline/api/server.py): PIPELINE_API_KEYS_FILE (the API keys; without it the
+    worker does not start unless PIPELINE_API_AUTH=off [on]), PIPELINE_API_FAILED_AUTH_BURST [20] (failed
+    authentications an address may make before 429, one more a second), PIPELINE_WEB_READ_TIMEOUT_S [10]
+    (a client's request line and headers, and its body, must arrive within it), PIPELINE_WEB_TLS_CERT and
+    PIPELINE_WEB_TLS_KEY (PEM files: the listener speaks HTTPS)."""
 
     kafka: KafkaConnection
     app_id: str
@@ -74,6 +98,12 @@ class Settings:
     # Fault injection, for tests only: output to these logical topics is never produced and never
     # acknowledged, as if a crash lost it in flight (PIPELINE_FAULT_LOSE_OUTPUT, comma-separated).
     fault_lose_output: tuple[str, ...] = ()
+    api_keys_file: Path | None = None
+    api_auth: bool = True  # False only with PIPELINE_API_AUTH=off (and no keys file)
+    api_failed_auth_burst: int = 20
+    web_read_timeout_s: float = 10.0
+    web_tls_cert: Path | None = None
+    web_tls_key: Path | None = None
 
     @classmethod
     def from_env(cls, config_dir: str | Path | None = None) -> Settings:
@@ -93,6 +123,12 @@ class Settings:
             leave_group_on_stop=_flag("PIPELINE_LEAVE_GROUP_ON_STOP", True),
             fault_lose_output=tuple(t.strip() for t in os.environ.get("PIPELINE_FAULT_LOSE_OUTPUT", "").split(",")
                                     if t.strip()),
+            api_keys_file=_path("PIPELINE_API_KEYS_FILE"),
+            api_auth=_flag("PIPELINE_API_AUTH", True),
+            api_failed_auth_burst=_positive("PIPELINE_API_FAILED_AUTH_BURST", 20),
+            web_read_timeout_s=_positive("PIPELINE_WEB_READ_TIMEOUT_S", 10.0),
+            web_tls_cert=_path("PIPELINE_WEB_TLS_CERT"),
+            web_tls_key=_path("PIPELINE_WEB_TLS_KEY"),
         )
 
     @property

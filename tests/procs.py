@@ -49,10 +49,14 @@ class PipelineProc:
 
 
 class WorkerProc(PipelineProc):
-    """A `pipeline worker` process with its HTTP API port."""
+    """A `pipeline worker` process with its HTTP API port. Its API is open (PIPELINE_API_AUTH=off, said
+    explicitly: a worker without API keys refuses to start otherwise) unless `env` gives it a keys file or
+    says otherwise: tests/api/ test the authentication; the others read profiles without keys."""
 
     def __init__(self, name: str, env: dict[str, str], log_path: Path, web_port: int, *,
                  command: list[str] | None = None, cwd: Path | None = None) -> None:
+        if "PIPELINE_API_KEYS_FILE" not in env and "PIPELINE_API_AUTH" not in env:
+            env = {**env, "PIPELINE_API_AUTH": "off"}
         super().__init__(["worker", "--loglevel", "info"], env, log_path, command=command, cwd=cwd)
         self.name = name
         self.web_port = web_port

@@ -1,21 +1,25 @@
-"""API routes on the worker's web server (faust web, aiohttp underneath).
+"""API routes on the worker's web server (faust web, aiohttp underneath), as pipeline/api/openapi.yaml
+describes them (a test keeps the two the same; pipeline/api/server.py guards every request: API keys and
+scopes, limits, problem bodies, the access log).
 
 GET /profiles?namespace=Email&id=a@b.com, GET /profiles/{id}, POST /edge/evaluate, GET /audiences,
-GET /metrics, GET /healthz (the worker's event loop answers) and GET /readyz (200, or 503 with the reasons
-the worker cannot do its work now, e.g. Kafka unreachable: `Runtime.readiness`). Lookups read this worker's local table partitions (one worker in `make run`; with several
-workers, ask the one that owns the partition: the 404 body says so).
+GET /metrics, GET /healthz (the worker's event loop answers), GET /readyz (200, or 503 with the reasons
+the worker cannot do its work now, e.g. Kafka unreachable: `Runtime.readiness`) and GET /openapi.json.
+Lookups read this worker's local table partitions (one worker in `make run`; with several workers, ask the
+one that owns the partition: the 404 body says so).
 """
 
 from __future__ import annotations
 
-import json
+import asyncio
 import time
 from typing import Any
 
 from faust.web import View
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from pipeline.api.views import ApiError, identity_key, render_profile
+from pipeline.api.server import PROFILE_ID_KEY, openapi, problem_response
+from pipeline.api.views import PROFILE_ID, ApiError, identity_key, parse_json_body, render_profile
 from pipeline.model import ProfileState
 from pipeline.runtime import Runtime
 from pipeline.state.codec import Forward, decode_profile_entry
@@ -27,6 +31,8 @@ def register(rt: Runtime) -> None:
     profiles = rt.tables["profiles"]
 
     def load(pid: str) -> ProfileState | None:
+        if not PROFILE_ID.fullmatch(pid):  # e.g. the table's own metadata keys (`__cdp_acked__:0`)
+            return None
         for _ in range(16):  # follow forwards (each hop to a smaller id, so it ends)
             raw = profiles.get(pid.encode())
             if raw is None:
@@ -47,12 +53,16 @@ def register(rt: Runtime) -> None:
         return p
 
     def error(web: Any, exc: ApiError) -> Any:
-        return web.json(exc.body, status=exc.status)
+        return problem_response(exc)
+
+    def served(request: Any, p: ProfileState) -> ProfileState:
+        request[PROFILE_ID_KEY] = p.profile_id  # for the access log
+        return p
 
     @app.page("/profiles")
     async def get_profile(web: Any, request: Any) -> Any:
         try:
-            return web.json(render_profile(lookup(request.query)))
+            return web.json(render_profile(served(request, lookup(request.query))))
         except ApiError as exc:
             return error(web, exc)
 
@@ -61,7 +71,7 @@ def register(rt: Runtime) -> None:
         p = load(profile_id)
         if p is None:
             return error(web, ApiError(404, "not-found", "no such profile on this worker"))
-        return web.json(render_profile(p))
+        return web.json(render_profile(served(request, p)))
 
     @app.page("/edge/evaluate")
     class EdgeEvaluate(View):  # type: ignore[misc]
@@ -69,13 +79,14 @@ def register(rt: Runtime) -> None:
 
         async def post(self, request: Any) -> Any:
             try:
-                body = await request.json()
-            except (json.JSONDecodeError, ValueError):
-                return error(self, ApiError(400, "invalid-json", "the body must be a JSON object"))
-            if not isinstance(body, dict):
-                return error(self, ApiError(400, "invalid-json", "the body must be a JSON object"))
+                raw = await asyncio.wait_for(request.read(), rt.settings.web_read_timeout_s)
+            except TimeoutError:
+                return error(self, ApiError(408, "body-timeout", "the body did not arrive in time"))
             try:
-                p = lookup(body)
+                body = parse_json_body(raw)
+                if not isinstance(body, dict):
+                    raise ApiError(400, "invalid-json", "the body must be a JSON object")
+                p = served(request, lookup(body))
             except ApiError as exc:
                 return error(self, exc)
             edge = [e.audience_id for e in rt.engine.explain() if e.edge]
@@ -103,6 +114,10 @@ def register(rt: Runtime) -> None:
         if not reasons:
             return web.json({"ready": True})
         return web.json({"ready": False, "reasons": [f"{r}: {d}" for r, d in sorted(reasons.items())]}, status=503)
+
+    @app.page("/openapi.json")
+    async def openapi_json(web: Any, request: Any) -> Any:
+        return web.json(openapi())
 
     @app.page("/metrics")
     async def metrics_page(web: Any, request: Any) -> Any:

@@ -1,28 +1,86 @@
-"""Pure request handling for the API: validation (4xx with a JSON body) and profile rendering."""
+"""Pure request handling for the API: validation (4xx with an RFC 9457 problem body) and profile rendering."""
 
 from __future__ import annotations
 
+import json
+import re
+from http import HTTPStatus
 from typing import Any
 
 from pipeline.identity.namespaces import normalise_identities
 from pipeline.model import ProfileState
 from pipeline.profiles.config import ProfileConfig
 
+PROBLEM_CONTENT_TYPE = "application/problem+json"
+MAX_BODY_BYTES = 64 * 1024
+MAX_JSON_DEPTH = 32
+MAX_NAMESPACE_CHARS, MAX_ID_CHARS = 256, 2048
+# Profile ids are lower-case hex (pipeline.identity.stitch.new_profile_id); the profiles table also holds
+# per-partition metadata under keys starting with "__", which must never be decoded as a profile.
+PROFILE_ID = re.compile(r"[0-9a-f]{16,64}")
+
+
+def problem_type(error: str) -> str:
+    return f"urn:cdp-pipeline:problem:{error}"
+
+
+def problem(status: int, error: str, detail: str, **extra: Any) -> dict[str, Any]:
+    """An RFC 9457 problem body; `error` (a short slug) names its type."""
+    return {"type": problem_type(error), "title": HTTPStatus(status).phrase, "status": status,
+            "detail": detail, **extra}
+
 
 class ApiError(Exception):
-    """A client error: status and a JSON-able body."""
+    """A client error: status, a problem body and any headers to send with it."""
 
-    def __init__(self, status: int, error: str, detail: str) -> None:
+    def __init__(self, status: int, error: str, detail: str, headers: dict[str, str] | None = None) -> None:
         self.status = status
-        self.body = {"error": error, "detail": detail}
+        self.error = error
+        self.body = problem(status, error, detail)
+        self.headers = headers or {}
         super().__init__(detail)
 
 
+def parse_json_body(raw: bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """A request body -> its JSON value; 400 for invalid JSON, or nesting deeper than `max_depth` (checked
+    before parsing: the parser itself would recurse, and fail with RecursionError, on deep nesting)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ApiError(400, "invalid-json", "the body must be UTF-8 JSON") from None
+    depth, in_string, escaped = 0, False, False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            if depth > max_depth:
+                raise ApiError(400, "too-deep", f"the JSON body is nested deeper than {max_depth} levels")
+        elif ch in "]}":
+            depth -= 1
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, ValueError, RecursionError):
+        raise ApiError(400, "invalid-json", "the body must be a JSON object") from None
+
+
 def identity_key(params: dict[str, Any], cfg: ProfileConfig) -> str:
-    """namespace + id query parameters -> the normalised identity table key."""
+    """namespace + id (query parameters or a JSON object's members) -> the normalised identity table key."""
     ns, value = params.get("namespace"), params.get("id")
-    if not ns or not value:
+    if ns is None or value is None or ns == "" or value == "":
         raise ApiError(400, "missing-parameter", "both 'namespace' and 'id' are required")
+    if not isinstance(ns, str) or not isinstance(value, str):
+        raise ApiError(400, "invalid-parameter", "'namespace' and 'id' must be strings")
+    if len(ns) > MAX_NAMESPACE_CHARS or len(value) > MAX_ID_CHARS:
+        raise ApiError(400, "invalid-parameter",
+                       f"'namespace' is at most {MAX_NAMESPACE_CHARS} and 'id' {MAX_ID_CHARS} characters")
     if ns not in cfg.identity.namespaces:
         raise ApiError(400, "unknown-namespace",
                        f"unknown namespace {str(ns)[:64]!r}; valid: {', '.join(sorted(cfg.identity.namespaces))}")

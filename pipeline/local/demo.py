@@ -52,6 +52,10 @@ def main() -> int:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         # state in the checkout's data/ (what `make clean` removes), not in the per-user default
         env = {"PIPELINE_DATA_DIR": str(DATA), **os.environ, "KAFKA_BOOTSTRAP": broker.bootstrap}
+        api_key = None
+        if "PIPELINE_API_KEYS_FILE" not in env and "PIPELINE_API_AUTH" not in env:
+            api_key = demo_api_key(DATA / "api-keys.yaml")
+            env["PIPELINE_API_KEYS_FILE"] = str(DATA / "api-keys.yaml")
         worker = subprocess.Popen([sys.executable, "-m", "pipeline", "worker"], env=env, cwd=ROOT,
                                   stdout=open(log_path, "ab"), stderr=subprocess.STDOUT,  # noqa: SIM115
                                   start_new_session=True)
@@ -98,9 +102,13 @@ def main() -> int:
         dest_status = subprocess.run([sys.executable, "-m", "pipeline", "destinations", "status"], env=env, cwd=ROOT,
                                 capture_output=True, text=True, timeout=60)
         print("\ndestinations:\n" + dest_status.stdout)
-        print("\ntry:  .venv/bin/pipeline profile get --namespace CRMID --id CRM70000001")
+        key_env = f"PIPELINE_API_KEY={api_key} " if api_key else ""
+        auth = f" -H 'Authorization: Bearer {api_key}'" if api_key else ""
+        if api_key:
+            print(f"\nthe worker's API key for this run (admin; in data/api-keys.yaml as a hash): {api_key}")
+        print(f"\ntry:  {key_env}.venv/bin/pipeline profile get --namespace CRMID --id CRM70000001")
         print("      .venv/bin/pipeline tail activation.memberships --from-beginning --max 5")
-        print("      curl -s localhost:6066/metrics | grep cdp_")
+        print(f"      curl -s{auth} localhost:6066/metrics | grep cdp_")
         print("\nrunning; Ctrl-C stops the worker and the broker.", flush=True)
         while worker.poll() is None:
             time.sleep(1)
@@ -126,6 +134,19 @@ def main() -> int:
         if own_broker:
             broker.stop()
         print("stopped.", flush=True)
+
+
+def demo_api_key(path: Path) -> str:
+    """A fresh admin key for this run, its hash written to `path` (the worker's keys file); the key is
+    printed, never stored."""
+    from pipeline.api.auth import ApiKey, entry_yaml, hash_key, new_key
+
+    key = new_key()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    entry = ApiKey("make-run", hash_key(key), frozenset({"admin"}), "the key `make run` printed")
+    path.write_text("# written by `make run` (pipeline/local/demo.py) for its worker; a new key every run\n"
+                    "keys:\n" + entry_yaml(entry))
+    return key
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
-"""Patches to faust-streaming's private table-store internals, for the one version they were written against.
+"""Patches to faust-streaming's private internals (table stores, the assignor, the web driver's runner), for
+the one version they were written against.
 
 Checked at start-up: with another version the worker stops with the reason instead of misbehaving during
 a rebalance. Before changing FAUST_VERSION, re-read `faust/stores/rocksdb.py` (`Store.revoke_partitions`,
-`Store._dbs`, `Store.on_rebalance`, `RocksDBOptions.as_options`) and adjust this module.
+`Store._dbs`, `Store.on_rebalance`, `RocksDBOptions.as_options`) and `faust/web/drivers/aiohttp.py`
+(`Web.__init__`, `Web._runner`), and adjust this module.
 """
 
 from __future__ import annotations
@@ -157,3 +159,23 @@ class SharedRocksDBMemory:
             return db_options
 
         options.as_options = as_options
+
+
+def set_web_timeouts(app: faust.App, timeout_s: float) -> None:
+    """Cut off slow web clients: a connection whose request line and headers have not arrived within
+    `timeout_s` (and an idle keep-alive connection) is closed.
+
+    faust-streaming 0.15.3 creates the aiohttp `AppRunner` itself, in `faust.web.drivers.aiohttp.Web.__init__`
+    (`AppRunner(self.web_app, access_log=None)`), with aiohttp's default keep-alive timeout of 3630 s and no
+    setting to change it; half-sent requests were held open for as long. aiohttp (3.14) starts that timer when
+    the connection is made and closes a connection still waiting for a complete request when it fires, so
+    the same runner, made again with `keepalive_timeout`, bounds the time to send a request's head. (The
+    body's time is bounded where it is read: pipeline/api/routes.py.) Must run before the web server starts."""
+    require_faust_version()
+    from aiohttp.web import AppRunner
+    from faust.web.drivers.aiohttp import Web as AiohttpWeb
+
+    web = app.web
+    if not isinstance(web, AiohttpWeb) or not isinstance(getattr(web, "_runner", None), AppRunner):
+        raise TypeError(f"expected faust's aiohttp web driver with an AppRunner, got {type(web).__name__}")
+    web._runner = AppRunner(web.web_app, access_log=None, keepalive_timeout=timeout_s)

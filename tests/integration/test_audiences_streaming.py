@@ -229,7 +229,7 @@ def test_batch_run_and_edge_evaluation(make_config, registry, kafka_bootstrap, s
     assert r.status_code == 200, r.text
     assert r.json()["audiences"] == {"gold": True, "silver": False}
     r = httpx.post(f"{w.url}/edge/evaluate", content=b"{not json", timeout=10)
-    assert r.status_code == 400 and r.json()["error"] == "invalid-json"
+    assert r.status_code == 400 and r.json()["type"].endswith(":invalid-json")
     memberships.close()
 
 

@@ -95,7 +95,7 @@ def test_events_and_records_become_membership_changes(registry, kafka_bootstrap,
         assert [e["event_id"] for e in body["recent_events"]] == ["e2", "e1"]
         assert body["attributes"]["loyalty.tier"]["value"] == "gold"
     r = httpx.get(f"{worker.url}/profiles", params={"namespace": "Nope", "id": "x"}, timeout=10)
-    assert r.status_code == 400 and r.json()["error"] == "unknown-namespace"
+    assert r.status_code == 400 and r.json()["type"].endswith(":unknown-namespace")
     memberships.close()
 
 
