@@ -13,6 +13,7 @@ from pipeline.connection import client_config
 from pipeline.errors import PipelineError, SchemaRegistryUnavailable, describe, where
 from pipeline.identity.stitch import apply_msg, home_key, start_resolve
 from pipeline.ingest.decode import Decoder, Rejected, Skipped
+from pipeline.ingest.drops import DropReporter
 from pipeline.ingest.wire import record_to_wire, wire_identity_keys
 from pipeline.observability import metrics
 from pipeline.runtime import BATCH_MAX, Runtime
@@ -71,11 +72,12 @@ def consumer_config(group: str, client_id: str,
 def register(rt: Runtime) -> None:
     """The ingest loop: a Faust task that consumes both ingest topics with librdkafka."""
     decoders: dict[str, tuple[str, Decoder]] = {}
+    on_drop = DropReporter(rt.tally)
     for logical, kind in INGEST_TOPICS:
         spec = rt.registry[logical]
         assert isinstance(spec.codec, AvroCodec)
         decoders[spec.name] = (logical, Decoder(kind, spec.codec, rt.config.profile.identity,  # type: ignore[arg-type]
-                                                rt.config.profile.datasets))
+                                                rt.config.profile.datasets, on_drop))
     handle = _record_handler(rt)
 
     @rt.app.task

@@ -6,13 +6,18 @@ Identities come from the record's identityMap and from fields whose schema decla
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from pipeline.errors import SerdeError
 from pipeline.identity.datasets import DatasetsConfig
-from pipeline.identity.namespaces import IdentityConfig, normalise_identities
+from pipeline.identity.namespaces import (
+    UNKNOWN_NAMESPACE_LABEL,
+    Dropped,
+    IdentityConfig,
+    normalise_identities_detailed,
+)
 from pipeline.model import ExperienceEvent, Identity, IngestRecord, ProfileRecord, Scalar
 from pipeline.serde.avro import AvroCodec
 
@@ -85,15 +90,21 @@ def flatten(value: Any, prefix: str, out: dict[str, Scalar]) -> None:
 
 @dataclass
 class Decoder:
-    """Decodes one ingest topic's records; built once per worker from the codec and the configuration."""
+    """Decodes one ingest topic's records; built once per worker from the codec and the configuration.
+
+    `on_drop` is told the identities left out of each record that goes on (or is dead-lettered for having
+    no usable identity left): the worker counts and logs them (`ingest.agents`)."""
 
     kind: RecordKind
     codec: AvroCodec
     identity: IdentityConfig
     datasets: DatasetsConfig
+    on_drop: Callable[[list[Dropped]], None] | None = None
 
     def __post_init__(self) -> None:
         self._annotated = identity_fields(self.codec.catalog.raw_schema(self.codec.name))
+        default = self.datasets.limits.max_identity_length
+        self._max_length = {ns: self.identity.max_lengths.get(ns, default) for ns in self.identity.namespaces}
 
     def decode(self, data: bytes | None, now_ms: int | None = None) -> IngestRecord | Rejected | Skipped:
         """0. check the size; 1. Avro-decode; 2. check timestamp and dataset; 3. collect and normalise
@@ -118,17 +129,14 @@ class Decoder:
         if not self.datasets.profile_enabled(dataset):
             return Skipped("dataset-not-enabled-for-profile", dataset)
         pairs, primary_raw = raw_identities(raw, self._annotated)
-        too_long = [ns for ns, value in pairs if len(value) > limits.max_identity_length]
-        if too_long:  # not an id anyone has: left out, as junk identities are
-            pairs = [(ns, value) for ns, value in pairs if len(value) <= limits.max_identity_length]
-        identities, problems = normalise_identities(pairs, self.identity)
-        problems += [f"a {ns} value longer than limits.max_identity_length ({limits.max_identity_length})"
-                     for ns in too_long]
-        if len(identities) > limits.max_identities_per_record:
-            return Rejected("too-many-identities", f"{len(identities)} identities; limits.max_identities_per_record "
-                            f"is {limits.max_identities_per_record}")
+        verdict = self._identities(pairs)
+        if isinstance(verdict, Rejected):
+            return verdict
+        identities, dropped = verdict
+        if dropped and self.on_drop is not None:
+            self.on_drop(dropped)
         if not identities:
-            why = "; ".join(problems) if problems else "the record carries no identity"
+            why = "; ".join(d.detail for d in dropped) if dropped else "the record carries no identity"
             return Rejected("no-usable-identity", why)
         clash = _unique_clash(identities, self.identity)
         if clash:
@@ -145,6 +153,48 @@ class Decoder:
             return ExperienceEvent(str(raw["eventId"]), ts, str(raw["eventType"]), dataset, tuple(identities),
                                    primary, payload)
         return ProfileRecord(str(raw["recordId"]), ts, dataset, tuple(identities), primary, payload)
+
+
+    def _identities(self, pairs: list[tuple[str, str]]) -> tuple[list[Identity], list[Dropped]] | Rejected:
+        """The record's identities and those left out, or its rejection, under the identity rules (each
+        dead-letters the record or drops the identity, as identity.yaml's hygiene.on_violation says):
+        length (per namespace `max_length`, else limits.max_identity_length: checked on the raw value, before
+        any parsing), blocked placeholder values, then the count (limits.max_identities_per_record)."""
+        cfg, limits = self.identity, self.datasets.limits
+        dropped: list[Dropped] = []
+        max_length, default = self._max_length, limits.max_identity_length
+        if any(len(value) > max_length.get(ns, default) for ns, value in pairs):
+            kept: list[tuple[str, str]] = []
+            for ns, value in pairs:
+                limit = max_length.get(ns, default)
+                if len(value) <= limit:
+                    kept.append((ns, value))
+                    continue
+                label = ns if ns in cfg.namespaces else UNKNOWN_NAMESPACE_LABEL
+                what = (f"{label} max_length ({limit})" if ns in cfg.max_lengths
+                        else f"limits.max_identity_length ({limit})")
+                if cfg.on_violation("too_long") == "dead-letter":
+                    return Rejected("identity-too-long", f"a {label} value longer than {what}")
+                dropped.append(Dropped(label, "too-long", f"a {label} value longer than {what}"))
+            pairs = kept
+        identities, left_out = normalise_identities_detailed(pairs, cfg)
+        if left_out and cfg.on_violation("blocked_value") == "dead-letter":
+            blocked = next((d for d in left_out if d.reason == "blocked-value"), None)
+            if blocked is not None:
+                return Rejected("blocked-identity-value", f"a {blocked.namespace} value is a placeholder on "
+                                "the blocked_values list (hygiene.on_violation.blocked_value: dead-letter)")
+        dropped += left_out
+        cap = limits.max_identities_per_record
+        if len(identities) > cap:
+            if cfg.on_violation("too_many") == "dead-letter":
+                return Rejected("too-many-identities", f"{len(identities)} identities; "
+                                f"limits.max_identities_per_record is {cap}")
+            # the highest-priority ones stay (normalise_identities_detailed orders them)
+            dropped += [Dropped(i.namespace, "too-many-identities",
+                                f"a {i.namespace} identity over limits.max_identities_per_record ({cap})")
+                        for i in identities[cap:]]
+            identities = identities[:cap]
+        return identities, dropped
 
 
 def _unique_clash(identities: Iterable[Identity], cfg: IdentityConfig) -> str | None:

@@ -10,6 +10,9 @@ from prometheus_client import Counter, Gauge, Histogram
 
 RECORDS_INGESTED = Counter("cdp_records_ingested_total", "Records decoded and accepted", ["topic"])
 RECORDS_DEAD_LETTERED = Counter("cdp_records_dead_lettered_total", "Records sent to the DLQ", ["topic", "reason"])
+IDENTITIES_DROPPED = Counter("cdp_identities_dropped_total",
+                             "Identities left out of ingest records (invalid, blocked placeholder, too long, "
+                             "over the per-record limit, unknown namespace)", ["namespace", "reason"])
 RECORDS_SKIPPED = Counter("cdp_records_skipped_total", "Valid records kept out of profiles", ["dataset", "reason"])
 IDENTITY_OPS = Counter("cdp_identity_ops_total", "Identity-stage messages handled", ["op"])
 LOCAL_DELIVERIES = Counter("cdp_local_deliveries_total",

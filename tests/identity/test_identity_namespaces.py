@@ -111,11 +111,11 @@ def test_unknown_normaliser_lists_valid_names() -> None:
     ("lower", " AbC-123 ", "abc-123"),
     ("upper", " ab-cd ", "AB-CD"),
     ("email", "  John.Doe@Example.COM ", "john.doe@example.com"),
-    ("phone_e164", "(555) 123-4567", "+15551234567"),
+    ("phone_e164", "(201) 555-0123", "+12015550123"),
     ("phone_e164", "+44 20 7946 0958", "+442079460958"),
     ("phone_e164", "0044 20 7946 0958", "+442079460958"),
-    ("phone_e164", "1-555-123-4567", "+15551234567"),
-    ("phone_e164", "555.123.4567", "+15551234567"),
+    ("phone_e164", "1-201-555-0123", "+12015550123"),
+    ("phone_e164", "201.555.0123", "+12015550123"),
     ("sha256hex", "A" * 64, "a" * 64),
     ("sha256hex", "hello", sha("hello")),
 ])
@@ -123,9 +123,9 @@ def test_normalisers_canonicalise(name: str, raw: str, expected: str) -> None:
     assert get_normaliser(name)(raw) == expected
 
 
-def test_phone_uses_configured_default_country_code() -> None:
-    # Given UK as default / When a national number with trunk 0 is normalised / Then +44 replaces 0
-    assert get_normaliser("phone_e164", NormaliserSettings("44"))("020 7946 0958") == "+442079460958"
+def test_phone_uses_configured_default_region() -> None:
+    # Given GB as default region / When a national number with trunk 0 is normalised / Then +44 replaces 0
+    assert get_normaliser("phone_e164", NormaliserSettings("GB"))("020 7946 0958") == "+442079460958"
 
 
 @pytest.mark.parametrize(("name", "raw", "reason"), [
@@ -135,8 +135,10 @@ def test_phone_uses_configured_default_country_code() -> None:
     ("email", "@example.com", "an e-mail needs text on both sides of '@'"),
     ("email", "john@", "an e-mail needs text on both sides of '@'"),
     ("email", "jo hn@x.com", "an e-mail cannot contain whitespace"),
-    ("phone_e164", "12345", "too few digits for a phone number"),
-    ("phone_e164", "+1234567890123456", "too many digits for a phone number"),
+    ("phone_e164", "12345", "not a valid phone number (libphonenumber)"),
+    ("phone_e164", "+1234567890123456", "not a valid phone number (libphonenumber)"),
+    ("phone_e164", "1" * 40, "too many digits for a phone number"),
+    ("phone_e164", "+999 1234 5678", "a phone number with an unknown country code"),
     ("phone_e164", "call 555 1234", "a phone number may only hold digits, spaces, ()-./ and a leading +"),
 ])
 def test_normalisers_reject_invalid_values(name: str, raw: str, reason: str) -> None:
@@ -161,7 +163,7 @@ def test_normalisers_are_idempotent(name: str, raw: str) -> None:
 def test_normalise_identities_orders_dedups_and_derives(identity_config: Callable[..., IdentityConfig]) -> None:
     # Given raw pairs with duplicates after normalisation, and an e-mail
     raw = [("ECID", " c1 "), ("Email", "Ann@X.com"), ("ECID", "c1"), ("CRMID", "42"),
-           ("Phone", "(555) 123-4567"), ("Email", " ann@x.COM ")]
+           ("Phone", "(201) 555-0123"), ("Email", " ann@x.COM ")]
     # When normalised
     identities, problems = normalise_identities(raw, identity_config())
     # Then: priority desc, namespace, id; one hashed e-mail derived
@@ -169,7 +171,7 @@ def test_normalise_identities_orders_dedups_and_derives(identity_config: Callabl
         Identity("CRMID", "42"),
         Identity("Email", "ann@x.com"),
         Identity("EMAIL_LC_SHA256", sha("ann@x.com")),
-        Identity("Phone", "+15551234567"),
+        Identity("Phone", "+12015550123"),
         Identity("ECID", "c1"),
     ]
     assert problems == []
@@ -191,7 +193,7 @@ def test_problems_never_echo_personal_values(identity_config: Callable[..., Iden
     assert identities == [Identity("ECID", "ok")]
     assert problems == [
         "invalid Email value: an e-mail needs exactly one '@'",
-        "invalid Phone value: too few digits for a phone number",
+        "invalid Phone value: not a valid phone number (libphonenumber)",
         "unknown namespace 'Fax'",
     ]
     assert not any("secret" in p or "5551" in p or "12345" in p for p in problems)
@@ -199,9 +201,12 @@ def test_problems_never_echo_personal_values(identity_config: Callable[..., Iden
 
 REASONS = ["empty value", "an e-mail needs exactly one '@'", "an e-mail needs text on both sides of '@'",
            "an e-mail cannot contain whitespace", "too few digits for a phone number",
-           "too many digits for a phone number", "a country code cannot start with 0",
+           "too many digits for a phone number", "a phone number with an unknown country code",
+           "not a phone number", "not a valid phone number (libphonenumber)",
            "a phone number may only hold digits, spaces, ()-./ and a leading +"]
 ALLOWED_PROBLEMS = {f"invalid {ns} value: {r}" for ns in ["ECID", "Email", "Phone", "CRMID"] for r in REASONS}
+ALLOWED_PROBLEMS |= {f"blocked {ns} value: a placeholder on the blocked_values list"
+                     for ns in ["ECID", "Email", "Phone", "CRMID"]}
 ALLOWED_PROBLEMS.add("unknown namespace 'Nope'")
 
 

@@ -50,11 +50,11 @@ def test_event_with_identity_map_and_payload(decoder):
 
 def test_profile_record_identities_from_annotated_fields(decoder):
     d = decoder("profile")
-    data = encode(d, {"recordId": "r1", "timestamp": NOW, "dataset": "crm", "crmId": "C1", "phone": "(555) 123-4567",
+    data = encode(d, {"recordId": "r1", "timestamp": NOW, "dataset": "crm", "crmId": "C1", "phone": "(201) 555-0123",
                       "loyalty": {"tier": "gold", "points": 5}})
     got = d.decode(data, NOW)
     assert isinstance(got, ProfileRecord)
-    assert got.identities == (Identity("CRMID", "C1"), Identity("Phone", "+15551234567"))
+    assert got.identities == (Identity("CRMID", "C1"), Identity("Phone", "+12015550123"))
     assert got.primary == Identity("CRMID", "C1")
     assert got.attributes == {"loyalty.tier": "gold", "loyalty.points": 5}
 
