@@ -44,11 +44,14 @@ def test_the_worker_api_with_keys(registry: Any, kafka_bootstrap: str, start_wor
         "recordId": "r1", "timestamp": int(time.time() * 1000), "dataset": "crm", "crmId": CRM, "email": EMAIL,
         "loyalty": {"tier": "gold", "points": 1}}])
     http = httpx.Client(base_url=worker.url, timeout=10)
+    # (both identities: the e-mail is claimed through the identity topic after the CRM id made the profile)
     deadline = time.monotonic() + 60
-    r = http.get("/profiles", params={"namespace": "CRMID", "id": CRM}, headers=reader)
-    while r.status_code == 404 and time.monotonic() < deadline:
-        time.sleep(0.5)
+    while time.monotonic() < deadline:
         r = http.get("/profiles", params={"namespace": "CRMID", "id": CRM}, headers=reader)
+        by_email = http.get("/profiles", params={"namespace": "Email", "id": EMAIL}, headers=reader)
+        if r.status_code == by_email.status_code == 200:
+            break
+        time.sleep(0.5)
     # When the reader asks for the profile, Then it is served
     assert r.status_code == 200, r.text
     pid = r.json()["profile_id"]

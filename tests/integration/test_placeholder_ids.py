@@ -71,7 +71,8 @@ def test_placeholder_ids_do_not_merge_two_people_and_an_all_placeholder_record_i
     assert [e["event_id"] for e in bob_p["recent_events"]] == ["bob-1"]
     # And a placeholder cannot even be looked up, and the drops are counted by namespace and reason
     assert profile(worker.url, "ECID", "undefined").json() == {
-        "error": "invalid-identity", "detail": "blocked ECID value: a placeholder on the blocked_values list"}
+        "type": "urn:cdp-pipeline:problem:invalid-identity", "title": "Bad Request", "status": 400,
+        "detail": "blocked ECID value: a placeholder on the blocked_values list"}
     text = httpx.get(f"{worker.url}/metrics", timeout=10).text
     counted = {(m[0], m[1]): float(m[2]) for m in re.findall(
         r'^cdp_identities_dropped_total\{namespace="([^"]+)",reason="([^"]+)"\} (\S+)$', text, re.M)}
