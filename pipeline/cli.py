@@ -27,9 +27,8 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     import uvloop
 
     from pipeline.app import build_app, init_group_offsets
-    from pipeline.observability.memory import start_tracing
+    from pipeline.observability.memory import start_tracing, tune_gc
     from pipeline.observability.metrics import watch_gc
-    from pipeline.runtime import tune_gc
 
     start_tracing()  # PIPELINE_TRACEMALLOC (pipeline.observability.memory): off by default
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())  # the worker's loop is created after this

@@ -284,7 +284,7 @@ def run_slice(task: SliceTask) -> SliceResult:
 
 
 def _init_process() -> None:
-    from pipeline.runtime import tune_gc
+    from pipeline.observability.memory import tune_gc
 
     tune_gc()
 
