@@ -388,7 +388,7 @@ def _restore_partition(walks: Walks, partition: int) -> None:
     acks = walks.acks(partition)
     undelivered: list[bytes] = []
     in_flight: list[bytes] = []
-    for key, raw in walks.table.table.data._db_for_partition(partition).items():
+    for key, raw in walks.table.store(partition).items():
         if key.startswith(META_PREFIX):
             continue
         peeked = peek_entry(raw)  # not a full decode: this reads every profile of the partition
@@ -423,7 +423,7 @@ async def _walk_partition(rt: Runtime, walks: Walks, partition: int, run: str, s
         rt.send(Send("control.segments", run, {"op": "progress", "run": run, "partition": partition,
                                                 "seen": seen, "total": total, "final": False}))
 
-    store = table.table.data._db_for_partition(partition)
+    store = table.store(partition)
     with table.watch(partition) as dirty:
         walk = Walk(rt.processor, spec, store, lambda key: table.get(partition, key, remember=False), apply,
                     progress, dirty, task_base=walks.task_base(rt, store),
