@@ -43,9 +43,6 @@ def tune_gc() -> None:
 
 log = logging.getLogger(__name__)
 
-TRACEMALLOC_ENV = "PIPELINE_TRACEMALLOC"
-INTERVAL_ENV = "PIPELINE_TRACEMALLOC_INTERVAL_S"
-DUMP_ENV = "PIPELINE_TRACEMALLOC_DUMP"
 TOP = 15
 MB = 1 << 20
 # RocksDB properties summed over a table's open partitions (each partition has its own block cache)
@@ -55,13 +52,12 @@ _IGNORED = frozenset((tracemalloc.__file__, __file__, "<frozen importlib._bootst
                       "<frozen importlib._bootstrap_external>", "<unknown>"))
 
 
-def start_tracing() -> bool:
-    """Start tracemalloc if PIPELINE_TRACEMALLOC asks for it (called first thing by `pipeline worker`)."""
-    value = os.environ.get(TRACEMALLOC_ENV, "").strip().lower()
-    if value in ("", "0", "false", "no", "off"):
+def start_tracing(frames: int) -> bool:
+    """Start tracemalloc keeping `frames` frames per allocation, if any (Settings.tracemalloc_frames, from
+    PIPELINE_TRACEMALLOC; called first thing by `pipeline worker`)."""
+    if frames <= 0:
         return False
-    frames = int(value) if value.isdigit() else 1
-    tracemalloc.start(max(frames, 1))
+    tracemalloc.start(frames)
     return True
 
 
@@ -211,8 +207,8 @@ def _format(report: dict[str, Any]) -> str:
 
 def register(rt: Any) -> None:
     """GET /debug/memory; with tracemalloc on, the periodic growth report in the log."""
-    trace = TraceReport(dump_dir=Path(d) if (d := os.environ.get(DUMP_ENV)) else None) \
-        if tracemalloc.is_tracing() else None
+    settings = rt.settings
+    trace = TraceReport(dump_dir=settings.tracemalloc_dump_dir) if tracemalloc.is_tracing() else None
 
     @rt.app.page("/debug/memory")
     async def debug_memory(web: Any, request: Any) -> Any:
@@ -223,10 +219,9 @@ def register(rt: Any) -> None:
 
     if trace is None:
         return
-    log.warning("tracemalloc is on (%s=%s, %d frames): a growth report every %s s", TRACEMALLOC_ENV,
-                os.environ.get(TRACEMALLOC_ENV), tracemalloc.get_traceback_limit(),
-                os.environ.get(INTERVAL_ENV, "60"))
+    log.warning("tracemalloc is on (%d frames): a growth report every %s s", tracemalloc.get_traceback_limit(),
+                settings.tracemalloc_interval_s)
 
-    @rt.app.timer(float(os.environ.get(INTERVAL_ENV, "60")))
+    @rt.app.timer(settings.tracemalloc_interval_s)
     async def tracemalloc_report() -> None:
         log.warning("%s", _format({**summary(rt), **trace.take()}))
