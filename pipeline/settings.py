@@ -75,7 +75,10 @@ class Settings:
     worker does not start unless PIPELINE_API_AUTH=off [on]), PIPELINE_API_FAILED_AUTH_BURST [20] (failed
     authentications an address may make before 429, one more a second), PIPELINE_WEB_READ_TIMEOUT_S [10]
     (a client's request line and headers, and its body, must arrive within it), PIPELINE_WEB_TLS_CERT and
-    PIPELINE_WEB_TLS_KEY (PEM files: the listener speaks HTTPS)."""
+    PIPELINE_WEB_TLS_KEY (PEM files: the listener speaks HTTPS). Routing a lookup to the worker that holds
+    the key (pipeline/api/routing.py): PIPELINE_WEB_ADVERTISED_URL [http(s)://web host:web port; the machine's
+    host name when the web host is 0.0.0.0 or ::] (the URL the other workers reach this one at),
+    PIPELINE_API_ROUTE_TIMEOUT_S [5] (a routed request's whole time)."""
 
     kafka: KafkaConnection
     app_id: str
@@ -104,6 +107,8 @@ class Settings:
     web_read_timeout_s: float = 10.0
     web_tls_cert: Path | None = None
     web_tls_key: Path | None = None
+    web_advertised_url: str | None = None  # None: derived (`advertised_url`)
+    api_route_timeout_s: float = 5.0
 
     @classmethod
     def from_env(cls, config_dir: str | Path | None = None) -> Settings:
@@ -129,7 +134,23 @@ class Settings:
             web_read_timeout_s=_positive("PIPELINE_WEB_READ_TIMEOUT_S", 10.0),
             web_tls_cert=_path("PIPELINE_WEB_TLS_CERT"),
             web_tls_key=_path("PIPELINE_WEB_TLS_KEY"),
+            web_advertised_url=os.environ.get("PIPELINE_WEB_ADVERTISED_URL", "").strip().rstrip("/") or None,
+            api_route_timeout_s=_positive("PIPELINE_API_ROUTE_TIMEOUT_S", 5.0),
         )
+
+    @property
+    def advertised_url(self) -> str:
+        """Where the other workers reach this worker's API (Faust's `canonical_url`, shared with the group in
+        the partition assignment): PIPELINE_WEB_ADVERTISED_URL, else the web host and port (a wildcard bind
+        address is no address to reach: the host name instead)."""
+        if self.web_advertised_url:
+            return self.web_advertised_url
+        import socket
+
+        host = self.web_host if self.web_host not in ("0.0.0.0", "::", "") else socket.gethostname()
+        host = f"[{host}]" if ":" in host else host
+        scheme = "https" if self.web_tls_cert is not None else "http"
+        return f"{scheme}://{host}:{self.web_port}"
 
     @property
     def bootstrap(self) -> str:
