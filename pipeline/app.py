@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import faust
@@ -81,6 +81,7 @@ def build_app(settings: Settings, config: PipelineConfig | None = None,
         web_enabled=True,
         web_bind=settings.web_host,
         web_port=settings.web_port,
+        canonical_url=settings.advertised_url,  # the URL other workers route lookups to (pipeline.api.routing)
         web_in_thread=False,
         **faust_web_settings(settings, auth),  # Faust's own pages off, the API's guard, limits, TLS
         logging_config=None,
@@ -129,7 +130,10 @@ def build_app(settings: Settings, config: PipelineConfig | None = None,
         rocksdb_memory.share(rt.tables[table].data)
         rt.ptables[table] = PartitionedTable(rt.tables[table], spec.partitions, *TABLE_CACHE[table])
         rt.caches[f"{table}-table"] = rt.ptables[table].cache
-        close_revoked_partitions(rt.tables[table], rt.ptables[table].release)  # reopened when reassigned
+        release: Callable[[int], None] = rt.ptables[table].release
+        if table == "profiles":  # its next owner counts the partition's audience members
+            release = _also(release, rt.audience_sizes.drop)
+        close_revoked_partitions(rt.tables[table], release)  # reopened when reassigned
 
     from pipeline.api import routes as api_routes
     from pipeline.identity import agents as identity_agents
@@ -146,6 +150,14 @@ def build_app(settings: Settings, config: PipelineConfig | None = None,
 
 
 WATCH_INTERVAL_S = 1.0
+
+
+def _also(first: Callable[[int], None], then: Callable[[int], None]) -> Callable[[int], None]:
+    def both(partition: int) -> None:
+        first(partition)
+        then(partition)
+
+    return both
 
 
 FETCH_MAX_WAIT_MS = 50

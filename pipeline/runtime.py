@@ -22,6 +22,7 @@ from pipeline.observability.readiness import Readiness
 from pipeline.outage import KafkaWatch
 from pipeline.profiles.ops import ProfileProcessor
 from pipeline.segments import SegmentEngine
+from pipeline.segments.sizes import AudienceSizes
 from pipeline.serde.codecs import RawCodec
 from pipeline.settings import PipelineConfig, Settings
 from pipeline.state.lru import BoundedCache
@@ -268,6 +269,7 @@ class Runtime:
     tally: metrics.Tally = field(default_factory=metrics.Tally)  # flushed when a local-delivery block ends
     readiness: Readiness = field(default_factory=Readiness)  # why the worker cannot work now (GET /readyz)
     kafka: KafkaWatch | None = None  # outages of the broker (`build_app` starts it; its error_cb for clients)
+    audience_sizes: AudienceSizes = field(default_factory=AudienceSizes)  # per held partition (GET /audiences/{id})
     _local: list[tuple[str, LocalItem]] | None = None  # None: local delivery is off
 
     def topic(self, logical: str) -> faust.TopicT:

@@ -111,7 +111,10 @@ class Settings:
     [0 2 * * *] (UTC), PIPELINE_WALK_PROCESSES [one per core, at most 4; 0: in the event loop]. Memory
     diagnosis (pipeline.observability.memory): PIPELINE_TRACEMALLOC [off; on or a number of frames],
     PIPELINE_TRACEMALLOC_INTERVAL_S [60], PIPELINE_TRACEMALLOC_DUMP (a folder). The CLI's API client:
-    PIPELINE_API_KEY."""
+    PIPELINE_API_KEY. Routing a lookup to the worker that holds
+    the key (pipeline/api/routing.py): PIPELINE_WEB_ADVERTISED_URL [http(s)://web host:web port; the machine's
+    host name when the web host is 0.0.0.0 or ::] (the URL the other workers reach this one at),
+    PIPELINE_API_ROUTE_TIMEOUT_S [5] (a routed request's whole time)."""
 
     kafka: KafkaConnection
     app_id: str
@@ -146,6 +149,8 @@ class Settings:
     tracemalloc_interval_s: float = 60.0
     tracemalloc_dump_dir: Path | None = None
     api_key: str = ""  # what the CLI presents to a worker's API (`pipeline lookup`)
+    web_advertised_url: str | None = None  # None: derived (`advertised_url`)
+    api_route_timeout_s: float = 5.0
 
     @classmethod
     def from_env(cls, config_dir: str | Path | None = None) -> Settings:
@@ -178,7 +183,23 @@ class Settings:
             tracemalloc_interval_s=_positive("PIPELINE_TRACEMALLOC_INTERVAL_S", 60.0),
             tracemalloc_dump_dir=_path("PIPELINE_TRACEMALLOC_DUMP"),
             api_key=os.environ.get("PIPELINE_API_KEY", "").strip(),
+            web_advertised_url=os.environ.get("PIPELINE_WEB_ADVERTISED_URL", "").strip().rstrip("/") or None,
+            api_route_timeout_s=_positive("PIPELINE_API_ROUTE_TIMEOUT_S", 5.0),
         )
+
+    @property
+    def advertised_url(self) -> str:
+        """Where the other workers reach this worker's API (Faust's `canonical_url`, shared with the group in
+        the partition assignment): PIPELINE_WEB_ADVERTISED_URL, else the web host and port (a wildcard bind
+        address is no address to reach: the host name instead)."""
+        if self.web_advertised_url:
+            return self.web_advertised_url
+        import socket
+
+        host = self.web_host if self.web_host not in ("0.0.0.0", "::", "") else socket.gethostname()
+        host = f"[{host}]" if ":" in host else host
+        scheme = "https" if self.web_tls_cert is not None else "http"
+        return f"{scheme}://{host}:{self.web_port}"
 
     @property
     def bootstrap(self) -> str:

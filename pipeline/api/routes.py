@@ -5,21 +5,34 @@ scopes, limits, problem bodies, the access log).
 GET /profiles?namespace=Email&id=a@b.com, GET /profiles/{id}, POST /edge/evaluate, GET /audiences,
 GET /metrics, GET /healthz (the worker's event loop answers), GET /readyz (200, or 503 with the reasons
 the worker cannot do its work now, e.g. Kafka unreachable: `Runtime.readiness`) and GET /openapi.json.
-Lookups read this worker's local table partitions (one worker in `make run`; with several workers, ask the
-one that owns the partition: the 404 body says so).
+GET /audiences/{id} (with its size) and GET /audiences/{id}/members?namespace=..&id=.. (is this identity's
+profile a member). Any worker answers for any profile: a lookup whose identity or profile partition another
+worker holds is routed there (pipeline/api/routing.py), an identity lookup in up to two hops (the identity's
+partition, then the profile's).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
+from aiohttp import web
 from faust.web import View
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from pipeline.api.routing import IDENTITY, LOCAL, PROFILE, ROUTE_HEADER, Router, parse_route, unavailable
 from pipeline.api.server import PROFILE_ID_KEY, openapi, problem_response
-from pipeline.api.views import PROFILE_ID, ApiError, identity_key, parse_json_body, render_profile
+from pipeline.api.views import (
+    PROFILE_ID,
+    ApiError,
+    identity_key,
+    parse_json_body,
+    render_membership,
+    render_profile,
+)
 from pipeline.model import ProfileState
 from pipeline.runtime import Runtime
 from pipeline.state.codec import Forward, decode_profile_entry
@@ -27,51 +40,131 @@ from pipeline.state.codec import Forward, decode_profile_entry
 
 def register(rt: Runtime) -> None:
     app = rt.app
-    identity = rt.tables["identity"]
-    profiles = rt.tables["profiles"]
+    identity = rt.ptables["identity"]
+    profiles = rt.ptables["profiles"]
+    router = Router(app, rt.settings)
+    on_shutdown = app.on_shutdown
 
-    def load(pid: str) -> ProfileState | None:
-        if not PROFILE_ID.fullmatch(pid):  # e.g. the table's own metadata keys (`__cdp_acked__:0`)
-            return None
-        for _ in range(16):  # follow forwards (each hop to a smaller id, so it ends)
-            raw = profiles.get(pid.encode())
-            if raw is None:
-                return None
-            entry = decode_profile_entry(raw)
-            if isinstance(entry, Forward):
-                pid = entry.into
-                continue
-            return entry
-        return None
+    async def close_then_shut_down() -> None:
+        await router.close()
+        await on_shutdown()
 
-    def lookup(params: Any) -> ProfileState:
-        key = identity_key(dict(params), rt.config.profile)
-        pid = identity.get(key.encode())
-        p = load(pid.decode()) if pid else None
-        if p is None:
-            raise ApiError(404, "not-found", "no profile for this identity on this worker")
-        return p
+    app.on_shutdown = close_then_shut_down  # type: ignore[method-assign]
 
-    def error(web: Any, exc: ApiError) -> Any:
-        return problem_response(exc)
+    def readable() -> None:
+        """Stores are complete only outside a rebalance and once tables are recovered."""
+        if app.rebalancing or not app.tables.recovery.completed.is_set():  # type: ignore[attr-defined]
+            raise unavailable("rebalancing", "this worker's partitions are being assigned; try again")
 
     def served(request: Any, p: ProfileState) -> ProfileState:
         request[PROFILE_ID_KEY] = p.profile_id  # for the access log
         return p
 
+    def routed(request: Any, response: web.Response) -> web.Response:
+        """A routed answer, as the owner gave it; the access log names the profile it served."""
+        if response.status == 200 and isinstance(response.body, bytes):
+            pid = json.loads(response.body).get("profile_id")
+            if isinstance(pid, str):
+                request[PROFILE_ID_KEY] = pid
+        return response
+
+    Answer = Callable[[ProfileState], Any]
+
+    async def by_profile(request: Any, pid: str, answer: Answer, must_hold: bool, body: bytes | None = None) -> Any:
+        """The answer for a profile id: here when this worker holds its partition, following merges (each
+        forward to a smaller id); else from the worker that does."""
+        for _ in range(16):
+            if not PROFILE_ID.fullmatch(pid):  # e.g. the table's own metadata keys (`__cdp_acked__:0`)
+                raise ApiError(404, "not-found", "no such profile")
+            key = pid.encode()
+            partition = profiles.partition(key)
+            if partition not in profiles.active():
+                if must_hold:
+                    raise unavailable("not-owner", "this worker no longer holds the profile; try again")
+                url = router.owner(profiles.changelog, partition)
+                return routed(request, await router.send(request, url, f"{PROFILE}={pid}", body))
+            readable()
+            raw = profiles.get(partition, key, remember=False)
+            if raw is None:
+                raise ApiError(404, "not-found", "no such profile")
+            entry = decode_profile_entry(raw)
+            if not isinstance(entry, Forward):
+                return answer(served(request, entry))
+            pid, must_hold = entry.into, False
+        raise ApiError(404, "not-found", "no such profile")
+
+    async def by_identity(request: Any, params: Mapping[str, Any], answer: Answer, body: bytes | None = None) -> Any:
+        """The answer for an identity: 1. its profile id, from the worker holding the identity's partition;
+        2. the profile, from the worker holding the profile's partition (each routed when held elsewhere)."""
+        route, pid = parse_route(request.headers.get(ROUTE_HEADER))
+        if route == PROFILE and pid is not None:
+            return await by_profile(request, pid, answer, must_hold=True, body=body)
+        key = identity_key(dict(params), rt.config.profile).encode()
+        partition = identity.partition(key)
+        if partition not in identity.active():
+            if route == IDENTITY:
+                raise unavailable("not-owner", "this worker no longer holds the identity; try again")
+            url = router.owner(identity.changelog, partition)
+            return routed(request, await router.send(request, url, IDENTITY, body))
+        readable()
+        owner = identity.get(partition, key, remember=False)
+        if owner is None:
+            raise ApiError(404, "not-found", "no profile for this identity")
+        return await by_profile(request, owner.decode(), answer, must_hold=False, body=body)
+
+    def error(web: Any, exc: ApiError) -> Any:
+        return problem_response(exc)
+
+    def profile_json(p: ProfileState) -> Any:
+        return web.json_response(render_profile(p))
+
     @app.page("/profiles")
-    async def get_profile(web: Any, request: Any) -> Any:
+    async def get_profile(web_: Any, request: Any) -> Any:
         try:
-            return web.json(render_profile(served(request, lookup(request.query))))
+            return await by_identity(request, request.query, profile_json)
         except ApiError as exc:
-            return error(web, exc)
+            return error(web_, exc)
 
     @app.page("/profiles/{profile_id}")
-    async def get_profile_by_id(web: Any, request: Any, profile_id: str) -> Any:
-        p = load(profile_id)
-        if p is None:
-            return error(web, ApiError(404, "not-found", "no such profile on this worker"))
-        return web.json(render_profile(served(request, p)))
+    async def get_profile_by_id(web_: Any, request: Any, profile_id: str) -> Any:
+        try:
+            route, pid = parse_route(request.headers.get(ROUTE_HEADER))
+            return await by_profile(request, profile_id, profile_json, must_hold=route == PROFILE)
+        except ApiError as exc:
+            return error(web_, exc)
+
+    @app.page("/audiences/{audience_id}/members")
+    async def audience_member(web_: Any, request: Any, audience_id: str) -> Any:
+        try:
+            if audience_id not in rt.engine.audiences:
+                raise ApiError(404, "unknown-audience", "no such audience")
+            return await by_identity(request, request.query,
+                                     lambda p: web.json_response(render_membership(p, audience_id)))
+        except ApiError as exc:
+            return error(web_, exc)
+
+    @app.page("/audiences/{audience_id}")
+    async def audience(web_: Any, request: Any, audience_id: str) -> Any:
+        """The audience with its size: current members per profile partition, counted by the partition's owner
+        (pipeline.segments.sizes), summed over the workers; 503 while any partition is not counted."""
+        try:
+            explained = {e.audience_id: e for e in rt.engine.explain()}
+            if audience_id not in explained:
+                raise ApiError(404, "unknown-audience", "no such audience")
+            route, _ = parse_route(request.headers.get(ROUTE_HEADER))
+            readable()
+            counts = rt.audience_sizes.of(audience_id, profiles.active())
+            if route != LOCAL:
+                others = await asyncio.gather(*(router.send_json(request, url, LOCAL) for url in router.workers()))
+                for answer in others:
+                    counts |= {int(p): int(n) for p, n in answer["partitions"].items()}
+                missing = set(range(profiles.partitions)) - set(counts)
+                if missing:
+                    raise unavailable("size-incomplete", f"{len(missing)} partitions are not counted now; try again")
+            return web_.json({**audience_info(rt, explained[audience_id]), "size": sum(counts.values()),
+                              "partitions": {str(p): n for p, n in sorted(counts.items())}})
+        except ApiError as exc:
+            return error(web_, exc)
 
     @app.page("/edge/evaluate")
     class EdgeEvaluate(View):  # type: ignore[misc]
@@ -86,23 +179,23 @@ def register(rt: Runtime) -> None:
                 body = parse_json_body(raw)
                 if not isinstance(body, dict):
                     raise ApiError(400, "invalid-json", "the body must be a JSON object")
-                p = served(request, lookup(body))
+                return await by_identity(request, body, edge_decision, raw)
             except ApiError as exc:
                 return error(self, exc)
-            edge = [e.audience_id for e in rt.engine.explain() if e.edge]
-            started = time.perf_counter()
-            decisions = rt.engine.evaluate(p, rt.now_ms(), edge, kind="edge")
-            return self.json({
-                "profile_id": p.profile_id,
-                "audiences": {d.audience_id: d.qualified for d in decisions},
-                "evaluation_ms": round((time.perf_counter() - started) * 1000, 3),
-            })
+
+    def edge_decision(p: ProfileState) -> Any:
+        edge = [e.audience_id for e in rt.engine.explain() if e.edge]
+        started = time.perf_counter()
+        decisions = rt.engine.evaluate(p, rt.now_ms(), edge, kind="edge")
+        return web.json_response({
+            "profile_id": p.profile_id,
+            "audiences": {d.audience_id: d.qualified for d in decisions},
+            "evaluation_ms": round((time.perf_counter() - started) * 1000, 3),
+        })
 
     @app.page("/audiences")
     async def audiences(web: Any, request: Any) -> Any:
-        return web.json([{"id": e.audience_id, "streaming": e.streaming, "batch": e.batch, "edge": e.edge,
-                          "reason": e.reason, "version": rt.engine.audiences[e.audience_id].version}
-                         for e in rt.engine.explain()])
+        return web.json([audience_info(rt, e) for e in rt.engine.explain()])
 
     @app.page("/healthz")
     async def healthz(web: Any, request: Any) -> Any:
@@ -122,3 +215,9 @@ def register(rt: Runtime) -> None:
     @app.page("/metrics")
     async def metrics_page(web: Any, request: Any) -> Any:
         return web.bytes(generate_latest(), content_type=CONTENT_TYPE_LATEST.split(";")[0])
+
+
+def audience_info(rt: Runtime, e: Any) -> dict[str, Any]:
+    """An audience as GET /audiences lists it (`e`: one of SegmentEngine.explain())."""
+    return {"id": e.audience_id, "streaming": e.streaming, "batch": e.batch, "edge": e.edge, "reason": e.reason,
+            "version": rt.engine.audiences[e.audience_id].version}

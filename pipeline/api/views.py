@@ -105,3 +105,13 @@ def render_profile(p: ProfileState, recent: int = 20) -> dict[str, Any]:
                            "dataset": e.dataset, "fields": e.fields} for e in p.events[-recent:][::-1]],
         "next_deadline_ms": p.next_deadline_ms,
     }
+
+
+def render_membership(p: ProfileState, audience_id: str) -> dict[str, Any]:
+    """Whether the profile is a member of the audience now, since when and why (the last change's reason);
+    status, since_ms, reason and version are null for a profile the audience never held."""
+    m = p.memberships.get(audience_id)
+    return {"audience_id": audience_id, "profile_id": p.profile_id,
+            "member": m is not None and m.status != "exited",
+            "status": m.status if m else None, "since_ms": m.since_ms if m else None,
+            "reason": m.reason if m else None, "version": m.version if m else None}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -23,6 +24,7 @@ from pipeline.profiles.walk import META_PREFIX, Outcome, Walk, WalkPool, WalkSpe
 from pipeline.runtime import BATCH_MAX, BATCH_WITHIN_S, DECODED_CACHE, DECODED_PER_BYTE, LocalItem, Runtime
 from pipeline.segments import SegmentEngine, load_segments
 from pipeline.segments.batch import batch_request, new_run_id
+from pipeline.segments.sizes import AudienceSizes
 from pipeline.state.codec import (
     Forward,
     decode_profile,
@@ -87,8 +89,13 @@ def register(rt: Runtime) -> None:
         rt.send_encoded_once([(MEMBERSHIP_TOPIC, pid), (MEMBERSHIP_STATE_TOPIC, f"{pid}|{change['audience_id']}")],
                              change)
 
+    sizes = rt.audience_sizes
+    sizes.scan = lambda partition: _count_members(table, partition)
+
     def publish(res: OpResult) -> None:
         now = time.time()
+        for change in res.changes:  # (few: most handlings change no membership)
+            sizes.apply(table.partition(change.profile_id.encode()), (change,))
         for change in res.changes:
             rt.tally.add(metrics.MEMBERSHIP_CHANGES, change.status, change.evaluation)
             metrics.END_TO_END_SECONDS.observe(max(0.0, now - change.event_time_ms / 1000))
@@ -378,19 +385,31 @@ def _defs_key(partition: int) -> bytes:
     return f"__cdp_defs__:{partition}".encode()
 
 
-def _restore_partition(walks: Walks, partition: int) -> None:
+def _count_members(table: PartitionedTable, partition: int) -> Counter[str]:
+    """Current members per audience in a held partition's store (pipeline.segments.sizes)."""
+    counts: Counter[str] = Counter()
+    for key, raw in table.store(partition).items():
+        if not key.startswith(META_PREFIX):
+            counts.update(peek_entry(raw).active)
+    return counts
+
+
+def _restore_partition(walks: Walks, sizes: AudienceSizes, partition: int) -> None:
     """What lives in memory or may have been lost with a previous owner, when a partition is (re)assigned:
     1. re-read the deadlines kept in its profiles (the heap is in memory), so time-driven changes still
-    happen after a restart or a rebalance; 2. send again the outboxes not known delivered, and what
-    stitching in flight waits on (a resumed profile's outbox is sent again by the same handling)."""
+    happen after a restart or a rebalance; 2. count the audiences' current members (in the same pass);
+    3. send again the outboxes not known delivered, and what stitching in flight waits on (a resumed
+    profile's outbox is sent again by the same handling)."""
     n = 0
     acks = walks.acks(partition)
     undelivered: list[bytes] = []
     in_flight: list[bytes] = []
+    members: Counter[str] = Counter()
     for key, raw in walks.table.store(partition).items():
         if key.startswith(META_PREFIX):
             continue
         peeked = peek_entry(raw)  # not a full decode: this reads every profile of the partition
+        members.update(peeked.active)
         if peeked.profile_id is not None and peeked.deadline is not None:
             walks.deadlines.note(peeked.profile_id, peeked.deadline)
             n += 1
@@ -400,6 +419,7 @@ def _restore_partition(walks: Walks, partition: int) -> None:
             undelivered.append(key)
     if n:
         log.info("partition %d: restored %d pending deadlines", partition, n)
+    sizes.set(partition, members)
     walks.resume(partition, undelivered, in_flight)
 
 
@@ -455,7 +475,7 @@ async def _definitions_check(rt: Runtime, walks: Walks, partition: int) -> None:
     1. diff the stored fingerprints with the loaded definitions; 2. evaluate new/edited audiences over the
     partition's profiles and exit members of removed ones; 3. store the new fingerprints."""
     table = walks.table
-    _restore_partition(walks, partition)
+    _restore_partition(walks, rt.audience_sizes, partition)
     key = _defs_key(partition)
     raw = table.get(partition, key)
     old = msgpack.unpackb(raw, raw=False) if raw else None

@@ -67,11 +67,13 @@ def test_profile_round_trips_exactly(profile: ProfileState) -> None:
 
 @given(profiles)
 def test_peek_reads_what_a_full_decode_reads(profile: ProfileState) -> None:
-    # a worker re-reads every profile's deadline and outbox stamp on assignment without decoding the whole profile
+    # a worker re-reads every profile's deadline, outbox stamp and current audiences on assignment without
+    # decoding the whole profile
     stamp = (profile.outbox.run, profile.outbox.epoch) if profile.outbox else None
     in_flight = bool(profile.claims) or profile.merging is not None
+    active = tuple(a for a, m in profile.memberships.items() if m.status != "exited")
     assert peek_entry(encode_profile(profile)) == Peeked(profile.profile_id, profile.next_deadline_ms, stamp,
-                                                         in_flight)
+                                                         in_flight, active)
 
 
 def test_peek_of_a_forward_gives_its_outbox_stamp_and_bad_bytes_raise() -> None:
