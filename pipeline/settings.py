@@ -75,7 +75,9 @@ class Settings:
     worker does not start unless PIPELINE_API_AUTH=off [on]), PIPELINE_API_FAILED_AUTH_BURST [20] (failed
     authentications an address may make before 429, one more a second), PIPELINE_WEB_READ_TIMEOUT_S [10]
     (a client's request line and headers, and its body, must arrive within it), PIPELINE_WEB_TLS_CERT and
-    PIPELINE_WEB_TLS_KEY (PEM files: the listener speaks HTTPS)."""
+    PIPELINE_WEB_TLS_KEY (PEM files: the listener speaks HTTPS). Erasure (pipeline.privacy):
+    PIPELINE_ERASURE_SALT [the app id] (the key of the hashes that stand for an identity on control.erasure;
+    the same on every worker and CLI, kept secret, never changed)."""
 
     kafka: KafkaConnection
     app_id: str
@@ -104,6 +106,7 @@ class Settings:
     web_read_timeout_s: float = 10.0
     web_tls_cert: Path | None = None
     web_tls_key: Path | None = None
+    erasure_salt: str = ""  # "": the app id (pipeline.privacy.erasure.salt_of)
 
     @classmethod
     def from_env(cls, config_dir: str | Path | None = None) -> Settings:
@@ -129,6 +132,7 @@ class Settings:
             web_read_timeout_s=_positive("PIPELINE_WEB_READ_TIMEOUT_S", 10.0),
             web_tls_cert=_path("PIPELINE_WEB_TLS_CERT"),
             web_tls_key=_path("PIPELINE_WEB_TLS_KEY"),
+            erasure_salt=os.environ.get("PIPELINE_ERASURE_SALT", "").strip(),
         )
 
     @property
