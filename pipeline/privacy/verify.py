@@ -11,6 +11,7 @@ from pipeline.destinations.backfill import read_compacted
 from pipeline.errors import PipelineError
 from pipeline.privacy.agents import profile_tokens
 from pipeline.privacy.erasure import ERASURE_TOPIC, Verification, scan
+from pipeline.profiles.walk import META_PREFIX
 from pipeline.serde.codecs import RawCodec
 from pipeline.topics import TopicRegistry
 
@@ -31,7 +32,7 @@ def _decoded(reg: TopicRegistry, logical: str, rows: dict[bytes, bytes | None], 
         if raw is None:  # removed: the key itself goes when compaction drops the tombstone
             tombstones[0] += 1
             continue
-        if logical == PROFILES_CHANGELOG:
+        if logical == PROFILES_CHANGELOG and not key.startswith(META_PREFIX):  # meta keys hold no profile
             value: Any = profile_tokens(raw)
         elif isinstance(codec, RawCodec):
             value = raw.decode(errors="replace")
