@@ -190,7 +190,9 @@ class Decoder:
         dropped += left_out
         if self.suppressed is not None:
             gone = [i for i in identities if self.suppressed(i)]
-            if gone:
+            if gone:  # with what they derive (the e-mail's hash): they stand for the same person
+                gone += [d for g in gone for d in normalise_identities_detailed([(g.namespace, g.id)], cfg)[0]
+                         if d in identities and d not in gone]
                 identities = [i for i in identities if i not in gone]
                 dropped += [Dropped(i.namespace, "suppressed", f"a {i.namespace} identity erased with suppress")
                             for i in gone]

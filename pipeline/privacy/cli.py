@@ -69,7 +69,7 @@ def cmd_erase(args: argparse.Namespace, settings: Settings) -> int:
     reg = TopicRegistry.load(prefix=settings.topic_prefix)
     key = identity_key(args.namespace, args.id, settings)
     request, sends = start_erasure(key, _salt(settings), suppress=args.suppress, now_ms=int(time.time() * 1000))
-    p = producer(settings.kafka)
+    p = producer(settings.kafka, partitioner="murmur2_random")  # the identity's partition, as the worker's
     for send in sends:
         spec = reg[send.topic]
         p.produce(spec.name, key=send.key.encode(), value=spec.codec.encode(send.value))

@@ -6,6 +6,7 @@ empty profile; an identity erased with `suppress` is dropped from later records.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import subprocess
@@ -195,3 +196,68 @@ async def test_an_erased_person_is_found_nowhere(registry, kafka_bootstrap, star
 def _export_text(manifest: Any) -> str:
     folder = Path(manifest.folder.removeprefix("file://"))
     return "".join((folder / f.name).read_text() for f in manifest.files)
+
+
+async def test_erasing_again_a_later_event_and_suppression(registry, kafka_bootstrap, start_worker, tmp_path,
+                                                           topic_prefix) -> None:
+    # Given a worker, and Ann and Bob known by CRM record
+    config_dir = tmp_path / "config"
+    config_dir.mkdir()
+    for name in ("identity.yaml", "datasets.yaml"):
+        (config_dir / name).write_text((EXAMPLE_CONFIG_DIR / name).read_text())
+    (config_dir / "segments.yaml").write_text(SEGMENTS)
+    worker = start_worker(config_dir=config_dir, extra_env={"PIPELINE_ERASURE_SALT": SALT})
+    http = httpx.Client(base_url=worker.url, timeout=10)
+    now = int(time.time() * 1000)
+    produce(registry, kafka_bootstrap, "ingest.profiles",
+            [crm("r-ann", now - 5000, ANN_CRM, ANN_EMAIL, ANN_PHONE), crm("r-bob", now - 5000, BOB_CRM, BOB_EMAIL)])
+
+    def profile(ns: str, value: str) -> dict[str, Any] | None:
+        r = http.get("/profiles", params={"namespace": ns, "id": value})
+        return r.json() if r.status_code == 200 else None
+
+    old = await until(lambda: profile("Email", ANN_EMAIL), 60, "Ann's profile")
+    await until(lambda: profile("Email", BOB_EMAIL), 60, "Bob's profile")
+    # When Ann is erased, then erased again
+    first = http.delete("/profiles", params={"namespace": "CRMID", "id": ANN_CRM}).json()["request"]
+    done = await until(lambda: status(http, first), 30, "the first erasure")
+    second = http.delete("/profiles", params={"namespace": "CRMID", "id": ANN_CRM}).json()["request"]
+    again = await until(lambda: status(http, second), 30, "the second erasure")
+    # Then the second finds nothing left and erases nothing; the first keeps its outcome
+    assert done["found"] and done["erased"]["identities"] == sum(len(ids) for ids in old["identities"].values())
+    assert (again["found"], again["erased"], again["traces"]) == (
+        False, {"profiles": 0, "identities": 0, "memberships": 0}, [])
+    assert again["subject"] == done["subject"] and status(http, first) == done
+    # When an event for her e-mail arrives later
+    produce(registry, kafka_bootstrap, "ingest.events", [view("e-later", now - 1000, "ck-new", ANN_EMAIL)])
+    new = await until(lambda: profile("Email", ANN_EMAIL), 60, "a profile for the later event")
+    # Then it starts a new profile holding only that event: none of the erased attributes or identities
+    assert new["profile_id"] != old["profile_id"]
+    assert new["identities"] == {"ECID": ["ck-new"], "Email": [ANN_EMAIL.lower()],
+                                 "EMAIL_LC_SHA256": [hashlib.sha256(ANN_EMAIL.lower().encode()).hexdigest()]}
+    assert new["attributes"] == {} and new["event_count"] == 1
+    # When Bob is erased with --suppress through the CLI
+    cli_env = {**os.environ, "KAFKA_BOOTSTRAP": kafka_bootstrap, "PIPELINE_TOPIC_PREFIX": topic_prefix,
+               "PIPELINE_CONFIG": str(config_dir), "PIPELINE_ERASURE_SALT": SALT}
+    out = subprocess.run([sys.executable, "-m", "pipeline", "privacy", "erase", "--namespace", "Email", "--id",
+                          BOB_EMAIL, "--suppress", "--wait", "60"], env=cli_env, cwd=ROOT, capture_output=True,
+                         text=True, timeout=90)
+    print(f"\n$ pipeline privacy erase --namespace Email --id <bob> --suppress\n{out.stdout}{out.stderr}")
+    assert out.returncode == 0 and BOB_EMAIL not in out.stdout, out.stdout + out.stderr
+    bob_done = json.loads(out.stdout.splitlines()[-1])
+    assert (bob_done["status"], bob_done["found"], bob_done["suppress"]) == ("done", True, True)
+    await until(lambda: metric(http, "cdp_erasure_suppressed_identities") >= 1, 30, "the suppression list")
+    # and a record with his e-mail (and no other identity) and one with his e-mail and a new CRM id arrive
+    produce(registry, kafka_bootstrap, "ingest.events", [
+        {**view("e-bob", now - 500, "x", BOB_EMAIL), "identityMap": {"Email": [{"id": BOB_EMAIL}]}}])
+    produce(registry, kafka_bootstrap, "ingest.profiles", [crm("r-bob2", now - 400, "C-BOB-NEW", BOB_EMAIL)])
+    # Then his e-mail (and its derived hash) is dropped from both, counted, never stored: the first record is
+    # skipped, the second makes a profile without it
+    await until(lambda: metric(http, "cdp_identities_dropped_total", namespace="Email", reason="suppressed") >= 2,
+                30, "two suppressed identities dropped")
+    assert metric(http, "cdp_identities_dropped_total", namespace="EMAIL_LC_SHA256", reason="suppressed") == 2
+    assert metric(http, "cdp_records_skipped_total", dataset="web-events", reason="suppressed-identity") == 1
+    bob_new = await until(lambda: profile("CRMID", "C-BOB-NEW"), 60, "the new CRM id's profile")
+    assert bob_new["identities"] == {"CRMID": ["C-BOB-NEW"]}
+    assert profile("Email", BOB_EMAIL) is None
+    assert BOB_EMAIL not in worker.log() and ANN_EMAIL.lower() not in worker.log().lower()

@@ -10,9 +10,10 @@ from pipeline.destinations.base import Payload
 from pipeline.destinations.config import parse_destinations
 from pipeline.destinations.mapping import map_change
 from pipeline.identity.datasets import load_datasets_config
-from pipeline.identity.namespaces import load_identity_config
+from pipeline.identity.namespaces import Dropped, load_identity_config
 from pipeline.identity.stitch import IDENTITY_TOPIC, PROFILE_TOPIC, Send
-from pipeline.model import AttributeValue, Identity, Membership, ProfileState
+from pipeline.ingest.decode import Decoder, Skipped
+from pipeline.model import AttributeValue, ExperienceEvent, Identity, Membership, ProfileState
 from pipeline.privacy.erasure import (
     ERASURE_TOPIC,
     Verification,
@@ -27,6 +28,8 @@ from pipeline.profiles.config import ProfileConfig
 from pipeline.profiles.ops import MEMBERSHIP_STATE_TOPIC, ProfileProcessor
 from pipeline.resources import EXAMPLE_CONFIG_DIR
 from pipeline.segments import AudienceDef, SegmentEngine, parse_query
+from pipeline.serde.avro import AvroCodec
+from pipeline.settings import DEFAULT_CONFIG, PipelineConfig
 from pipeline.state.codec import Forward
 
 SALT = salt_of("test-salt", "app")
@@ -168,6 +171,33 @@ def test_the_suppression_list_drops_an_identity_by_its_hash() -> None:
     assert not erasures.is_suppressed(Identity("Email", "bob@example.com"))
     assert not erasures.is_suppressed(Identity("CRMID", "ann@example.com"))
     assert sorted(erasures.requests) == ["er-1", "er-2"]
+
+
+def test_ingest_drops_a_suppressed_identity_and_what_it_derives_never_dead_lettering_the_record() -> None:
+    # Given a decoder whose suppression list holds Ann's e-mail
+    cfg = PipelineConfig.load(DEFAULT_CONFIG)
+    erasures = ErasureLog(SALT)
+    erasures.note({"request": "er-1", "subject": hashed(SALT, "Email:ann@example.com"), "suppress": True})
+    dropped: list[Dropped] = []
+    decoder = Decoder("event", AvroCodec("ExperienceEvent"), cfg.profile.identity, cfg.profile.datasets,
+                      dropped.extend, erasures.is_suppressed)
+
+    def event(identity_map: dict[str, Any]) -> bytes:
+        return decoder.codec.encode({"eventId": "e1", "timestamp": NOW, "eventType": "pageView",
+                                     "dataset": "web-events", "identityMap": identity_map})
+
+    # When an event carries her e-mail (written another way) and a cookie
+    got = decoder.decode(event({"ECID": [{"id": "c1", "primary": True}], "Email": [{"id": " Ann@Example.com"}]}),
+                         NOW)
+    # Then only the cookie is kept: the e-mail and its derived hash are dropped as suppressed
+    assert isinstance(got, ExperienceEvent) and got.identities == (Identity("ECID", "c1"),)
+    assert [(d.namespace, d.reason) for d in dropped] == [("Email", "suppressed"), ("EMAIL_LC_SHA256", "suppressed")]
+    # When an event carries only her e-mail, Then it is skipped (not dead-lettered: its bytes hold the e-mail)
+    assert decoder.decode(event({"Email": [{"id": "ann@example.com"}]}), NOW) == Skipped("suppressed-identity",
+                                                                                       "web-events")
+    # And anyone else's e-mail goes through
+    other = decoder.decode(event({"Email": [{"id": "bob@example.com"}]}), NOW)
+    assert isinstance(other, ExperienceEvent) and Identity("Email", "bob@example.com") in other.identities
 
 
 def test_an_erasure_exit_reaches_destinations_marked_as_such() -> None:
