@@ -111,6 +111,7 @@ async def test_an_erased_person_is_found_nowhere(registry, kafka_bootstrap, star
         "  - name: hook\n    kind: http\n    audiences: \"*\"\n    identities:\n      - {namespace: CRMID}\n"
         "      - {namespace: Email, transform: sha256_lower}\n"
         f"    url: {receiver.base_url}/hook\n    batch: {{max_records: 100, max_age_ms: 20}}\n"
+        f"    erasure: {{method: DELETE, url: {receiver.base_url}/hook/erasures}}\n"
         "  - name: files\n    kind: file\n    audiences: \"*\"\n    identities:\n      - {namespace: CRMID}\n"
         "      - {namespace: Email, transform: lower}\n      - {namespace: Phone}\n"
         f"    path: {exports}\n    format: csv\n    mode: full\n")
@@ -163,6 +164,13 @@ async def test_an_erased_person_is_found_nowhere(registry, kafka_bootstrap, star
                                            if r["profile_id"] == ann_pid and r.get("reason") == "erasure"
                                            and r["status"] == "exited"), 30, "the erasure exits")
         assert exits == ["gold", "shoe-viewers"]
+        # as DELETE requests to the erasure URL of the webhook, with nothing else in them
+        erasing = [q for q in receiver.requests if q.method == "DELETE"]
+        assert {q.path for q in erasing} == {"/hook/erasures"}
+        assert sorted(r["audience_id"] for q in erasing for r in q.body["records"]) == ["gold", "shoe-viewers"]
+        assert all(r["reason"] == "erasure" for q in erasing for r in q.body["records"])
+        assert not [r for q in receiver.requests if q.method == "POST" for r in q.body["records"]
+                    if r.get("reason")]
         # And the next export does not contain her (Bob still is)
         await until(lambda: runner.local_stats()["files"]["delivered"] >= 5, 30, "the exits in the file spool")
         after = await files.export_now()  # type: ignore[attr-defined]
