@@ -36,7 +36,7 @@ def profile_tokens(raw: bytes) -> dict[str, Any]:
 
 
 def _rows(table: PartitionedTable, partition: int, profiles: bool) -> Iterator[tuple[bytes, Any, bytes | None]]:
-    for key, raw in table.table.data._db_for_partition(partition).items():
+    for key, raw in table.store(partition).items():
         if key.startswith(META_PREFIX):
             continue
         if raw is None:

@@ -7,8 +7,8 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from pipeline.connection import Kafka
-from pipeline.destinations.backfill import read_compacted
 from pipeline.errors import PipelineError
+from pipeline.kafka_reads import read_to_end
 from pipeline.privacy.agents import profile_tokens
 from pipeline.privacy.erasure import ERASURE_TOPIC, Verification, scan
 from pipeline.profiles.walk import META_PREFIX
@@ -21,7 +21,7 @@ PROFILES_CHANGELOG = "state.profiles-changelog"
 def find_request(reg: TopicRegistry, kafka: Kafka, request: str) -> dict[str, Any] | None:
     """A request's latest status record on control.erasure."""
     spec = reg[ERASURE_TOPIC]
-    raw = read_compacted(kafka, spec.name).get(request.encode())
+    raw = read_to_end(kafka, spec.name).get(request.encode())
     return spec.codec.decode(raw) if raw is not None else None
 
 
@@ -54,7 +54,7 @@ def verify_topics(reg: TopicRegistry, kafka: Kafka, salt: bytes, request: str, p
         if "compact" not in spec.cleanup_policy:
             continue
         tombstones = [0]
-        rows = read_compacted(kafka, spec.name)
+        rows = read_to_end(kafka, spec.name)
         scan(v, f"topic {spec.logical}", _decoded(reg, spec.logical, rows, tombstones), wanted, salt, needles)
         if tombstones[0]:
             v.scanned[f"topic {spec.logical} tombstones"] = tombstones[0]
