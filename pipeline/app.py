@@ -16,6 +16,8 @@ from pipeline.observability import memory, metrics
 from pipeline.observability.logs import throttle_library_loggers
 from pipeline.observability.readiness import Readiness
 from pipeline.outage import KafkaWatch
+from pipeline.privacy.erasure import salt_of
+from pipeline.privacy.log import ErasureLog
 from pipeline.profiles.ops import ProfileProcessor
 from pipeline.runtime import (
     ROCKSDB_CACHE_BYTES,
@@ -96,7 +98,10 @@ def build_app(settings: Settings, config: PipelineConfig | None = None,
     kafka = KafkaWatch(readiness, lambda: output.produced - output.acknowledged, output.waiting_s, output.probe)
     output.stopping = lambda: bool(app.should_stop)
     metrics.OUTPUT_UNACKNOWLEDGED.set_function(lambda: output.produced - output.acknowledged)
-    rt = Runtime(settings, config, registry, app, engine, processor, output, readiness=readiness, kafka=kafka)
+    salt = salt_of(settings.erasure_salt, settings.app_id)
+    processor.erasure_salt = salt
+    rt = Runtime(settings, config, registry, app, engine, processor, output, readiness=readiness, kafka=kafka,
+                 erasure_log=ErasureLog(salt))
 
     @app.task
     async def drop_monitor() -> None:
@@ -135,15 +140,19 @@ def build_app(settings: Settings, config: PipelineConfig | None = None,
             release = _also(release, rt.audience_sizes.drop)
         close_revoked_partitions(rt.tables[table], release)  # reopened when reassigned
 
+    from pipeline.api import privacy as api_privacy
     from pipeline.api import routes as api_routes
     from pipeline.identity import agents as identity_agents
     from pipeline.ingest import agents as ingest_agents
+    from pipeline.privacy import agents as privacy_agents
     from pipeline.profiles import agents as profile_agents
 
+    privacy_agents.register(rt)
     ingest_agents.register(rt)
     identity_agents.register(rt)
     profile_agents.register(rt)
     api_routes.register(rt)
+    api_privacy.register(rt)
     memory.register(rt)
     throttle_library_loggers()
     return rt

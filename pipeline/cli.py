@@ -1,4 +1,5 @@
-"""The `pipeline` command: init, worker, topics, produce, tail, profile, segments, sample, destinations."""
+"""The `pipeline` command: init, worker, topics, produce, tail, profile, segments, sample, destinations,
+privacy."""
 
 from __future__ import annotations
 
@@ -339,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--out", default="data/sample")
     sm.set_defaults(func=cmd_sample)
     from pipeline.destinations.cli import add_parser as add_destinations; add_destinations(sub)  # noqa: E702, I001
+    from pipeline.privacy.cli import add_parser as add_privacy; add_privacy(sub)  # noqa: E702, I001
     return ap
 
 

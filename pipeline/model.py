@@ -14,7 +14,7 @@ from typing import Any, Literal
 Scalar = None | bool | int | float | str
 
 MembershipStatus = Literal["realized", "existing", "exited"]
-EvaluationKind = Literal["streaming", "batch", "edge", "deadline", "merge", "definition"]
+EvaluationKind = Literal["streaming", "batch", "edge", "deadline", "merge", "definition", "erasure"]
 
 
 @dataclass(frozen=True, order=True, slots=True)

@@ -20,6 +20,7 @@ from pipeline.identity.stitch import Send, in_process_allowed
 from pipeline.observability import metrics
 from pipeline.observability.readiness import Readiness
 from pipeline.outage import KafkaWatch
+from pipeline.privacy.log import ErasureLog
 from pipeline.profiles.ops import ProfileProcessor
 from pipeline.segments import SegmentEngine
 from pipeline.segments.sizes import AudienceSizes
@@ -268,6 +269,7 @@ class Runtime:
     caches: dict[str, BoundedCache[Any, Any]] = field(default_factory=dict)  # the in-memory caches, by name (GET /debug/memory)
     tally: metrics.Tally = field(default_factory=metrics.Tally)  # flushed when a local-delivery block ends
     readiness: Readiness = field(default_factory=Readiness)  # why the worker cannot work now (GET /readyz)
+    erasure_log: ErasureLog | None = None  # erasure statuses and the suppression list (pipeline.privacy)
     kafka: KafkaWatch | None = None  # outages of the broker (`build_app` starts it; its error_cb for clients)
     audience_sizes: AudienceSizes = field(default_factory=AudienceSizes)  # per held partition (GET /audiences/{id})
     _local: list[tuple[str, LocalItem]] | None = None  # None: local delivery is off
@@ -295,8 +297,10 @@ class Runtime:
                 self._local.append((send.topic, (p, key, send.value)))
                 return
         spec = self.registry[send.topic]
-        # a null value stays null (a dead-lettered tombstone is kept as it came)
-        value = None if send.value is None and isinstance(spec.codec, RawCodec) else spec.codec.encode(send.value)
+        # a null value stays null: a dead-lettered tombstone is kept as it came, and on a compacted topic it is a
+        # tombstone (an erasure removes a key)
+        tombstone = send.value is None and (isinstance(spec.codec, RawCodec) or "compact" in spec.cleanup_policy)
+        value = None if tombstone else spec.codec.encode(send.value)
         self.output.produce(spec.name, send.key.encode(), value, headers, partition)
 
     def dead_letter(self, topic: str, key: str, value: bytes | None, reason: str, detail: str,

@@ -114,7 +114,8 @@ class Settings:
     PIPELINE_API_KEY. Routing a lookup to the worker that holds
     the key (pipeline/api/routing.py): PIPELINE_WEB_ADVERTISED_URL [http(s)://web host:web port; the machine's
     host name when the web host is 0.0.0.0 or ::] (the URL the other workers reach this one at),
-    PIPELINE_API_ROUTE_TIMEOUT_S [5] (a routed request's whole time)."""
+    PIPELINE_API_ROUTE_TIMEOUT_S [5] (a routed request's whole time). Erasure (pipeline.privacy): PIPELINE_ERASURE_SALT [the app id] (the key of the hashes
+    that stand for an identity on control.erasure; the same on every worker and CLI, secret, never changed)."""
 
     kafka: KafkaConnection
     app_id: str
@@ -151,6 +152,7 @@ class Settings:
     api_key: str = ""  # what the CLI presents to a worker's API (`pipeline lookup`)
     web_advertised_url: str | None = None  # None: derived (`advertised_url`)
     api_route_timeout_s: float = 5.0
+    erasure_salt: str = ""  # "": the app id (pipeline.privacy.erasure.salt_of)
 
     @classmethod
     def from_env(cls, config_dir: str | Path | None = None) -> Settings:
@@ -185,6 +187,7 @@ class Settings:
             api_key=os.environ.get("PIPELINE_API_KEY", "").strip(),
             web_advertised_url=os.environ.get("PIPELINE_WEB_ADVERTISED_URL", "").strip().rstrip("/") or None,
             api_route_timeout_s=_positive("PIPELINE_API_ROUTE_TIMEOUT_S", 5.0),
+            erasure_salt=os.environ.get("PIPELINE_ERASURE_SALT", "").strip(),
         )
 
     @property

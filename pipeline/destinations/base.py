@@ -33,9 +33,10 @@ class Payload:
     idempotency_key: str
     event_time_ms: int
     source_emit_ms: int
+    reason: str | None = None  # "erasure": an exit that asks the receiver to delete the person
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "destination": self.destination,
             "profile_id": self.profile_id,
             "audience_id": self.audience_id,
@@ -47,6 +48,9 @@ class Payload:
             "event_time_ms": self.event_time_ms,
             "source_emit_ms": self.source_emit_ms,
         }
+        if self.reason is not None:  # only erasures say why (the other payloads stay as they were)
+            d["reason"] = self.reason
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Payload:
@@ -61,6 +65,7 @@ class Payload:
             idempotency_key=str(d["idempotency_key"]),
             event_time_ms=int(d["event_time_ms"]),
             source_emit_ms=int(d["source_emit_ms"]),
+            reason=d.get("reason"),
         )
 
 

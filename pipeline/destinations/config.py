@@ -98,6 +98,10 @@ class HttpSettings:
     rate_limit_per_s: float | None = None  # requests per second; None = unlimited
     circuit_breaker: BreakerConfig = BreakerConfig()
     queue_max_records: int = 10_000  # bound of the in-memory queue: beyond it deliver() blocks
+    # `erasure: {method: DELETE, url: ...}`: exits of erased people go in requests of their own, with this method
+    # (and URL, default `url`); None: they go with the rest, marked `"reason": "erasure"`
+    erasure_method: str | None = None
+    erasure_url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -174,7 +178,7 @@ class DestinationsConfig:
 _COMMON = {"name", "kind", "audiences", "identities", "attributes", "consent"}
 _KIND_KEYS: dict[str, set[str]] = {
     "http": {"url", "method", "headers", "batch", "timeout_s", "retry", "rate_limit_per_s",
-             "circuit_breaker", "queue_max_records"},
+             "circuit_breaker", "queue_max_records", "erasure"},
     "kafka": {"topic"},
     "file": {"path", "format", "mode", "schedule", "max_rows_per_file", "max_bytes_per_file",
              "storage_options"},
@@ -335,7 +339,21 @@ def _http(doc: Doc, f: dict[str, tuple[yaml.Node, yaml.Node]],
             doc.integer(c["failure_threshold"][1], "failure_threshold", minimum=1)
             if "failure_threshold" in c else 5,
             _number(doc, c["reset_timeout_s"][1], "reset_timeout_s") if "reset_timeout_s" in c else 30.0)
+    erasure_method: str | None = None
+    erasure_url: str | None = None
+    if "erasure" in f:
+        enode = f["erasure"][1]
+        e = doc.mapping(enode, "erasure")
+        doc.check_keys(e, "erasure", {"method"}, {"url"}, enode)
+        erasure_method = doc.string(e["method"][1], "erasure method").upper()
+        if erasure_method not in (*METHODS, "DELETE"):
+            raise doc.error(f"erasure method must be one of {', '.join((*METHODS, 'DELETE'))}", e["method"][1])
+        if "url" in e:
+            erasure_url = doc.string(e["url"][1], "erasure url")
+            if not erasure_url.startswith(("http://", "https://")):
+                raise doc.error("erasure url must start with http:// or https://", e["url"][1])
     return HttpSettings(
+        erasure_method=erasure_method, erasure_url=erasure_url,
         url=url, method=method, headers=tuple(headers), batch=batch,
         timeout_s=_number(doc, f["timeout_s"][1], "timeout_s") if "timeout_s" in f else 10.0,
         retry=retry,

@@ -17,6 +17,7 @@ from pipeline.destinations.base import Destination, DestinationContext, Payload,
 from pipeline.destinations.config import BreakerConfig, DestinationConfig, HttpSettings
 from pipeline.errors import DeliveryError
 from pipeline.observability import metrics
+from pipeline.privacy.erasure import REASON as ERASURE
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +204,14 @@ class HttpDestination(Destination):
         while True:
             batch = await self._next_batch()
             try:
-                await self._send(batch)
+                if self.settings.erasure_method is None:
+                    await self._send(batch)
+                else:  # erasures in requests of their own (e.g. DELETE), the rest as configured
+                    erasures = [p for p in batch if p.reason == ERASURE]
+                    if len(erasures) < len(batch):
+                        await self._send([p for p in batch if p.reason != ERASURE])
+                    if erasures:
+                        await self._send(erasures, erasure=True)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a bug or a failing dead-letter sink: keep the sender alive
@@ -243,7 +251,7 @@ class HttpDestination(Destination):
                     batch.append(getter.result())  # it completed while we cancelled
         return batch
 
-    async def _send(self, batch: list[Payload]) -> None:
+    async def _send(self, batch: list[Payload], erasure: bool = False) -> None:
         retry = self.settings.retry
         attempt = 0
         failing_since = time.monotonic()
@@ -255,7 +263,7 @@ class HttpDestination(Destination):
                 await self._bucket.acquire()
             attempt += 1
             try:
-                await self._post(batch)
+                await self._post(batch, erasure)
             except DeliveryError as err:
                 reason = str(err)
                 self.last_error = reason
@@ -286,7 +294,7 @@ class HttpDestination(Destination):
         await self.context.dead_letter(batch, reason)
         self.dead_lettered += len(batch)
 
-    async def _post(self, batch: list[Payload]) -> None:
+    async def _post(self, batch: list[Payload], erasure: bool = False) -> None:
         assert self._session is not None
         body = {"destination": self.name, "records": [_record(p) for p in batch]}
         headers = dict(self.settings.headers)
@@ -294,8 +302,11 @@ class HttpDestination(Destination):
             headers["Idempotency-Key"] = batch[0].idempotency_key
         self.requests += 1
         try:
+            method, url = self.settings.method, self.settings.url
+            if erasure and self.settings.erasure_method is not None:
+                method, url = self.settings.erasure_method, self.settings.erasure_url or url
             async with self._session.request(
-                    self.settings.method, self.settings.url, json=body, headers=headers,
+                    method, url, json=body, headers=headers,
                     timeout=aiohttp.ClientTimeout(total=self.settings.timeout_s)) as resp:
                 await resp.read()
                 if 200 <= resp.status < 300:

@@ -10,6 +10,7 @@ from typing import Any, Final
 from pipeline.destinations.base import Payload
 from pipeline.destinations.config import DestinationConfig, IdentityTransform
 from pipeline.model import Scalar
+from pipeline.privacy.erasure import REASON as ERASURE
 
 # Skip reasons: short, stable strings the runner counts per destination.
 SKIP_AUDIENCE_NOT_ACTIVATED: Final = "audience_not_activated"
@@ -100,6 +101,7 @@ def map_change(msg: dict[str, Any], dest: DestinationConfig) -> Payload | Skip:
         idempotency_key=str(msg["idempotency_key"]),
         event_time_ms=event_time,
         source_emit_ms=to_ms(msg.get("emit_time_ms")) or event_time,
+        reason=ERASURE if status == "exited" and msg.get("reason") == ERASURE else None,
     )
 
 

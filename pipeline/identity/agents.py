@@ -6,6 +6,7 @@ from typing import Any
 
 from pipeline.identity.stitch import IDENTITY_TOPIC, handle_identity
 from pipeline.observability import metrics
+from pipeline.privacy.erasure import erase_at_identity
 from pipeline.runtime import BATCH_MAX, BATCH_WITHIN_S, LocalItem, Runtime
 
 
@@ -18,7 +19,9 @@ def register(rt: Runtime) -> None:
         for partition, key_b, msg in items:
             try:
                 current = table.get(partition, key_b)
-                res = handle_identity(key_b.decode(), current.decode() if current else None, msg)
+                owner = current.decode() if current else None
+                res = (erase_at_identity(key_b.decode(), owner, msg, rt.now_ms()) if msg["op"] == "erase"
+                       else handle_identity(key_b.decode(), owner, msg))
                 # the sends first: a send refused (too large) leaves the table as it was
                 for send in res.sends:
                     rt.send(send)

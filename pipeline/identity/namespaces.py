@@ -209,7 +209,7 @@ class Dropped:
     `reason` a short code, `detail` a fixed phrase naming the namespace, never the value (personal data)."""
 
     namespace: str
-    reason: str  # invalid-value | blocked-value | unknown-namespace | too-long | too-many-identities
+    reason: str  # invalid-value | blocked-value | unknown-namespace | too-long | too-many-identities | suppressed
     detail: str
 
 

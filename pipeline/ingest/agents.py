@@ -77,7 +77,8 @@ def register(rt: Runtime) -> None:
         spec = rt.registry[logical]
         assert isinstance(spec.codec, AvroCodec)
         decoders[spec.name] = (logical, Decoder(kind, spec.codec, rt.config.profile.identity,  # type: ignore[arg-type]
-                                                rt.config.profile.datasets, on_drop))
+                                                rt.config.profile.datasets, on_drop,
+                                                rt.erasure_log.is_suppressed if rt.erasure_log else None))
     handle = _record_handler(rt)
 
     @rt.app.task

@@ -100,6 +100,8 @@ class Decoder:
     identity: IdentityConfig
     datasets: DatasetsConfig
     on_drop: Callable[[list[Dropped]], None] | None = None
+    # identities erased with `suppress` (pipeline.privacy): dropped, never stored
+    suppressed: Callable[[Identity], bool] | None = None
 
     def __post_init__(self) -> None:
         self._annotated = identity_fields(self.codec.catalog.raw_schema(self.codec.name))
@@ -136,6 +138,8 @@ class Decoder:
         if dropped and self.on_drop is not None:
             self.on_drop(dropped)
         if not identities:
+            if any(d.reason == "suppressed" for d in dropped):  # not dead-lettered: its bytes hold the identity
+                return Skipped("suppressed-identity", dataset)
             why = "; ".join(d.detail for d in dropped) if dropped else "the record carries no identity"
             return Rejected("no-usable-identity", why)
         clash = _unique_clash(identities, self.identity)
@@ -184,6 +188,14 @@ class Decoder:
                 return Rejected("blocked-identity-value", f"a {blocked.namespace} value is a placeholder on "
                                 "the blocked_values list (hygiene.on_violation.blocked_value: dead-letter)")
         dropped += left_out
+        if self.suppressed is not None:
+            gone = [i for i in identities if self.suppressed(i)]
+            if gone:  # with what they derive (the e-mail's hash): they stand for the same person
+                gone += [d for g in gone for d in normalise_identities_detailed([(g.namespace, g.id)], cfg)[0]
+                         if d in identities and d not in gone]
+                identities = [i for i in identities if i not in gone]
+                dropped += [Dropped(i.namespace, "suppressed", f"a {i.namespace} identity erased with suppress")
+                            for i in gone]
         cap = limits.max_identities_per_record
         if len(identities) > cap:
             if cfg.on_violation("too_many") == "dead-letter":

@@ -38,6 +38,10 @@ OUTPUT_UNACKNOWLEDGED = Gauge("cdp_output_unacknowledged",
 KAFKA_OUTAGES = Counter("cdp_kafka_outages_total", "Times the worker found Kafka unreachable and waited")
 GC_PAUSE_SECONDS = Histogram("cdp_gc_pause_seconds", "Python garbage-collector pauses (the event loop stops)",
                              ["generation"], buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2))
+ERASURES = Counter("cdp_erasures_total", "Erasure requests handled by the profile stage, by outcome (pipeline.privacy)",
+                   ["outcome"])
+SUPPRESSED_IDENTITIES = Gauge("cdp_erasure_suppressed_identities",
+                              "Identities on the suppression list this worker holds (erased with --suppress)")
 
 
 _children: dict[tuple[int, tuple[str, ...]], Any] = {}

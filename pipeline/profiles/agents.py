@@ -217,12 +217,18 @@ def register(rt: Runtime) -> None:
                 entry, redone = _rebuild(pid, stored, [m for j, m in enumerate(msgs[:i]) if j not in failed])
                 changed = changed or redone
                 continue
-            if res.changes or res.sends:
-                kept += outbox.messages_of(res.changes, res.sends)
-            if res.write is not None:
-                entry, changed = res.write, True
+            if res.delete:  # an erasure: the entry goes, with its outbox (its messages are out already)
+                entry, changed, previous, kept = None, True, None, []
+            else:
+                if res.changes or res.sends:
+                    kept += outbox.messages_of(res.changes, res.sends)
+                if res.write is not None:
+                    entry, changed = res.write, True
             rt.tally.add(metrics.PROFILE_OPS, msg["op"])
-        if changed and entry is not None:
+        if changed and entry is None and stored is not None:
+            table.delete(partition, key)
+            cache.drop(key)  # a deadline left scheduled finds no entry: its tick does nothing
+        elif changed and entry is not None:
             entry = stamp(partition, entry, previous, kept)
             try:
                 write(partition, key, entry, stored)
@@ -238,7 +244,9 @@ def register(rt: Runtime) -> None:
         try:
             for msg in done:
                 res = rt.processor.handle(pid, entry, msg)
-                if res.write is not None:
+                if res.delete:
+                    entry, changed = None, True
+                elif res.write is not None:
                     entry, changed = res.write, True
         except Exception as exc:  # noqa: BLE001
             log.error("profile %s: messages before a failed one could not be redone; keeping the stored value: "

@@ -43,6 +43,8 @@ from pipeline.identity.stitch import (
 )
 from pipeline.ingest.wire import record_from_wire
 from pipeline.model import ExperienceEvent, Identity, MembershipChange, ProfileState
+from pipeline.privacy.erasure import REASON as ERASURE_REASON
+from pipeline.privacy.erasure import done_record, hashed
 from pipeline.profiles.config import ProfileConfig
 from pipeline.profiles.merge import (
     ChangeSummary,
@@ -76,6 +78,7 @@ class OpResult:
     """What handling one profile message does: the new table entry (if it changed) and the sends."""
 
     write: ProfileState | Forward | None = None
+    delete: bool = False  # remove the entry (an erasure): the write, if any, is ignored
     sends: list[Send] = field(default_factory=list)
     changes: list[MembershipChange] = field(default_factory=list)
     counters: dict[str, int] = field(default_factory=dict)
@@ -123,7 +126,9 @@ class ProfileProcessor:
             "apply": self._apply, "claimed": self._claimed, "taken": self._taken, "link": self._link,
             "absorb": self._absorb, "accepted": self._accepted, "refused": self._refused,
             "tick": self._tick, "evaluate": self._evaluate_op, "resume": self._resume,
+            "erase": self._erase, "erase-forward": self._erase_forward,
         }
+        self.erasure_salt = b""  # the key of the hashes in erasure status records (set by the app)
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -133,6 +138,10 @@ class ProfileProcessor:
         op = msg["op"]
         if isinstance(entry, Forward):
             res = OpResult()
+            if op == "erase-forward":  # the survivor was erased: its forward keeps the identities it repointed
+                res.delete = True
+                res.count("forwards_erased")
+                return res
             if op == "accepted" and entry.token is not None and msg["token"] == entry.token:
                 self._resend_accepted(pid, entry, res)  # redelivered: its sends may have been lost
             elif op in _DROPPED_AT_FORWARD:
@@ -398,11 +407,13 @@ class ProfileProcessor:
         for m in held:
             sub = self.handle(pid, current, m)
             res.extend(sub)
-            if sub.write is not None:
+            if sub.delete:  # a held erasure
+                current = None
+            elif sub.write is not None:
                 current = sub.write
         if isinstance(current, ProfileState):
             current.thawed = (msg["token"], [[s.topic, s.key, s.value] for s in res.sends if s.topic in _STAGES])
-        res.write = current
+        res.write, res.delete = current, current is None
         return res
 
     def _resume(self, pid: str, entry: ProfileState | None, msg: dict[str, Any]) -> OpResult:
@@ -420,6 +431,42 @@ class ProfileProcessor:
             for claimant, ts in sorted(claimants.items()):
                 res.sends.append(claim_msg(key, claimant, ts))
         res.count("resumed")
+        return res
+
+    # -- erasure (pipeline.privacy) ------------------------------------------------------------------
+    def _erase(self, pid: str, entry: ProfileState | None, msg: dict[str, Any]) -> OpResult:
+        """Erase the person (reached through the identity stage, like a record; held while merging, forwarded
+        after a merge): 1. exit every active membership with reason `erasure` (destinations delete); 2. release
+        every identity, listed or pending; 3. erase the forwards of the profiles it absorbed (they keep the
+        identities they repointed); 4. tombstone its and their keys on activation.membership-state; 5. delete
+        the entry; 6. report done, with the hashes of what was removed. A redelivered request finds no entry and
+        does nothing (its first handling reported already)."""
+        res = OpResult()
+        if entry is None:
+            res.count("stale")
+            return res
+        now = self.now_ms()
+        exits = exit_all(entry, self.engine, now_ms=now, kind="erasure", reason=ERASURE_REASON)
+        res.changes.extend(exits)
+        keys = [i.key for i in entry.identity_list() + entry.claim_list()]
+        res.sends.extend(release_msg(key, pid) for key in keys)
+        res.sends.extend(Send(PROFILE_TOPIC, m, {"op": "erase-forward", "pid": m}) for m in entry.merged)
+        audiences = sorted(set(self.engine.audiences) | set(entry.memberships))
+        res.sends.extend(Send(MEMBERSHIP_STATE_TOPIC, f"{owner}|{aid}", None)
+                         for owner in (pid, *entry.merged) for aid in audiences)
+        erased = {"profiles": 1 + len(entry.merged), "identities": len(keys), "memberships": len(exits)}
+        res.sends.append(done_record(msg, now, found=True, erased=erased, traces=(
+            hashed(self.erasure_salt, v) for v in (*keys, pid, *entry.merged))))
+        res.delete = True
+        res.count("erased")
+        log.info("erasure %s: profile %s erased (%d identities released, %d memberships exited, %d absorbed "
+                 "profiles)", msg["request"], pid, len(keys), len(exits), len(entry.merged))
+        return res
+
+    def _erase_forward(self, pid: str, entry: ProfileState | None, msg: dict[str, Any]) -> OpResult:
+        """Only a forward is erased this way (`handle`); a live profile or no entry: a stale message."""
+        res = OpResult()
+        res.count("stale")
         return res
 
     # -- time and batch -----------------------------------------------------------------------------

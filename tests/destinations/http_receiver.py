@@ -20,6 +20,7 @@ class Request:
     body: dict[str, Any]
     at: float
     outcome: str
+    method: str = "POST"
 
 
 @dataclass
@@ -58,7 +59,7 @@ class Receiver:
         path = request.path
         queue = self.plans.get(path)
         outcome = queue.popleft() if queue else self.default.get(path, "ok")
-        self.requests.append(Request(path, dict(request.headers), body, time.monotonic(), outcome))
+        self.requests.append(Request(path, dict(request.headers), body, time.monotonic(), outcome, request.method))
         keys = [r["idempotency_key"] for r in body["records"]]
         if outcome == "ok":
             self._store(path, body["records"])

@@ -1,0 +1,1 @@
+"""Erasure of a person (GDPR / CCPA): requests, their status, the suppression list and the verification."""
