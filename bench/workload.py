@@ -101,8 +101,8 @@ class FastAvro:
     def __init__(self, reg: Any) -> None:
         self.ev_codec = reg["ingest.events"].codec
         self.pr_codec = reg["ingest.profiles"].codec
-        self.ev_head = b"\x00" + struct.pack(">I", self.ev_codec._write_id)
-        self.pr_head = b"\x00" + struct.pack(">I", self.pr_codec._write_id)
+        self.ev_head = self.ev_codec.header()
+        self.pr_head = self.pr_codec.header()
 
     def event(self, ev: dict[str, Any]) -> bytes:
         ids = [(ns, i["id"], bool(i.get("primary"))) for ns, items in ev.get("identityMap", {}).items()

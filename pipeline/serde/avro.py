@@ -199,6 +199,12 @@ class AvroCodec:
         self._write = compile_writer(self.catalog.parsed_by_id(write_id))
         return self._write
 
+    def header(self) -> bytes:
+        """The wire-format header (magic byte, schema id) this codec writes before each record."""
+        if self._write is None:
+            self._writer()
+        return self._header
+
     def encode(self, value: dict[str, Any]) -> bytes:
         write = self._write or self._writer()
         try:
