@@ -70,7 +70,9 @@ class Settings:
     PIPELINE_APP_ID, PIPELINE_CONFIG, PIPELINE_DATA_DIR, PIPELINE_TOPIC_PREFIX, PIPELINE_WORKER_NAME,
     PIPELINE_WEB_HOST [127.0.0.1] and PIPELINE_WEB_PORT [6066] (the worker's API and /metrics),
     PIPELINE_DEST_METRICS_HOST [127.0.0.1] and PIPELINE_DEST_METRICS_PORT [off] (the destination runner),
-    PIPELINE_STATIC_MEMBERSHIP, PIPELINE_LEAVE_GROUP_ON_STOP; replication overrides are read with topics.yaml
+    PIPELINE_STATIC_MEMBERSHIP, PIPELINE_LEAVE_GROUP_ON_STOP, PIPELINE_KAFKA_STATS_INTERVAL_MS [5000] (how often
+    consumer lag, broker round trips and queue depths are measured), PIPELINE_LOG_FORMAT [text] (json: one
+    JSON object a line); replication overrides are read with topics.yaml
     (pipeline.topics). The API (pipeline/api/server.py): PIPELINE_API_KEYS_FILE (the API keys; without it the
     worker does not start unless PIPELINE_API_AUTH=off [on]), PIPELINE_API_FAILED_AUTH_BURST [20] (failed
     authentications an address may make before 429, one more a second), PIPELINE_WEB_READ_TIMEOUT_S [10]
@@ -104,6 +106,7 @@ class Settings:
     web_read_timeout_s: float = 10.0
     web_tls_cert: Path | None = None
     web_tls_key: Path | None = None
+    kafka_stats_interval_ms: int = 5000
 
     @classmethod
     def from_env(cls, config_dir: str | Path | None = None) -> Settings:
@@ -129,6 +132,7 @@ class Settings:
             web_read_timeout_s=_positive("PIPELINE_WEB_READ_TIMEOUT_S", 10.0),
             web_tls_cert=_path("PIPELINE_WEB_TLS_CERT"),
             web_tls_key=_path("PIPELINE_WEB_TLS_KEY"),
+            kafka_stats_interval_ms=_positive("PIPELINE_KAFKA_STATS_INTERVAL_MS", 5000),
         )
 
     @property
