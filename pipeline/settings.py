@@ -71,8 +71,7 @@ class Settings:
     PIPELINE_WEB_HOST [127.0.0.1] and PIPELINE_WEB_PORT [6066] (the worker's API and /metrics),
     PIPELINE_DEST_METRICS_HOST [127.0.0.1] and PIPELINE_DEST_METRICS_PORT [off] (the destination runner),
     PIPELINE_STATIC_MEMBERSHIP, PIPELINE_LEAVE_GROUP_ON_STOP, PIPELINE_KAFKA_STATS_INTERVAL_MS [5000] (how often
-    consumer lag, broker round trips and queue depths are measured), PIPELINE_LOG_FORMAT [text] (json: one
-    JSON object a line); replication overrides are read with topics.yaml
+    consumer lag, broker round trips and queue depths are measured); replication overrides are read with topics.yaml
     (pipeline.topics). The API (pipeline/api/server.py): PIPELINE_API_KEYS_FILE (the API keys; without it the
     worker does not start unless PIPELINE_API_AUTH=off [on]), PIPELINE_API_FAILED_AUTH_BURST [20] (failed
     authentications an address may make before 429, one more a second), PIPELINE_WEB_READ_TIMEOUT_S [10]

@@ -20,7 +20,7 @@ LOCAL_DELIVERIES = Counter("cdp_local_deliveries_total",
 PROFILE_OPS = Counter("cdp_profile_ops_total", "Profile-stage messages handled", ["op"])
 PROFILE_EVENTS = Counter("cdp_profile_events_total", "Profile-stage outcomes (merges, refusals...)", ["what"])
 MEMBERSHIP_CHANGES = Counter("cdp_membership_changes_total", "Membership changes emitted",
-                             ["status", "evaluation"])
+                             ["audience", "status", "evaluation"])
 EVALUATION_SECONDS = Histogram("cdp_profile_op_seconds", "Time to handle one profile-stage message",
                                buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5))
 END_TO_END_SECONDS = Histogram("cdp_event_to_membership_seconds", "Event time to membership message",

@@ -91,7 +91,7 @@ def register(rt: Runtime) -> None:
     def publish(res: OpResult) -> None:
         now = time.time()
         for change in res.changes:
-            rt.tally.add(metrics.MEMBERSHIP_CHANGES, change.status, change.evaluation)
+            rt.tally.add(metrics.MEMBERSHIP_CHANGES, change.audience_id, change.status, change.evaluation)
             metrics.END_TO_END_SECONDS.observe(max(0.0, now - change.event_time_ms / 1000))
             send_membership(change.to_dict())
         for send in res.sends:
