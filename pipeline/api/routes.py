@@ -4,7 +4,8 @@ scopes, limits, problem bodies, the access log).
 
 GET /profiles?namespace=Email&id=a@b.com, GET /profiles/{id}, POST /edge/evaluate, GET /audiences,
 GET /metrics, GET /healthz (the worker's event loop answers), GET /readyz (200, or 503 with the reasons
-the worker cannot do its work now, e.g. Kafka unreachable: `Runtime.readiness`) and GET /openapi.json.
+the worker cannot do its work now: partitions not assigned or tables recovering, the ingest consumer not in
+its group, Kafka unreachable: `Runtime.readiness`) and GET /openapi.json.
 Lookups read this worker's local table partitions (one worker in `make run`; with several workers, ask the
 one that owns the partition: the 404 body says so).
 """

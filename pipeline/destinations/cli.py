@@ -24,7 +24,7 @@ from pipeline.connection import check_cluster
 from pipeline.destinations.backfill import Backfill, member_payloads, read_current_members
 from pipeline.destinations.base import DestinationContext, Payload
 from pipeline.destinations.config import DestinationConfig, DestinationsConfig, load_destinations
-from pipeline.destinations.runner import Decoder, DestinationRunner
+from pipeline.destinations.runner import Decoder, DestinationRunner, RunnerSettings
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.observability import metrics
 from pipeline.topics import TopicRegistry
@@ -98,7 +98,8 @@ def make_runner(settings: Settings, configs: list[DestinationConfig], *, backfil
                 ) -> DestinationRunner:
     reg = TopicRegistry.load(prefix=settings.topic_prefix)
     return DestinationRunner(configs, kafka=settings.kafka, topics=reg, decode=registry_decoder(reg),
-                             backfill=Backfill() if backfill else None)
+                             backfill=Backfill() if backfill else None,
+                             settings=RunnerSettings(stats_interval_ms=settings.kafka_stats_interval_ms))
 
 
 def status_path(settings: Settings) -> Path:
