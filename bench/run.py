@@ -258,16 +258,17 @@ def start_worker(i: int, env_base: dict[str, str], tmp: Path) -> dict[str, Any]:
     return {"name": name, "proc": proc, "port": port, "log": log_path}
 
 
-def wait_log(proc: subprocess.Popen[bytes], log_path: Path, needles: tuple[str, ...], timeout_s: float) -> None:
+def wait_ready(w: dict[str, Any], timeout_s: float) -> None:
+    """Until the worker's GET /readyz answers 200 (partitions assigned, tables recovered, ingest consuming)."""
+    from pipeline.local.demo import answers_200
+
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        text = log_path.read_text(errors="replace") if log_path.exists() else ""
-        if any(n in text for n in needles):
-            return
-        if proc.poll() is not None:
-            raise RuntimeError(f"{log_path.name}: process exited {proc.returncode}:\n{text[-3000:]}")
+    while not answers_200(f"http://127.0.0.1:{w['port']}/readyz"):
+        if w["proc"].poll() is not None:
+            raise RuntimeError(f"{w['name']}: process exited {w['proc'].returncode}:\n{w['log'].read_text()[-3000:]}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{w['name']}: not ready after {timeout_s}s:\n{w['log'].read_text()[-3000:]}")
         time.sleep(0.3)
-    raise RuntimeError(f"{log_path.name}: not ready after {timeout_s}s:\n{log_path.read_text(errors='replace')[-3000:]}")
 
 
 def stop_proc(proc: subprocess.Popen[bytes] | None, timeout_s: float = 20) -> None:
@@ -745,7 +746,7 @@ def main(argv: list[str] | None = None) -> int:
             workers.append(w)
             ctx["children"].append(w["proc"])
         for w in workers:
-            wait_log(w["proc"], w["log"], ("Worker ready", "[^Worker]: Ready"), 180)
+            wait_ready(w, 180)
             procs.add(w["name"], w["proc"].pid)
         time.sleep(2)  # assignment settles
         ctx["workers"], ctx["ports"] = workers, [w["port"] for w in workers]

@@ -13,6 +13,7 @@ import faust
 from pipeline.api.server import Authenticator, faust_web_settings, load_authenticator
 from pipeline.connection import KafkaConnection, client_config
 from pipeline.observability import memory, metrics
+from pipeline.observability.kafka_stats import GroupLag, LibrdkafkaStats, committed_lag
 from pipeline.observability.logs import throttle_library_loggers
 from pipeline.observability.readiness import Readiness
 from pipeline.outage import KafkaWatch
@@ -92,9 +93,10 @@ def build_app(settings: Settings, config: PipelineConfig | None = None,
     history_ms = config.profile.datasets.event_history.retention_ms
     engine = SegmentEngine(config.audiences, history_retention_ms=history_ms)
     processor = ProfileProcessor(config.profile, engine, time.time)
-    readiness = Readiness()
+    readiness = Readiness(STARTING)
     output = OutputProducer(settings.kafka, frozenset(registry.name(t) for t in settings.fault_lose_output),
-                            error_cb=lambda err: kafka.error_cb(err))
+                            error_cb=lambda err: kafka.error_cb(err),
+                            extra=LibrdkafkaStats("output").config(settings.kafka_stats_interval_ms))
     kafka = KafkaWatch(readiness, lambda: output.produced - output.acknowledged, output.waiting_s, output.probe)
     output.stopping = lambda: bool(app.should_stop)
     metrics.OUTPUT_UNACKNOWLEDGED.set_function(lambda: output.produced - output.acknowledged)
@@ -117,6 +119,14 @@ def build_app(settings: Settings, config: PipelineConfig | None = None,
         while True:
             await asyncio.sleep(WATCH_INTERVAL_S)
             await kafka.tick()
+
+    ready_after_recovery(app, readiness)
+
+    @app.task
+    async def watch_group() -> None:
+        """Faust's group (aiokafka has no statistics callback): this worker's partitions, their lag from the
+        committed offsets, and the changelog records its recovery has left to replay."""
+        await watch_faust_group(rt)
 
     changelogs = ChangelogRouter(rt.output.produce)
     rt.output.on_flushed.append(changelogs.persist_offsets)
@@ -159,6 +169,52 @@ def build_app(settings: Settings, config: PipelineConfig | None = None,
 
 
 WATCH_INTERVAL_S = 1.0
+
+# Not ready until Faust has assigned partitions and recovered the tables, and the ingest consumer is in its group.
+STARTING = {"partitions": "waiting for partitions and table recovery",
+            "ingest": "the ingest consumer has not joined its group yet"}
+REBALANCING = "partitions being reassigned, tables recovering"
+
+
+def ready_after_recovery(app: faust.App, readiness: Readiness) -> None:
+    """`partitions` keeps the worker not ready from a rebalance's start until Faust has recovered the tables of
+    its new partitions and resumed its streams (`on_rebalance_end`, right before it logs "Worker ready")."""
+    start, end = app.on_rebalance_start, app.on_rebalance_end
+
+    def on_rebalance_start() -> None:
+        readiness.set("partitions", REBALANCING)
+        metrics.REBALANCES.labels(app.conf.id).inc()
+        start()
+
+    def on_rebalance_end() -> None:
+        end()
+        readiness.clear("partitions")
+
+    app.on_rebalance_start = on_rebalance_start  # type: ignore[method-assign]
+    app.on_rebalance_end = on_rebalance_end  # type: ignore[method-assign]
+
+
+async def watch_faust_group(rt: Runtime) -> None:
+    """Every statistics interval: the lag of Faust's group on this worker's stage partitions (changelog
+    partitions are read by recovery, not the group), and `cdp_table_recovery_remaining`."""
+    from confluent_kafka.admin import AdminClient
+
+    app, settings = rt.app, rt.settings
+    stage_topics = {rt.registry.name(t) for t in GROUP_TOPICS}
+    lag = GroupLag(settings.app_id)
+    admin = AdminClient(client_config(settings.kafka))
+    while True:
+        await asyncio.sleep(settings.kafka_stats_interval_ms / 1000)
+        recovery = app.tables.recovery  # type: ignore[attr-defined]
+        metrics.TABLE_RECOVERY_REMAINING.set(recovery.active_remaining_total() if recovery.in_recovery else 0)
+        if app.rebalancing or (rt.kafka is not None and rt.kafka.unreachable):
+            continue  # an assignment in flux, or no broker to ask: the last numbers stand
+        mine = [(tp.topic, tp.partition) for tp in app.consumer.assignment() if tp.topic in stage_topics]
+        try:
+            lag.report(await asyncio.to_thread(committed_lag, admin, settings.app_id, mine))
+        except Exception as exc:  # the next interval asks again
+            logging.getLogger(__name__).info("consumer lag of %s not measured: %s", settings.app_id,
+                                             type(exc).__name__)
 
 
 def _also(first: Callable[[int], None], then: Callable[[int], None]) -> Callable[[int], None]:

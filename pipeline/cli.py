@@ -76,8 +76,18 @@ def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+RENDERED_HEADER = "# Rendered from topics.yaml by `pipeline topics render --format strimzi`: edit topics.yaml, not this.\n"
+
+
 def cmd_topics(args: argparse.Namespace, settings: Settings) -> int:
-    from pipeline.topics import apply
+    from pipeline.topics import apply, strimzi_topics
+
+    if args.action == "render":  # no cluster needed: topics.yaml as Strimzi KafkaTopic manifests
+        import yaml
+
+        print(RENDERED_HEADER + yaml.safe_dump_all(strimzi_topics(_registry(settings), args.cluster),
+                                                   sort_keys=False), end="")
+        return 0
 
     items = apply(_registry(settings), settings.kafka, dry_run=args.dry_run)
     if args.dry_run:
@@ -289,9 +299,13 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--loglevel", default="info")
     w.set_defaults(func=cmd_worker)
     t = sub.add_parser("topics", help="manage the topics declared in topics.yaml")
-    t.add_argument("action", choices=["apply"])
+    t.add_argument("action", choices=["apply", "render"],
+                   help="apply: create or update them on the cluster; render: print them as manifests")
     t.add_argument("--dry-run", action="store_true",
                    help="print the plan (compared with the cluster at KAFKA_BOOTSTRAP) and change nothing")
+    t.add_argument("--format", choices=["strimzi"], default="strimzi",
+                   help="render: Strimzi KafkaTopic resources (the default and only format)")
+    t.add_argument("--cluster", default="cdp-kafka", help="render: the Strimzi Kafka cluster's name")
     t.set_defaults(func=cmd_topics)
     p = sub.add_parser("produce", help="publish JSON-lines records as Avro to a pipeline topic")
     p.add_argument("--topic", required=True, help="logical topic name from topics.yaml")

@@ -80,7 +80,8 @@ class OutputProducer:
     """
 
     def __init__(self, kafka: Kafka, lose: frozenset[str] = frozenset(),
-                 error_cb: Callable[[KafkaError], None] | None = None) -> None:
+                 error_cb: Callable[[KafkaError], None] | None = None,
+                 extra: dict[str, Any] | None = None) -> None:
         # linger 20 ms: fewer, larger produce requests (the broker's cost is per request more than per
         # message), for at most 20 ms more latency on a path whose budget is a second.
         # message.timeout.ms 0: a message waits for the broker as long as it takes (librdkafka's default fails
@@ -89,7 +90,7 @@ class OutputProducer:
             "partitioner": "murmur2_random", "acks": "all",
             "enable.idempotence": True, "linger.ms": 20, "compression.type": "lz4",
             "queue.buffering.max.messages": 200_000, "queue.buffering.max.kbytes": OUTPUT_QUEUE_KBYTES,
-            "batch.num.messages": 10_000, "message.timeout.ms": 0,
+            "batch.num.messages": 10_000, "message.timeout.ms": 0, **(extra or {}),
         }, error_cb=error_cb))
         self._waits: list[float] = []  # when each flush still waiting began
         # whether the worker is stopping: a flush then gives up after STOPPING_FLUSH_S (`build_app` sets it)

@@ -102,7 +102,8 @@ class Settings:
     PIPELINE_APP_ID, PIPELINE_CONFIG, PIPELINE_DATA_DIR, PIPELINE_TOPIC_PREFIX, PIPELINE_WORKER_NAME,
     PIPELINE_WEB_HOST [127.0.0.1] and PIPELINE_WEB_PORT [6066] (the worker's API and /metrics),
     PIPELINE_DEST_METRICS_HOST [127.0.0.1] and PIPELINE_DEST_METRICS_PORT [off] (the destination runner),
-    PIPELINE_STATIC_MEMBERSHIP, PIPELINE_LEAVE_GROUP_ON_STOP; replication overrides are read with topics.yaml
+    PIPELINE_STATIC_MEMBERSHIP, PIPELINE_LEAVE_GROUP_ON_STOP, PIPELINE_KAFKA_STATS_INTERVAL_MS [5000] (how often
+    consumer lag, broker round trips and queue depths are measured); replication overrides are read with topics.yaml
     (pipeline.topics). The API (pipeline/api/server.py): PIPELINE_API_KEYS_FILE (the API keys; without it the
     worker does not start unless PIPELINE_API_AUTH=off [on]), PIPELINE_API_FAILED_AUTH_BURST [20] (failed
     authentications an address may make before 429, one more a second), PIPELINE_WEB_READ_TIMEOUT_S [10]
@@ -153,6 +154,7 @@ class Settings:
     web_advertised_url: str | None = None  # None: derived (`advertised_url`)
     api_route_timeout_s: float = 5.0
     erasure_salt: str = ""  # "": the app id (pipeline.privacy.erasure.salt_of)
+    kafka_stats_interval_ms: int = 5000
 
     @classmethod
     def from_env(cls, config_dir: str | Path | None = None) -> Settings:
@@ -188,6 +190,7 @@ class Settings:
             web_advertised_url=os.environ.get("PIPELINE_WEB_ADVERTISED_URL", "").strip().rstrip("/") or None,
             api_route_timeout_s=_positive("PIPELINE_API_ROUTE_TIMEOUT_S", 5.0),
             erasure_salt=os.environ.get("PIPELINE_ERASURE_SALT", "").strip(),
+            kafka_stats_interval_ms=_positive("PIPELINE_KAFKA_STATS_INTERVAL_MS", 5000),
         )
 
     @property

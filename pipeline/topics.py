@@ -141,6 +141,24 @@ class TopicRegistry:
         raise UnknownNameError("topic", name, [s.logical for s in self._specs.values()])
 
 
+STRIMZI_API_VERSION = "kafka.strimzi.io/v1beta2"
+
+
+def strimzi_topics(reg: TopicRegistry, cluster: str) -> list[dict[str, Any]]:
+    """Every declared topic as a Strimzi `KafkaTopic` of the Kafka cluster `cluster` (the Topic Operator then
+    creates it with its partitions, replicas and config): topics.yaml stays the one source of topics."""
+    out: list[dict[str, Any]] = []
+    for spec in sorted(reg, key=lambda s: s.logical):
+        # a Kubernetes name: lowercase letters, digits, '-' and '.'; `topicName` keeps the real one
+        name = "".join(c if c.isalnum() or c in "-." else "-" for c in spec.name.lower()).strip("-.")
+        out.append({"apiVersion": STRIMZI_API_VERSION, "kind": "KafkaTopic",
+                    "metadata": {"name": name, "labels": {"strimzi.io/cluster": cluster},
+                                 "annotations": {"cdp-pipeline/description": spec.description}},
+                    "spec": {"topicName": spec.name, "partitions": spec.partitions,
+                             "replicas": spec.replication_factor, "config": spec.config()}})
+    return out
+
+
 def _env_int(name: str) -> int | None:
     value = os.environ.get(name, "").strip()
     if not value:

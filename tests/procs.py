@@ -3,11 +3,15 @@ fixture that owns them, their logs printed when the test failed."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -65,15 +69,29 @@ class WorkerProc(PipelineProc):
     def url(self) -> str:
         return f"http://127.0.0.1:{self.web_port}"
 
+    @property
+    def probe_url(self) -> str:
+        """Where its operations endpoints answer: the address it binds (PIPELINE_WEB_HOST), HTTPS with TLS."""
+        host = self.env.get("PIPELINE_WEB_HOST", "").strip() or "127.0.0.1"
+        scheme = "https" if self.env.get("PIPELINE_WEB_TLS_CERT") else "http"
+        return f"{scheme}://{'127.0.0.1' if host == '0.0.0.0' else host}:{self.web_port}"
+
+    def readyz(self) -> tuple[int, dict[str, Any]]:
+        """GET /readyz: (status, body), or (0, {}) while nothing answers."""
+        return probe(f"{self.probe_url}/readyz")
+
     def wait_ready(self, timeout_s: float = 90) -> None:
+        """Until GET /readyz answers 200: partitions assigned, tables recovered, ingest consuming."""
         deadline = time.monotonic() + timeout_s
+        body: dict[str, Any] = {}
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"worker {self.name} exited {self.proc.returncode}:\n{self.log()[-5000:]}")
-            if "Worker ready" in self.log() or "[^Worker]: Ready" in self.log():
+            status, body = self.readyz()
+            if status == 200:
                 return
             time.sleep(0.3)
-        raise AssertionError(f"worker {self.name} not ready after {timeout_s}s:\n{self.log()[-5000:]}")
+        raise AssertionError(f"worker {self.name} not ready after {timeout_s}s ({body}):\n{self.log()[-5000:]}")
 
     def wait_settled(self, timeout_s: float = 60) -> None:
         """Ready after its latest partition assignment (a later worker joining triggers another one)."""
@@ -84,6 +102,18 @@ class WorkerProc(PipelineProc):
                 return
             time.sleep(0.3)
         raise AssertionError(f"worker {self.name} not settled after {timeout_s}s:\n{self.log()[-5000:]}")
+
+
+def probe(url: str, timeout_s: float = 5) -> tuple[int, dict[str, Any]]:
+    """GET a JSON operations endpoint (/healthz, /readyz): (status, body), or (0, {}) while nothing answers."""
+    context = ssl._create_unverified_context() if url.startswith("https") else None  # a test's own certificate
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s, context=context) as r:  # noqa: S310
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+    except (OSError, ValueError):
+        return 0, {}
 
 
 def stop_all(procs: Iterable[PipelineProc], request: Any, tail: int = 8000) -> None:

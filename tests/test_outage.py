@@ -264,7 +264,7 @@ class Output:
 
 
 def fake_runtime(kafka: Any = None) -> Any:
-    settings = SimpleNamespace(kafka="127.0.0.1:1", app_id="a", worker_name="w",
+    settings = SimpleNamespace(kafka="127.0.0.1:1", app_id="a", worker_name="w", kafka_stats_interval_ms=5000,
                                group_instance_id=lambda _consumer: None)
     return SimpleNamespace(settings=settings, output=Output(), readiness=Readiness(), kafka=kafka,
                            local_delivery=contextlib.nullcontext)

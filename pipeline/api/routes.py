@@ -4,7 +4,8 @@ scopes, limits, problem bodies, the access log).
 
 GET /profiles?namespace=Email&id=a@b.com, GET /profiles/{id}, POST /edge/evaluate, GET /audiences,
 GET /metrics, GET /healthz (the worker's event loop answers), GET /readyz (200, or 503 with the reasons
-the worker cannot do its work now, e.g. Kafka unreachable: `Runtime.readiness`) and GET /openapi.json.
+the worker cannot do its work now: partitions not assigned or tables recovering, the ingest consumer not in
+its group, Kafka unreachable: `Runtime.readiness`) and GET /openapi.json.
 GET /audiences/{id} (with its size) and GET /audiences/{id}/members?namespace=..&id=.. (is this identity's
 profile a member). Any worker answers for any profile: a lookup whose identity or profile partition another
 worker holds is routed there (pipeline/api/routing.py), an identity lookup in up to two hops (the identity's

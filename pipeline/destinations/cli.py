@@ -15,6 +15,7 @@ import signal
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,8 +24,9 @@ from pipeline.connection import check_cluster
 from pipeline.destinations.backfill import Backfill, member_payloads, read_current_members
 from pipeline.destinations.base import DestinationContext, Payload
 from pipeline.destinations.config import DestinationConfig, DestinationsConfig, load_destinations
-from pipeline.destinations.runner import Decoder, DestinationRunner
+from pipeline.destinations.runner import Decoder, DestinationRunner, RunnerSettings
 from pipeline.errors import ConfigError, PipelineError
+from pipeline.observability import metrics
 from pipeline.topics import TopicRegistry
 
 if TYPE_CHECKING:
@@ -45,8 +47,8 @@ def add_parser(sub: Any) -> None:
     r.add_argument("--only", nargs="+", metavar="NAME", help="run only these destinations")
     r.add_argument("--no-backfill", action="store_true", help="do not backfill newly mapped audiences")
     r.add_argument("--metrics-port", type=int, default=None,
-                   help="serve Prometheus metrics on this port (default $PIPELINE_DEST_METRICS_PORT, else none), "
-                        "on $PIPELINE_DEST_METRICS_HOST (default 127.0.0.1)")
+                   help="serve GET /metrics, /healthz and /readyz on this port (default "
+                        "$PIPELINE_DEST_METRICS_PORT, else none), on $PIPELINE_DEST_METRICS_HOST (default 127.0.0.1)")
     r.set_defaults(func=cmd_run)
     st = dsub.add_parser("status", help="lag, last delivery, errors, dead-letter depth, breaker state")
     st.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -96,7 +98,8 @@ def make_runner(settings: Settings, configs: list[DestinationConfig], *, backfil
                 ) -> DestinationRunner:
     reg = TopicRegistry.load(prefix=settings.topic_prefix)
     return DestinationRunner(configs, kafka=settings.kafka, topics=reg, decode=registry_decoder(reg),
-                             backfill=Backfill() if backfill else None)
+                             backfill=Backfill() if backfill else None,
+                             settings=RunnerSettings(stats_interval_ms=settings.kafka_stats_interval_ms))
 
 
 def status_path(settings: Settings) -> Path:
@@ -118,30 +121,68 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
         print("no destinations configured", file=sys.stderr)
         return 1
     port = args.metrics_port if args.metrics_port is not None else settings.dest_metrics_port
-    if port:
-        from prometheus_client import start_http_server
+    return asyncio.run(run_until_stopped(settings, configs, backfill=not args.no_backfill, port=port))
 
-        start_http_server(port, addr=settings.dest_metrics_host)  # its default would be every interface
-    return asyncio.run(run_until_stopped(settings, configs, backfill=not args.no_backfill))
+
+STARTING = {"starting": "destinations starting (backfill, consumers joining their groups)"}
+
+
+def operations_app(not_ready: Callable[[], dict[str, str]]) -> Any:
+    """The runner's operations endpoints (the worker's conventions): GET /metrics, GET /healthz (the event
+    loop answers) and GET /readyz (200 once every destination consumes, else 503 with the reasons)."""
+    from aiohttp import web
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.json_response({"alive": True})
+
+    async def readyz(request: web.Request) -> web.Response:
+        reasons = not_ready()
+        metrics.READY.set(0 if reasons else 1)
+        if not reasons:
+            return web.json_response({"ready": True})
+        return web.json_response({"ready": False, "reasons": [f"{r}: {d}" for r, d in sorted(reasons.items())]},
+                                 status=503)
+
+    async def metrics_page(request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(), content_type=CONTENT_TYPE_LATEST.split(";")[0])
+
+    app = web.Application()
+    app.add_routes([web.get("/healthz", healthz), web.get("/readyz", readyz), web.get("/metrics", metrics_page)])
+    return app
 
 
 async def run_until_stopped(settings: Settings, configs: list[DestinationConfig], *, backfill: bool = True,
-                            stop: asyncio.Event | None = None) -> int:
+                            stop: asyncio.Event | None = None, port: int = 0) -> int:
     """Start the runner, publish its status every 2 s, stop cleanly (flush, commit, close) on
-    SIGTERM/SIGINT or when `stop` is set."""
+    SIGTERM/SIGINT or when `stop` is set. With `port`, serve /metrics, /healthz and /readyz on
+    `settings.dest_metrics_host` (from before the cluster check, so a probe sees "starting")."""
+    from aiohttp import web
+
     stop = stop or asyncio.Event()
+    started = asyncio.Event()
+    ops: web.AppRunner | None = None
+    holder: list[DestinationRunner] = []  # the runner, once built
+    if port:
+        ops = web.AppRunner(operations_app(lambda: holder[0].not_ready() if started.is_set() else STARTING),
+                            access_log=None)
+        await ops.setup()
+        await web.TCPSite(ops, settings.dest_metrics_host, port).start()  # only this interface
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(sig, stop.set)
     await asyncio.to_thread(check_cluster, settings.kafka)  # refused credentials stop here
     runner = make_runner(settings, configs, backfill=backfill)
+    holder.append(runner)
     path = status_path(settings)
     try:
         await runner.start()
+        started.set()
         log.info("destinations runner: running %d destination(s): %s", len(configs),
                  ", ".join(f"{c.name} ({c.kind})" for c in configs))
         while not stop.is_set():
+            metrics.READY.set(0 if runner.not_ready() else 1)
             _write_json_atomic(path, {"pid": os.getpid(), "updated_ms": int(time.time() * 1000),
                                       "destinations": runner.local_stats()})
             with contextlib.suppress(TimeoutError):
@@ -155,8 +196,11 @@ async def run_until_stopped(settings: Settings, configs: list[DestinationConfig]
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.remove_signal_handler(sig)
+        if ops is not None:
+            await ops.cleanup()
     log.info("destinations runner: stopped")
     return 0
+
 
 
 # -- destinations status ----------------------------------------------------------------------------

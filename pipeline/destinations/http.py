@@ -30,7 +30,9 @@ class CircuitBreaker:
 
     def __init__(self, config: BreakerConfig, clock: Callable[[], float] = time.monotonic,
                  name: str = "") -> None:
-        self.name = name  # the destination's, for log lines
+        self.name = name  # the destination's, for log lines and cdp_destination_breaker_open
+        if name:
+            metrics.DESTINATION_BREAKER_OPEN.labels(name).set(0)
         self.failure_threshold = config.failure_threshold
         self.reset_timeout_s = config.reset_timeout_s
         self._clock = clock
@@ -69,6 +71,8 @@ class CircuitBreaker:
     def _set(self, state: BreakerState) -> None:
         self._state = state
         self.transitions.append((self._clock(), state))
+        if self.name:
+            metrics.DESTINATION_BREAKER_OPEN.labels(self.name).set(1 if state == "open" else 0)
         log.info("destination %s: circuit breaker -> %s", self.name or "?", state)
 
 

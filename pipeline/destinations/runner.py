@@ -29,6 +29,7 @@ from pipeline.destinations.config import DestinationConfig
 from pipeline.destinations.mapping import Skip, map_message
 from pipeline.errors import DeliveryError, UnknownNameError
 from pipeline.observability import metrics
+from pipeline.observability.kafka_stats import STATS_INTERVAL_MS, LibrdkafkaStats
 from pipeline.topics import TopicRegistry, registry
 
 if TYPE_CHECKING:
@@ -73,6 +74,7 @@ class RunnerSettings:
     retry_base_delay_ms: int = 200
     retry_max_delay_ms: int = 5000
     stop_timeout_s: float = 30.0  # final flush per destination; past it, uncommitted messages are re-read
+    stats_interval_ms: int = STATS_INTERVAL_MS  # librdkafka statistics: lag per partition, broker rtt
     consumer_config: dict[str, Any] = field(default_factory=dict)
     producer_config: dict[str, Any] = field(default_factory=dict)
 
@@ -109,6 +111,7 @@ class _Lane:
     consumed: int = 0
     delivered: int = 0
     dead_lettered: int = 0
+    joined: bool = False  # the consumer has had its first assignment (possibly empty)
     last_delivery_ms: int | None = None
     skipped: Counter[str] = field(default_factory=Counter)
     errors: Counter[str] = field(default_factory=Counter)
@@ -170,9 +173,10 @@ class DestinationRunner:
                 "group.id": group_id(cfg.name),
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
+                **LibrdkafkaStats(group_id(cfg.name), group_id(cfg.name)).config(self.settings.stats_interval_ms),
                 **self.settings.consumer_config,
             }))
-            lane.consumer.subscribe(list(self._logical))
+            lane.consumer.subscribe(list(self._logical), on_assign=self._on_assign(lane))
             lane.task = asyncio.create_task(self._run_lane(lane), name=f"dest-lane-{cfg.name}")
 
     async def stop(self) -> None:
@@ -198,6 +202,23 @@ class DestinationRunner:
                 await asyncio.to_thread(lane.consumer.close)
         if self._producer is not None:
             await asyncio.to_thread(self._producer.flush, 10.0)
+
+    @staticmethod
+    def _on_assign(lane: _Lane) -> Callable[[Any, list[TopicPartition]], None]:
+        def on_assign(_: Any, partitions: list[TopicPartition]) -> None:
+            lane.joined = True
+        return on_assign
+
+    def not_ready(self) -> dict[str, str]:
+        """Why the runner cannot deliver now (reason -> detail; empty: ready): a destination whose consumer
+        has not joined its group yet, or whose loop ended. GET /readyz of `destinations run` reads it."""
+        out: dict[str, str] = {}
+        for name, lane in sorted(self._lanes.items()):
+            if lane.task is None or lane.task.done():
+                out[f"destination {name}"] = "not consuming"
+            elif not lane.joined:
+                out[f"destination {name}"] = f"joining consumer group {group_id(name)}"
+        return out
 
     def destination(self, name: str) -> Destination:
         return self._lane(name).destination
@@ -322,7 +343,8 @@ class DestinationRunner:
             raise DeliveryError(f"{remaining} dead-letter message(s) unacknowledged", retryable=True)
         if lane.dirty and lane.consumer is not None:
             try:
-                await asyncio.to_thread(lane.consumer.commit, asynchronous=False)
+                with metrics.COMMIT_SECONDS.labels(group_id(lane.config.name)).time():
+                    await asyncio.to_thread(lane.consumer.commit, asynchronous=False)
             except Exception as exc:
                 # Nothing consumed since assignment, or a rebalance: offsets get re-read, not lost.
                 lane.errors["commit"] += 1
@@ -360,6 +382,7 @@ class DestinationRunner:
             value = json.dumps(p.to_dict(), separators=(",", ":")).encode("utf-8")
             await self._produce(self.dead_letter_topic, p.profile_id.encode("utf-8"), value, headers)
         lane.dead_lettered += len(payloads)
+        metrics.DESTINATION_DEAD_LETTERS.labels(lane.config.name).inc(len(payloads))
         if payloads:
             log.warning("destination %s: %d payload(s) dead-lettered: %s", lane.config.name,
                         len(payloads), reason)
@@ -374,6 +397,7 @@ class DestinationRunner:
             ("source_offset", str(m.offset()).encode())]
         await self._produce(self.dead_letter_topic, m.key(), m.value() or b"", headers)
         lane.dead_lettered += 1
+        metrics.DESTINATION_DEAD_LETTERS.labels(lane.config.name).inc()
         log.warning("destination %s: undecodable message dead-lettered: %s", lane.config.name, reason)
 
     async def _produce(self, topic: str, key: bytes | str | None, value: bytes,

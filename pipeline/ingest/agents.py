@@ -16,6 +16,7 @@ from pipeline.ingest.decode import Decoder, Rejected, Skipped
 from pipeline.ingest.drops import DropReporter
 from pipeline.ingest.wire import record_to_wire, wire_identity_keys
 from pipeline.observability import metrics
+from pipeline.observability.kafka_stats import LibrdkafkaStats
 from pipeline.runtime import BATCH_MAX, Runtime
 from pipeline.serde.avro import AvroCodec
 
@@ -153,10 +154,16 @@ async def _ingest_loop(rt: Runtime, decoders: dict[str, tuple[str, Decoder]], ha
     done: dict[tuple[str, int], int] = {}  # next offset to commit, per partition handled since the last commit
     held: list[Any] = []  # records taken from the consumer, not handled yet (the Schema Registry is away)
     last_commit = time.monotonic()
+    group = ingest_group(rt.settings.app_id)
+    stats = LibrdkafkaStats(f"{rt.settings.worker_name}-ingest", group)
+    commit_seconds = metrics.COMMIT_SECONDS.labels(group)
+    commits_sent: list[float] = []  # when each asynchronous commit still unanswered was sent
 
     def committed(err: Any, partitions: list[Any]) -> None:
         """The result of a commit (served by `consume`, on this thread): forget what is committed; what was
         refused (the group is rebalancing) stays, for the next interval."""
+        if commits_sent:
+            commit_seconds.observe(time.monotonic() - commits_sent.pop(0))
         if err is not None:
             log.info("ingest offsets not committed yet (%s); retrying at the next interval", err)
             return
@@ -167,8 +174,9 @@ async def _ingest_loop(rt: Runtime, decoders: dict[str, tuple[str, Decoder]], ha
 
     def new_consumer() -> Any:
         return Consumer(client_config(rt.settings.kafka, {
-            **consumer_config(ingest_group(rt.settings.app_id), f"{rt.settings.worker_name}-ingest",
+            **consumer_config(group, f"{rt.settings.worker_name}-ingest",
                               instance_id=rt.settings.group_instance_id("ingest")),
+            **stats.config(rt.settings.kafka_stats_interval_ms),
             "on_commit": committed}, error_cb=rt.kafka.error_cb if rt.kafka else None))
 
     consumer = new_consumer()
@@ -186,6 +194,7 @@ async def _ingest_loop(rt: Runtime, decoders: dict[str, tuple[str, Decoder]], ha
         tps = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
         try:
             if not wait:
+                commits_sent.append(time.monotonic())
                 consumer.commit(offsets=tps, asynchronous=True)
                 return
             consumer.commit(offsets=tps, asynchronous=False)
@@ -229,10 +238,12 @@ async def _ingest_loop(rt: Runtime, decoders: dict[str, tuple[str, Decoder]], ha
         forget(partitions)  # not ours any more: their new owner re-handles the uncommitted records
         log.warning("ingest: %d partitions lost (the group session expired); rejoining", len(partitions))
         lost[:] = [time.monotonic()]
+        rt.readiness.set("ingest", "the ingest consumer lost its partitions and is rejoining its group")
 
     def on_assign(_: Any, partitions: list[Any]) -> None:  # (librdkafka assigns them after this returns)
         log.info("ingest: %d partitions assigned", len(partitions))
         lost.clear()
+        rt.readiness.clear("ingest")  # consuming (an empty assignment too: more workers than partitions)
 
     def rejoined_or_restarted() -> Any:
         """The consumer, or a new one: after its session expired in an outage, librdkafka (2.16) sometimes

@@ -11,6 +11,8 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from pipeline.clients import produce_json_lines, tail
@@ -61,7 +63,8 @@ def main() -> int:
                                   start_new_session=True)
         print(f"worker started (pid {worker.pid}, log {log_path}); waiting until ready...", flush=True)
         deadline = time.monotonic() + 120
-        while "Worker ready" not in log_path.read_text(errors="replace")[-200000:]:
+        ready_url = f"http://127.0.0.1:{Settings.from_env().web_port}/readyz"  # no API key needed
+        while not answers_200(ready_url):
             if worker.poll() is not None or time.monotonic() > deadline:
                 print(log_path.read_text(errors="replace")[-3000:])
                 raise SystemExit("the worker did not start; see the log above")
@@ -134,6 +137,15 @@ def main() -> int:
         if own_broker:
             broker.stop()
         print("stopped.", flush=True)
+
+
+def answers_200(url: str) -> bool:
+    """Whether GET `url` answers 200 now (the worker's /readyz: partitions assigned, tables recovered)."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:  # noqa: S310 - our own worker, on localhost
+            return bool(r.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
 
 
 def demo_api_key(path: Path) -> str:

@@ -20,7 +20,7 @@ LOCAL_DELIVERIES = Counter("cdp_local_deliveries_total",
 PROFILE_OPS = Counter("cdp_profile_ops_total", "Profile-stage messages handled", ["op"])
 PROFILE_EVENTS = Counter("cdp_profile_events_total", "Profile-stage outcomes (merges, refusals...)", ["what"])
 MEMBERSHIP_CHANGES = Counter("cdp_membership_changes_total", "Membership changes emitted",
-                             ["status", "evaluation"])
+                             ["audience", "status", "evaluation"])
 EVALUATION_SECONDS = Histogram("cdp_profile_op_seconds", "Time to handle one profile-stage message",
                                buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5))
 END_TO_END_SECONDS = Histogram("cdp_event_to_membership_seconds", "Event time to membership message",
@@ -36,6 +36,27 @@ NOT_READY = Gauge("cdp_not_ready", "1 while this reason keeps the worker not rea
 OUTPUT_UNACKNOWLEDGED = Gauge("cdp_output_unacknowledged",
                               "Output messages produced and not yet acknowledged by the broker")
 KAFKA_OUTAGES = Counter("cdp_kafka_outages_total", "Times the worker found Kafka unreachable and waited")
+# Consumer groups and Kafka clients (pipeline/observability/kafka_stats.py fills most of them): the worker's
+# two groups (`<app id>` for Faust, `<app id>-ingest`) and each destination's (`cdp-dest-<name>`).
+CONSUMER_LAG = Gauge("cdp_consumer_lag", "Records not yet committed by the consumer group (log end offset minus "
+                     "committed offset), per partition this process consumes", ["group", "topic", "partition"])
+PARTITIONS_ASSIGNED = Gauge("cdp_partitions_assigned", "Partitions this process consumes, per consumer group",
+                            ["group"])
+REBALANCES = Counter("cdp_rebalances_total", "Partition assignments received, per consumer group", ["group"])
+COMMIT_SECONDS = Histogram("cdp_commit_seconds", "Time for the broker to answer an offset commit", ["group"],
+                           buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5))
+TABLE_RECOVERY_REMAINING = Gauge("cdp_table_recovery_remaining",
+                                 "Changelog records left to replay before this worker's tables are recovered")
+KAFKA_BROKER_RTT = Gauge("cdp_kafka_broker_rtt_seconds",
+                         "Average request round-trip time to a broker over a librdkafka client's last statistics "
+                         "window", ["client", "broker"])
+KAFKA_CLIENT_QUEUE = Gauge("cdp_kafka_client_queue_messages",
+                           "Messages in a librdkafka client's queues (producer: waiting to be sent or "
+                           "acknowledged; consumer: fetched, not consumed yet)", ["client"])
+DESTINATION_BREAKER_OPEN = Gauge("cdp_destination_breaker_open",
+                                 "1 while a destination's circuit breaker is open (deliveries paused)", ["destination"])
+DESTINATION_DEAD_LETTERS = Counter("cdp_destination_dead_letters_total",
+                                   "Payloads sent to the destination dead-letter topic", ["destination"])
 GC_PAUSE_SECONDS = Histogram("cdp_gc_pause_seconds", "Python garbage-collector pauses (the event loop stops)",
                              ["generation"], buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2))
 ERASURES = Counter("cdp_erasures_total", "Erasure requests handled by the profile stage, by outcome (pipeline.privacy)",

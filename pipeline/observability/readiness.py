@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from pipeline.observability import metrics
 
 
@@ -9,9 +11,11 @@ class Readiness:
     """Reasons the worker is not ready (reason -> detail, e.g. "kafka" -> "brokers unreachable for 42 s").
     Set and cleared by whatever notices (the outage watch, the ingest loop); ready when there is none."""
 
-    def __init__(self) -> None:
+    def __init__(self, initial: Mapping[str, str] | None = None) -> None:
         self._reasons: dict[str, str] = {}
         metrics.READY.set(1)
+        for reason, detail in (initial or {}).items():
+            self.set(reason, detail)
 
     @property
     def ready(self) -> bool:

@@ -97,7 +97,7 @@ def register(rt: Runtime) -> None:
         for change in res.changes:  # (few: most handlings change no membership)
             sizes.apply(table.partition(change.profile_id.encode()), (change,))
         for change in res.changes:
-            rt.tally.add(metrics.MEMBERSHIP_CHANGES, change.status, change.evaluation)
+            rt.tally.add(metrics.MEMBERSHIP_CHANGES, change.audience_id, change.status, change.evaluation)
             metrics.END_TO_END_SECONDS.observe(max(0.0, now - change.event_time_ms / 1000))
             send_membership(change.to_dict())
         for send in res.sends:
