@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, get_args
 
+from pipeline.errors import ConfigError
 from pipeline.segments import columnar as col
 from pipeline.segments import engine as eng
 from pipeline.segments import nodes as n
@@ -18,6 +19,7 @@ from pipeline.segments.operators import (
     Rule,
     ValueTest,
     register,
+    registered,
 )
 
 
@@ -111,3 +113,9 @@ register(Operator(
     node=n.Sequence, parse=Rule("followed"), text=n.sequence_text, grouped=True,
     specs=lambda x: (x.first,), followers=lambda x: (x.then,), gaps=lambda x: (x.gap,),
     compile=eng.compile_sequence, reference=ref.sequence_holds, columnar=col.sequence_tri))
+
+# A node type added to the language (`nodes.Node`) but not registered here fails on import, not on first use.
+_unregistered = sorted(t.__name__ for t in set(get_args(n.Node)) - {op.node for op in registered()})
+if _unregistered:
+    raise ConfigError(f"segment node types without an operator: {', '.join(_unregistered)}; register each in "
+                      "pipeline/segments/builtin.py")

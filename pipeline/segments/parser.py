@@ -345,10 +345,11 @@ _TRANSFORMER = _ToAst()
 
 
 def grammar_rules() -> frozenset[str]:
-    """The grammar's rules that build a node (by alias or name, with a transformer method): what a `Rule` parse hook
-    of a registered operator may name."""
-    names = {str(r.alias or r.origin.name) for r in _LARK.rules}
-    return frozenset(n for n in names if callable(getattr(_ToAst, n, None)))
+    """The grammar's rules that build a condition node (alternatives of or_expr, and_expr, not_expr and atom with a
+    transformer method; `call` is the `Call` hooks' rule): what a `Rule` parse hook may name."""
+    names = {str(r.alias or r.origin.name) for r in _LARK.rules
+             if str(r.origin.name) in ("or_expr", "and_expr", "not_expr", "atom")}
+    return frozenset(n for n in names if n != "call" and callable(getattr(_ToAst, n, None)))
 
 
 def _expected(names: set[str] | frozenset[str]) -> str:
