@@ -43,6 +43,9 @@ Errors: SegmentSyntaxError (a ConfigError) with file, line and column and what w
 unexpected tokens/characters, unterminated strings, bad window units, bad dates, unknown functions and
 misplaced conditions. Unknown audiences in inSegment() and cycles are ConfigErrors raised when a segments
 file is loaded (see `pipeline.segments.config`).
+
+Functions (startsWith, contains, birthdayWithin, inSegment, and any operator registered with a `Call` hook) are
+built by the operator registry (`pipeline.segments.operators`); the grammar has one rule for all of them.
 """
 
 from __future__ import annotations

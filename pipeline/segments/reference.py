@@ -1,6 +1,7 @@
 """Reference evaluator (test oracle): a plain recursive interpreter over the AST that scans every event.
 
-Deliberately shares nothing with the compiled engine but the AST: no closures, no bisect, no indexes.
+Deliberately shares nothing with the compiled engine but the AST and the operator registry that dispatches to
+each node's reference part (written apart from its compile part): no closures, no bisect, no indexes.
 Semantics are those documented in `pipeline.segments.parser`.
 """
 
