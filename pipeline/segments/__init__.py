@@ -6,6 +6,9 @@ from pipeline.segments.membership import apply_decisions, exit_all, idempotency_
 from pipeline.segments.nodes import Node, to_text
 from pipeline.segments.parser import parse_query
 
+# Registers the built-in operators: every use of the language goes through this package first.
+import pipeline.segments.builtin  # noqa: E402, F401  # isort: skip
+
 __all__ = [
     "AudienceDef",
     "Decision",

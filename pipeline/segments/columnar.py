@@ -32,23 +32,19 @@ from pipeline.segments.nodes import (
     Aggregate,
     And,
     BirthdayWithin,
-    Compare,
     Const,
-    Contains,
     EventExists,
     EventSpec,
-    Exists,
-    InList,
     InSegment,
     Node,
     Not,
     Or,
-    StartsWith,
     attribute_paths,
     event_specs,
     walk,
 )
 from pipeline.segments.nodes import Sequence as SeqNode
+from pipeline.segments.operators import PER_VALUE, UNKNOWN, operator_of
 from pipeline.state.codec import BODY_ATTRIBUTES, BODY_EVENTS, BODY_MEMBERSHIPS, BODY_STRINGS, STATUS_CODES
 
 Bools = npt.NDArray[np.bool_]
@@ -59,8 +55,6 @@ _REALIZED, _EXISTING = STATUS_CODES["realized"], STATUS_CODES["existing"]
 _NO_STATUS = -1
 _EXACT = 2.0 ** 53  # float64 holds every integer up to here exactly
 _REL_TOL = 1e-9  # a float64 sum of n <= 10**6 terms is within n * 2**-53 * sum|x| of the exact one: far inside
-_ATTR_LEAVES = (Compare, InList, Exists, StartsWith, Contains, BirthdayWithin)
-_FIELD_LEAVES = (Compare, InList, Exists, StartsWith, Contains)
 _NP_OPS: dict[str, Callable[[Any, Any], Any]] = {
     "=": operator.eq, "!=": operator.ne, "<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge,
 }
@@ -141,13 +135,13 @@ class Column:
             self._numbers = (num, vals, odd)
         return self._numbers
 
-    def matches(self, node: Node, pred: Callable[[Any], bool]) -> Bools:
+    def matches(self, pred: Callable[[Any], bool], number: tuple[str, int | float] | None = None) -> Bools:
         """Per item: `pred` (the engine's own test of one value) on its value, called once per distinct value;
-        a comparison with a number is made on the float64 values where they are exact."""
-        if (isinstance(node, Compare) and isinstance(node.value, int | float) and not isinstance(node.value, bool)
-                and abs(node.value) < _EXACT):
+        a comparison with a number (`number`: op and literal) is made on the float64 values where they are exact."""
+        if number is not None and type(number[1]) is not bool and abs(number[1]) < _EXACT:
+            op, literal = number
             num, vals, odd = self.numbers()
-            hits: Bools = num & _NP_OPS[node.op](vals, node.value)
+            hits: Bools = num & _NP_OPS[op](vals, literal)
             if odd.any():
                 codes, u = self.factors()
                 for i in np.flatnonzero(odd).tolist():
@@ -259,14 +253,13 @@ class Precheck:
         self._field_reach: dict[str, list[tuple[int | None, int | None]]] = {}
         for ast in asts:
             for x in walk(ast):
-                specs = [x.spec] if isinstance(x, EventExists | Aggregate) else \
-                    [x.first, x.then] if isinstance(x, SeqNode) else []
-                for spec in specs:
-                    paths = {y.path for y in walk(spec.where) if isinstance(y, _FIELD_LEAVES)} if spec.where else set()
-                    if isinstance(x, Aggregate) and x.field is not None:
-                        paths.add(x.field)
-                    # a follower (`then`) has no window: any later event counts
-                    reach = (None, None) if isinstance(x, SeqNode) and spec is x.then else _window(spec)
+                op = operator_of(x)
+                # a follower has no window: any later event counts
+                reaches = [(s, _window(s)) for s in op.specs(x)] + [(s, (None, None)) for s in op.followers(x)]
+                for spec, reach in reaches:
+                    paths = set(op.event_fields(x))
+                    if spec.where is not None:
+                        paths |= {p for y in walk(spec.where) if (p := operator_of(y).path(y)) is not None}
                     for p in paths:
                         self._field_reach.setdefault(p, []).append(reach)
                         codes = self._field_types.setdefault(p, [])
@@ -316,46 +309,35 @@ class Precheck:
                 results[aid] = self._eval(self.engine.audiences[aid].ast, cols, now_ms, results)
         return results
 
-    # ---- evaluation ----
+    # ---- evaluation: dispatched to each operator's columnar part ----
 
     def _eval(self, node: Node, cols: Columns, now: int, results: dict[str, Tri]) -> Tri:
-        n = cols.n
-        if isinstance(node, Const):
-            return Tri(np.ones(n, dtype=bool), np.full(n, node.value, dtype=bool))
-        if isinstance(node, _ATTR_LEAVES):
-            fn, path, ctx = self._leaf(node), node.path, _LeafCtx(now)
+        op = operator_of(node)
+        if op.value is not None:
+            if op.value.columnar is not PER_VALUE:
+                return _unknown(cols.n)
+            return self.attribute_leaf(node, cols, now, date_dependent=False)
+        part = op.columnar
+        if part is UNKNOWN or part is None:
+            return _unknown(cols.n)
+        try:
+            return part(self, node, cols, now, results)  # type: ignore[operator]
+        except _Undecided:  # a where-condition the pre-check cannot decide
+            return _unknown(cols.n)
 
-            def attr_pred(u: Any) -> bool:
-                ctx.attrs = {} if u is None else {path: AttributeValue(u, "", 0)}
-                return bool(fn(ctx)[0])
-            day = now // DAY_MS if isinstance(node, BirthdayWithin) else 0
-            return Tri(np.ones(n, dtype=bool), cols.attributes[path].matches(node, self._memo(node, day, attr_pred)))
-        if isinstance(node, InSegment):
-            done = results.get(node.audience_id)
-            if done is not None:
-                return done
-            st = cols.status[cols.audience_index[node.audience_id]]
-            return Tri(np.ones(n, dtype=bool), (st == _REALIZED) | (st == _EXISTING))
-        if isinstance(node, Not):
-            inner = self._eval(node.item, cols, now, results)
-            return Tri(inner.known, ~inner.value)
-        if isinstance(node, And | Or):
-            parts = [self._eval(i, cols, now, results) for i in node.items]
-            decider = isinstance(node, Or)  # the value one known child needs to decide the whole
-            decided = np.zeros(n, dtype=bool)
-            rest = np.ones(n, dtype=bool)
-            for p in parts:
-                decided |= p.known & (p.value == decider)
-                rest &= p.known & (p.value != decider)
-            return Tri(decided | rest, decided if decider else ~decided)
-        if isinstance(node, EventExists):
-            m = self._events(node.spec, cols, now, windowed=True)
-            return self._ordered(cols, np.bincount(cols.row[m], minlength=n) > 0)
-        if isinstance(node, Aggregate):
-            return self._aggregate(node, cols, now)
-        if isinstance(node, SeqNode):
-            return self._sequence(node, cols, now)
-        raise TypeError(f"not a query node: {node!r}")
+    def attribute_leaf(self, node: Node, cols: Columns, now: int, *, date_dependent: bool) -> Tri:
+        """A leaf on one attribute, decided by the engine's compiled leaf once per distinct value (per day when
+        its result depends on the date)."""
+        op = operator_of(node)
+        fn, path, ctx = self._leaf(node), op.path(node), _LeafCtx(now)
+        assert path is not None
+
+        def attr_pred(u: Any) -> bool:
+            ctx.attrs = {} if u is None else {path: AttributeValue(u, "", 0)}
+            return bool(fn(ctx)[0])
+        day = now // DAY_MS if date_dependent else 0
+        number = op.value.number(node) if op.value is not None and op.value.number is not None else None
+        return Tri(np.ones(cols.n, dtype=bool), cols.attributes[path].matches(self._memo(node, day, attr_pred), number))
 
     def _field(self, cols: Columns, path: str, now: int) -> Column:
         """The column of an event field, over the events any condition at `now` reads it of."""
@@ -390,91 +372,160 @@ class Precheck:
         return fn
 
     @staticmethod
-    def _ordered(cols: Columns, value: Bools) -> Tri:
+    def ordered(cols: Columns, value: Bools) -> Tri:
+        """Known where the profile's history is in time order (what the event parts assume)."""
         return Tri(cols.ordered.copy(), value)
 
-    def _where(self, cond: Node, cols: Columns, now: int) -> Bools:
-        """Per kept event: whether its fields match a where-condition."""
-        if isinstance(cond, Const):
-            return np.full(len(cols.row), cond.value, dtype=bool)
-        if isinstance(cond, Not):
-            return ~self._where(cond.item, cols, now)
-        if isinstance(cond, And | Or):
-            masks = [self._where(i, cols, now) for i in cond.items]
-            out = masks[0].copy()
-            for m in masks[1:]:
-                out = out | m if isinstance(cond, Or) else out & m
-            return out
-        path: str = cond.path  # type: ignore[union-attr]
+    def where(self, cond: Node, cols: Columns, now: int) -> Bools:
+        """Per kept event: whether its fields match a where-condition (raises _Undecided for an operator whose
+        columnar part is UNKNOWN)."""
+        op = operator_of(cond)
+        if op.value is None:
+            if op.where is None or op.where.columnar is UNKNOWN:
+                raise _Undecided
+            return op.where.columnar(self, cond, cols, now)  # type: ignore[operator]
+        if op.value.columnar is not PER_VALUE:
+            raise _Undecided
+        path: str = op.path(cond)  # type: ignore[assignment]
         fp = _field_pred(cond)
         pred = self._memo(cond, 0, lambda u: bool(fp({} if u is None else {path: u})))
-        return self._field(cols, path, now).matches(cond, pred)
+        number = op.value.number(cond) if op.value.number is not None else None
+        return self._field(cols, path, now).matches(pred, number)
 
-    def _events(self, spec: EventSpec, cols: Columns, now: int, *, windowed: bool) -> Bools:
+    def events(self, spec: EventSpec, cols: Columns, now: int, *, windowed: bool) -> Bools:
         """Per kept event: of the spec's type, matching its where-condition and (if `windowed`) in its window."""
         m = cols.type == self._tcode[spec.event_type]
         start = _window_start(*_window(spec), now) if windowed else None
         if start is not None:
             m &= cols.ts >= start
         if spec.where is not None:
-            m &= self._where(spec.where, cols, now)
+            m &= self.where(spec.where, cols, now)
         return m
 
-    def _aggregate(self, node: Aggregate, cols: Columns, now: int) -> Tri:
-        n = cols.n
-        m = self._events(node.spec, cols, now, windowed=True)
-        cmp, value = _NP_OPS[node.op], node.value
-        big_value = abs(value) > _EXACT
-        if node.func == "count":
-            return self._ordered(cols, cmp(np.bincount(cols.row[m], minlength=n), value))
-        assert node.field is not None
-        col = self._field(cols, node.field, now)
-        num, numbers, odd = col.numbers()
-        m = m & num  # numbers as the engine takes them; other values are left out
-        rows, vals = cols.row[m], numbers[m]
-        count = np.bincount(rows, minlength=n)
-        known = cols.ordered & (np.bincount(rows[odd[m]], minlength=n) == 0)
-        if big_value:
-            known &= False
-        has = count > 0
-        if node.func in ("sum", "avg"):
-            total = np.asarray(np.bincount(rows, weights=vals, minlength=n), dtype=np.float64)
-            size = np.asarray(np.bincount(rows, weights=np.abs(vals), minlength=n), dtype=np.float64)
-            agg: Floats
-            if node.func == "sum":
-                agg, tol = total, _REL_TOL * size
-            else:
-                safe = np.maximum(count, 1)
-                agg, tol = total / safe, _REL_TOL * size / safe
-            near = has & (np.abs(agg - value) <= tol + _REL_TOL * abs(value))
-            value_ok = cmp(agg, value) if node.func == "sum" else has & cmp(agg, value)
-            return Tri(known & ~near, value_ok)
-        # min / max: exact on float64 (every value is an integer below 2**53 or a finite float)
-        agg = np.zeros(n, dtype=np.float64)  # type: ignore[no-redef]
-        if len(rows):
-            first = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
-            reduce = np.minimum if node.func == "min" else np.maximum
-            agg[rows[first]] = reduce.reduceat(vals, first)
-        return Tri(known, has & cmp(agg, value))
+    def field_numbers(self, cols: Columns, path: str, now: int) -> tuple[Bools, Floats, Bools]:
+        """`Column.numbers` of an event field read by an operator (its `event_fields` part)."""
+        return self._field(cols, path, now).numbers()
 
-    def _sequence(self, node: SeqNode, cols: Columns, now: int) -> Tri:
-        n = cols.n
-        a_idx = np.flatnonzero(self._events(node.first, cols, now, windowed=True))
-        b_idx = np.flatnonzero(self._events(node.then, cols, now, windowed=False))
-        # an A is followed when the first matching B after it in history is in the same profile and within
-        # the gap (histories are in time order, so no later B can be earlier than that one)
-        if len(b_idx) and len(a_idx):
-            nb = b_idx[np.minimum(np.searchsorted(b_idx, a_idx, side="right"), len(b_idx) - 1)]
-            followed = (nb > a_idx) & (cols.row[nb] == cols.row[a_idx]) & (cols.ts[nb] <= cols.ts[a_idx] + node.gap.ms)
+
+class _Undecided(Exception):
+    """A where-condition holds an operator whose columnar part is UNKNOWN."""
+
+
+def _unknown(n: int) -> Tri:
+    return Tri(np.zeros(n, dtype=bool), np.zeros(n, dtype=bool))
+
+
+# Columnar parts of the built-in operators (registered in `pipeline.segments.builtin`).
+
+def const_tri(check: Precheck, node: Const, cols: Columns, now: int, results: dict[str, Tri]) -> Tri:
+    return Tri(np.ones(cols.n, dtype=bool), np.full(cols.n, node.value, dtype=bool))
+
+
+def birthday_tri(check: Precheck, node: BirthdayWithin, cols: Columns, now: int, results: dict[str, Tri]) -> Tri:
+    return check.attribute_leaf(node, cols, now, date_dependent=True)
+
+
+def in_segment_tri(check: Precheck, node: InSegment, cols: Columns, now: int, results: dict[str, Tri]) -> Tri:
+    done = results.get(node.audience_id)
+    if done is not None:
+        return done
+    st = cols.status[cols.audience_index[node.audience_id]]
+    return Tri(np.ones(cols.n, dtype=bool), (st == _REALIZED) | (st == _EXISTING))
+
+
+def not_tri(check: Precheck, node: Not, cols: Columns, now: int, results: dict[str, Tri]) -> Tri:
+    inner = check._eval(node.item, cols, now, results)
+    return Tri(inner.known, ~inner.value)
+
+
+def bool_tri(check: Precheck, node: And | Or, cols: Columns, now: int, results: dict[str, Tri]) -> Tri:
+    n = cols.n
+    parts = [check._eval(i, cols, now, results) for i in node.items]
+    decider = isinstance(node, Or)  # the value one known child needs to decide the whole
+    decided = np.zeros(n, dtype=bool)
+    rest = np.ones(n, dtype=bool)
+    for p in parts:
+        decided |= p.known & (p.value == decider)
+        rest &= p.known & (p.value != decider)
+    return Tri(decided | rest, decided if decider else ~decided)
+
+
+def event_exists_tri(check: Precheck, node: EventExists, cols: Columns, now: int, results: dict[str, Tri]) -> Tri:
+    m = check.events(node.spec, cols, now, windowed=True)
+    return check.ordered(cols, np.bincount(cols.row[m], minlength=cols.n) > 0)
+
+
+def const_where(check: Precheck, cond: Const, cols: Columns, now: int) -> Bools:
+    return np.full(len(cols.row), cond.value, dtype=bool)
+
+
+def not_where(check: Precheck, cond: Not, cols: Columns, now: int) -> Bools:
+    return ~check.where(cond.item, cols, now)
+
+
+def bool_where(check: Precheck, cond: And | Or, cols: Columns, now: int) -> Bools:
+    masks = [check.where(i, cols, now) for i in cond.items]
+    out = masks[0].copy()
+    for m in masks[1:]:
+        out = out | m if isinstance(cond, Or) else out & m
+    return out
+
+
+def aggregate_tri(check: Precheck, node: Aggregate, cols: Columns, now: int, results: dict[str, Tri]) -> Tri:
+    n = cols.n
+    m = check.events(node.spec, cols, now, windowed=True)
+    cmp, value = _NP_OPS[node.op], node.value
+    big_value = abs(value) > _EXACT
+    if node.func == "count":
+        return check.ordered(cols, cmp(np.bincount(cols.row[m], minlength=n), value))
+    assert node.field is not None
+    num, numbers, odd = check.field_numbers(cols, node.field, now)
+    m = m & num  # numbers as the engine takes them; other values are left out
+    rows, vals = cols.row[m], numbers[m]
+    count = np.bincount(rows, minlength=n)
+    known = cols.ordered & (np.bincount(rows[odd[m]], minlength=n) == 0)
+    if big_value:
+        known &= False
+    has = count > 0
+    if node.func in ("sum", "avg"):
+        total = np.asarray(np.bincount(rows, weights=vals, minlength=n), dtype=np.float64)
+        size = np.asarray(np.bincount(rows, weights=np.abs(vals), minlength=n), dtype=np.float64)
+        agg: Floats
+        if node.func == "sum":
+            agg, tol = total, _REL_TOL * size
         else:
-            followed = np.zeros(len(a_idx), dtype=bool)
-        a_rows = cols.row[a_idx]
-        if not node.negated:
-            return self._ordered(cols, np.bincount(a_rows[followed], minlength=n) > 0)
-        # an unfollowed A qualifies from A.ts + gap + 1 until A.ts + within
-        within, _ = _window(node.first)
-        begin = cols.ts[a_idx] + node.gap.ms + 1
-        hit = ~followed & (begin <= now)
-        if within is not None:
-            hit &= cols.ts[a_idx] + within >= begin
-        return self._ordered(cols, np.bincount(a_rows[hit], minlength=n) > 0)
+            safe = np.maximum(count, 1)
+            agg, tol = total / safe, _REL_TOL * size / safe
+        near = has & (np.abs(agg - value) <= tol + _REL_TOL * abs(value))
+        value_ok = cmp(agg, value) if node.func == "sum" else has & cmp(agg, value)
+        return Tri(known & ~near, value_ok)
+    # min / max: exact on float64 (every value is an integer below 2**53 or a finite float)
+    agg = np.zeros(n, dtype=np.float64)
+    if len(rows):
+        first = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
+        reduce = np.minimum if node.func == "min" else np.maximum
+        agg[rows[first]] = reduce.reduceat(vals, first)
+    return Tri(known, has & cmp(agg, value))
+
+
+def sequence_tri(check: Precheck, node: SeqNode, cols: Columns, now: int, results: dict[str, Tri]) -> Tri:
+    n = cols.n
+    a_idx = np.flatnonzero(check.events(node.first, cols, now, windowed=True))
+    b_idx = np.flatnonzero(check.events(node.then, cols, now, windowed=False))
+    # an A is followed when the first matching B after it in history is in the same profile and within
+    # the gap (histories are in time order, so no later B can be earlier than that one)
+    if len(b_idx) and len(a_idx):
+        nb = b_idx[np.minimum(np.searchsorted(b_idx, a_idx, side="right"), len(b_idx) - 1)]
+        followed = (nb > a_idx) & (cols.row[nb] == cols.row[a_idx]) & (cols.ts[nb] <= cols.ts[a_idx] + node.gap.ms)
+    else:
+        followed = np.zeros(len(a_idx), dtype=bool)
+    a_rows = cols.row[a_idx]
+    if not node.negated:
+        return check.ordered(cols, np.bincount(a_rows[followed], minlength=n) > 0)
+    # an unfollowed A qualifies from A.ts + gap + 1 until A.ts + within
+    within, _ = _window(node.first)
+    begin = cols.ts[a_idx] + node.gap.ms + 1
+    hit = ~followed & (begin <= now)
+    if within is not None:
+        hit &= cols.ts[a_idx] + within >= begin
+    return check.ordered(cols, np.bincount(a_rows[hit], minlength=n) > 0)

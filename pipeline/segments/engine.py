@@ -45,6 +45,7 @@ from pipeline.segments.nodes import (
 from pipeline.segments.nodes import (
     Sequence as SeqNode,
 )
+from pipeline.segments.operators import operator_of
 
 _EPOCH = _dt.date(1970, 1, 1).toordinal()
 
@@ -130,6 +131,8 @@ _Res = tuple[bool, int | None, str | None, str]
 _Fn = Callable[[_Ctx], _Res]
 _Pred = Callable[[Scalar], bool]
 _FieldPred = Callable[[dict[str, Scalar]], bool]
+Evaluator = _Fn  # what an operator's compile part returns
+FieldPred = _FieldPred  # what an operator's where-condition compile part returns
 
 _OPS: dict[str, Callable[[Any, Any], bool]] = {
     "=": operator.eq, "!=": operator.ne, "<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge,
@@ -158,87 +161,120 @@ def date_ordinal(s: str) -> int | None:
     return d
 
 
-def _value_pred(n: Node) -> _Pred:
-    """A predicate on one scalar for a leaf condition (missing/other-typed values never match)."""
-    if isinstance(n, Compare):
-        op, v = _OPS[n.op], n.value
-        if isinstance(v, DateValue):
-            o = v.ordinal
+def compare_pred(n: Compare) -> _Pred:
+    """A comparison of one scalar with the literal (missing/other-typed values never match)."""
+    op, v = _OPS[n.op], n.value
+    if isinstance(v, DateValue):
+        o = v.ordinal
 
-            def p_date(x: Scalar) -> bool:
-                if type(x) is not str:
-                    return False
-                d = date_ordinal(x)
-                return d is not None and op(d, o)
-            return p_date
-        if isinstance(v, bool):
-            return lambda x: type(x) is bool and op(x, v)
-        if isinstance(v, int | float):
-            return lambda x: (type(x) is int or type(x) is float) and op(x, v)
-        if n.op == "=":
-            return lambda x: x == v  # only a str equals a str: no type check needed
-        return lambda x: type(x) is str and op(x, v)
-    if isinstance(n, InList):
-        strs = frozenset(v for v in n.values if type(v) is str)
-        nums = frozenset(v for v in n.values if type(v) is int or type(v) is float)
-        bools = frozenset(v for v in n.values if type(v) is bool)
-        dates = frozenset(v.ordinal for v in n.values if isinstance(v, DateValue))
-
-        def p_in(x: Scalar) -> bool:
-            t = type(x)
-            if t is str:
-                if x in strs:
-                    return True
-                if dates:
-                    d = date_ordinal(x)  # type: ignore[arg-type]
-                    return d is not None and d in dates
+        def p_date(x: Scalar) -> bool:
+            if type(x) is not str:
                 return False
-            if t is bool:
-                return x in bools
-            if t is int or t is float:
-                return x in nums
+            d = date_ordinal(x)
+            return d is not None and op(d, o)
+        return p_date
+    if isinstance(v, bool):
+        return lambda x: type(x) is bool and op(x, v)
+    if isinstance(v, int | float):
+        return lambda x: (type(x) is int or type(x) is float) and op(x, v)
+    if n.op == "=":
+        return lambda x: x == v  # only a str equals a str: no type check needed
+    return lambda x: type(x) is str and op(x, v)
+
+
+def compare_equals(n: Compare) -> str | None:
+    """The string of the common `tier = "gold"`, which the closures inline."""
+    return n.value if n.op == "=" and type(n.value) is str else None
+
+
+def in_list_pred(n: InList) -> _Pred:
+    strs = frozenset(v for v in n.values if type(v) is str)
+    nums = frozenset(v for v in n.values if type(v) is int or type(v) is float)
+    bools = frozenset(v for v in n.values if type(v) is bool)
+    dates = frozenset(v.ordinal for v in n.values if isinstance(v, DateValue))
+
+    def p_in(x: Scalar) -> bool:
+        t = type(x)
+        if t is str:
+            if x in strs:
+                return True
+            if dates:
+                d = date_ordinal(x)  # type: ignore[arg-type]
+                return d is not None and d in dates
             return False
-        return p_in
-    if isinstance(n, Exists):
-        return lambda x: x is not None
-    if isinstance(n, StartsWith):
-        pre = n.prefix
-        return lambda x: type(x) is str and x.startswith(pre)
-    if isinstance(n, Contains):
-        needle = n.needle
-        return lambda x: type(x) is str and needle in x
-    raise TypeError(f"not a value condition: {n!r}")
+        if t is bool:
+            return x in bools
+        if t is int or t is float:
+            return x in nums
+        return False
+    return p_in
+
+
+def exists_pred(_: Exists) -> _Pred:
+    return lambda x: x is not None
+
+
+def starts_with_pred(n: StartsWith) -> _Pred:
+    pre = n.prefix
+    return lambda x: type(x) is str and x.startswith(pre)
+
+
+def contains_pred(n: Contains) -> _Pred:
+    needle = n.needle
+    return lambda x: type(x) is str and needle in x
+
+
+def _value_pred(n: Node) -> _Pred:
+    """A predicate on one scalar for a value test (an attribute or an event field)."""
+    test = operator_of(n).value
+    if test is None:
+        raise TypeError(f"not a value condition: {n!r}")
+    return test.predicate(n)
 
 
 def _field_pred(n: Node) -> _FieldPred:
     """Compile a where-condition over an event's fields."""
-    if isinstance(n, Const):
-        c = n.value
-        return lambda f: c
-    if isinstance(n, Compare) and n.op == "=" and type(n.value) is str:
-        fpath, fv = n.path, n.value
-        return lambda f: f.get(fpath) == fv  # the common `category = "shoes"`, inlined
-    if isinstance(n, Compare | InList | Exists | StartsWith | Contains):
-        p, path = _value_pred(n), n.path
-        return lambda f: p(f.get(path))
-    if isinstance(n, Not):
-        inner = _field_pred(n.item)
-        return lambda f: not inner(f)
-    if isinstance(n, And):
-        ps = tuple(_field_pred(i) for i in n.items)
-        return lambda f: all(p(f) for p in ps)
-    if isinstance(n, Or):
-        ps = tuple(_field_pred(i) for i in n.items)
-        return lambda f: any(p(f) for p in ps)
-    raise TypeError(f"not allowed in a where-condition: {n!r}")
+    op = operator_of(n)
+    if op.value is not None:
+        fpath: str = op.path(n)  # type: ignore[assignment]  # registration guarantees a value test's path
+        fv = op.value.equals(n) if op.value.equals is not None else None
+        if fv is not None:
+            return lambda f: f.get(fpath) == fv  # the common `category = "shoes"`, inlined
+        p = op.value.predicate(n)
+        return lambda f: p(f.get(fpath))
+    if op.where is None:
+        raise TypeError(f"not allowed in a where-condition: {n!r}")
+    return op.where.compile(n)
+
+
+def const_field(n: Const) -> _FieldPred:
+    c = n.value
+    return lambda f: c
+
+
+def not_field(n: Not) -> _FieldPred:
+    inner = _field_pred(n.item)
+    return lambda f: not inner(f)
+
+
+def and_field(n: And) -> _FieldPred:
+    ps = tuple(_field_pred(i) for i in n.items)
+    return lambda f: all(p(f) for p in ps)
+
+
+def or_field(n: Or) -> _FieldPred:
+    ps = tuple(_field_pred(i) for i in n.items)
+    return lambda f: any(p(f) for p in ps)
 
 
 def _filter(where: Node | None) -> Callable[[list[StoredEvent]], list[StoredEvent]]:
     """The events of a window that match a where-condition, as one call per window (not one per event)."""
     if where is None:
         return lambda evs: evs
-    if isinstance(where, Compare) and where.op == "=" and type(where.value) is str:
-        fpath, fv = where.path, where.value
+    op = operator_of(where)
+    fv = op.value.equals(where) if op.value is not None and op.value.equals is not None else None
+    if fv is not None:
+        fpath: str = op.path(where)  # type: ignore[assignment]  # a value test's path is guaranteed
         return lambda evs: [e for e in evs if e.fields.get(fpath) == fv]  # `category = "shoes"`, inlined
     pred = _field_pred(where)
     return lambda evs: [e for e in evs if pred(e.fields)]
@@ -297,83 +333,83 @@ def _agg_value(func: str, vals: Sequence[float]) -> float | None:
 
 
 def _compile(n: Node) -> _Fn:
-    """Compile a query node to a closure ctx -> (value, next_check_ms, cause_event_id, label)."""
+    """Compile a query node to a closure ctx -> (value, next_check_ms, cause_event_id, label), through its
+    operator's compile part (dispatched here, once per audience: never per evaluation)."""
     label = to_text(n)
+    op = operator_of(n)
+    if op.value is None:
+        return op.compile(n, label)  # type: ignore[misc]  # registration guarantees the part
+    T: _Res = (True, None, None, label)
+    F: _Res = (False, None, None, label)
+    path: str = op.path(n)  # type: ignore[assignment]  # registration guarantees a value test's path
+    eq_value = op.value.equals(n) if op.value.equals is not None else None
+    if eq_value is not None:
+        def attr_eq(ctx: _Ctx) -> _Res:  # the common `tier = "gold"`, without a predicate call
+            av = ctx.attrs.get(path)
+            return T if av is not None and av.value == eq_value else F
+        return attr_eq
+    p = op.value.predicate(n)
+
+    def attr(ctx: _Ctx) -> _Res:
+        av = ctx.attrs.get(path)
+        return T if p(av.value if av is not None else None) else F
+    return attr
+
+
+# Compile parts of the built-in operators (registered in `pipeline.segments.builtin`).
+
+def compile_const(n: Const, label: str) -> _Fn:
+    r: _Res = (n.value, None, None, label)
+    return lambda ctx: r
+
+
+def compile_birthday(n: BirthdayWithin, label: str) -> _Fn:
+    bpath, days = n.path, n.days
+    F: _Res = (False, None, None, label)
+
+    def birthday(ctx: _Ctx) -> _Res:
+        av = ctx.attrs.get(bpath)
+        x = av.value if av is not None else None
+        if type(x) is not str or date_ordinal(x) is None:
+            return F
+        born = _dt.date.fromisoformat(x[:10])
+        today_n = ctx.now // DAY_MS
+        nb = _birthday(_dt.date.fromordinal(_EPOCH + today_n), born.month, born.day)
+        until = nb.toordinal() - _EPOCH - today_n
+        if until < days:  # true until the day after the birthday starts
+            return (True, (nb.toordinal() + 1 - _EPOCH) * DAY_MS, None, label)
+        return (False, (nb.toordinal() - (days - 1) - _EPOCH) * DAY_MS, None, label)
+    return birthday
+
+
+def compile_in_segment(n: InSegment, label: str) -> _Fn:
+    sid = n.audience_id
     T: _Res = (True, None, None, label)
     F: _Res = (False, None, None, label)
 
-    if isinstance(n, Const):
-        r = T if n.value else F
-        return lambda ctx: r
-
-    if isinstance(n, Compare) and n.op == "=" and type(n.value) is str:
-        eq_path, eq_value = n.path, n.value
-
-        def attr_eq(ctx: _Ctx) -> _Res:  # the common `tier = "gold"`, without a predicate call
-            av = ctx.attrs.get(eq_path)
-            return T if av is not None and av.value == eq_value else F
-        return attr_eq
-
-    if isinstance(n, Compare | InList | Exists | StartsWith | Contains):
-        p, path = _value_pred(n), n.path
-
-        def attr(ctx: _Ctx) -> _Res:
-            av = ctx.attrs.get(path)
-            return T if p(av.value if av is not None else None) else F
-        return attr
-
-    if isinstance(n, BirthdayWithin):
-        bpath, days = n.path, n.days
-
-        def birthday(ctx: _Ctx) -> _Res:
-            av = ctx.attrs.get(bpath)
-            x = av.value if av is not None else None
-            if type(x) is not str or date_ordinal(x) is None:
-                return F
-            born = _dt.date.fromisoformat(x[:10])
-            today_n = ctx.now // DAY_MS
-            nb = _birthday(_dt.date.fromordinal(_EPOCH + today_n), born.month, born.day)
-            until = nb.toordinal() - _EPOCH - today_n
-            if until < days:  # true until the day after the birthday starts
-                return (True, (nb.toordinal() + 1 - _EPOCH) * DAY_MS, None, label)
-            return (False, (nb.toordinal() - (days - 1) - _EPOCH) * DAY_MS, None, label)
-        return birthday
-
-    if isinstance(n, InSegment):
-        sid = n.audience_id
-
-        def in_segment(ctx: _Ctx) -> _Res:
-            r = ctx.seg.get(sid)
-            if r is not None:  # computed earlier in this call: it changes when that audience does
-                return (r, ctx.seg_next.get(sid), None, label)
-            m = ctx.members.get(sid)
-            return T if m is not None and m.status != "exited" else F
-        return in_segment
-
-    if isinstance(n, Not):
-        inner = _compile(n.item)
-
-        def not_(ctx: _Ctx) -> _Res:
-            v, nxt, _, _ = inner(ctx)
-            return (not v, nxt, None, label)
-        return not_
-
-    if isinstance(n, And | Or):
-        return _compile_bool(n, label)
-
-    if isinstance(n, EventExists):
-        return _compile_exists(n.spec, label)
-
-    if isinstance(n, Aggregate):
-        return _compile_aggregate(n, label)
-
-    if isinstance(n, SeqNode):
-        return _compile_sequence(n, label)
-
-    raise TypeError(f"not a query node: {n!r}")
+    def in_segment(ctx: _Ctx) -> _Res:
+        r = ctx.seg.get(sid)
+        if r is not None:  # computed earlier in this call: it changes when that audience does
+            return (r, ctx.seg_next.get(sid), None, label)
+        m = ctx.members.get(sid)
+        return T if m is not None and m.status != "exited" else F
+    return in_segment
 
 
-def _compile_bool(n: And | Or, label: str) -> _Fn:
+def compile_not(n: Not, label: str) -> _Fn:
+    inner = _compile(n.item)
+
+    def not_(ctx: _Ctx) -> _Res:
+        v, nxt, _, _ = inner(ctx)
+        return (not v, nxt, None, label)
+    return not_
+
+
+def compile_event_exists(n: EventExists, label: str) -> _Fn:
+    return _compile_exists(n.spec, label)
+
+
+def compile_bool(n: And | Or, label: str) -> _Fn:
     fns = tuple(_compile(i) for i in n.items)
     # For `and`, a false child decides (short-circuit) and, while it stays false, so does the whole;
     # `or` is the mirror image. When no child decides, the result can change when any child does.
@@ -444,7 +480,7 @@ def _count_change(matches: Sequence[StoredEvent], cur: bool, op: CompareOp, valu
     return max(k, 0) if k < c else None
 
 
-def _compile_aggregate(n: Aggregate, label: str) -> _Fn:
+def compile_aggregate(n: Aggregate, label: str) -> _Fn:
     etype, within, since = n.spec.event_type, *_window(n.spec)
     where = _field_pred(n.spec.where) if n.spec.where is not None else None
     cmp, value, op, func, fld = _OPS[n.op], n.value, n.op, n.func, n.field
@@ -509,7 +545,7 @@ def _compile_aggregate(n: Aggregate, label: str) -> _Fn:
     return aggregate
 
 
-def _compile_sequence(n: SeqNode, label: str) -> _Fn:
+def compile_sequence(n: SeqNode, label: str) -> _Fn:
     ta, within, since = n.first.event_type, *_window(n.first)
     tb, gap = n.then.event_type, n.gap.ms
     wa = _field_pred(n.first.where) if n.first.where is not None else None
@@ -722,22 +758,22 @@ class SegmentEngine:
         problems: list[str] = []
         specs = event_specs(ast)
         for x in walk(ast):
-            spec = x.spec if isinstance(x, EventExists | Aggregate) else x.first if isinstance(x, SeqNode) else None
-            if spec is None:
-                continue
-            w = spec.window
-            if isinstance(w, Within):
-                if w.duration.ms > retention:
-                    problems.append(f"window {w.duration.text} of event {spec.event_type} exceeds "
-                                    f"event-history retention {ret_text}")
-            elif isinstance(w, Since):
-                problems.append(f"event {spec.event_type} since {w.date.text} has a fixed start that the "
-                                f"{ret_text} event history cannot guarantee")
-            else:
-                problems.append(f"event {spec.event_type} has no window (all time) but event history "
-                                f"keeps only {ret_text}")
-            if isinstance(x, SeqNode) and x.gap.ms > retention:
-                problems.append(f"gap {x.gap.text} exceeds event-history retention {ret_text}")
+            op = operator_of(x)
+            for spec in op.specs(x):
+                w = spec.window
+                if isinstance(w, Within):
+                    if w.duration.ms > retention:
+                        problems.append(f"window {w.duration.text} of event {spec.event_type} exceeds "
+                                        f"event-history retention {ret_text}")
+                elif isinstance(w, Since):
+                    problems.append(f"event {spec.event_type} since {w.date.text} has a fixed start that the "
+                                    f"{ret_text} event history cannot guarantee")
+                else:
+                    problems.append(f"event {spec.event_type} has no window (all time) but event history "
+                                    f"keeps only {ret_text}")
+            for gap in op.gaps(x):
+                if gap.ms > retention:
+                    problems.append(f"gap {gap.text} exceeds event-history retention {ret_text}")
         streaming = not problems
         edge = not specs
         parts: list[str] = []

@@ -7,6 +7,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Literal
 
+from pipeline.segments.operators import operator_of
+
 CompareOp = Literal["=", "!=", "<", "<=", ">", ">="]
 AggFunc = Literal["count", "sum", "avg", "min", "max"]
 
@@ -188,8 +190,6 @@ class Sequence:
 Node = (Const | Compare | InList | Exists | StartsWith | Contains | BirthdayWithin | InSegment | And | Or | Not
         | EventExists | Aggregate | Sequence)
 
-FIELD_NODES = (Const, Compare, InList, Exists, StartsWith, Contains, And, Or, Not)
-
 
 # ---- printer ----
 
@@ -222,60 +222,84 @@ def spec_text(s: EventSpec, *, keyword: bool = True) -> str:
 
 def to_text(n: Node) -> str:
     """Print a node back to query text that parses to an equal node."""
-    if isinstance(n, Const):
-        return "true" if n.value else "false"
-    if isinstance(n, Compare):
-        return f"{n.path} {n.op} {value_text(n.value)}"
-    if isinstance(n, InList):
-        return f"{n.path} in [{', '.join(value_text(v) for v in n.values)}]"
-    if isinstance(n, Exists):
-        return f"{n.path} exists"
-    if isinstance(n, StartsWith):
-        return f"startsWith({n.path}, {value_text(n.prefix)})"
-    if isinstance(n, Contains):
-        return f"contains({n.path}, {value_text(n.needle)})"
-    if isinstance(n, BirthdayWithin):
-        return f"birthdayWithin({n.path}, {n.days}d)"
-    if isinstance(n, InSegment):
-        return f"inSegment({value_text(n.audience_id)})"
-    if isinstance(n, And | Or):
-        sep = " and " if isinstance(n, And) else " or "
-        return sep.join(_grouped(i) for i in n.items)
-    if isinstance(n, Not):
-        return f"not ({to_text(n.item)})"
-    if isinstance(n, EventExists):
-        return spec_text(n.spec)
-    if isinstance(n, Aggregate):
-        inner = spec_text(n.spec) if n.field is None else f"{n.field} of {spec_text(n.spec)}"
-        return f"{n.func}({inner}) {n.op} {value_text(n.value)}"
-    if isinstance(n, Sequence):
-        kw = "not followed by" if n.negated else "followed by"
-        return f"{spec_text(n.first)} {kw} {spec_text(n.then, keyword=False)} within {n.gap.text}"
-    raise TypeError(f"not a query node: {n!r}")
+    return operator_of(n).text(n)  # type: ignore[misc]  # registration guarantees the part
 
 
-def _grouped(n: Node) -> str:
-    # Nested boolean groups and event expressions (whose where-condition is greedy) get parentheses.
-    if isinstance(n, And | Or | EventExists | Sequence):
-        return f"({to_text(n)})"
-    return to_text(n)
+def grouped(n: Node) -> str:
+    """A node's text inside and / or: nested boolean groups and event expressions (whose where-condition is
+    greedy) get parentheses."""
+    return f"({to_text(n)})" if operator_of(n).grouped else to_text(n)
+
+
+# Text parts of the built-in operators (registered in `pipeline.segments.builtin`).
+
+def const_text(n: Const) -> str:
+    return "true" if n.value else "false"
+
+
+def compare_text(n: Compare) -> str:
+    return f"{n.path} {n.op} {value_text(n.value)}"
+
+
+def in_list_text(n: InList) -> str:
+    return f"{n.path} in [{', '.join(value_text(v) for v in n.values)}]"
+
+
+def exists_text(n: Exists) -> str:
+    return f"{n.path} exists"
+
+
+def starts_with_text(n: StartsWith) -> str:
+    return f"startsWith({n.path}, {value_text(n.prefix)})"
+
+
+def contains_text(n: Contains) -> str:
+    return f"contains({n.path}, {value_text(n.needle)})"
+
+
+def birthday_text(n: BirthdayWithin) -> str:
+    return f"birthdayWithin({n.path}, {n.days}d)"
+
+
+def in_segment_text(n: InSegment) -> str:
+    return f"inSegment({value_text(n.audience_id)})"
+
+
+def and_text(n: And) -> str:
+    return " and ".join(grouped(i) for i in n.items)
+
+
+def or_text(n: Or) -> str:
+    return " or ".join(grouped(i) for i in n.items)
+
+
+def not_text(n: Not) -> str:
+    return f"not ({to_text(n.item)})"
+
+
+def exists_event_text(n: EventExists) -> str:
+    return spec_text(n.spec)
+
+
+def aggregate_text(n: Aggregate) -> str:
+    inner = spec_text(n.spec) if n.field is None else f"{n.field} of {spec_text(n.spec)}"
+    return f"{n.func}({inner}) {n.op} {value_text(n.value)}"
+
+
+def sequence_text(n: Sequence) -> str:
+    kw = "not followed by" if n.negated else "followed by"
+    return f"{spec_text(n.first)} {kw} {spec_text(n.then, keyword=False)} within {n.gap.text}"
 
 
 def walk(n: Node) -> list[Node]:
     """Every node of the tree (pre-order), including where-conditions."""
+    op = operator_of(n)
     out: list[Node] = [n]
-    if isinstance(n, And | Or):
-        for i in n.items:
-            out.extend(walk(i))
-    elif isinstance(n, Not):
-        out.extend(walk(n.item))
-    elif isinstance(n, EventExists | Aggregate):
-        if n.spec.where is not None:
-            out.extend(walk(n.spec.where))
-    elif isinstance(n, Sequence):
-        for s in (n.first, n.then):
-            if s.where is not None:
-                out.extend(walk(s.where))
+    for i in op.children(n):
+        out.extend(walk(i))
+    for s in (*op.specs(n), *op.followers(n)):
+        if s.where is not None:
+            out.extend(walk(s.where))
     return out
 
 
@@ -283,10 +307,8 @@ def event_specs(n: Node) -> list[EventSpec]:
     """The event specs a query reads (top level only: where-conditions cannot contain events)."""
     out: list[EventSpec] = []
     for x in walk(n):
-        if isinstance(x, EventExists | Aggregate):
-            out.append(x.spec)
-        elif isinstance(x, Sequence):
-            out.extend((x.first, x.then))
+        op = operator_of(x)
+        out.extend((*op.specs(x), *op.followers(x)))
     return out
 
 
@@ -295,13 +317,12 @@ def attribute_paths(n: Node) -> set[str]:
     out: set[str] = set()
 
     def visit(x: Node) -> None:
-        if isinstance(x, Compare | InList | Exists | StartsWith | Contains | BirthdayWithin):
-            out.add(x.path)
-        elif isinstance(x, And | Or):
-            for i in x.items:
-                visit(i)
-        elif isinstance(x, Not):
-            visit(x.item)
+        op = operator_of(x)
+        path = op.path(x)
+        if path is not None:
+            out.add(path)
+        for i in op.children(x):
+            visit(i)
 
     visit(n)
     return out

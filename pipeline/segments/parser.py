@@ -43,6 +43,9 @@ Errors: SegmentSyntaxError (a ConfigError) with file, line and column and what w
 unexpected tokens/characters, unterminated strings, bad window units, bad dates, unknown functions and
 misplaced conditions. Unknown audiences in inSegment() and cycles are ConfigErrors raised when a segments
 file is loaded (see `pipeline.segments.config`).
+
+Functions (startsWith, contains, birthdayWithin, inSegment, and any operator registered with a `Call` hook) are
+built by the operator registry (`pipeline.segments.operators`); the grammar has one rule for all of them.
 """
 
 from __future__ import annotations
@@ -58,33 +61,37 @@ from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput
 
 from pipeline.errors import SegmentSyntaxError
 from pipeline.segments.nodes import (
-    FIELD_NODES,
     UNIT_MS,
     Aggregate,
     And,
-    BirthdayWithin,
     CompareOp,
     Const,
-    Contains,
     DateValue,
     Duration,
     EventExists,
     EventSpec,
     Exists,
     InList,
-    InSegment,
     Node,
     Not,
     Or,
     Sequence,
     Since,
-    StartsWith,
     Value,
     Window,
     Within,
     walk,
 )
 from pipeline.segments.nodes import Compare as CompareNode
+from pipeline.segments.operators import (
+    RESERVED_CALLS,
+    ArgumentError,
+    Call,
+    PathArg,
+    call_names,
+    operator_named,
+    operator_of,
+)
 
 GRAMMAR = r"""
 ?start: or_expr
@@ -179,10 +186,6 @@ def _duration(tok: Token) -> Duration:
     return Duration(n * UNIT_MS[unit], str(tok))
 
 
-class _Path(str):
-    """A bare path given as a function argument (distinguished from string literals)."""
-
-
 class _ToAst(Transformer[Token, Node]):
     """Builds nodes; raises _QueryError with the offending offset for semantic problems."""
 
@@ -227,8 +230,8 @@ class _ToAst(Transformer[Token, Node]):
         return _date(_string(arg), arg.start_pos or 0)
 
     @v_args(inline=True)
-    def path_arg(self, tok: Token) -> _Path:
-        return _Path(str(tok))
+    def path_arg(self, tok: Token) -> PathArg:
+        return PathArg(str(tok))
 
     @v_args(inline=True)
     def duration_arg(self, tok: Token) -> Duration:
@@ -264,35 +267,31 @@ class _ToAst(Transformer[Token, Node]):
             if not ok:
                 _fail(pos, f"{name}() expects {shape}, got ({', '.join(kinds) or 'nothing'})")
 
-        if name in ("startsWith", "contains"):
-            need("(path, \"text\")", len(args) == 2 and isinstance(args[0], _Path)
-                 and type(args[1]) is str)
-            return (StartsWith if name == "startsWith" else Contains)(str(args[0]), args[1])
-        if name == "birthdayWithin":
-            need("(path, Nd)", len(args) == 2 and isinstance(args[0], _Path) and isinstance(args[1], Duration))
-            d = args[1]
-            if d.ms % UNIT_MS["d"]:
-                _fail(pos, f"birthdayWithin() needs a whole number of days, got {d.text}")
-            return BirthdayWithin(str(args[0]), d.ms // UNIT_MS["d"])
-        if name == "inSegment":
-            need("(\"audience-id\")", len(args) == 1 and type(args[0]) is str)
-            return InSegment(args[0], pos)
-        if name in ("count", "sum", "avg", "min", "max", "date"):
+        op = operator_named(name)
+        if op is not None:
+            hook = cast(Call, op.parse)
+            try:
+                node = hook.build(args, pos)
+            except ArgumentError as e:
+                _fail(pos, str(e))
+            need(hook.shape, node is not None)
+            return cast(Node, node)
+        if name in RESERVED_CALLS:
             _fail(pos, f"{name}() cannot be used here: " + (
                 "aggregates must be compared, e.g. count(event x within 7d) >= 3" if name != "date"
                 else "date() is a value, e.g. person.birthDate < date(\"2000-01-01\")"))
-        _fail(pos, f"unknown function {name!r}: expected one of startsWith, contains, birthdayWithin, "
-                   "inSegment, count, sum, avg, min, max, date")
+        _fail(pos, f"unknown function {name!r}: expected one of {', '.join(call_names())}")
 
     # events
     @v_args(meta=True)
     def where(self, meta: Any, children: list[Node]) -> Node:
         cond = children[0]
         for n in walk(cond):
-            if not isinstance(n, FIELD_NODES):
-                what = {"InSegment": "inSegment()", "BirthdayWithin": "birthdayWithin()"}.get(
-                    type(n).__name__, "an event expression")
-                pos = n.pos if isinstance(n, InSegment) and n.pos >= 0 else meta.start_pos
+            op = operator_of(n)
+            if not op.allowed_in_where:
+                what = f"{op.parse.name}()" if isinstance(op.parse, Call) else "an event expression"
+                pos = getattr(n, "pos", -1)  # a node that keeps its offset (inSegment) is pointed at
+                pos = pos if pos >= 0 else meta.start_pos
                 _fail(pos, f"{what} is not allowed inside a where-condition (it reads event fields); "
                                       "end the where-condition with a window or parenthesise the event "
                                       "expression, e.g. (event x where a = 1) and inSegment(\"g\")")
@@ -346,6 +345,14 @@ class _ToAst(Transformer[Token, Node]):
 
 
 _TRANSFORMER = _ToAst()
+
+
+def grammar_rules() -> frozenset[str]:
+    """The grammar's rules that build a condition node (alternatives of or_expr, and_expr, not_expr and atom with a
+    transformer method; `call` is the `Call` hooks' rule): what a `Rule` parse hook may name."""
+    names = {str(r.alias or r.origin.name) for r in _LARK.rules
+             if str(r.origin.name) in ("or_expr", "and_expr", "not_expr", "atom")}
+    return frozenset(n for n in names if n != "call" and callable(getattr(_ToAst, n, None)))
 
 
 def _expected(names: set[str] | frozenset[str]) -> str:

@@ -1,6 +1,7 @@
 """Reference evaluator (test oracle): a plain recursive interpreter over the AST that scans every event.
 
-Deliberately shares nothing with the compiled engine but the AST: no closures, no bisect, no indexes.
+Deliberately shares nothing with the compiled engine but the AST and the operator registry that dispatches to
+each node's reference part (written apart from its compile part): no closures, no bisect, no indexes.
 Semantics are those documented in `pipeline.segments.parser`.
 """
 
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import datetime
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from pipeline.model import ProfileState, Scalar, StoredEvent
 from pipeline.segments.config import AudienceDef
@@ -36,6 +37,7 @@ from pipeline.segments.nodes import (
 from pipeline.segments.nodes import (
     Sequence as SeqNode,
 )
+from pipeline.segments.operators import operator_of
 
 
 def reference_evaluate(audiences: Sequence[AudienceDef], profile: ProfileState, now_ms: int) -> dict[str, bool]:
@@ -44,108 +46,132 @@ def reference_evaluate(audiences: Sequence[AudienceDef], profile: ProfileState, 
     inSegment() of an audience in `audiences` evaluates that audience (at the same now_ms); of any other
     id it reads profile.memberships (status other than 'exited').
     """
-    by_id = {a.id: a for a in audiences}
-    results: dict[str, bool] = {}
+    ref = Reference(audiences, profile, now_ms)
+    return {a.id: ref.segment(a.id) for a in audiences}
 
-    def segment(aid: str) -> bool:
-        if aid in results:
-            return results[aid]
-        if aid in by_id:
-            results[aid] = holds(by_id[aid].ast)
-            return results[aid]
-        m = profile.memberships.get(aid)
+
+class Reference:
+    """One evaluation: the profile, the wall time and the audiences; operators' reference parts read it."""
+
+    def __init__(self, audiences: Sequence[AudienceDef], profile: ProfileState, now_ms: int) -> None:
+        self.by_id = {a.id: a for a in audiences}
+        self.profile = profile
+        self.now_ms = now_ms
+        self.results: dict[str, bool] = {}
+
+    def segment(self, aid: str) -> bool:
+        if aid in self.results:
+            return self.results[aid]
+        if aid in self.by_id:
+            self.results[aid] = self.holds(self.by_id[aid].ast)
+            return self.results[aid]
+        m = self.profile.memberships.get(aid)
         return m is not None and m.status != "exited"
 
-    def attribute(path: str) -> Scalar:
-        if path in profile.attributes:
-            return profile.attributes[path].value
+    def attribute(self, path: str) -> Scalar:
+        if path in self.profile.attributes:
+            return self.profile.attributes[path].value
         return None
 
-    def holds(node: Node) -> bool:
-        if isinstance(node, Const):
-            return node.value
-        if isinstance(node, Compare | InList | Exists | StartsWith | Contains):
-            return leaf_holds(node, attribute(node.path))
-        if isinstance(node, BirthdayWithin):
-            return birthday_within(attribute(node.path), node.days, now_ms)
-        if isinstance(node, InSegment):
-            return segment(node.audience_id)
-        if isinstance(node, And):
-            result = True
-            for item in node.items:
-                if not holds(item):
-                    result = False
-            return result
-        if isinstance(node, Or):
-            result = False
-            for item in node.items:
-                if holds(item):
-                    result = True
-            return result
-        if isinstance(node, Not):
-            return not holds(node.item)
-        if isinstance(node, EventExists):
-            return len(matching(node.spec)) > 0
-        if isinstance(node, Aggregate):
-            return aggregate_holds(node)
-        if isinstance(node, SeqNode):
-            return sequence_holds(node)
-        raise TypeError(node)
+    def holds(self, node: Node) -> bool:
+        op = operator_of(node)
+        if op.value is not None:
+            return op.value.reference(node, self.attribute(op.path(node)))  # type: ignore[arg-type]
+        return op.reference(node, self)  # type: ignore[misc]  # registration guarantees the part
 
-    def matching(spec: EventSpec) -> list[int]:
+    def matching(self, spec: EventSpec) -> list[int]:
         """Positions of the events that match the spec and lie in its window at now_ms."""
         out = []
-        for position, event in enumerate(profile.events):
-            if event.event_type == spec.event_type and in_window(spec, event) and fields_hold(spec, event):
+        for position, event in enumerate(self.profile.events):
+            if event.event_type == spec.event_type and self.in_window(spec, event) and fields_hold(spec, event):
                 out.append(position)
         return out
 
-    def in_window(spec: EventSpec, event: StoredEvent) -> bool:
+    def in_window(self, spec: EventSpec, event: StoredEvent) -> bool:
         if isinstance(spec.window, Within):
-            return event.ts_ms >= now_ms - spec.window.duration.ms
+            return event.ts_ms >= self.now_ms - spec.window.duration.ms
         if isinstance(spec.window, Since):
             start = datetime.datetime.combine(datetime.date.fromordinal(spec.window.date.ordinal),
                                               datetime.time(), tzinfo=datetime.UTC)
             return event.ts_ms >= int(start.timestamp()) * 1000
         return True
 
-    def aggregate_holds(node: Aggregate) -> bool:
-        positions = matching(node.spec)
-        if node.func == "count":
-            return compare(len(positions), node.op, node.value)
-        numbers: list[float] = []
-        for p in positions:
-            x = profile.events[p].fields.get(node.field or "")
-            if isinstance(x, int | float) and not isinstance(x, bool):
-                numbers.append(x)
-        if node.func == "sum":
-            total: float = math.fsum(numbers)
-        elif not numbers:
-            return False
-        elif node.func == "avg":
-            total = math.fsum(numbers) / len(numbers)
-        elif node.func == "min":
-            total = sorted(numbers)[0]
-        else:
-            total = sorted(numbers)[-1]
-        return compare(total, node.op, node.value)
 
-    def sequence_holds(node: SeqNode) -> bool:
-        for p in matching(node.first):
-            first = profile.events[p]
-            has_follower = False
-            for q, later in enumerate(profile.events):
-                if (q > p and later.event_type == node.then.event_type and later.ts_ms <= first.ts_ms + node.gap.ms
-                        and fields_hold(node.then, later)):
-                    has_follower = True
-            if not node.negated and has_follower:
-                return True
-            # Absence counts only once the whole gap has passed.
-            if node.negated and not has_follower and now_ms > first.ts_ms + node.gap.ms:
-                return True
+# Reference parts of the built-in operators (registered in `pipeline.segments.builtin`).
+
+def const_holds(node: Const, ref: Reference) -> bool:
+    return node.value
+
+
+def birthday_holds(node: BirthdayWithin, ref: Reference) -> bool:
+    return birthday_within(ref.attribute(node.path), node.days, ref.now_ms)
+
+
+def in_segment_holds(node: InSegment, ref: Reference) -> bool:
+    return ref.segment(node.audience_id)
+
+
+def and_holds(node: And, ref: Reference) -> bool:
+    result = True
+    for item in node.items:
+        if not ref.holds(item):
+            result = False
+    return result
+
+
+def or_holds(node: Or, ref: Reference) -> bool:
+    result = False
+    for item in node.items:
+        if ref.holds(item):
+            result = True
+    return result
+
+
+def not_holds(node: Not, ref: Reference) -> bool:
+    return not ref.holds(node.item)
+
+
+def event_exists_holds(node: EventExists, ref: Reference) -> bool:
+    return len(ref.matching(node.spec)) > 0
+
+
+def aggregate_holds(node: Aggregate, ref: Reference) -> bool:
+    positions = ref.matching(node.spec)
+    if node.func == "count":
+        return compare(len(positions), node.op, node.value)
+    numbers: list[float] = []
+    for p in positions:
+        x = ref.profile.events[p].fields.get(node.field or "")
+        if isinstance(x, int | float) and not isinstance(x, bool):
+            numbers.append(x)
+    if node.func == "sum":
+        total: float = math.fsum(numbers)
+    elif not numbers:
         return False
+    elif node.func == "avg":
+        total = math.fsum(numbers) / len(numbers)
+    elif node.func == "min":
+        total = sorted(numbers)[0]
+    else:
+        total = sorted(numbers)[-1]
+    return compare(total, node.op, node.value)
 
-    return {a.id: segment(a.id) for a in audiences}
+
+def sequence_holds(node: SeqNode, ref: Reference) -> bool:
+    events = ref.profile.events
+    for p in ref.matching(node.first):
+        first = events[p]
+        has_follower = False
+        for q, later in enumerate(events):
+            if (q > p and later.event_type == node.then.event_type and later.ts_ms <= first.ts_ms + node.gap.ms
+                    and fields_hold(node.then, later)):
+                has_follower = True
+        if not node.negated and has_follower:
+            return True
+        # Absence counts only once the whole gap has passed.
+        if node.negated and not has_follower and ref.now_ms > first.ts_ms + node.gap.ms:
+            return True
+    return False
 
 
 def fields_hold(spec: EventSpec, event: StoredEvent) -> bool:
@@ -154,29 +180,52 @@ def fields_hold(spec: EventSpec, event: StoredEvent) -> bool:
     return field_condition(spec.where, event.fields)
 
 
-def field_condition(node: Node, fields: dict[str, Scalar]) -> bool:
-    if isinstance(node, Const):
-        return node.value
-    if isinstance(node, And):
-        return all(field_condition(i, fields) for i in node.items)
-    if isinstance(node, Or):
-        return any(field_condition(i, fields) for i in node.items)
-    if isinstance(node, Not):
-        return not field_condition(node.item, fields)
-    if isinstance(node, Compare | InList | Exists | StartsWith | Contains):
-        return leaf_holds(node, fields.get(node.path))
-    raise TypeError(node)
+def field_condition(node: Node, fields: Mapping[str, Scalar]) -> bool:
+    op = operator_of(node)
+    if op.value is not None:
+        return op.value.reference(node, fields.get(op.path(node)))  # type: ignore[arg-type]
+    if op.where is None:
+        raise TypeError(node)
+    return op.where.reference(node, fields)
 
 
-def leaf_holds(node: Compare | InList | Exists | StartsWith | Contains, x: Scalar) -> bool:
-    if isinstance(node, Exists):
-        return x is not None
-    if isinstance(node, StartsWith):
-        return isinstance(x, str) and x[:len(node.prefix)] == node.prefix
-    if isinstance(node, Contains):
-        return isinstance(x, str) and node.needle in x
-    if isinstance(node, InList):
-        return any(equal(x, v) for v in node.values)
+# Where-condition reference parts of the built-in operators.
+
+def const_field_holds(node: Const, fields: Mapping[str, Scalar]) -> bool:
+    return node.value
+
+
+def and_field_holds(node: And, fields: Mapping[str, Scalar]) -> bool:
+    return all(field_condition(i, fields) for i in node.items)
+
+
+def or_field_holds(node: Or, fields: Mapping[str, Scalar]) -> bool:
+    return any(field_condition(i, fields) for i in node.items)
+
+
+def not_field_holds(node: Not, fields: Mapping[str, Scalar]) -> bool:
+    return not field_condition(node.item, fields)
+
+
+# Value-test reference parts of the built-in operators.
+
+def exists_value(node: Exists, x: Scalar) -> bool:
+    return x is not None
+
+
+def starts_with_value(node: StartsWith, x: Scalar) -> bool:
+    return isinstance(x, str) and x[:len(node.prefix)] == node.prefix
+
+
+def contains_value(node: Contains, x: Scalar) -> bool:
+    return isinstance(x, str) and node.needle in x
+
+
+def in_list_value(node: InList, x: Scalar) -> bool:
+    return any(equal(x, v) for v in node.values)
+
+
+def compare_value(node: Compare, x: Scalar) -> bool:
     return value_compare(x, node.op, node.value)
 
 
