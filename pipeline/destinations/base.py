@@ -33,9 +33,12 @@ class Payload:
     idempotency_key: str
     event_time_ms: int
     source_emit_ms: int
+    # Why a membership payload exists when it is not the audience's own decision (consent_withdrawn,
+    # consent_granted); None otherwise, and then left out of the delivered record.
+    reason: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "destination": self.destination,
             "profile_id": self.profile_id,
             "audience_id": self.audience_id,
@@ -47,6 +50,9 @@ class Payload:
             "event_time_ms": self.event_time_ms,
             "source_emit_ms": self.source_emit_ms,
         }
+        if self.reason is not None:
+            out["reason"] = self.reason
+        return out
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Payload:
@@ -61,6 +67,7 @@ class Payload:
             idempotency_key=str(d["idempotency_key"]),
             event_time_ms=int(d["event_time_ms"]),
             source_emit_ms=int(d["source_emit_ms"]),
+            reason=d.get("reason"),
         )
 
 
