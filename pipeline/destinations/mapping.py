@@ -117,7 +117,7 @@ def map_profile_change(msg: dict[str, Any], dest: DestinationConfig) -> list[Pay
        pipeline.consent.flip): one `exited` payload (reason `consent_withdrawn`) per activated audience;
        consent granted: one `realized` payload (reason `consent_granted`) per activated audience. Audiences
        whose membership changed in the same handling (`memberships_changed`) are left out: their own
-       membership message says it, checked against the new value.
+       membership message says it, checked against the new value (none left: go on with 3. and 4.).
     3. Consent not permitted and not changing: nothing (the profile was exited, or never entered).
     4. Otherwise an `updated` attributes payload, only if a changed attribute or identity namespace
        is mapped by the destination (file destinations skip these: they export memberships).
@@ -151,7 +151,9 @@ def map_profile_change(msg: dict[str, Any], dest: DestinationConfig) -> list[Pay
                 idempotency_key=f"{key}:{tag}:{a}", event_time_ms=event_time, source_emit_ms=emit_time,
                 reason=reason,
             ) for a in sorted(map(str, active)) if a not in decided]
-            return out or Skip(SKIP_NO_MAPPED_CHANGE)
+            if out:
+                return out
+            # every activated membership was decided with it: an ordinary change (3. or 4.)
         value = attributes.get(rule.attribute)
         if not consent_rule.permits(rule, value):
             # Not permitted before this change either: the profile was exited then (or never entered).

@@ -127,7 +127,13 @@ def test_a_withdrawal_says_why_and_leaves_out_memberships_decided_with_it() -> N
     # When every activated membership was decided with it, Then nothing more is sent
     only = profile_change(changed_attributes=["consents.email"], memberships=["vip"], consent="no",
                           previous={"consents.email": "yes"}, memberships_changed=["vip"])
-    assert map_profile_change(only, dest_config()) == Skip(SKIP_NO_MAPPED_CHANGE)
+    assert map_profile_change(only, dest_config()) == Skip(SKIP_CONSENT_DENIED)
+    # And a grant decided with every membership is an ordinary attribute update
+    grant = profile_change(changed_attributes=["consents.email"], memberships=["vip"], consent="yes",
+                           previous={"consents.email": None}, memberships_changed=["vip"])
+    result = map_profile_change(grant, dest_config())
+    assert isinstance(result, list) and [(p.kind, p.status, p.reason) for p in result] == [
+        ("attributes", "updated", None)]
 
 
 def test_a_change_between_values_the_rule_reads_alike_is_an_attribute_update() -> None:
