@@ -77,9 +77,11 @@ test-pythons: venv $(foreach v,$(PYTHONS),.venv-$(v)/.installed)
 		$$bin/pytest -q -p no:cacheprovider -m "not integration" || failed="$$failed $$($$bin/python -V)"; \
 	done; test -z "$$failed" || { echo "unit tests failed on:$$failed"; exit 1; }
 
+# ruff, mypy and the import-linter contracts of pyproject.toml (the architecture's layering); CI runs it.
 lint: venv
-	$(BIN)/ruff check pipeline tests
+	$(BIN)/ruff check pipeline tests bench
 	$(BIN)/mypy pipeline
+	$(BIN)/lint-imports
 
 bench: kafka-jars
 	$(BIN)/pip install -q -e ".[dev,bench]"

@@ -33,12 +33,12 @@ from rocksdict import Options, Rdict
 from bench.workload import Workload
 from pipeline.ingest.decode import Decoder
 from pipeline.model import ExperienceEvent, ProfileRecord, ProfileState
+from pipeline.observability.memory import tune_gc
 from pipeline.profiles.config import load_profile_config
 from pipeline.profiles.merge import apply_event, apply_record
 from pipeline.profiles.ops import ProfileProcessor
 from pipeline.profiles.walk import Outcome, Walk, WalkPool, WalkSpec
 from pipeline.resources import EXAMPLE_CONFIG_DIR
-from pipeline.runtime import tune_gc
 from pipeline.segments import SegmentEngine
 from pipeline.segments.config import load_segments_text
 from pipeline.state.codec import encode_profile

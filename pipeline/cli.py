@@ -27,11 +27,10 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     import uvloop
 
     from pipeline.app import build_app, init_group_offsets
-    from pipeline.observability.memory import start_tracing
+    from pipeline.observability.memory import start_tracing, tune_gc
     from pipeline.observability.metrics import watch_gc
-    from pipeline.runtime import tune_gc
 
-    start_tracing()  # PIPELINE_TRACEMALLOC (pipeline.observability.memory): off by default
+    start_tracing(settings.tracemalloc_frames)  # PIPELINE_TRACEMALLOC: off by default
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())  # the worker's loop is created after this
     from pipeline.api.server import load_authenticator
 
@@ -133,13 +132,11 @@ def cmd_tail(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_profile(args: argparse.Namespace, settings: Settings) -> int:
-    import os
 
     import httpx
 
     url = args.url or f"http://127.0.0.1:{settings.web_port}"
-    key = os.environ.get("PIPELINE_API_KEY", "").strip()
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    headers = {"Authorization": f"Bearer {settings.api_key}"} if settings.api_key else {}
     r = httpx.get(f"{url}/profiles", params={"namespace": args.namespace, "id": args.id}, headers=headers,
                   timeout=10)
     print(json.dumps(r.json(), indent=2))

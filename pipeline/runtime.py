@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import time
 import uuid
@@ -59,23 +58,6 @@ TABLE_CACHE = {"identity": (200_000, 64 << 20), "profiles": (20_000, 32 << 20)}
 # this bounds what a worker's caches hold at ~64 + 32 + 192 MB, whatever the size of its profiles.
 DECODED_PER_BYTE = 7
 DECODED_CACHE = (20_000, 192 << 20)
-
-# The cyclic GC: a full collection walks every tracked object, and the decoded-profile cache holds about a
-# million of them, so a full pass stops the worker for ~250 ms. With CPython's defaults (700, 10, 10) one runs
-# each time a quarter of the cache has been replaced, every few seconds under load (measured: 4.4 % of the time
-# in full collections at 1,500 events/s). Profiles are acyclic (an evicted one is freed by its reference
-# count), so rarer collections cost little memory: young ones every 20,000 allocations, full ones after
-# 100 middle ones, at most.
-GC_THRESHOLDS = (20_000, 20, 100)
-
-
-def tune_gc() -> None:
-    """Called once the worker is built: 1. move everything allocated so far (modules, the app, config) out of
-    the collector's sight (`gc.freeze`), it lives as long as the process; 2. raise the thresholds."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
-
 
 log = logging.getLogger(__name__)
 

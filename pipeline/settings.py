@@ -64,6 +64,38 @@ def _positive(name: str, default: Any) -> Any:
     return number
 
 
+def _whole(name: str, default: int) -> int:
+    """A whole number >= 0."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    if not value.isdigit():
+        raise ConfigError(f"{name} must be a whole number (0 or more), not {value!r}")
+    return int(value)
+
+
+def _cron(name: str, default: str) -> str:
+    """A crontab expression (five fields, UTC), checked now rather than when the scheduler first reads it."""
+    from croniter import croniter  # faust's crontab timers use it
+
+    value = os.environ.get(name, "").strip() or default
+    if not croniter.is_valid(value):
+        raise ConfigError(f"{name} must be a crontab expression (minute hour day month weekday), not {value!r}")
+    return value
+
+
+def _tracemalloc_frames(name: str) -> int:
+    """Frames kept per allocation, 0 for off: 1/on/true/yes means 1, a number that many."""
+    value = os.environ.get(name, "").strip().lower()
+    if value in ("", "0", "false", "no", "off"):
+        return 0
+    if value in ("1", "true", "yes", "on"):
+        return 1
+    if not value.isdigit():
+        raise ConfigError(f"{name} must be on/off or a number of frames, not {value!r}")
+    return int(value)
+
+
 @dataclass(frozen=True)
 class Settings:
     """Environment (flag default in brackets): the Kafka connection (pipeline.connection: KAFKA_*),
@@ -75,7 +107,11 @@ class Settings:
     worker does not start unless PIPELINE_API_AUTH=off [on]), PIPELINE_API_FAILED_AUTH_BURST [20] (failed
     authentications an address may make before 429, one more a second), PIPELINE_WEB_READ_TIMEOUT_S [10]
     (a client's request line and headers, and its body, must arrive within it), PIPELINE_WEB_TLS_CERT and
-    PIPELINE_WEB_TLS_KEY (PEM files: the listener speaks HTTPS)."""
+    PIPELINE_WEB_TLS_KEY (PEM files: the listener speaks HTTPS). Batch runs: PIPELINE_BATCH_CRON
+    [0 2 * * *] (UTC), PIPELINE_WALK_PROCESSES [one per core, at most 4; 0: in the event loop]. Memory
+    diagnosis (pipeline.observability.memory): PIPELINE_TRACEMALLOC [off; on or a number of frames],
+    PIPELINE_TRACEMALLOC_INTERVAL_S [60], PIPELINE_TRACEMALLOC_DUMP (a folder). The CLI's API client:
+    PIPELINE_API_KEY."""
 
     kafka: KafkaConnection
     app_id: str
@@ -104,6 +140,12 @@ class Settings:
     web_read_timeout_s: float = 10.0
     web_tls_cert: Path | None = None
     web_tls_key: Path | None = None
+    batch_cron: str = "0 2 * * *"
+    walk_processes: int = 4
+    tracemalloc_frames: int = 0  # 0: off
+    tracemalloc_interval_s: float = 60.0
+    tracemalloc_dump_dir: Path | None = None
+    api_key: str = ""  # what the CLI presents to a worker's API (`pipeline lookup`)
 
     @classmethod
     def from_env(cls, config_dir: str | Path | None = None) -> Settings:
@@ -129,6 +171,13 @@ class Settings:
             web_read_timeout_s=_positive("PIPELINE_WEB_READ_TIMEOUT_S", 10.0),
             web_tls_cert=_path("PIPELINE_WEB_TLS_CERT"),
             web_tls_key=_path("PIPELINE_WEB_TLS_KEY"),
+            batch_cron=_cron("PIPELINE_BATCH_CRON", "0 2 * * *"),
+            # one per core, at most 4: several workers may share a machine (set it higher on one of its own)
+            walk_processes=_whole("PIPELINE_WALK_PROCESSES", min(os.cpu_count() or 1, 4)),
+            tracemalloc_frames=_tracemalloc_frames("PIPELINE_TRACEMALLOC"),
+            tracemalloc_interval_s=_positive("PIPELINE_TRACEMALLOC_INTERVAL_S", 60.0),
+            tracemalloc_dump_dir=_path("PIPELINE_TRACEMALLOC_DUMP"),
+            api_key=os.environ.get("PIPELINE_API_KEY", "").strip(),
         )
 
     @property

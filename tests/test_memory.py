@@ -6,18 +6,15 @@ import tracemalloc
 from pathlib import Path
 from types import SimpleNamespace
 
-import pytest
 import rocksdict
 
 from pipeline.observability import memory
 from pipeline.state.lru import BoundedCache
 
 
-def test_tracing_is_off_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(memory.TRACEMALLOC_ENV, raising=False)
-    assert memory.start_tracing() is False
-    monkeypatch.setenv(memory.TRACEMALLOC_ENV, "0")
-    assert memory.start_tracing() is False
+def test_tracing_is_off_unless_frames_are_asked_for() -> None:
+    assert memory.start_tracing(0) is False
+    assert not tracemalloc.is_tracing()
 
 
 def test_a_report_names_the_line_that_grew(tmp_path: Path) -> None:

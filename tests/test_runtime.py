@@ -166,7 +166,7 @@ def test_gc_policy_raises_thresholds_freezes_the_start_up_heap_and_every_pause_i
     import gc
 
     from pipeline.observability import metrics
-    from pipeline.runtime import GC_THRESHOLDS, tune_gc
+    from pipeline.observability.memory import GC_THRESHOLDS, tune_gc
 
     before = gc.get_threshold()
 

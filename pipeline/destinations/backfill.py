@@ -24,7 +24,8 @@ from pipeline.connection import Kafka, client_config
 from pipeline.destinations.base import Payload, TopicResolver
 from pipeline.destinations.config import DestinationConfig
 from pipeline.destinations.mapping import SKIP_CONSENT_UNKNOWN, Skip, map_change
-from pipeline.errors import DeliveryError, PipelineError
+from pipeline.errors import DeliveryError
+from pipeline.kafka_reads import ReadTimeout, read_to_end
 from pipeline.observability import metrics
 
 if TYPE_CHECKING:
@@ -93,44 +94,12 @@ def next_state(cfg: DestinationConfig, prev: DestState | None, seen: Iterable[st
     return DestState(cfg.audiences, False, now)
 
 
-def read_compacted(kafka: Kafka, topic: str, *, timeout_s: float = 120.0,
-                   consumer_config: dict[str, Any] | None = None) -> dict[bytes, bytes | None]:
-    """Every key's latest value (None for a tombstone) of a topic, read up to the end offsets taken
-    at the start. No consumer group offsets are committed."""
-    c = Consumer(client_config(kafka, {"group.id": f"cdp-read-{uuid.uuid4().hex[:12]}",
-                                "enable.auto.commit": False, "auto.offset.reset": "earliest",
-                                **(consumer_config or {})}))
+def read_compacted(kafka: Kafka, topic: str, *, timeout_s: float = 120.0) -> dict[bytes, bytes | None]:
+    """`read_to_end`, its timeout a retryable delivery error (the runner tries the backfill again)."""
     try:
-        meta = c.list_topics(topic, timeout=10).topics.get(topic)
-        if meta is None or meta.error is not None or not meta.partitions:
-            raise PipelineError(f"topic {topic} does not exist (run `pipeline topics apply`)")
-        ends: dict[int, int] = {}
-        starts: dict[int, int] = {}
-        for p in meta.partitions:
-            low, high = c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-            starts[p], ends[p] = low, high
-        todo = {p for p in ends if ends[p] > starts[p]}
-        out: dict[bytes, bytes | None] = {}
-        if not todo:
-            return out
-        c.assign([TopicPartition(topic, p, starts[p]) for p in todo])
-        deadline = time.monotonic() + timeout_s
-        while todo:
-            if time.monotonic() > deadline:
-                raise DeliveryError(f"reading {topic} did not reach its end in {timeout_s:.0f}s", retryable=True)
-            for m in c.consume(1000, 0.5):
-                part = m.partition()
-                if m.error() is not None or part is None or part not in todo:
-                    continue
-                if (m.offset() or 0) < ends[part]:
-                    out[m.key() or b""] = m.value()
-            # Positions, not the last offset seen: compaction leaves gaps, the end may be a gap.
-            for tp in c.position([TopicPartition(topic, p) for p in list(todo)]):
-                if tp.offset >= ends[tp.partition]:
-                    todo.discard(tp.partition)
-        return out
-    finally:
-        c.close()
+        return read_to_end(kafka, topic, timeout_s=timeout_s)
+    except ReadTimeout as exc:
+        raise DeliveryError(str(exc), retryable=True) from exc
 
 
 def current_members(raw: dict[bytes, bytes | None], decode: Decoder) -> list[dict[str, Any]]:

@@ -5,7 +5,6 @@ profile's other messages."""
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -21,7 +20,7 @@ from pipeline.observability import metrics
 from pipeline.profiles import outbox
 from pipeline.profiles.deadlines import Deadlines
 from pipeline.profiles.ops import MEMBERSHIP_STATE_TOPIC, MEMBERSHIP_TOPIC, OpResult
-from pipeline.profiles.walk import META_PREFIX, Outcome, Walk, WalkPool, WalkSpec, pool_size
+from pipeline.profiles.walk import META_PREFIX, Outcome, Walk, WalkPool, WalkSpec
 from pipeline.runtime import BATCH_MAX, BATCH_WITHIN_S, DECODED_CACHE, DECODED_PER_BYTE, LocalItem, Runtime
 from pipeline.segments import SegmentEngine, load_segments
 from pipeline.segments.batch import batch_request, new_run_id
@@ -265,7 +264,7 @@ def register(rt: Runtime) -> None:
                      partition, len(undelivered), len(in_flight))
             record_acks()
 
-    walks = Walks(table, cache, deadlines, publish, WalkPool(n) if (n := pool_size()) else None,
+    walks = Walks(table, cache, deadlines, publish, WalkPool(n) if (n := rt.settings.walk_processes) else None,
                   acks, restamp_walked, resume, record_acks)
     if walks.pool is not None:
         rt.app.on_before_shutdown.connect(lambda *_a, **_k: walks.pool.close() if walks.pool else None)
@@ -299,7 +298,7 @@ def register(rt: Runtime) -> None:
 
     rt.app.agent(rt.topic(PROFILE_TOPIC), name="profiles")(profiles)
 
-    @rt.app.crontab(os.environ.get("PIPELINE_BATCH_CRON", "0 2 * * *"), on_leader=True)
+    @rt.app.crontab(rt.settings.batch_cron, on_leader=True)
     async def scheduled_batch() -> None:
         """The daily batch run (PIPELINE_BATCH_CRON, UTC): every audience over every profile."""
         run = new_run_id("scheduled")
@@ -403,7 +402,7 @@ def _restore_partition(walks: Walks, partition: int) -> None:
     acks = walks.acks(partition)
     undelivered: list[bytes] = []
     in_flight: list[bytes] = []
-    for key, raw in walks.table.table.data._db_for_partition(partition).items():
+    for key, raw in walks.table.store(partition).items():
         if key.startswith(META_PREFIX):
             continue
         peeked = peek_entry(raw)  # not a full decode: this reads every profile of the partition
@@ -438,7 +437,7 @@ async def _walk_partition(rt: Runtime, walks: Walks, partition: int, run: str, s
         rt.send(Send("control.segments", run, {"op": "progress", "run": run, "partition": partition,
                                                 "seen": seen, "total": total, "final": False}))
 
-    store = table.table.data._db_for_partition(partition)
+    store = table.store(partition)
     with table.watch(partition) as dirty:
         walk = Walk(rt.processor, spec, store, lambda key: table.get(partition, key, remember=False), apply,
                     progress, dirty, task_base=walks.task_base(rt, store),

@@ -286,7 +286,7 @@ def run_slice(task: SliceTask) -> SliceResult:
 
 
 def _init_process() -> None:
-    from pipeline.runtime import tune_gc
+    from pipeline.observability.memory import tune_gc
 
     tune_gc()
 
@@ -339,21 +339,6 @@ class WalkPool:
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
-
-
-def pool_size() -> int:
-    """PIPELINE_WALK_PROCESSES: worker processes for walks; 0 walks in the event loop. Default: one per core,
-    at most 4 (several workers may share a machine; set it higher on a machine of its own)."""
-    raw = os.environ.get("PIPELINE_WALK_PROCESSES")
-    if raw is None:
-        return min(os.cpu_count() or 1, 4)
-    try:
-        n = int(raw)
-    except ValueError:
-        from pipeline.errors import ConfigError
-
-        raise ConfigError(f"PIPELINE_WALK_PROCESSES must be a whole number, not {raw!r}") from None
-    return max(0, n)
 
 
 # ---- in the owner ----

@@ -25,7 +25,7 @@ from fastavro.schema import to_parsing_canonical_form
 
 from pipeline.errors import ConfigError, SchemaRegistryUnavailable, SerdeError, UnknownNameError
 from pipeline.resources import SCHEMAS_DIR
-from pipeline.serde.compiled import Reader, compile_reader, compile_writer
+from pipeline.serde.compiled import Reader, Writer, compile_reader, compile_writer
 from pipeline.serde.registry import SchemaRegistryConnection, record_fullname
 from pipeline.serde.resolve import NeedsFallback, Projection, compile_projection
 
@@ -181,10 +181,10 @@ class AvroCodec:
         self.name = name
         self.topic = topic
         self.catalog = catalog or default_catalog()
-        self._write_id = self.catalog.id_for(name, topic)
-        self._write_schema = self.catalog.parsed_by_id(self._write_id)
-        self._header = _HEADER.pack(MAGIC, self._write_id)
-        self._write = compile_writer(self._write_schema)
+        # the writer side is resolved on the first encode: a codec that only reads (the ingest topics) never
+        # registers a schema, so the worker runs with read-only registry credentials on the subjects it reads
+        self._header = b""
+        self._write: Writer | None = None
         # the reader schema: the pipeline's own version, whatever the registry holds under that id
         self._read_schema = fastavro.parse_schema(_strip_logical(self.catalog.raw_schema(name)))
         # by writer schema id, one per schema version seen: its compiled reader and the projection into the
@@ -192,9 +192,17 @@ class AvroCodec:
         self._readers: dict[int, tuple[Reader, Projection | None]] = {}
         self._unreadable: dict[int, SerdeError] = {}
 
+    def _writer(self) -> Writer:
+        """The compiled writer of this record's schema, registered (or looked up) under the topic's subject."""
+        write_id = self.catalog.id_for(self.name, self.topic)
+        self._header = _HEADER.pack(MAGIC, write_id)
+        self._write = compile_writer(self.catalog.parsed_by_id(write_id))
+        return self._write
+
     def encode(self, value: dict[str, Any]) -> bytes:
+        write = self._write or self._writer()
         try:
-            return self._header + self._write(value)
+            return self._header + write(value)
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise SerdeError("avro-encode-error", f"{self.name}: {exc}") from exc
 

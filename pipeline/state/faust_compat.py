@@ -179,3 +179,29 @@ def set_web_timeouts(app: faust.App, timeout_s: float) -> None:
     if not isinstance(web, AiohttpWeb) or not isinstance(getattr(web, "_runner", None), AppRunner):
         raise TypeError(f"expected faust's aiohttp web driver with an AppRunner, got {type(web).__name__}")
     web._runner = AppRunner(web.web_app, access_log=None, keepalive_timeout=timeout_s)
+
+
+# Table stores and the assignor, read by pipeline.state.tables (partition-explicit access) and the profile
+# agent (walks, the restore peek). Faust 0.15.3 has no public way to reach one partition's store.
+
+def partition_store(table: Any, partition: int) -> Any:
+    """The RocksDB database (rocksdict.Rdict) of one partition of `table`, opened by Faust if it is not yet
+    (`Store._db_for_partition`)."""
+    return table.data._db_for_partition(partition)
+
+
+def open_partitions(table: Any) -> frozenset[int]:
+    """The partitions whose store is open now (`Store._dbs`): revoked ones are closed."""
+    return frozenset(table.data._dbs)
+
+
+def forget_key_partition(table: Any, key: bytes) -> None:
+    """Drop `key` from Faust's key -> partition index (`Store._key_index`), a cache for reads made without an
+    event: after a delete, a stale entry would send Faust's own `table[key]` to that partition."""
+    table.data._key_index.pop(key, None)
+
+
+def assignment_token(app: Any) -> object:
+    """An object that is replaced at every new assignment of the app's consumer (`assignor._assignment`):
+    compared by identity to notice a rebalance without recomputing anything."""
+    return app.assignor._assignment

@@ -6,13 +6,10 @@ profile id -> live profile or forward, with forwards followed to the surviving p
 
 from __future__ import annotations
 
-import time
-import uuid
 from dataclasses import dataclass
 
-from confluent_kafka import Consumer, TopicPartition
-
-from pipeline.connection import Kafka, client_config
+from pipeline.connection import Kafka
+from pipeline.kafka_reads import read_to_end
 from pipeline.model import ProfileState
 from pipeline.state.codec import Forward, decode_profile_entry
 from pipeline.topics import TopicRegistry
@@ -20,33 +17,7 @@ from pipeline.topics import TopicRegistry
 
 def read_changelog(reg: TopicRegistry, kafka: Kafka, logical: str, timeout_s: float = 30) -> dict[bytes, bytes]:
     """The latest value per key of a changelog topic (tombstoned keys left out), read up to its end."""
-    spec = reg[logical]
-    c = Consumer(client_config(kafka, {"group.id": f"cdp-snapshot-{uuid.uuid4().hex[:8]}",
-                                "enable.auto.commit": False, "enable.partition.eof": True}))
-    try:
-        ends = {}
-        for p in range(spec.partitions):
-            lo, hi = c.get_watermark_offsets(TopicPartition(spec.name, p), timeout=10)
-            if hi > lo:
-                ends[p] = hi
-        c.assign([TopicPartition(spec.name, p, -2) for p in ends])
-        state: dict[bytes, bytes] = {}
-        done: set[int] = set()
-        deadline = time.monotonic() + timeout_s
-        while len(done) < len(ends) and time.monotonic() < deadline:
-            for msg in c.consume(1000, timeout=0.2):
-                part, offset, key, value = msg.partition(), msg.offset(), msg.key(), msg.value()
-                if msg.error() or part is None or offset is None or key is None:
-                    continue
-                if offset + 1 >= ends[part]:
-                    done.add(part)
-                if value is None:  # a tombstone: the key was deleted
-                    state.pop(key, None)
-                else:
-                    state[key] = value
-        return state
-    finally:
-        c.close()
+    return {k: v for k, v in read_to_end(kafka, reg.name(logical), timeout_s=timeout_s).items() if v is not None}
 
 
 @dataclass

@@ -20,6 +20,12 @@ from typing import Any
 from faust.types import TP
 from rocksdict import WriteOptions
 
+from pipeline.state.faust_compat import (
+    assignment_token,
+    forget_key_partition,
+    open_partitions,
+    partition_store,
+)
 from pipeline.state.lru import BoundedCache
 
 _M = 0x5BD1E995
@@ -81,7 +87,6 @@ class PartitionedTable:
         self.cache_size = cache_size
         self._cache: BoundedCache[tuple[int, bytes], bytes | None] = BoundedCache(cache_size, cache_bytes)
         self._cache_assignment: Any = None
-        self._assignor: Any = None
         self._recovered: Any = None
         self._watches: dict[int, list[set[bytes]]] = {}
 
@@ -94,10 +99,10 @@ class PartitionedTable:
 
     def active(self) -> frozenset[int]:
         """Partitions of this table actively assigned to this worker (recomputed after each rebalance)."""
-        assignor = self.table.app.assignor
-        if assignor._assignment is not self._assignment:
-            self._assignment = assignor._assignment
-            self._active = frozenset(tp.partition for tp in assignor.assigned_actives()
+        token = assignment_token(self.table.app)
+        if token is not self._assignment:
+            self._assignment = token
+            self._active = frozenset(tp.partition for tp in self.table.app.assignor.assigned_actives()
                                      if tp.topic == self.changelog)
         return self._active
 
@@ -106,24 +111,25 @@ class PartitionedTable:
         if not self.cache_size:
             return False
         app = self.table.app
-        if self._recovered is None:  # the app's objects, looked up once: this runs on every read
-            self._assignor, self._recovered = app.assignor, app.tables.recovery.completed
+        if self._recovered is None:  # the app's object, looked up once: this runs on every read
+            self._recovered = app.tables.recovery.completed
         if app.rebalancing or not self._recovered.is_set():
             self._cache.clear()
             return False
-        if self._assignor._assignment is not self._cache_assignment:
+        token = assignment_token(app)
+        if token is not self._cache_assignment:
             self._cache.clear()
-            self._cache_assignment = self._assignor._assignment
+            self._cache_assignment = token
         return True
 
     def _remember(self, slot: tuple[int, bytes], value: bytes | None) -> None:
         self._cache.put(slot, value, len(slot[1]) + (len(value) if value is not None else 0))
 
-    def _db(self, partition: int) -> Any:
+    def store(self, partition: int) -> Any:
         """The partition's RocksDB, writing without a write-ahead log (as Kafka Streams does): the changelog
         is the log. A crash loses recent writes and the stored changelog offset together, so recovery
         replays the changelog from the older offset and the store stays consistent."""
-        db = self.table.data._db_for_partition(partition)
+        db = partition_store(self.table, partition)
         if self._unlogged.get(partition) is not db:
             options = WriteOptions()
             options.disable_wal = True  # type: ignore[method-assign, assignment]  # a bool property; the stub says method
@@ -134,19 +140,19 @@ class PartitionedTable:
     def release(self, partition: int) -> None:
         """Faust revoked the partition and is closing its store (`faust_compat.close_revoked_partitions`):
         forget the handle, which would otherwise keep the database open and its lock held, so the partition
-        could not be reopened when it comes back. The next `_db` call gets the reopened handle."""
+        could not be reopened when it comes back. The next `store` call gets the reopened handle."""
         self._unlogged.pop(partition, None)
 
     def get(self, partition: int, key: bytes, remember: bool = True) -> bytes | None:
         """The stored value. `remember=False` for scans (batch runs): a value read from the store is not
         cached, so one walk over a partition does not push the hot keys out."""
         if not self._cache_valid():
-            uncached: bytes | None = self._db(partition).get(key)
+            uncached: bytes | None = self.store(partition).get(key)
             return uncached
         slot = (partition, key)
         value = self._cache.get(slot, _ABSENT)
         if value is _ABSENT:
-            value = self._db(partition).get(key)
+            value = self.store(partition).get(key)
             if remember:
                 self._remember(slot, value)  # type: ignore[arg-type]
         return value  # type: ignore[return-value]
@@ -156,13 +162,13 @@ class PartitionedTable:
         the store is left as it was); 2. write the store; 3. keep the cache in step."""
         # (Faust's key -> partition index is a cache for reads without an event; a miss scans the partitions)
         self.table.send_changelog(partition, key, value)
-        self._db(partition).put(key, value)
+        self.store(partition).put(key, value)
         self._written(partition, key, value)
 
     def delete(self, partition: int, key: bytes) -> None:
         """1. delete from the store; 2. keep the cache in step; 3. send the tombstone to the same partition."""
-        self._db(partition).delete(key)
-        self.table.data._key_index.pop(key, None)
+        self.store(partition).delete(key)
+        forget_key_partition(self.table, key)
         self._written(partition, key, None)
         self.table.send_changelog(partition, key, None)
 
@@ -228,6 +234,5 @@ class ChangelogRouter:
         nearly idle and Faust seldom commits, so the ingest loop's flushes are the ones that count."""
         acked, self._acked = self._acked, {}
         for (table, partition), offset in acked.items():
-            store = table.data
-            if partition in store._dbs:
-                store.set_persisted_offset(TP(table.changelog_topic.get_topic_name(), partition), offset)
+            if partition in open_partitions(table):
+                table.data.set_persisted_offset(TP(table.changelog_topic.get_topic_name(), partition), offset)

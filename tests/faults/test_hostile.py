@@ -96,7 +96,7 @@ class Corpus:
                  f"{self.tag}-j{n}")
 
     def nan_values(self, n: int) -> None:
-        email, phone, crm = f"{self.tag}.h{n}@example.com", f"+1555{n:07d}", f"{self.tag}-HC{n}"
+        email, phone, crm = f"{self.tag}.h{n}@example.com", f"+1212{2000000 + n:07d}", f"{self.tag}-HC{n}"
         self.personal += [email, phone, crm]
         ids = {"ECID": [f"{self.tag}-n{n}"], "Email": [email], "Phone": [phone], "CRMID": [crm]}
         self.add("nan-values", self.enc(event(

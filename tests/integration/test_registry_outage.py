@@ -2,19 +2,15 @@
 yet are held, not dead-lettered, while the registry cannot be asked; /readyz says so; they are applied once it
 answers again.
 
-No real registry runs here, so the worker talks to a small fake of the registry's REST API (the two calls the
-client makes: register a schema, get a schema by id) served from this process, closed for the outage (connection
+The worker talks to the tests' fake registry (tests/schema_registry_fake.py), closed for the outage (connection
 refused) and opened again on the same port. The broker is the session's."""
 
 from __future__ import annotations
 
 import copy
-import json
 import re
 import struct
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from io import BytesIO
 from typing import Any
 
@@ -22,74 +18,16 @@ import fastavro
 import httpx
 import pytest
 from kafka_helpers import Collector, produce
+from schema_registry_fake import FakeSchemaRegistry
 
-from pipeline.local.broker import free_port
-from pipeline.serde.avro import EmbeddedCatalog, schema_id_for
+from pipeline.serde.avro import EmbeddedCatalog
 
 pytestmark = pytest.mark.integration
 
 
-class FakeRegistry:
-    """Registers schemas (id: the embedded catalog's for the same schema) and serves them by id."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.schemas: dict[int, str] = {}
-        self.gets: list[int] = []
-        self._server: ThreadingHTTPServer | None = None
-
-    def add(self, schema: dict[str, Any]) -> int:
-        sid = schema_id_for(schema)
-        self.schemas[sid] = json.dumps(schema)
-        return sid
-
-    def start(self) -> None:
-        registry = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def _answer(self, status: int, body: dict[str, Any]) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/vnd.schemaregistry.v1+json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_POST(self) -> None:  # noqa: N802 - register a schema under a subject
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                sid = registry.add(json.loads(body["schema"]))
-                self._answer(200, {"id": sid, "schema": body["schema"], "schemaType": "AVRO", "version": 1,
-                                   "subject": self.path.split("/")[2]})
-
-            def do_GET(self) -> None:  # noqa: N802 - a schema by id
-                sid = int(self.path.split("?")[0].rstrip("/").split("/")[-1])
-                registry.gets.append(sid)
-                if sid not in registry.schemas:
-                    self._answer(404, {"error_code": 40403, "message": "Schema not found"})
-                else:
-                    self._answer(200, {"id": sid, "schema": registry.schemas[sid], "schemaType": "AVRO"})
-
-            def log_message(self, *_args: Any) -> None:
-                pass
-
-        ThreadingHTTPServer.allow_reuse_address = True
-        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-
 @pytest.fixture
 def fake_registry() -> Any:
-    r = FakeRegistry()
+    r = FakeSchemaRegistry()
     r.start()
     yield r
     r.stop()
@@ -148,7 +86,9 @@ def wait(what: str, check: Any, worker: Any, timeout_s: float = 60) -> None:
 
 def test_records_with_a_new_schema_wait_for_the_registry_instead_of_being_dead_lettered(
         registry, kafka_bootstrap, start_worker, fake_registry):
-    # Given a worker reading its schemas from a Schema Registry, and applying events
+    # Given a worker reading its schemas from a Schema Registry (where the producer registered its own), and
+    # applying events
+    fake_registry.add(EmbeddedCatalog().raw_schema("ExperienceEvent"), registry.name("ingest.events") + "-value")
     worker = start_worker(extra_env={"SCHEMA_REGISTRY_URL": fake_registry.url})
     dlq = Collector(registry, kafka_bootstrap, "ingest.dlq")
     produce(registry, kafka_bootstrap, "ingest.events", [event("e0", "rc-0")])

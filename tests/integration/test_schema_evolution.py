@@ -3,20 +3,17 @@ its own (reader) schema, old records get the new field's default, through a secu
 
 The pipeline's ExperienceEvent is the new version; the old one is the same record before `dataset` was added
 (with its default, web-events). Producers use confluent-kafka's standard AvroSerializer, so subjects are named
-`<topic>-value` as Confluent names them. No real registry runs here (no Docker), so the registry is a small fake
-of its REST API (register under a subject, get a schema by id) served from this process over HTTPS with HTTP
-basic auth, which the worker reaches through SCHEMA_REGISTRY_URL, _USERNAME, _PASSWORD_FILE and _CA_FILE."""
+`<topic>-value` as Confluent names them. The registry is the tests' fake
+(tests/schema_registry_fake.py) over HTTPS with HTTP basic auth, which the worker reaches through
+SCHEMA_REGISTRY_URL, _USERNAME, _PASSWORD_FILE and _CA_FILE with credentials that may read the ingest subjects
+but not register under them, as a production role binding would give."""
 
 from __future__ import annotations
 
-import base64
 import copy
 import json
-import ssl
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -27,99 +24,22 @@ from confluent_kafka.schema_registry import SchemaRegistryClient
 from confluent_kafka.schema_registry.avro import AvroSerializer
 from confluent_kafka.serialization import StringSerializer
 from kafka_helpers import Collector
+from schema_registry_fake import FakeSchemaRegistry
 
-from pipeline.local.broker import free_port
-from pipeline.local.cluster import make_tls
 from pipeline.serde.avro import EmbeddedCatalog
 from pipeline.serde.registry import SchemaRegistryConnection
 
 pytestmark = pytest.mark.integration
 
-USER, PASSWORD = "sr-user", "sr-s3cret"
-
-
-class SecuredRegistry:
-    """Subjects with versions and ids as Confluent's registry gives them (the same schema keeps its id across
-    subjects), over HTTPS; every request needs the basic-auth user."""
-
-    def __init__(self, tls_dir: Path) -> None:
-        self.keystore, self.ca_file = make_tls(tls_dir)
-        self.port = free_port()
-        self.by_id: dict[int, str] = {}
-        self.subjects: dict[str, list[int]] = {}
-        self.refused = 0
-        self._lock = threading.Lock()
-        self._server: ThreadingHTTPServer | None = None
-
-    def register(self, subject: str, schema: str) -> tuple[int, int]:
-        canonical = json.dumps(json.loads(schema), sort_keys=True)
-        with self._lock:
-            sid = next((i for i, s in self.by_id.items() if s == canonical), len(self.by_id) + 1)
-            self.by_id[sid] = canonical
-            versions = self.subjects.setdefault(subject, [])
-            if sid not in versions:
-                versions.append(sid)
-            return sid, versions.index(sid) + 1
-
-    def start(self) -> None:
-        registry = self
-        expected = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
-
-        class Handler(BaseHTTPRequestHandler):
-            def _answer(self, status: int, body: Any) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/vnd.schemaregistry.v1+json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def _authorized(self) -> bool:
-                if self.headers.get("Authorization") == expected:
-                    return True
-                registry.refused += 1
-                self._answer(401, {"error_code": 40101, "message": "Unauthorized"})
-                return False
-
-            def do_POST(self) -> None:  # noqa: N802 - POST /subjects/<subject>/versions: register
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                if not self._authorized():
-                    return
-                subject = self.path.split("?")[0].split("/")[2]
-                sid, version = registry.register(subject, body["schema"])
-                self._answer(200, {"id": sid, "subject": subject, "version": version, "schema": body["schema"]})
-
-            def do_GET(self) -> None:  # noqa: N802 - GET /schemas/ids/<id>: a schema by id
-                if not self._authorized():
-                    return
-                parts = self.path.split("?")[0].strip("/").split("/")
-                if parts[:2] == ["schemas", "ids"] and int(parts[2]) in registry.by_id:
-                    self._answer(200, {"schema": registry.by_id[int(parts[2])], "schemaType": "AVRO"})
-                else:
-                    self._answer(404, {"error_code": 40403, "message": "Schema not found"})
-
-            def log_message(self, *_args: Any) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(self.keystore)
-        self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-
-    @property
-    def url(self) -> str:
-        return f"https://localhost:{self.port}"
+PRODUCER, WORKER, PASSWORD = "sr-producer", "sr-worker", "sr-s3cret"
 
 
 @pytest.fixture
-def secured_registry(tmp_path: Path) -> Iterator[SecuredRegistry]:
-    r = SecuredRegistry(tmp_path)
+def secured_registry(tmp_path: Path, registry: Any) -> Iterator[FakeSchemaRegistry]:
+    """HTTPS, basic auth: producers may register anywhere, the worker may read every subject but register
+    only under the topics it writes (a read-only role binding on the ingest subjects)."""
+    r = FakeSchemaRegistry(tmp_path, users={PRODUCER: PASSWORD, WORKER: PASSWORD},
+                           read_only={WORKER: (registry.name("ingest.events"), registry.name("ingest.profiles"))})
     r.start()
     yield r
     r.stop()
@@ -158,7 +78,7 @@ def test_old_and_new_versions_of_an_event_are_read_into_the_new_one_through_a_se
     old["fields"] = [f for f in old["fields"] if f["name"] != "dataset"]
     newer = copy.deepcopy(current)  # and a producer already one version ahead of the pipeline
     newer["fields"].append({"name": "channel", "type": ["null", "string"], "default": None})
-    conn = SchemaRegistryConnection(secured_registry.url, username=USER, password=PASSWORD,
+    conn = SchemaRegistryConnection(secured_registry.url, username=PRODUCER, password=PASSWORD,
                                     ca_file=secured_registry.ca_file)
     client = SchemaRegistryClient(conn.client_config())
     topic = registry.name("ingest.events")
@@ -168,7 +88,7 @@ def test_old_and_new_versions_of_an_event_are_read_into_the_new_one_through_a_se
     # the current and of a newer version follow
     (tmp_path / "sr-password").write_text(PASSWORD + "\n")
     worker = start_worker(extra_env={
-        "SCHEMA_REGISTRY_URL": secured_registry.url, "SCHEMA_REGISTRY_USERNAME": USER,
+        "SCHEMA_REGISTRY_URL": secured_registry.url, "SCHEMA_REGISTRY_USERNAME": WORKER,
         "SCHEMA_REGISTRY_PASSWORD_FILE": str(tmp_path / "sr-password"),
         "SCHEMA_REGISTRY_CA_FILE": str(secured_registry.ca_file)})
     publish(kafka_bootstrap, client, current, topic,
@@ -188,8 +108,9 @@ def test_old_and_new_versions_of_an_event_are_read_into_the_new_one_through_a_se
     dlq.poll(2)
     assert dlq.messages == []
     dlq.close()
-    # And the three versions are registered under the topic's subject, the worker's own schemas under theirs,
-    # and no request went without the credentials
+    # And the three versions are registered under the topic's subject; the worker, whose credentials may only
+    # read the ingest subjects, never tried to register there; no request went without the credentials
     assert len(secured_registry.subjects[f"{topic}-value"]) == 3
-    assert f"{registry.name('ingest.profiles')}-value" in secured_registry.subjects
+    assert f"{registry.name('ingest.profiles')}-value" not in secured_registry.subjects
+    assert secured_registry.denied == []
     assert secured_registry.refused == 0

@@ -9,7 +9,7 @@ from confluent_kafka.schema_registry import SchemaRegistryClient
 
 from pipeline.errors import ConfigError
 from pipeline.local.cluster import make_tls
-from pipeline.serde.avro import RegistryCatalog
+from pipeline.serde.avro import AvroCodec, RegistryCatalog
 from pipeline.serde.registry import SchemaRegistryConnection
 
 
@@ -135,3 +135,31 @@ def test_a_codec_of_a_topic_registers_under_the_topic_and_one_of_no_topic_under_
     catalog.id_for("ProfileChange", "cdp.activation.profile-changes")
     catalog.id_for("ExperienceEvent")
     assert sorted(client.get_subjects()) == ["cdp.ExperienceEvent", "cdp.activation.profile-changes-value"]
+
+
+def test_a_codec_that_only_reads_registers_nothing_and_one_that_writes_registers_on_its_first_record() -> None:
+    # Given a registry where a producer registered the event schema under its topic's subject
+    conn = SchemaRegistryConnection("mock://subjects-read-only")
+    client = SchemaRegistryClient.new_client(conn.client_config())
+    producer_side = RegistryCatalog(conn, client=client)
+    event = {"eventId": "e1", "timestamp": 1, "eventType": "pageView", "dataset": "web-events",
+             "identityMap": {"ECID": [{"id": "c1", "primary": True}]}, "ecid": None, "web": None,
+             "product": None, "commerce": None, "fields": {}}
+    data = AvroCodec("ExperienceEvent", producer_side, topic="cdp.ingest.events").encode(event)
+    # When the worker's codecs of an ingest topic (which it reads) and an activation topic (which it writes)
+    # are made, and the first decodes a record
+    worker_side = RegistryCatalog(conn, client=client)
+    ingest = AvroCodec("ExperienceEvent", worker_side, topic="cdp.ingest.events")
+    activation = AvroCodec("MembershipChange", worker_side, topic="cdp.activation.memberships")
+    decoded = ingest.decode(data)
+    # Then reading registered nothing more: read-only credentials on the ingest subjects are enough
+    assert decoded["eventId"] == "e1"
+    assert client.get_subjects() == ["cdp.ingest.events-value"]
+    # And the writing codec registers its subject on its first record, once
+    change = {"profile_id": "p1", "audience_id": "a1", "audience_version": 1, "status": "realized",
+              "previous_status": None, "identities": {}, "attributes": {}, "reason": "r", "cause_event_id": None,
+              "evaluation": "streaming", "event_time_ms": 1, "emit_time_ms": 2, "idempotency_key": "k"}
+    assert activation.decode(activation.encode(change))["profile_id"] == "p1"
+    activation.encode(change)
+    assert sorted(client.get_subjects()) == ["cdp.activation.memberships-value", "cdp.ingest.events-value"]
+    assert [v for v in client.get_versions("cdp.activation.memberships-value")] == [1]

@@ -3,6 +3,7 @@ collection), so this process can open it again when the partition comes back (is
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 
 import faust
@@ -52,3 +53,24 @@ def test_another_faust_version_is_refused(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setattr(faust, "__version__", "0.99.0")
     with pytest.raises(RuntimeError, match="0.99.0"):
         faust_compat.require_faust_version()
+
+
+def _private_attributes(tree: ast.AST) -> set[str]:
+    """`obj._name` accesses on anything but `self` / `cls` (a module's own privates are its business)."""
+    return {node.attr for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+            and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))}
+
+
+def test_only_faust_compat_touches_faust_private_attributes() -> None:
+    # Given the private attributes faust_compat reaches into (Faust's stores, assignor, web driver)
+    package = Path(faust_compat.__file__).parents[1]
+    faust_private = _private_attributes(ast.parse(Path(faust_compat.__file__).read_text()))
+    assert {"_db_for_partition", "_dbs", "_key_index", "_assignment"} <= faust_private
+    # When every other module of the package is read
+    offenders = {
+        str(path.relative_to(package)): sorted(found)
+        for path in package.rglob("*.py") if path.name != "faust_compat.py"
+        if (found := _private_attributes(ast.parse(path.read_text())) & faust_private)}
+    # Then none of them touches one
+    assert offenders == {}

@@ -1,0 +1,59 @@
+"""The one way to read a topic to its end: every key's latest value, for compacted topics and changelogs."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from confluent_kafka import Consumer, TopicPartition
+
+from pipeline.connection import Kafka, client_config
+from pipeline.errors import PipelineError
+
+
+class ReadTimeout(PipelineError):
+    """A topic was not read to its end in time (the broker is slow or away); worth trying again."""
+
+
+def read_to_end(kafka: Kafka, topic: str, *, timeout_s: float = 120.0,
+                consumer_config: dict[str, Any] | None = None) -> dict[bytes, bytes | None]:
+    """Every key's latest value (None for a tombstone) of `topic`, read up to the end offsets taken at the
+    start, with no consumer group offsets committed. In order:
+    1. take each partition's low and high watermarks (a partition with none left is done);
+    2. read from the low watermark, keeping records below the noted end;
+    3. a partition is done when the consumer's *position* reaches the end: on a compacted topic the last
+       offsets before the end may have been removed (or be transaction markers), so no record with offset
+       end - 1 ever comes, and waiting for one would hang or return partial state."""
+    c = Consumer(client_config(kafka, {"group.id": f"cdp-read-{uuid.uuid4().hex[:12]}",
+                                       "enable.auto.commit": False, "auto.offset.reset": "earliest",
+                                       **(consumer_config or {})}))
+    try:
+        meta = c.list_topics(topic, timeout=10).topics.get(topic)
+        if meta is None or meta.error is not None or not meta.partitions:
+            raise PipelineError(f"topic {topic} does not exist (run `pipeline topics apply`)")
+        starts: dict[int, int] = {}
+        ends: dict[int, int] = {}
+        for p in meta.partitions:
+            starts[p], ends[p] = c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+        todo = {p for p in ends if ends[p] > starts[p]}
+        out: dict[bytes, bytes | None] = {}
+        if not todo:
+            return out
+        c.assign([TopicPartition(topic, p, starts[p]) for p in todo])
+        deadline = time.monotonic() + timeout_s
+        while todo:
+            if time.monotonic() > deadline:
+                raise ReadTimeout(f"reading {topic} did not reach its end in {timeout_s:.0f}s")
+            for m in c.consume(1000, 0.5):
+                part = m.partition()
+                if m.error() is not None or part is None or part not in todo:
+                    continue
+                if (m.offset() or 0) < ends[part]:
+                    out[m.key() or b""] = m.value()
+            for tp in c.position([TopicPartition(topic, p) for p in list(todo)]):
+                if tp.offset >= ends[tp.partition]:
+                    todo.discard(tp.partition)
+        return out
+    finally:
+        c.close()
