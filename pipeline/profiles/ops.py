@@ -42,7 +42,7 @@ from pipeline.identity.stitch import (
     start_resolve,
 )
 from pipeline.ingest.wire import record_from_wire
-from pipeline.model import ExperienceEvent, Identity, MembershipChange, ProfileState
+from pipeline.model import ExperienceEvent, Identity, MembershipChange, ProfileState, Scalar
 from pipeline.privacy.erasure import REASON as ERASURE_REASON
 from pipeline.privacy.erasure import done_record, hashed
 from pipeline.profiles.config import ProfileConfig
@@ -210,6 +210,7 @@ class ProfileProcessor:
             else:
                 self._claim(profile, ident, rec.timestamp_ms, res)
         rec = replace(rec, identities=tuple(listed))
+        consent_before = self._consent_values(profile)
         if isinstance(rec, ExperienceEvent):
             summary = apply_event(profile, rec, self.config)
         else:
@@ -230,7 +231,7 @@ class ProfileProcessor:
         self._release(pid, enforce_identity_limit(profile, self.config), res)
         cause = rec.event_id if isinstance(rec, ExperienceEvent) else rec.record_id
         self._evaluate(profile, summary, res, now=now, event_time=rec.timestamp_ms, cause=cause,
-                       kind="streaming", created=entry is None)
+                       kind="streaming", created=entry is None, consent_before=consent_before)
         res.write = profile
         return res
 
@@ -347,6 +348,7 @@ class ProfileProcessor:
             res.sends.append(Send(PROFILE_TOPIC, other_id, {"op": "refused", **answer}))
             return res
         other.memberships.clear()
+        consent_before = self._consent_values(profile)
         summary = absorb(profile, other, self.config)
         for key, claimants in other.claims.items():
             pending = profile.claims.setdefault(key, {})
@@ -363,7 +365,7 @@ class ProfileProcessor:
         res.count("merges")
         self._release(pid, enforce_identity_limit(profile, self.config), res)
         self._evaluate(profile, summary, res, now=now, event_time=now, cause=None, kind="merge", all_=True,
-                       created=entry is None)
+                       created=entry is None, consent_before=consent_before)
         res.write = profile
         return res
 
@@ -523,6 +525,16 @@ class ProfileProcessor:
         return res
 
     # -- shared steps -------------------------------------------------------------------------------
+    def _consent_values(self, profile: ProfileState) -> dict[str, Scalar]:
+        """The values of the consent attributes (pipeline.consent) before a change: a profile change says
+        what they were, so a destination can tell a withdrawal or grant from a change between two values
+        its rule reads alike."""
+        out: dict[str, Scalar] = {}
+        for path in self.engine.carried_attributes:
+            av = profile.attributes.get(path)
+            out[path] = av.value if av is not None else None
+        return out
+
     def _release(self, pid: str, removed: list[Identity], res: OpResult) -> None:
         if removed:
             by_ns: dict[str, int] = {}
@@ -536,9 +548,12 @@ class ProfileProcessor:
 
     def _evaluate(self, profile: ProfileState, summary: ChangeSummary, res: OpResult, *, now: int,
                   event_time: int, cause: str | None, kind: str, all_: bool = False, created: bool = False,
-                  audience_ids: list[str] | None = None) -> None:
+                  audience_ids: list[str] | None = None, consent_before: dict[str, Scalar] | None = None,
+                  ) -> None:
         """Evaluate the audiences the change can affect, record memberships and the next deadline,
-        and emit membership changes and (for streaming destinations) the profile change."""
+        and emit membership changes and (for streaming destinations) the profile change. `consent_before`: the
+        consent attributes' values before the change (`_consent_values`)."""
+        decided: list[str] = []
         every = audience_ids is None and (all_ or created)
         if audience_ids is None:
             audience_ids = self.engine.affected(
@@ -551,8 +566,10 @@ class ProfileProcessor:
                 decisions = [d if d.cause_event_id or not d.qualified else _with_cause(d, cause)
                              for d in decisions]
             if decisions:
-                res.changes.extend(apply_decisions(profile, decisions, self.engine, now_ms=now,
-                                                   event_time_ms=event_time, kind=kind))
+                changes = apply_decisions(profile, decisions, self.engine, now_ms=now, event_time_ms=event_time,
+                                          kind=kind)
+                decided = sorted({c.audience_id for c in changes})
+                res.changes.extend(changes)
         # a partial evaluation never moves the deadline later, even a passed one: its due tick re-checks all
         current = profile.next_deadline_ms
         if every or (deadline is not None and (current is None or deadline < current)):
@@ -569,6 +586,9 @@ class ProfileProcessor:
                 "memberships": sorted(profile.active_segments()),
                 "event_time_ms": event_time,
                 "idempotency_key": hashlib.sha256(key_src.encode()).hexdigest()[:32],
+                "memberships_changed": decided,
+                "previous_attributes": {a: v for a, v in (consent_before or {}).items()
+                                        if a in summary.attributes_changed},
             }))
 
 
