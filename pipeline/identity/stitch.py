@@ -132,4 +132,4 @@ def in_process_allowed(send: Send) -> bool:
     in pipeline.profiles.ops), as through Kafka."""
     if send.topic == IDENTITY_TOPIC:
         return False
-    return not (send.topic == PROFILE_TOPIC and isinstance(send.value, dict) and send.value.get("op") == "absorb")
+    return not (send.topic == PROFILE_TOPIC and isinstance(send.value, dict) and send.value.get("op") in ("absorb", "link"))
