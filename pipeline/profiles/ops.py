@@ -138,6 +138,10 @@ class ProfileProcessor:
             elif op in _DROPPED_AT_FORWARD:
                 res.count("stale")
             else:
+                if op == "link" and msg.get("via") and msg["via"] not in entry.repointed:
+                    # the table gives `via` to this merged-away id, which did not list it when it merged (a crash
+                    # lost the write that would have): hand it to the survivor, which lists it once it is moved
+                    res.sends.append(repoint_msg(msg["via"], pid, entry.into, adopt=True))
                 res.sends.append(Send(PROFILE_TOPIC, entry.into, {**msg, "pid": entry.into}))
                 res.count("forwarded")
             return res
