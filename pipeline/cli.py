@@ -44,7 +44,12 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     init_group_offsets(settings, rt.registry)
     logging.getLogger(__name__).info("worker %s: %d audiences, config %s", settings.worker_name,
                                      len(config.audiences), settings.config_dir)
-    worker = faust.Worker(rt.app, loglevel=args.loglevel)
+    from pipeline.observability.logformat import faust_logging_config
+
+    # JSON logs: Faust's banner and spinner are text on stdout, so they are left out (quiet)
+    worker = faust.Worker(rt.app, loglevel=args.loglevel, quiet=settings.log_format == "json",
+                          logging_config=faust_logging_config(settings.log_format, settings.worker_name,
+                                                              args.loglevel))
     worker.execute_from_commandline()
     return 0
 
@@ -360,8 +365,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(levelname)s %(name)s: %(message)s")
-    settings = Settings.from_env(args.config)
+    from pipeline.observability import logformat
+
+    logging.basicConfig(level=logging.INFO, format=logformat.TEXT_FORMAT)
+    try:
+        settings = Settings.from_env(args.config)
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    logformat.configure(settings.log_format, settings.worker_name)
     try:
         return int(args.func(args, settings))
     except ConfigError as exc:
