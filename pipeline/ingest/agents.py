@@ -14,6 +14,7 @@ from pipeline.errors import PipelineError, SchemaRegistryUnavailable, describe, 
 from pipeline.identity.stitch import apply_msg, home_key, start_resolve
 from pipeline.ingest.decode import Decoder, Rejected, Skipped
 from pipeline.ingest.drops import DropReporter
+from pipeline.ingest.replay import REPLAY_OF_HEADER
 from pipeline.ingest.wire import record_to_wire, wire_identity_keys
 from pipeline.model import ExperienceEvent
 from pipeline.observability import metrics
@@ -96,9 +97,13 @@ def _record_handler(rt: Runtime) -> Any:
     def dead_letter(logical: str, msg: Any, reason: str, detail: str) -> None:
         """The original record (or its first bytes, if huge; a null stays null), reason and source in headers."""
         metrics.RECORDS_DEAD_LETTERED.labels(logical, reason).inc()
+        headers = {"source_topic": msg.topic().encode(), "source_partition": str(msg.partition()).encode(),
+                   "source_offset": str(msg.offset()).encode()}
+        for name, value in msg.headers() or ():  # a replayed record failing again says which entry it was
+            if name == REPLAY_OF_HEADER and value:
+                headers[REPLAY_OF_HEADER] = value
         rt.dead_letter("ingest.dlq", (msg.key() or b"").decode(errors="replace"), msg.value(), reason, detail,
-                       {"source_topic": msg.topic().encode(), "source_partition": str(msg.partition()).encode(),
-                        "source_offset": str(msg.offset()).encode()})
+                       headers)
 
     def handle(logical: str, decoder: Decoder, msg: Any) -> None:
         """One ingest record: dead-letter it with its reason, skip it, or start stitching it."""
