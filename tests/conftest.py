@@ -82,13 +82,13 @@ def start_worker(kafka_bootstrap: str, topic_prefix: str, registry: TopicRegistr
 
     def start(name: str = "w1", config_dir: Path | None = None, wait: bool = True,
               data_dir: Path | None = None, extra_env: dict[str, str] | None = None) -> WorkerProc:
-        # a worker restarted on its old address says so in extra_env: probe that port, not a new one
-        port = int((extra_env or {}).get("PIPELINE_WEB_PORT") or free_port())
+        port = free_port()
         env = {**os.environ, "KAFKA_BOOTSTRAP": kafka_bootstrap, "PIPELINE_TOPIC_PREFIX": topic_prefix,
                "PIPELINE_APP_ID": app_id, "PIPELINE_DATA_DIR": str(data_dir or tmp_path / "data"),
                "PIPELINE_WEB_PORT": str(port), "PIPELINE_WORKER_NAME": name,
                "PIPELINE_CONFIG": str(config_dir or EXAMPLE_CONFIG_DIR), **(extra_env or {})}
-        w = WorkerProc(name, env, tmp_path / f"{name}-{len(workers)}.log", port)
+        # (a worker restarted on its old port, from extra_env, is reached there)
+        w = WorkerProc(name, env, tmp_path / f"{name}-{len(workers)}.log", int(env["PIPELINE_WEB_PORT"]))
         workers.append(w)
         if wait:
             w.wait_ready()
