@@ -16,6 +16,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from pipeline.topics import TopicRegistry
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -93,15 +95,38 @@ class WorkerProc(PipelineProc):
             time.sleep(0.3)
         raise AssertionError(f"worker {self.name} not ready after {timeout_s}s ({body}):\n{self.log()[-5000:]}")
 
-    def wait_settled(self, timeout_s: float = 60) -> None:
-        """Ready after its latest partition assignment (a later worker joining triggers another one)."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            text = self.log()
-            if text.count("Worker ready") >= text.count("Executing _on_partitions_assigned") > 0:
-                return
-            time.sleep(0.3)
-        raise AssertionError(f"worker {self.name} not settled after {timeout_s}s:\n{self.log()[-5000:]}")
+    def assignment(self) -> tuple[int, dict[str, list[int]]] | None:
+        """(generation, stage partitions) of the group assignment it has recovered, while /readyz answers 200."""
+        status, body = self.readyz()
+        return (body["generation"], body["partitions"]) if status == 200 and "generation" in body else None
+
+
+STAGE_TOPICS = ("internal.identity", "internal.profile-ops")  # Faust's group: what /readyz's partitions list
+
+
+def wait_settled(workers: Iterable[WorkerProc], timeout_s: float = 60) -> int:
+    """Until every one of `workers` (the whole group) is ready on the same generation of Faust's group and
+    between them they hold each stage partition once: the latest rebalance has reached every worker and its
+    tables are recovered ("ready" alone is also true of a worker the rebalance has not reached yet). Returns
+    the generation."""
+    workers = list(workers)
+    registry = TopicRegistry.load(prefix=workers[0].env.get("PIPELINE_TOPIC_PREFIX", ""))
+    every = {t: list(range(registry[t].partitions)) for t in STAGE_TOPICS}
+    deadline = time.monotonic() + timeout_s
+    seen: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        for w in workers:
+            if w.proc.poll() is not None:
+                raise AssertionError(f"worker {w.name} exited {w.proc.returncode}:\n{w.log()[-5000:]}")
+        seen = {w.name: w.assignment() for w in workers}
+        states = list(seen.values())
+        if all(states) and len({s[0] for s in states if s}) == 1:
+            held = {t: sorted(p for s in states if s for p in s[1].get(t, [])) for t in STAGE_TOPICS}
+            if held == every:
+                return next(s[0] for s in states if s)
+        time.sleep(0.3)
+    raise AssertionError(f"workers not settled on one assignment after {timeout_s}s: {seen}\n"
+                         + "\n".join(f"--- {w.name}:\n{w.log()[-3000:]}" for w in workers))
 
 
 def probe(url: str, timeout_s: float = 5) -> tuple[int, dict[str, Any]]:

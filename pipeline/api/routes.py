@@ -204,10 +204,7 @@ def register(rt: Runtime) -> None:
 
     @app.page("/readyz")
     async def readyz(web: Any, request: Any) -> Any:
-        reasons = rt.readiness.reasons()
-        if not reasons:
-            return web.json({"ready": True})
-        return web.json({"ready": False, "reasons": [f"{r}: {d}" for r, d in sorted(reasons.items())]}, status=503)
+        return web.json(rt.readiness.body(), status=200 if rt.readiness.ready else 503)
 
     @app.page("/openapi.json")
     async def openapi_json(web: Any, request: Any) -> Any:

@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 from kafka_helpers import produce
+from procs import wait_settled
 
 from pipeline.api.auth import ApiKey, entry_yaml, hash_key, new_key
 
@@ -67,8 +68,7 @@ def test_any_worker_answers_for_any_profile(registry: Any, kafka_bootstrap: str,
     for w in workers:
         w.wait_ready()
     wait_group_stable(kafka_bootstrap, workers[0].env["PIPELINE_APP_ID"], members=2)
-    for w in workers:
-        w.wait_settled()
+    wait_settled(workers)
     reader, aud = {"X-API-Key": keys["reader"][0]}, {"X-API-Key": keys["aud"][0]}
     # and people known by CRM id and e-mail, every other one gold
     produce(registry, kafka_bootstrap, "ingest.profiles", [{
