@@ -30,6 +30,7 @@ from pipeline.destinations.config import (
 from pipeline.destinations.files import ExportFile, ExportManifest, FileDestination
 from pipeline.destinations.http import CircuitBreaker, HttpDestination, TokenBucket
 from pipeline.destinations.kafka_topic import KafkaTopicDestination
+from pipeline.destinations.lane import Decoder, LogicalTopics, RunnerSettings, json_decoder
 from pipeline.destinations.mapping import (
     Skip,
     map_change,
@@ -38,14 +39,8 @@ from pipeline.destinations.mapping import (
     map_profile_change,
     transform_identity,
 )
-from pipeline.destinations.runner import (
-    Decoder,
-    DestinationRunner,
-    DestinationStatus,
-    LogicalTopics,
-    RunnerSettings,
-    json_decoder,
-)
+from pipeline.destinations.runner import DestinationRunner
+from pipeline.destinations.status import DestinationStatus
 
 __all__ = [
     "BatchConfig", "BreakerConfig", "CircuitBreaker", "ConsentConfig", "DeadLetterSink", "Decoder",

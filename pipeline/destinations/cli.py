@@ -24,7 +24,8 @@ from pipeline.connection import check_cluster
 from pipeline.destinations.backfill import Backfill, member_payloads, read_current_members
 from pipeline.destinations.base import DestinationContext, Payload
 from pipeline.destinations.config import DestinationConfig, DestinationsConfig, load_destinations
-from pipeline.destinations.runner import Decoder, DestinationRunner, RunnerSettings
+from pipeline.destinations.lane import Decoder, RunnerSettings
+from pipeline.destinations.runner import DestinationRunner
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.observability import metrics
 from pipeline.topics import TopicRegistry
