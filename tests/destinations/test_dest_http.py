@@ -12,7 +12,13 @@ from http_receiver import Receiver
 
 from pipeline.destinations.base import DestinationContext, Payload
 from pipeline.destinations.config import BreakerConfig
-from pipeline.destinations.http import CircuitBreaker, HttpDestination, backoff_delay_s, parse_retry_after
+from pipeline.destinations.http import (
+    CircuitBreaker,
+    HttpDestination,
+    HttpSettings,
+    backoff_delay_s,
+    parse_retry_after,
+)
 
 
 class DeadLetters:
@@ -43,9 +49,8 @@ def make(receiver: Receiver, path: str, dlq: DeadLetters, *, name: str = "d1", m
              f"    queue_max_records: {queue}\n"
              + (f"    rate_limit_per_s: {rate}\n" if rate else "") + headers)
     cfg = dest_config(name=name, extra=extra)
-    assert cfg.http is not None
     from dataclasses import replace
-    cfg = replace(cfg, http=replace(cfg.http, url=receiver.base_url + path))
+    cfg = replace(cfg, settings=replace(cfg.settings_as(HttpSettings), url=receiver.base_url + path))
     return HttpDestination(cfg, DestinationContext(dead_letter=dlq))
 
 
