@@ -91,6 +91,23 @@ async def test_nothing_lost_through_500s_429s_and_timeouts(receiver: Receiver) -
     assert dest.stats()["delivered"] == 600
 
 
+async def test_a_large_backlog_arrives_whole_in_requests_of_at_most_max_records(receiver: Receiver) -> None:
+    # Given 5,000 payloads handed over 1,000 at a time to a destination batching up to 500 records
+    dest = make(receiver, "/big", DeadLetters(), max_records=500, max_age_ms=50)
+    batch = payloads(5000)
+
+    async def body() -> None:
+        for i in range(0, len(batch), 1000):
+            await dest.deliver(batch[i:i + 1000])
+        await dest.flush()
+
+    # When they are delivered and flushed
+    await run(dest, body)
+    # Then each arrived once, in order, in requests of at most 500 records (its speed: `make bench-micro`)
+    assert receiver.keys("/big") == [p.idempotency_key for p in batch]
+    assert max(len(r.body["records"]) for r in receiver.requests) <= 500
+
+
 async def test_retry_after_is_honoured(receiver: Receiver) -> None:
     receiver.plan("/ra", "429:1")
     dlq = DeadLetters()
