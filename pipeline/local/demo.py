@@ -58,14 +58,8 @@ def main() -> int:
         if "PIPELINE_API_KEYS_FILE" not in env and "PIPELINE_API_AUTH" not in env:
             api_key = demo_api_key(DATA / "api-keys.yaml")
             env["PIPELINE_API_KEYS_FILE"] = str(DATA / "api-keys.yaml")
-        worker = procs.start(procs.pipeline_command("worker"), env, log_path, append=True)
-        print(f"worker started (pid {worker.pid}, log {log_path}); waiting until ready...", flush=True)
         ready_url = f"http://127.0.0.1:{Settings.from_env().web_port}/readyz"  # no API key needed
-        try:
-            procs.wait_ready(worker, ready_url, timeout_s=120, name="the worker", log_path=log_path, poll_s=0.5)
-        except ProcessNotReady as exc:
-            print(exc)
-            raise SystemExit("the worker did not start; see the log above") from None
+        worker = start_worker(procs.pipeline_command("worker"), env, log_path, ready_url)
         # activation: the demo webhook the example http destination points at, and the destination runner
         for name, args in (("receiver", ["destinations", "receive", "--port", "8089"]),
                            ("destinations", ["destinations", "run"])):
@@ -121,6 +115,21 @@ def main() -> int:
         if own_broker:
             broker.stop()
         print("stopped.", flush=True)
+
+
+def start_worker(command: list[str], env: dict[str, str], log_path: Path, ready_url: str,
+                 timeout_s: float = 120) -> subprocess.Popen[bytes]:
+    """Start the worker (appending to its log) and wait until its /readyz answers 200; one that exits or is not
+    ready in time is stopped, its log's tail printed, and the demo ends (SystemExit)."""
+    worker = procs.start(command, env, log_path, append=True)
+    print(f"worker started (pid {worker.pid}, log {log_path}); waiting until ready...", flush=True)
+    try:
+        procs.wait_ready(worker, ready_url, timeout_s=timeout_s, name="the worker", log_path=log_path, poll_s=0.5)
+    except ProcessNotReady as exc:
+        procs.stop(worker)
+        print(exc)
+        raise SystemExit("the worker did not start; see the log above") from None
+    return worker
 
 
 def demo_api_key(path: Path) -> str:

@@ -1,5 +1,5 @@
 """The one process helper (pipeline.local.procs) of `make run`, the benchmark and the tests: start, wait for
-/readyz, stop, and what a failure says; on small Python children that stand in for a worker."""
+/readyz, stop, what a failure says; and the demo's worker start. On small Python children standing in for a worker."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import ProcessNotReady
-from pipeline.local import procs
+from pipeline.local import demo, procs
 from pipeline.local.broker import free_port
 
 # A stand-in worker: /readyz answers 503 with a reason until the file `ready` exists, then 200.
@@ -94,3 +94,34 @@ def alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def test_the_demo_starts_its_worker_and_returns_once_it_is_ready(tmp_path: Path) -> None:
+    # Given a stand-in worker that is ready at once, and a log the demo appends to
+    (tmp_path / "ready").touch()
+    port = free_port()
+    log = tmp_path / "worker.log"
+    log.write_text("earlier run\n")
+    # When `make run` starts it
+    worker = demo.start_worker(server(tmp_path, port), {}, log, f"http://127.0.0.1:{port}/readyz", timeout_s=10)
+    try:
+        # Then it is running and ready, its output appended to the log
+        assert worker.poll() is None and procs.probe(f"http://127.0.0.1:{port}/readyz") == (200, {})
+        assert log.read_text() == "earlier run\nserving\n"
+    finally:
+        procs.stop(worker, timeout_s=10)
+
+
+def test_the_demo_stops_with_the_workers_log_when_it_does_not_get_ready(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    # Given a stand-in worker that never gets ready
+    port = free_port()
+    log = tmp_path / "worker.log"
+    # When `make run` starts it and its deadline passes
+    with pytest.raises(SystemExit) as info:
+        demo.start_worker(server(tmp_path, port), {}, log, f"http://127.0.0.1:{port}/readyz", timeout_s=1)
+    # Then the demo ends saying so, after printing the reasons /readyz gave and the log, and the worker is stopped
+    assert str(info.value) == "the worker did not start; see the log above"
+    assert capsys.readouterr().out.endswith(
+        "the worker not ready after 1s ({'not_ready': {'partitions': 'recovering'}}):\nserving\n\n")
+    assert procs.probe(f"http://127.0.0.1:{port}/readyz") == (0, {})
