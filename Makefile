@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: run test test-stitching test-faults soak test-unit test-pythons test-integration lint bench bench-batch kafka-jars kafka-up kafka-down topics clean venv
+.PHONY: run test test-stitching test-faults soak test-unit test-pythons test-integration lint bench bench-micro bench-batch kafka-jars kafka-up kafka-down topics clean venv
 
 # The other Pythons `make test-pythons` runs the unit tests on (3.11 is the main .venv's), each in .venv-X.Y.
 PYTHONS ?= 3.12 3.13
@@ -86,6 +86,11 @@ lint: venv
 bench: kafka-jars
 	$(BIN)/pip install -q -e ".[dev,bench]"
 	$(BIN)/python -m bench.run
+
+# The speed floors kept out of `make test` (segment evaluations, HTTP deliveries, file exports, the destination
+# runner on a broker of its own): about a minute; exit status 1 when one is below its floor.
+bench-micro: kafka-jars
+	$(BIN)/python -m bench.micro
 
 # Batch evaluation alone (no broker): 50 audiences over 1,000,000 stored profiles with the worker's walk.
 bench-batch: venv

@@ -22,7 +22,13 @@ from dest_helpers import dest_config
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.destinations.base import DestinationContext, Payload
-from pipeline.destinations.files import MANIFEST_NAME, ExportManifest, FileDestination, read_manifest
+from pipeline.destinations.files import (
+    MANIFEST_NAME,
+    ExportManifest,
+    FileDestination,
+    FileSettings,
+    read_manifest,
+)
 
 
 def member(i: int, status: str = "realized", audience: str = "vip", t: int | None = None) -> Payload:
@@ -37,8 +43,7 @@ def member(i: int, status: str = "realized", audience: str = "vip", t: int | Non
 def file_dest(path: str, fmt: str = "csv", mode: str = "incremental", *, extra: str = "",
               fs: fsspec.AbstractFileSystem | None = None, storage: str = "") -> FileDestination:
     cfg = dest_config("file", extra=f"    format: {fmt}\n    mode: {mode}\n" + extra + storage)
-    assert cfg.file is not None
-    cfg = replace(cfg, file=replace(cfg.file, path=path))
+    cfg = replace(cfg, settings=replace(cfg.settings_as(FileSettings), path=path))
     return FileDestination(cfg, DestinationContext(), fs=fs)
 
 
@@ -285,8 +290,7 @@ async def test_s3_export_against_moto(s3: fsspec.AbstractFileSystem, moto_endpoi
     cfg = dest_config("file", extra=(
         f"    format: {fmt}\n    mode: incremental\n    max_rows_per_file: 30\n"
         f"    storage_options: {{client_kwargs: {{endpoint_url: '{moto_endpoint}'}}, skip_instance_cache: true}}\n"))
-    assert cfg.file is not None
-    cfg = replace(cfg, file=replace(cfg.file, path=f"s3://exports/{fmt}"))
+    cfg = replace(cfg, settings=replace(cfg.settings_as(FileSettings), path=f"s3://exports/{fmt}"))
     dest = FileDestination(cfg, DestinationContext())
     await dest.start()
     await dest.deliver([member(i) for i in range(70)])
