@@ -39,7 +39,8 @@ from pipeline.runtime import Runtime
 from pipeline.state.codec import Forward, decode_profile_entry
 
 
-def register(rt: Runtime) -> None:
+def register(rt: Runtime) -> Router:
+    """The routes above; the router they send requests to other workers with (the console's routes share it)."""
     app = rt.app
     identity = rt.ptables["identity"]
     profiles = rt.ptables["profiles"]
@@ -217,8 +218,11 @@ def register(rt: Runtime) -> None:
     async def metrics_page(web: Any, request: Any) -> Any:
         return web.bytes(generate_latest(), content_type=CONTENT_TYPE_LATEST.split(";")[0])
 
+    return router
+
 
 def audience_info(rt: Runtime, e: Any) -> dict[str, Any]:
     """An audience as GET /audiences lists it (`e`: one of SegmentEngine.explain())."""
+    a = rt.engine.audiences[e.audience_id]
     return {"id": e.audience_id, "streaming": e.streaming, "batch": e.batch, "edge": e.edge, "reason": e.reason,
-            "version": rt.engine.audiences[e.audience_id].version}
+            "version": a.version, "name": a.name, "query": a.query}

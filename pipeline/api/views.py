@@ -96,6 +96,9 @@ def render_profile(p: ProfileState, recent: int = 20) -> dict[str, Any]:
         "profile_id": p.profile_id,
         "created_ms": p.created_ms,
         "identities": {ns: sorted(ids) for ns, ids in sorted(p.identities.items())},
+        # when each identity was first seen on this profile (the dataset that linked it is not kept)
+        "identity_links": {ns: dict(sorted(ids.items())) for ns, ids in sorted(p.identities.items())},
+        "merged_profiles": list(p.merged),
         "attributes": {k: {"value": v.value, "dataset": v.dataset, "ts_ms": v.ts_ms}
                        for k, v in sorted(p.attributes.items()) if v.value is not None},
         "memberships": {a: {"status": m.status, "since_ms": m.since_ms, "version": m.version, "reason": m.reason}
