@@ -48,7 +48,6 @@ browsers:
 # The console in headless chromium against a real worker (tests/console/; also in `make test` when chromium is
 # installed); screenshots in tests/console/results/.
 test-browser: kafka-jars browsers
-	$(BIN)/pip install -q -e ".[dev,browser]"
 	$(BIN)/pytest -q -p no:cacheprovider -s -m browser tests/console
 
 # Generated customers stitched through the broker while workers join, leave and are SIGKILLed mid-stream

@@ -109,7 +109,7 @@ def put_audience(text: str, edit: AudienceEdit, file: str = "segments.yaml") -> 
     attributes = edit.attributes or (old.attributes if old else ())
     if attributes:
         item["attributes"] = list(attributes)
-    block = yaml.safe_dump([item], sort_keys=False, allow_unicode=True, width=1000)
+    block = yaml.dump([item], Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=1000)
     if old is None:
         body = text if text.endswith("\n") or not text else text + "\n"
         new = body + ("\n" if body.strip() else "audiences:\n") + _indent(block, "  ")
@@ -118,6 +118,17 @@ def put_audience(text: str, edit: AudienceEdit, file: str = "segments.yaml") -> 
         new = text[:start] + _indent(block, indent).lstrip(" ") + text[end:]
     saved = {a.id: a for a in load_segments_text(new, file=file)}[edit.id]
     return new, saved
+
+
+class _Dumper(yaml.SafeDumper):
+    """A query of several lines as a literal block (`|-`), as a person writes it, not a quoted one-liner."""
+
+
+def _str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|" if "\n" in value else None)
+
+
+_Dumper.add_representer(str, _str)
 
 
 def _indent(block: str, indent: str) -> str:

@@ -77,6 +77,13 @@ def test_putting_a_new_audience_appends_it() -> None:
         "audiences:\n  - id: a\n    name: a\n    query: loyalty.points > 1\n")
 
 
+def test_a_query_of_several_lines_is_written_as_a_literal_block() -> None:
+    new, saved = put_audience(FILE, AudienceEdit("two", 'loyalty.tier = "gold" and\nloyalty.points > 5'))
+    assert new.endswith('  - id: two\n    name: two\n    query: |-\n      loyalty.tier = "gold" and\n'
+                        '      loyalty.points > 5\n')
+    assert saved.query == 'loyalty.tier = "gold" and\nloyalty.points > 5'
+
+
 def test_a_file_that_would_not_load_is_refused() -> None:
     with pytest.raises(ConfigError, match="unknown audience"):
         put_audience(FILE, AudienceEdit("gold", 'inSegment("nope")'))

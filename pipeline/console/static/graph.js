@@ -13,8 +13,9 @@ export function identityGraph(profile) {
     for (const id of ids) nodes.push({ label: `${ns}: ${id}`, colour: COLOURS[i % COLOURS.length], kind: "identity" });
   });
   for (const pid of profile.merged_profiles || []) nodes.push({ label: `merged ${pid}`, colour: "#777", kind: "merged" });
-  const width = 560, height = Math.max(260, 120 + nodes.length * 14), cx = width / 2, cy = height / 2;
-  const r = Math.min(cx, cy) - 40;
+  // room for the labels on both sides: they are up to 34 characters long
+  const width = 680, height = Math.max(260, 120 + nodes.length * 14), cx = width / 2, cy = height / 2;
+  const r = Math.min(cx - 230, cy - 40);
   const svg = s("svg", { class: "graph", width, height, viewBox: `0 0 ${width} ${height}`, role: "img",
     "aria-label": `Identity graph: ${nodes.length} identities and merged profiles in ${namespaces.length} namespaces` });
   svg.append(s("title", {}, `Identity graph of profile ${profile.profile_id}`));
