@@ -1,11 +1,13 @@
-"""The console's routes: its static files under /console/, and the audience editor's check, preview and save.
+"""The console's routes: its static files under /console/, the audience editor's check, preview and save, and
+the identity-rules simulator.
 
 GET /console/ and /console/{file} serve pipeline/console/static/ (no key: the files hold no data; every API call
 the page makes sends the key its user typed). POST /audiences/validate checks a query as it is typed (line and
 column of a syntax error, evaluation kind and why) and, with `preview`, counts the stored profiles it would hold
 (this worker's profile partitions and every other worker's, `X-CDP-Route: local`). PUT /audiences/{id} writes
 the worker's segments.yaml, which the profile agent reloads (pipeline/profiles/agents.py), when
-PIPELINE_AUDIENCES_WRITABLE allows it.
+PIPELINE_AUDIENCES_WRITABLE allows it. POST /identity/simulate stitches pasted records under the configured
+identity rules and under changed ones (pipeline.profiles.simulate: the stages' own handlers, nothing stored).
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ from aiohttp import web
 
 from pipeline.api.routing import LOCAL, ROUTE_HEADER, Router, parse_route, unavailable
 from pipeline.api.server import problem_response
-from pipeline.api.views import ApiError, parse_json_body
+from pipeline.api.views import MAX_BODY_BYTES, ApiError, parse_json_body
 from pipeline.console import STATIC_DIR
 from pipeline.errors import ConfigError
+from pipeline.profiles.simulate import Rules, SimulationError, parse_records, rules_of, simulate, with_rules
 from pipeline.runtime import Runtime
 from pipeline.segments.editing import MAX_QUERY_CHARS, AudienceEdit, QueryCheck, check_query, put_audience
 from pipeline.state.codec import Forward, decode_profile_entry
@@ -192,5 +195,40 @@ def register(rt: Runtime, router: Router) -> None:
         except ApiError as exc:
             return problem_response(exc)
 
+    def rules_from(body: dict[str, Any]) -> Rules:
+        """The body's `rules`, as openapi.yaml describes them (400 otherwise)."""
+        rules = body.get("rules", {})
+        if not isinstance(rules, dict):
+            raise ApiError(400, "invalid-parameter", "'rules' must be an object")
+        priorities, unique, limit = rules.get("priorities", {}), rules.get("unique"), rules.get("max_identities_per_graph")
+        if not isinstance(priorities, dict) or not all(
+                isinstance(v, int) and not isinstance(v, bool) for v in priorities.values()):
+            raise ApiError(400, "invalid-parameter", "'rules.priorities' maps namespaces to whole numbers")
+        if unique is not None and (not isinstance(unique, list) or not all(isinstance(u, str) for u in unique)):
+            raise ApiError(400, "invalid-parameter", "'rules.unique' is a list of namespaces")
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool)):
+            raise ApiError(400, "invalid-parameter", "'rules.max_identities_per_graph' is a whole number")
+        return Rules(priorities, frozenset(unique) if unique is not None else None, limit)
+
+    async def simulate_rules(request: web.Request) -> web.Response:
+        """The records stitched under today's identity rules and under the changed ones (pure, nothing stored)."""
+        try:
+            _, body = await read_json(request)
+            text = text_field(body, "records", max_len=MAX_BODY_BYTES)
+            rules = rules_from(body)
+            try:
+                records = parse_records(text)
+                cfg = rt.config.profile
+                proposed = with_rules(cfg, rules)
+                out = {"rules": rules_of(cfg.identity), "proposed_rules": rules_of(proposed.identity),
+                       "records": len(records), "current": simulate(records, cfg).to_dict(),
+                       "proposed": simulate(records, proposed).to_dict()}
+            except SimulationError as exc:
+                raise ApiError(400, "invalid-simulation", str(exc)) from None
+            return web.json_response(out)
+        except ApiError as exc:
+            return problem_response(exc)
+
+    web_app.router.add_post("/identity/simulate", simulate_rules)
     web_app.router.add_post("/audiences/validate", validate)
     web_app.router.add_put("/audiences/{audience_id}", save)
