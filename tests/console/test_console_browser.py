@@ -172,6 +172,26 @@ def test_the_console_looks_up_edits_an_audience_and_erases(registry: Any, kafka_
     assert "shoe-gold" in page.inner_text("main")
     assert http.get("/audiences/shoe-gold").json()["size"] == 1
 
+    # When the steward simulates the household example with CRM ids no longer unique (keyboard: Space, Enter)
+    page.goto(f"{console}#/simulator")
+    page.wait_for_selector("#sim-unique-CRMID")
+    assert page.is_checked("#sim-unique-CRMID")
+    page.focus("#sim-unique-CRMID")
+    page.keyboard.press("Space")
+    page.focus("#sim-limit")
+    page.keyboard.press("Enter")
+    # Then today's rules keep the two customers apart and the proposed ones merge them, side by side
+    page.wait_for_selector("#sim-proposed")
+    assert page.inner_text("#sim-current h3") == "Today's rules: 2 profiles"
+    assert page.inner_text("#sim-proposed h3") == "Proposed rules: 1 profile (1 merged)"
+    assert "CRMID: A-1, B-2" in page.inner_text("#sim-proposed")
+    # and the rules are in the URL: the same simulation again after a reload
+    assert "rules=" in page.url and "unique" in page.url
+    page.reload()
+    page.wait_for_selector("#sim-proposed h3:has-text('Proposed rules: 1 profile (1 merged)')")
+    assert not page.is_checked("#sim-unique-CRMID")
+    shots.append(screenshot(page, "simulator", "Today's rules: 2 profiles", "Proposed rules: 1 profile"))
+
     # When an erasure is filed for the e-mail from the privacy page, by keyboard
     page.goto(f"{console}#/privacy")
     page.wait_for_selector("#erase-id")

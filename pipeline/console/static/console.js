@@ -3,8 +3,9 @@ import { apiKey, setApiKey } from "./api.js";
 import { renderLookup } from "./lookup.js";
 import { renderAudiences } from "./audiences.js";
 import { renderPrivacy } from "./privacy.js";
+import { renderSimulator } from "./simulator.js";
 
-const PAGES = { lookup: renderLookup, audiences: renderAudiences, privacy: renderPrivacy };
+const PAGES = { lookup: renderLookup, audiences: renderAudiences, privacy: renderPrivacy, simulator: renderSimulator };
 
 export function route() {
   const [path, query] = location.hash.replace(/^#\/?/, "").split("?");
