@@ -4,15 +4,19 @@ followed; by keyboard, with API problems shown. Screenshots in tests/console/res
 
 from __future__ import annotations
 
+import json
 import os
+import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from kafka_helpers import produce
+from procs import PipelineProc, stop_all
 
 from pipeline.api.auth import ApiKey, entry_yaml, hash_key, new_key
 from pipeline.resources import EXAMPLE_CONFIG_DIR
@@ -208,3 +212,81 @@ def test_the_console_looks_up_edits_an_audience_and_erases(registry: Any, kafka_
     print("console screenshots: " + ", ".join(str(p.relative_to(Path.cwd())) if p.is_relative_to(Path.cwd())
                                                else str(p) for p in shots))
     http.close()
+
+
+class Receiver(BaseHTTPRequestHandler):
+    """An HTTP destination's endpoint that refuses its first request for good (400) and takes the others."""
+
+    bodies: list[tuple[int, dict[str, Any]]] = []
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        status = 400 if not self.bodies else 200
+        self.bodies.append((status, body))
+        self.send_response(status)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_the_destinations_page_shows_health_and_redrives(registry: Any, kafka_bootstrap: str, start_worker: Any,
+                                                         make_config: Any, tmp_path: Path, browser: Any,
+                                                         request: pytest.FixtureRequest) -> None:
+    # Given an HTTP destination for gold customers whose endpoint refuses the first batch (a dead letter)
+    Receiver.bodies = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    config = make_config('audiences:\n  - {id: gold, name: Gold, query: loyalty.tier = "gold"}\n')
+    (config / "destinations.yaml").write_text(
+        "destinations:\n  - name: crm\n    kind: http\n    audiences: [gold]\n"
+        "    identities:\n      - {namespace: CRMID}\n"
+        f"    url: http://127.0.0.1:{server.server_address[1]}/hook\n"
+        "    batch: {max_records: 100, max_age_ms: 20}\n    timeout_s: 5\n"
+        "    retry: {max_attempts: 2, base_delay_ms: 20, max_delay_ms: 100}\n")
+    operator = new_key()
+    keys = tmp_path / "keys.yaml"
+    keys.write_text("keys:\n" + entry_yaml(ApiKey("operator", hash_key(operator),
+                                                   frozenset({"destinations:read", "destinations:redrive"}))))
+    worker = start_worker(config_dir=config, extra_env={"PIPELINE_API_KEYS_FILE": str(keys)})
+    # and the destination runner beside the worker (its status file in the same data folder)
+    runner = PipelineProc(["destinations", "run"], worker.env, tmp_path / "destinations.log")
+    try:
+        produce(registry, kafka_bootstrap, "ingest.profiles", [{
+            "recordId": "g1", "timestamp": int(time.time() * 1000), "dataset": "crm", "crmId": "CRM-GOLD-1",
+            "loyalty": {"tier": "gold"}}])
+        http = httpx.Client(base_url=worker.url, timeout=30, headers={"Authorization": f"Bearer {operator}"})
+        deadline, rows = time.monotonic() + 90, []
+        while time.monotonic() < deadline:
+            rows = http.get("/destinations").json()
+            if rows and rows[0]["dead_letter_depth"] == 1 and rows[0]["runner"] == "running":
+                break
+            time.sleep(0.5)
+        assert rows and rows[0]["dead_letter_depth"] == 1 and rows[0]["runner"] == "running", (rows, runner.log()[-3000:])
+
+        # When the operator opens the destinations page
+        page = browser.new_page(viewport={"width": 1280, "height": 700})
+        page.goto(f"{worker.url}/console/")
+        page.fill("#api-key", operator)
+        page.press("#api-key", "Enter")
+        page.goto(f"{worker.url}/console/#/destinations")
+        page.wait_for_selector("#dlq-crm")
+        # Then the destination's health is shown: runner, the refused batch dead-lettered, one dead letter
+        row = page.inner_text("tr:has(#dlq-crm)")
+        assert row.startswith("crm\thttp\trunning") and page.inner_text("#dlq-crm") == "1", row
+        assert "dead-lettered: 1" in row or rows[0]["dead_lettered"] is None, row  # (once the status file says)
+        shot = screenshot(page, "destinations", "crm", "Dead letters")
+        # When Redrive is pressed (keyboard), Then the dead letter is delivered again and none is left
+        page.focus("#redrive-crm")
+        page.keyboard.press("Enter")
+        page.wait_for_selector("#redrive-state")
+        assert page.inner_text("#redrive-state") == "Redriven 1 dead letter of crm"
+        page.wait_for_function("document.querySelector('#dlq-crm') && document.querySelector('#dlq-crm').textContent === '0'")
+        assert [status for status, _ in Receiver.bodies] == [400, 200]
+        assert Receiver.bodies[0][1] == Receiver.bodies[1][1]
+        print(f"console screenshots: {shot}")
+        http.close()
+    finally:
+        server.shutdown()
+        stop_all([runner], request)

@@ -4,8 +4,12 @@ import { renderLookup } from "./lookup.js";
 import { renderAudiences } from "./audiences.js";
 import { renderPrivacy } from "./privacy.js";
 import { renderSimulator } from "./simulator.js";
+import { renderDestinations } from "./destinations.js";
 
-const PAGES = { lookup: renderLookup, audiences: renderAudiences, privacy: renderPrivacy, simulator: renderSimulator };
+const PAGES = {
+  lookup: renderLookup, audiences: renderAudiences, simulator: renderSimulator, destinations: renderDestinations,
+  privacy: renderPrivacy,
+};
 
 export function route() {
   const [path, query] = location.hash.replace(/^#\/?/, "").split("?");
