@@ -156,15 +156,22 @@ def register(rt: Runtime) -> Router:
             route, _ = parse_route(request.headers.get(ROUTE_HEADER))
             readable()
             counts = rt.audience_sizes.of(audience_id, profiles.active())
+            flows = rt.audience_sizes.flows(audience_id, rt.now_ms())
             if route != LOCAL:
                 others = await asyncio.gather(*(router.send_json(request, url, LOCAL) for url in router.workers()))
                 for answer in others:
                     counts |= {int(p): int(n) for p, n in answer["partitions"].items()}
+                    for f in answer.get("flows", ()):  # (a worker of an older version answers none)
+                        mine = flows.setdefault(int(f["minute_ms"]), [0, 0])
+                        mine[0] += int(f["entries"])
+                        mine[1] += int(f["exits"])
                 missing = set(range(profiles.partitions)) - set(counts)
                 if missing:
                     raise unavailable("size-incomplete", f"{len(missing)} partitions are not counted now; try again")
             return web_.json({**audience_info(rt, explained[audience_id]), "size": sum(counts.values()),
-                              "partitions": {str(p): n for p, n in sorted(counts.items())}})
+                              "partitions": {str(p): n for p, n in sorted(counts.items())},
+                              "flows": [{"minute_ms": m, "entries": e, "exits": x}
+                                        for m, (e, x) in sorted(flows.items())]})
         except ApiError as exc:
             return error(web_, exc)
 

@@ -131,7 +131,7 @@ def test_the_console_looks_up_edits_an_audience_and_erases(registry: Any, kafka_
     page.fill("#api-key", admin)
     page.press("#api-key", "Enter")
     page.wait_for_selector("span.size[data-audience='shoe-lovers']")
-    page.wait_for_function("document.querySelector(\"span.size[data-audience='gold-loyalty']\").textContent === '1'")
+    page.wait_for_selector("span.size[data-audience='gold-loyalty']:text-is('1')")
     # Then each audience has its size and evaluation kind
     row = page.inner_text("tr:has(a[href='#/audiences/edit?id=shoe-lovers'])")
     assert "Shoe lovers" in row and "1" in row and "streaming" in row, row
@@ -175,6 +175,13 @@ def test_the_console_looks_up_edits_an_audience_and_erases(registry: Any, kafka_
     page.wait_for_selector("#profile-title")
     assert "shoe-gold" in page.inner_text("main")
     assert http.get("/audiences/shoe-gold").json()["size"] == 1
+    # and the audience's page charts the entry (entries and exits per minute, the last hour)
+    page.goto(f"{console}#/audiences/edit?id=shoe-gold")
+    page.wait_for_selector("#flow-totals")
+    assert page.inner_text("#flow-totals").startswith("1 entries, 0 exits")
+    assert page.locator("svg.flows rect").count() == 1
+    assert page.input_value("#audience-query") == 'loyalty.tier = "gold" and\ncount(event productView within 7d) >= 3'
+    shots.append(screenshot(page, "audience-chart", "Size 1; entries and exits, last hour"))
 
     # When the steward simulates the household example with CRM ids no longer unique (keyboard: Space, Enter)
     page.goto(f"{console}#/simulator")
@@ -282,7 +289,7 @@ def test_the_destinations_page_shows_health_and_redrives(registry: Any, kafka_bo
         page.keyboard.press("Enter")
         page.wait_for_selector("#redrive-state")
         assert page.inner_text("#redrive-state") == "Redriven 1 dead letter of crm"
-        page.wait_for_function("document.querySelector('#dlq-crm') && document.querySelector('#dlq-crm').textContent === '0'")
+        page.wait_for_selector("#dlq-crm:text-is('0')")
         assert [status for status, _ in Receiver.bodies] == [400, 200]
         assert Receiver.bodies[0][1] == Receiver.bodies[1][1]
         print(f"console screenshots: {shot}")

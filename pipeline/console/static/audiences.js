@@ -2,7 +2,7 @@
 // previews its size over the stored profiles and saves it (the worker reloads its definitions).
 import { api } from "./api.js";
 import { current, go } from "./console.js";
-import { field, h, problemView, table } from "./dom.js";
+import { field, h, problemView, s, table, when } from "./dom.js";
 
 const CHECK_DELAY_MS = 200;
 const RELOAD_WAIT_MS = 30000;
@@ -52,9 +52,13 @@ async function renderEditor(main, { params, generation }) {
     field("Query", query), check,
     h("div", { class: "inline" }, previewButton, h("button", { type: "submit", id: "save" }, "Save")),
     preview, saved);
+  const flows = h("section", { id: "audience-flows", "aria-live": "polite" });
   main.append(h("section", {}, h("h2", { tabindex: "-1", id: "page-title" }, id ? `Audience ${id}` : "New audience"),
-    h("p", {}, h("a", { href: "#/audiences" }, "All audiences")), form));
+    h("p", {}, h("a", { href: "#/audiences" }, "All audiences")), form), flows);
   if (id) {
+    api("GET", `/audiences/${encodeURIComponent(id)}`).then(
+      (a) => { if (current() === generation) flows.replaceChildren(...flowView(a)); },
+      (err) => { if (current() === generation && err.status !== 404) flows.replaceChildren(problemView(err)); });
     try {
       existing = (await api("GET", "/audiences")).find((a) => a.id === id) || null;
     } catch (err) {
@@ -148,4 +152,35 @@ function previewView(p) {
   return h("p", { id: "preview-size" }, `${p.size} of ${p.scanned} stored profiles`,
     p.complete ? "" : " (partial: not every partition or profile was read)",
     p.sample.length ? `; for example ${p.sample.join(", ")}` : "", ` (${p.ms} ms)`);
+}
+
+const CHART_MINUTES = 60;
+
+// Entries (up) and exits (down) per minute over the last hour, as an inline SVG bar chart.
+function flowView(a) {
+  const now = Math.floor(Date.now() / 60000) * 60000;
+  const byMinute = new Map((a.flows || []).map((f) => [f.minute_ms, f]));
+  const minutes = Array.from({ length: CHART_MINUTES }, (_, i) => now - (CHART_MINUTES - 1 - i) * 60000);
+  const entries = minutes.reduce((n, m) => n + (byMinute.get(m)?.entries || 0), 0);
+  const exits = minutes.reduce((n, m) => n + (byMinute.get(m)?.exits || 0), 0);
+  const top = Math.max(1, ...minutes.map((m) => Math.max(byMinute.get(m)?.entries || 0, byMinute.get(m)?.exits || 0)));
+  const width = 600, half = 50, bar = width / CHART_MINUTES;
+  const label = `Entries and exits in the last ${CHART_MINUTES} minutes: ${entries} entries, ${exits} exits`;
+  const chart = s("svg", { class: "flows", width, height: 2 * half + 20, viewBox: `0 0 ${width} ${2 * half + 20}`,
+    role: "img", "aria-label": label }, s("title", {}, label),
+  s("line", { x1: 0, x2: width, y1: half, y2: half, stroke: "#9aa4ae" }));
+  minutes.forEach((m, i) => {
+    const f = byMinute.get(m);
+    if (!f) return;
+    const up = (f.entries / top) * (half - 4), down = (f.exits / top) * (half - 4);
+    if (f.entries) chart.append(s("rect", { x: i * bar + 1, y: half - up, width: bar - 2, height: up, fill: "#0a7a35" },
+      s("title", {}, `${when(m)}: ${f.entries} entries`)));
+    if (f.exits) chart.append(s("rect", { x: i * bar + 1, y: half, width: bar - 2, height: down, fill: "#b00020" },
+      s("title", {}, `${when(m)}: ${f.exits} exits`)));
+  });
+  chart.append(s("text", { x: 0, y: 2 * half + 16 }, `${CHART_MINUTES} min ago`),
+    s("text", { x: width, y: 2 * half + 16, "text-anchor": "end" }, "now"));
+  return [h("h3", {}, `Size ${a.size}; entries and exits, last hour`), chart,
+    h("p", { class: "muted", id: "flow-totals" }, `${entries} entries, ${exits} exits (counted by the workers since `,
+      "they started)")];
 }
