@@ -63,6 +63,9 @@ def test_the_console_looks_up_edits_an_audience_and_erases(registry: Any, kafka_
     keys.write_text("keys:\n" + entry_yaml(ApiKey("steward", hash_key(admin), frozenset({"admin"})))
                     + entry_yaml(ApiKey("agent", hash_key(agent), frozenset({"profiles:read"}))))
     config = make_config((EXAMPLE_CONFIG_DIR / "segments.yaml").read_text())
+    (config / "destinations.yaml").write_text(  # (no runner: the lookup shows where memberships are configured to go)
+        "destinations:\n  - name: shoe-hook\n    kind: http\n    audiences: [shoe-lovers]\n"
+        "    identities:\n      - {namespace: CRMID}\n    url: http://127.0.0.1:9/hook\n")
     worker = start_worker(config_dir=config, extra_env={"PIPELINE_API_KEYS_FILE": str(keys),
                                                         "PIPELINE_AUDIENCES_WRITABLE": "on"})
     # and a customer: a CRM record (e-mail, CRM id, gold), three shoe views and a login on the web (cookie)
@@ -115,6 +118,9 @@ def test_the_console_looks_up_edits_an_audience_and_erases(registry: Any, kafka_
         assert text in main, text
     assert page.locator("svg.graph g.identity").count() == sum(len(v) for v in profile["identities"].values())
     assert page.evaluate("document.activeElement.id") == "profile-title"  # focus moves to the result
+    # (the agent's key cannot read the destinations: the page says so where they would be)
+    page.wait_for_selector("span.destinations[data-audience='shoe-lovers']:text-is('not shown: this key lacks "
+                           "destinations:read')")
     shots.append(screenshot(page, "lookup", f"Profile {pid}", "Identity graph"))
     # When an unknown identity is looked up (typed, Enter), Then the API's problem is shown
     page.fill("#lookup-id", "nobody@example.com")
@@ -174,6 +180,9 @@ def test_the_console_looks_up_edits_an_audience_and_erases(registry: Any, kafka_
     page.goto(f"{console}#/lookup?namespace=CRMID&id={CRM}")
     page.wait_for_selector("#profile-title")
     assert "shoe-gold" in page.inner_text("main")
+    # (and, with the admin key, where each membership is configured to go)
+    page.wait_for_selector("span.destinations[data-audience='shoe-lovers']:text-is('shoe-hook')")
+    assert page.inner_text("span.destinations[data-audience='shoe-gold']") == "none"
     assert http.get("/audiences/shoe-gold").json()["size"] == 1
     # and the audience's page charts the entry (entries and exits per minute, the last hour)
     page.goto(f"{console}#/audiences/edit?id=shoe-gold")

@@ -28,6 +28,7 @@ export async function renderLookup(main, { params }) {
     out.replaceChildren(...profileView(profile));
     performance.mark("cdp:lookup-rendered");
     document.getElementById("profile-title").focus();
+    fillDestinations(out);  // after the first render: the destinations' health takes longer to read
   } catch (err) {
     out.replaceChildren(problemView(err));
     idInput.focus();
@@ -46,9 +47,10 @@ function profileView(p) {
       h("span", { class: "mono" }, k), String(a.value), a.dataset, when(a.ts_ms)])));
   const memberships = h("section", {}, h("h3", {}, "Audience memberships"),
     Object.keys(p.memberships).length
-      ? table(["Audience", "Status", "Since", "Reason", "Version"], Object.entries(p.memberships).map(([a, m]) => [
-        h("a", { href: `#/audiences/edit?id=${encodeURIComponent(a)}` }, a), m.status, when(m.since_ms), m.reason,
-        String(m.version)]))
+      ? table(["Audience", "Status", "Since", "Reason", "Version", "Destinations (configured)"],
+        Object.entries(p.memberships).map(([a, m]) => [
+          h("a", { href: `#/audiences/edit?id=${encodeURIComponent(a)}` }, a), m.status, when(m.since_ms), m.reason,
+          String(m.version), h("span", { class: "destinations muted", "data-audience": a }, "…")]))
       : h("p", { class: "muted" }, "in no audience"));
   const events = h("section", {}, h("h3", {}, `Recent events (${p.recent_events.length} of ${p.event_count})`),
     table(["Time", "Type", "Dataset", "Fields"], p.recent_events.map((e) => [when(e.ts_ms), e.event_type, e.dataset,
@@ -61,4 +63,23 @@ function profileView(p) {
       h("section", {}, h("h3", {}, "Identity graph"), identityGraph(p))),
     attributes, memberships, events,
   ];
+}
+
+// Which destinations each membership is sent to, as destinations.yaml says (not a delivery record).
+async function fillDestinations(out) {
+  const cells = [...out.querySelectorAll("span.destinations")];
+  if (!cells.length) return;
+  let rows;
+  try {
+    rows = await api("GET", "/destinations");
+  } catch (err) {
+    const why = err.status === 403 ? "not shown: this key lacks destinations:read" : `not shown: ${err.message}`;
+    for (const c of cells) c.textContent = why;
+    return;
+  }
+  for (const c of cells) {
+    const names = rows.filter((d) => d.audiences === null || d.audiences.includes(c.dataset.audience)).map((d) => d.name);
+    c.textContent = names.join(", ") || "none";
+    c.classList.remove("muted");
+  }
 }
