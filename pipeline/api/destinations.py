@@ -11,7 +11,9 @@ from this worker, through a destination of its own, as `pipeline destinations re
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -24,11 +26,15 @@ from pipeline.errors import ConfigError, UnknownNameError
 from pipeline.runtime import Runtime
 
 RECENT_EXPORTS = 5
+# Reading the health opens a Kafka consumer per destination: requests within this many seconds share one read
+HEALTH_TTL_S = 2.0
 
 
 def register(rt: Runtime) -> None:
     web_app = rt.app.web.web_app  # type: ignore[attr-defined]
     redriving: set[str] = set()
+    health: dict[str, Any] = {"at": -HEALTH_TTL_S, "rows": None}
+    reading = asyncio.Lock()
 
     def configured() -> list[DestinationConfig]:
         if not (Path(rt.settings.config_dir) / "destinations.yaml").exists():
@@ -38,18 +44,25 @@ def register(rt: Runtime) -> None:
         except ConfigError as exc:  # edited since the worker started: say where it is wrong
             raise ApiError(500, "invalid-destinations", str(exc)) from None
 
+    async def read_health() -> list[dict[str, Any]]:
+        configs = configured()
+        status = await collect_status(rt.settings, configs)
+        out = []
+        for cfg in configs:
+            exports = (await asyncio.to_thread(recent_manifests, cfg.file, RECENT_EXPORTS)
+                       if cfg.file is not None else None)
+            out.append({"name": cfg.name, "kind": cfg.kind,
+                        "audiences": sorted(cfg.audiences) if cfg.audiences is not None else None,
+                        **status[cfg.name], "exports": exports})
+        return out
+
     async def destinations(request: web.Request) -> web.Response:
         try:
-            configs = configured()
-            status = await collect_status(rt.settings, configs)
-            out = []
-            for cfg in configs:
-                exports = (await asyncio.to_thread(recent_manifests, cfg.file, RECENT_EXPORTS)
-                           if cfg.file is not None else None)
-                out.append({"name": cfg.name, "kind": cfg.kind,
-                            "audiences": sorted(cfg.audiences) if cfg.audiences is not None else None,
-                            **status[cfg.name], "exports": exports})
-            return web.json_response(out)
+            async with reading:
+                if time.monotonic() - health["at"] >= HEALTH_TTL_S:
+                    health["rows"] = await read_health()
+                    health["at"] = time.monotonic()
+            return web.json_response(health["rows"])
         except ApiError as exc:
             return problem_response(exc)
 
@@ -67,6 +80,7 @@ def register(rt: Runtime) -> None:
                 n = await redrive(rt.settings, cfg)
             finally:
                 redriving.discard(name)
+                health["at"] = -HEALTH_TTL_S  # the next read shows what the redrive left
             return web.json_response({"destination": name, "redriven": n})
         except UnknownNameError:
             return problem_response(ApiError(404, "unknown-destination", "no such destination"))
