@@ -30,6 +30,7 @@ from pipeline.api.views import (
     PROFILE_ID,
     ApiError,
     identity_key,
+    merge_policy_info,
     parse_json_body,
     render_membership,
     render_profile,
@@ -117,8 +118,10 @@ def register(rt: Runtime) -> Router:
     def error(web: Any, exc: ApiError) -> Any:
         return problem_response(exc)
 
+    policy = merge_policy_info(rt.config.profile.datasets.merge_policy)
+
     def profile_json(p: ProfileState) -> Any:
-        return web.json_response(render_profile(p))
+        return web.json_response(render_profile(p, merge_policy=policy))
 
     @app.page("/profiles")
     async def get_profile(web_: Any, request: Any) -> Any:

@@ -116,6 +116,8 @@ def test_the_console_looks_up_edits_an_audience_and_erases(registry: Any, kafka_
     for text in ("CRMID", CRM, "ECID", COOKIE, "Email", EMAIL.lower(), "loyalty.tier", "gold", "crm", "shoe-lovers",
                  profile["memberships"]["shoe-lovers"]["reason"], "productView", "login", "Recent events (4 of 4)"):
         assert text in main, text
+    assert page.inner_text("#merge-policy") == ("Merge policy: dataset_precedence (crm > loyalty > orders > app-events > "
+                                                 "web-events): the source dataset shown won.")
     assert page.locator("svg.graph g.identity").count() == sum(len(v) for v in profile["identities"].values())
     assert page.evaluate("document.activeElement.id") == "profile-title"  # focus moves to the result
     # (the agent's key cannot read the destinations: the page says so where they would be)

@@ -42,7 +42,9 @@ function profileView(p) {
     Object.keys(p.identities).map((ns) => h("div", { class: "namespace" }, h("h4", {}, ns),
       table(["Identity", "Linked", "Dataset"], p.identities[ns].map((i) => [
         h("span", { class: "mono" }, i), when((links[ns] || {})[i]), h("span", { class: "muted" }, "not recorded")])))));
-  const attributes = h("section", {}, h("h3", {}, "Attributes"),
+  const policy = p.merge_policy ? h("p", { class: "muted", id: "merge-policy" }, `Merge policy: ${p.merge_policy.type}`,
+    p.merge_policy.order ? ` (${p.merge_policy.order.join(" > ")})` : "", ": the source dataset shown won.") : null;
+  const attributes = h("section", {}, h("h3", {}, "Attributes"), policy,
     table(["Attribute", "Value", "Source dataset", "Updated"], Object.entries(p.attributes).map(([k, a]) => [
       h("span", { class: "mono" }, k), String(a.value), a.dataset, when(a.ts_ms)])));
   const memberships = h("section", {}, h("h3", {}, "Audience memberships"),
