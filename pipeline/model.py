@@ -125,7 +125,7 @@ class ProfileState:
     claims: dict[str, dict[str, int]] = field(default_factory=dict)
     merging: tuple[str, str] | None = None  # (into, attempt token) while this profile waits to be absorbed
     held: list[dict[str, Any]] = field(default_factory=list)  # messages that arrived while merging, in order
-    merged: list[str] = field(default_factory=list)  # ids absorbed into this profile, newest last (bounded)
+    merged: list[str] = field(default_factory=list)  # tokens of the merge attempts absorbed here, newest last (bounded)
     # the last refused merge attempt's token and the stage messages its held messages sent when they were
     # handled: a redelivered `refused` sends them again (a crash may have kept the state and lost them)
     thawed: tuple[str, list[list[Any]]] | None = None

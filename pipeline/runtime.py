@@ -287,7 +287,7 @@ class Runtime:
     def send(self, send: Send, headers: dict[str, bytes] | None = None, partition: int | None = None) -> None:
         """The one path every outgoing message takes: handled in-process when local delivery is on, this
         worker holds the target partition of a stage topic and the protocol allows it (`in_process_allowed`:
-        identity-stage messages and a merge's `absorb` must be in their target's log); otherwise encoded with the
+        identity-stage messages and a merge's `link` and `absorb` must be in their target's log); otherwise encoded with the
         topic's codec and produced (no await: the output producer is flushed before each commit)."""
         if (self._local is not None and headers is None and send.topic in self.local_handlers
                 and in_process_allowed(send)):

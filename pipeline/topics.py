@@ -25,8 +25,11 @@ from pipeline.yamlconf import compose_file
 
 _REQUIRED = {"name", "partitions", "codec"}
 _KEYS = {"name", "partitions", "replication_factor", "min_insync_replicas", "cleanup_policy", "retention_ms",
-         "codec", "description"}
-_DEFAULT_KEYS = {"replication_factor", "min_insync_replicas", "cleanup_policy", "retention_ms"}
+         "max_compaction_lag_ms", "codec", "description"}
+_DEFAULT_KEYS = {"replication_factor", "min_insync_replicas", "cleanup_policy", "retention_ms", "max_compaction_lag_ms"}
+# On a compacted topic, how long a superseded record or a tombstone's predecessor may stay before the cleaner
+# must compact it (Kafka's default is unbounded): erasure (pipeline.privacy) must be complete within 30 days.
+DEFAULT_MAX_COMPACTION_LAG_MS = 7 * 24 * 3600 * 1000
 REPLICATION_ENV, MIN_INSYNC_ENV = "PIPELINE_REPLICATION_FACTOR", "PIPELINE_MIN_INSYNC_REPLICAS"
 # A topics file that declares neither, per topic nor in `defaults`, gets Kafka's own broker defaults.
 KAFKA_DEFAULT_REPLICATION = KAFKA_DEFAULT_MIN_INSYNC = 1
@@ -44,14 +47,18 @@ class TopicSpec:
     retention_ms: int
     codec_spec: str
     description: str
+    max_compaction_lag_ms: int = DEFAULT_MAX_COMPACTION_LAG_MS
 
     @cached_property
     def codec(self) -> Codec:
         return codec_from_spec(self.codec_spec, topic=self.name)
 
     def config(self) -> dict[str, str]:
-        return {"cleanup.policy": self.cleanup_policy, "retention.ms": str(self.retention_ms),
-                "min.insync.replicas": str(self.min_insync_replicas)}
+        config = {"cleanup.policy": self.cleanup_policy, "retention.ms": str(self.retention_ms),
+                  "min.insync.replicas": str(self.min_insync_replicas)}
+        if "compact" in self.cleanup_policy:  # the active segment rolls then too, so the bound holds for it
+            config["max.compaction.lag.ms"] = str(self.max_compaction_lag_ms)
+        return config
 
 
 class TopicRegistry:
@@ -114,6 +121,9 @@ class TopicRegistry:
                 codec_spec=doc.string(fields["codec"][1], f"{what}: codec"),
                 description=doc.string(fields["description"][1], f"{what}: description")
                 if "description" in fields else "",
+                max_compaction_lag_ms=doc.integer(merged["max_compaction_lag_ms"], f"{what}: max_compaction_lag_ms",
+                                                  minimum=1) if "max_compaction_lag_ms" in merged
+                else DEFAULT_MAX_COMPACTION_LAG_MS,
             )
         rf_default = rf_env or (doc.integer(defaults["replication_factor"], "defaults: replication_factor", minimum=1)
                                 if "replication_factor" in defaults else KAFKA_DEFAULT_REPLICATION)

@@ -87,7 +87,8 @@ def start_worker(kafka_bootstrap: str, topic_prefix: str, registry: TopicRegistr
                "PIPELINE_APP_ID": app_id, "PIPELINE_DATA_DIR": str(data_dir or tmp_path / "data"),
                "PIPELINE_WEB_PORT": str(port), "PIPELINE_WORKER_NAME": name,
                "PIPELINE_CONFIG": str(config_dir or EXAMPLE_CONFIG_DIR), **(extra_env or {})}
-        w = WorkerProc(name, env, tmp_path / f"{name}-{len(workers)}.log", port)
+        # (a worker restarted on its old port, from extra_env, is reached there)
+        w = WorkerProc(name, env, tmp_path / f"{name}-{len(workers)}.log", int(env["PIPELINE_WEB_PORT"]))
         workers.append(w)
         if wait:
             w.wait_ready()

@@ -79,28 +79,30 @@ def test_messages_to_held_partitions_are_handled_in_process_and_others_are_produ
                             for n in firsts if n not in held]
 
 
-def test_identity_messages_and_absorbs_go_through_kafka_even_to_a_held_partition() -> None:
+def test_identity_messages_links_and_absorbs_go_through_kafka_even_to_a_held_partition() -> None:
     # Given a worker holding every partition of both stages
     rt, out, handled = make_runtime({0, 1, 2, 3}, {0, 1, 2, 3})
-    # When a block sends an identity-stage message, a merge's absorb and a link
+    # When a block sends an identity-stage message, a merge's absorb and link, and a claim's answer
     with rt.local_delivery():
         rt.send(Send(IDENTITY_TOPIC, "ECID:a", {"op": "claim", "pid": "p1", "ts": 1, "n": 1}))
         rt.send(Send(PROFILE_TOPIC, "p1", {"op": "absorb", "pid": "p1", "from": "p2", "token": "p2/1",
                                            "state": b"", "n": 2}))
-        rt.send(Send(PROFILE_TOPIC, "p1", {"op": "link", "n": 3}))
-    # Then only the link was handled in-process: the others must be in their target's log, where a crash
-    # cannot lose them (pipeline.identity.stitch.in_process_allowed)
-    assert handled == [("profile", partition_for(b"p1", 4), "p1", 3)]
+        rt.send(Send(PROFILE_TOPIC, "p2", {"op": "link", "pid": "p2", "from": "p1", "n": 3}))
+        rt.send(Send(PROFILE_TOPIC, "p1", {"op": "claimed", "pid": "p1", "n": 4}))
+    # Then only the answer was handled in-process: the others must be in their target's log, where a crash
+    # cannot lose them or move them (pipeline.identity.stitch.in_process_allowed)
+    assert handled == [("profile", partition_for(b"p1", 4), "p1", 4)]
     assert [(t, k) for t, k, _ in out.produced] == [(rt.registry.name(IDENTITY_TOPIC), b"ECID:a"),
-                                                    (rt.registry.name(PROFILE_TOPIC), b"p1")]
+                                                    (rt.registry.name(PROFILE_TOPIC), b"p1"),
+                                                    (rt.registry.name(PROFILE_TOPIC), b"p2")]
 
 
 def test_outside_a_block_or_during_a_rebalance_everything_goes_through_kafka() -> None:
     rt, out, handled = make_runtime({0, 1, 2, 3}, {0, 1, 2, 3})
-    rt.send(Send(PROFILE_TOPIC, "pid-a", {"op": "link", "n": 1}))
+    rt.send(Send(PROFILE_TOPIC, "pid-a", {"op": "tick", "n": 1}))
     rt.app.rebalancing = True
     with rt.local_delivery():
-        rt.send(Send(PROFILE_TOPIC, "pid-b", {"op": "link", "n": 2}))
+        rt.send(Send(PROFILE_TOPIC, "pid-b", {"op": "tick", "n": 2}))
     assert handled == []
     assert [k for _, k, _ in out.produced] == [b"pid-a", b"pid-b"]
 
@@ -112,11 +114,11 @@ def test_a_cycle_of_local_messages_is_cut_after_the_round_limit_and_produced() -
     def loop(items: list[LocalItem]) -> None:
         for _, key, msg in items:
             handled.append(msg["n"])
-            rt.send(Send(PROFILE_TOPIC, key.decode(), {"op": "link", "n": msg["n"] + 1}))
+            rt.send(Send(PROFILE_TOPIC, key.decode(), {"op": "tick", "n": msg["n"] + 1}))
 
     rt.local_handlers[PROFILE_TOPIC] = (rt.local_handlers[PROFILE_TOPIC][0], loop)
     with rt.local_delivery():
-        rt.send(Send(PROFILE_TOPIC, "pid-x", {"op": "link", "n": 0}))
+        rt.send(Send(PROFILE_TOPIC, "pid-x", {"op": "tick", "n": 0}))
     # Then it ran MAX_LOCAL_ROUNDS times in-process and the pending message left through Kafka
     assert handled == list(range(MAX_LOCAL_ROUNDS))
     assert out.produced == [(rt.registry.name(PROFILE_TOPIC), b"pid-x", partition_for(b"pid-x", 4))]

@@ -123,3 +123,25 @@ def test_apply_refuses_more_replicas_than_brokers_and_says_what_to_set(kafka_boo
         apply(reg, kafka_bootstrap, out=lambda *_: None)
     assert "replication factor 3" in str(err.value) and "1 broker(s)" in str(err.value)
     assert f"{REPLICATION_ENV}=1" in str(err.value)
+
+
+def test_compacted_topics_bound_how_long_a_superseded_record_stays_and_the_broker_takes_it(
+        kafka_bootstrap, topic_prefix):
+    # Given the shipped topics.yaml
+    reg = TopicRegistry.load(TOPICS_FILE, prefix=topic_prefix)
+    compacted = {s.logical for s in reg if "compact" in s.cleanup_policy}
+    # Then every compacted topic (where an erased person's old values would otherwise stay until the cleaner
+    # happens to run) carries a bound of 7 days, and no delete-policy topic carries one
+    assert compacted >= {"state.identity-changelog", "state.profiles-changelog", "activation.membership-state"}
+    assert {s.logical: s.config().get("max.compaction.lag.ms") for s in reg} == {
+        s.logical: ("604800000" if s.logical in compacted else None) for s in reg}
+    # And when the topics are created, the broker holds it, so a second plan finds nothing to change
+    from confluent_kafka.admin import AdminClient, ConfigResource
+
+    apply(reg, kafka_bootstrap, out=lambda *_: None)
+    name = reg.name("activation.membership-state")
+    res = ConfigResource("topic", name)
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+    config = admin.describe_configs([res])[res].result()
+    assert config["max.compaction.lag.ms"].value == "604800000"
+    assert {i.action for i in apply(reg, kafka_bootstrap, out=lambda *_: None)} == {"ok"}

@@ -23,7 +23,7 @@ from confluent_kafka import OFFSET_INVALID, Consumer, Producer, TopicPartition
 from pipeline.connection import Kafka, client_config
 from pipeline.destinations.base import Payload, TopicResolver
 from pipeline.destinations.config import DestinationConfig
-from pipeline.destinations.mapping import Skip, map_change
+from pipeline.destinations.mapping import SKIP_CONSENT_UNKNOWN, Skip, map_change
 from pipeline.errors import DeliveryError
 from pipeline.kafka_reads import ReadTimeout, read_to_end
 from pipeline.observability import metrics
@@ -181,6 +181,8 @@ class Backfill:
                 await runner.deliver_and_flush(cfg.name, payloads)
                 for reason, n in skips.items():
                     metrics.DESTINATION_SKIPS.labels(cfg.name, reason).inc(n)
+                if skips[SKIP_CONSENT_UNKNOWN]:
+                    metrics.DESTINATION_CONSENT_UNKNOWN.labels(cfg.name).inc(skips[SKIP_CONSENT_UNKNOWN])
                 runner.record_skips(cfg.name, skips)
                 if group_id(cfg.name) in fresh:
                     await asyncio.to_thread(self._commit_group, runner.kafka, group_id(cfg.name), ends)

@@ -33,10 +33,13 @@ class Payload:
     idempotency_key: str
     event_time_ms: int
     source_emit_ms: int
-    reason: str | None = None  # "erasure": an exit that asks the receiver to delete the person
+    # Why a membership payload exists when it is not the audience's own decision: consent_withdrawn,
+    # consent_granted, or erasure (an exit that asks the receiver to delete the person); None otherwise, and
+    # then left out of the delivered record.
+    reason: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        d = {
+        out: dict[str, Any] = {
             "destination": self.destination,
             "profile_id": self.profile_id,
             "audience_id": self.audience_id,
@@ -48,9 +51,9 @@ class Payload:
             "event_time_ms": self.event_time_ms,
             "source_emit_ms": self.source_emit_ms,
         }
-        if self.reason is not None:  # only erasures say why (the other payloads stay as they were)
-            d["reason"] = self.reason
-        return d
+        if self.reason is not None:
+            out["reason"] = self.reason
+        return out
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Payload:

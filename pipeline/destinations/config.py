@@ -17,6 +17,7 @@ from pipeline.errors import UnknownNameError
 from pipeline.yamlconf import Doc, compose_file, compose_text
 
 IdentityTransform = Literal["none", "sha256", "sha256_lower", "lower"]
+OnMissing = Literal["deny", "allow"]
 FileFormat = Literal["csv", "jsonl", "parquet"]
 ExportMode = Literal["full", "incremental"]
 
@@ -24,12 +25,14 @@ KINDS: tuple[str, ...] = ("file", "http", "kafka")
 TRANSFORMS: tuple[str, ...] = ("lower", "none", "sha256", "sha256_lower")
 FORMATS: tuple[str, ...] = ("csv", "jsonl", "parquet")
 MODES: tuple[str, ...] = ("full", "incremental")
+ON_MISSING: tuple[str, ...] = ("allow", "deny")
 METHODS: tuple[str, ...] = ("PATCH", "POST", "PUT")
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _INTERVAL = re.compile(r"^\s*(\d+)\s*(s|m|h|d)\s*$")
 _INTERVAL_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+Env = os._Environ[str] | dict[str, str] | None  # None: ${VAR} is left as written
 
 
 @dataclass(frozen=True)
@@ -42,14 +45,17 @@ class IdentityMapping:
 
 @dataclass(frozen=True)
 class ConsentConfig:
-    """Which profile attribute holds consent and which of its values deny activation."""
+    """Which profile attribute holds consent, which of its values deny activation, and what a message
+    without a value means (`on_missing`; pipeline.consent decides with it)."""
 
     attribute: str
     deny_values: tuple[str, ...] = ("no",)
+    on_missing: OnMissing = "deny"
 
     def denies(self, value: object) -> bool:
+        """The value is one of the deny values (an absent value is not: see `on_missing`)."""
         if value is None:
-            return False  # an unknown consent is not a refusal; destinations may tighten it later
+            return False
         return str(value).strip().lower() in {v.lower() for v in self.deny_values}
 
 
@@ -186,10 +192,13 @@ _KIND_KEYS: dict[str, set[str]] = {
 _REQUIRED_KIND_KEYS = {"http": {"url"}, "kafka": {"topic"}, "file": {"path"}}
 
 
-def load_destinations(path: str | Path, env: dict[str, str] | None = None) -> DestinationsConfig:
-    """Load a destinations YAML file; `env` (default os.environ) resolves ${VAR} in header values."""
+def load_destinations(path: str | Path, env: dict[str, str] | None = None, *,
+                      resolve_env: bool = True) -> DestinationsConfig:
+    """Load a destinations YAML file; `env` (default os.environ) resolves ${VAR} in header values.
+    `resolve_env=False` leaves ${VAR} as written: for readers that never send (the worker reads the
+    consent rules only, and holds none of the runner's secrets)."""
     doc, root = compose_file(path)
-    return _parse(doc, root, os.environ if env is None else env)
+    return _parse(doc, root, (os.environ if env is None else env) if resolve_env else None)
 
 
 def parse_destinations(text: str, file: str = "<string>", env: dict[str, str] | None = None
@@ -198,7 +207,7 @@ def parse_destinations(text: str, file: str = "<string>", env: dict[str, str] | 
     return _parse(Doc(file), compose_text(text, file), os.environ if env is None else env)
 
 
-def _parse(doc: Doc, root: yaml.Node, env: os._Environ[str] | dict[str, str]) -> DestinationsConfig:
+def _parse(doc: Doc, root: yaml.Node, env: Env) -> DestinationsConfig:
     top = doc.mapping(root, "destinations file")
     doc.check_keys(top, "destinations file", {"destinations"}, set(), root)
     out: list[DestinationConfig] = []
@@ -212,7 +221,7 @@ def _parse(doc: Doc, root: yaml.Node, env: os._Environ[str] | dict[str, str]) ->
     return DestinationsConfig(tuple(out), doc.file)
 
 
-def _destination(doc: Doc, node: yaml.Node, env: os._Environ[str] | dict[str, str]) -> DestinationConfig:
+def _destination(doc: Doc, node: yaml.Node, env: Env) -> DestinationConfig:
     f = doc.mapping(node, "destination")
     if "kind" not in f:
         raise doc.error("destination: missing key kind", node)
@@ -265,11 +274,17 @@ def _destination(doc: Doc, node: yaml.Node, env: os._Environ[str] | dict[str, st
     if "consent" in f:
         cnode = f["consent"][1]
         c = doc.mapping(cnode, "consent")
-        doc.check_keys(c, "consent", {"attribute"}, {"deny_values"}, cnode)
+        doc.check_keys(c, "consent", {"attribute"}, {"deny_values", "on_missing"}, cnode)
         deny: tuple[str, ...] = ("no",)
         if "deny_values" in c:
             deny = tuple(str(doc.scalar(n, "deny value")) for n in doc.sequence(c["deny_values"][1], "deny_values"))
-        consent = ConsentConfig(doc.string(c["attribute"][1], "consent attribute"), deny)
+        on_missing = "deny"
+        if "on_missing" in c:
+            on_missing = doc.string(c["on_missing"][1], "on_missing")
+            if on_missing not in ON_MISSING:
+                raise doc.error(f"on_missing must be one of {', '.join(ON_MISSING)}", c["on_missing"][1])
+        consent = ConsentConfig(doc.string(c["attribute"][1], "consent attribute"), deny,
+                                cast(OnMissing, on_missing))
 
     cfg = DestinationConfig(name=name, kind=kind, audiences=audiences, identities=tuple(identities),
                             attributes=attributes, consent=consent)
@@ -289,8 +304,7 @@ def _number(doc: Doc, node: yaml.Node, what: str, *, positive: bool = True) -> f
     return float(value)
 
 
-def _http(doc: Doc, f: dict[str, tuple[yaml.Node, yaml.Node]],
-          env: os._Environ[str] | dict[str, str]) -> HttpSettings:
+def _http(doc: Doc, f: dict[str, tuple[yaml.Node, yaml.Node]], env: Env) -> HttpSettings:
     url = doc.string(f["url"][1], "url")
     if not url.startswith(("http://", "https://")):
         raise doc.error("url must start with http:// or https://", f["url"][1])
@@ -305,6 +319,8 @@ def _http(doc: Doc, f: dict[str, tuple[yaml.Node, yaml.Node]],
             raw = str(doc.scalar(vnode, f"header {key}"))
 
             def sub(m: re.Match[str], vnode: yaml.Node = vnode) -> str:
+                if env is None:
+                    return m.group(0)
                 if m.group(1) not in env:
                     # Name the variable, never the value: headers usually carry tokens.
                     raise doc.error(f"environment variable {m.group(1)} is not set", vnode)

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from pipeline.destinations.base import Payload
+from pipeline import consent as consent_rule
+from pipeline.destinations.base import Payload, PayloadStatus
 from pipeline.destinations.config import DestinationConfig, IdentityTransform
 from pipeline.model import Scalar
 from pipeline.privacy.erasure import REASON as ERASURE
@@ -16,6 +17,7 @@ from pipeline.privacy.erasure import REASON as ERASURE
 SKIP_AUDIENCE_NOT_ACTIVATED: Final = "audience_not_activated"
 SKIP_NO_IDENTITY: Final = "no_identity"
 SKIP_CONSENT_DENIED: Final = "consent_denied"
+SKIP_CONSENT_UNKNOWN: Final = "consent_unknown"  # no value of the rule's attribute, and on_missing: deny
 SKIP_NO_MAPPED_CHANGE: Final = "no_mapped_change"
 SKIP_NOT_A_MEMBER: Final = "not_a_member"
 SKIP_KIND_NOT_EXPORTED: Final = "attributes_not_exported"
@@ -75,17 +77,21 @@ def is_membership_message(msg: dict[str, Any]) -> bool:
 def map_change(msg: dict[str, Any], dest: DestinationConfig) -> Payload | Skip:
     """Map one membership-change message (MembershipChange.to_dict()) for one destination.
 
-    Skips, in this order: audience not activated; realized/existing membership whose consent is denied
-    (exits are still sent: removing someone is always allowed); no identity the destination needs.
+    Skips, in this order: audience not activated; realized/existing membership whose consent the
+    destination's rule does not permit: denied, or unknown (the message has no value of the rule's attribute)
+    with `on_missing: deny` (exits are still sent: removing someone is always allowed); no identity the
+    destination needs.
     """
     audience_id = str(msg["audience_id"])
     if not dest.activates(audience_id):
         return Skip(SKIP_AUDIENCE_NOT_ACTIVATED)
     attributes: dict[str, Scalar] = dict(msg.get("attributes") or {})
     status = msg["status"]
-    if status != "exited" and dest.consent is not None and dest.consent.denies(
-            attributes.get(dest.consent.attribute)):
-        return Skip(SKIP_CONSENT_DENIED)
+    rule = dest.consent
+    if status != "exited" and rule is not None:
+        value = attributes.get(rule.attribute)
+        if not consent_rule.permits(rule, value):
+            return Skip(SKIP_CONSENT_DENIED if value is not None else SKIP_CONSENT_UNKNOWN)
     identities = map_identities(dict(msg.get("identities") or {}), dest)
     if not identities:
         return Skip(SKIP_NO_IDENTITY)
@@ -109,9 +115,13 @@ def map_profile_change(msg: dict[str, Any], dest: DestinationConfig) -> list[Pay
     """Map one profile-change message for one destination.
 
     1. The profile must be a member of at least one audience the destination activates.
-    2. Consent withdrawn (the consent attribute changed to a deny value): one `exited` membership
-       payload per activated audience, so the destination removes the profile everywhere.
-    3. Otherwise an `updated` attributes payload, only if a changed attribute or identity namespace
+    2. Consent withdrawn (the rule no longer permits the new value of its attribute, see
+       pipeline.consent.flip): one `exited` payload (reason `consent_withdrawn`) per activated audience;
+       consent granted: one `realized` payload (reason `consent_granted`) per activated audience. Audiences
+       whose membership changed in the same handling (`memberships_changed`) are left out: their own
+       membership message says it, checked against the new value (none left: go on with 3. and 4.).
+    3. Consent not permitted and not changing: nothing (the profile was exited, or never entered).
+    4. Otherwise an `updated` attributes payload, only if a changed attribute or identity namespace
        is mapped by the destination (file destinations skip these: they export memberships).
     """
     active = [a for a in msg.get("memberships") or [] if dest.activates(str(a))]
@@ -128,17 +138,28 @@ def map_profile_change(msg: dict[str, Any], dest: DestinationConfig) -> list[Pay
     profile_id = str(msg["profile_id"])
     projected = project_attributes(attributes, dest)
 
-    consent = dest.consent
-    if consent is not None and consent.denies(attributes.get(consent.attribute)):
-        if consent.attribute in changed_attrs:
-            return [Payload(
-                destination=dest.name, profile_id=profile_id, audience_id=str(a), kind="membership",
-                status="exited", identities=identities, attributes=projected,
-                idempotency_key=f"{key}:consent-exit:{a}", event_time_ms=event_time,
-                source_emit_ms=emit_time,
-            ) for a in sorted(map(str, active))]
-        # Consent was already denied before this change: the profile was exited then; send nothing.
-        return Skip(SKIP_CONSENT_DENIED)
+    rule = dest.consent
+    if rule is not None:
+        previous = msg.get("previous_attributes")
+        flip = consent_rule.flip(rule, attributes, changed_attrs, previous)
+        if flip is not None:
+            decided = set(map(str, msg.get("memberships_changed") or ()))
+            status: PayloadStatus = "exited" if flip == "withdrawn" else "realized"
+            tag = "consent-exit" if flip == "withdrawn" else "consent-enter"
+            reason = consent_rule.REASON_WITHDRAWN if flip == "withdrawn" else consent_rule.REASON_GRANTED
+            out = [Payload(
+                destination=dest.name, profile_id=profile_id, audience_id=a, kind="membership",
+                status=status, identities=identities, attributes=projected,
+                idempotency_key=f"{key}:{tag}:{a}", event_time_ms=event_time, source_emit_ms=emit_time,
+                reason=reason,
+            ) for a in sorted(map(str, active)) if a not in decided]
+            if out:
+                return out
+            # every activated membership was decided with it: an ordinary change (3. or 4.)
+        value = attributes.get(rule.attribute)
+        if not consent_rule.permits(rule, value):
+            # Not permitted before this change either: the profile was exited then (or never entered).
+            return Skip(SKIP_CONSENT_DENIED if value is not None else SKIP_CONSENT_UNKNOWN)
 
     changed_ns = set(msg.get("changed_identities") or [])
     if not (changed_attrs & set(dest.attributes)) and not (changed_ns & dest.identity_namespaces):

@@ -26,7 +26,7 @@ from pipeline.destinations.base import (
     create_destination,
 )
 from pipeline.destinations.config import DestinationConfig
-from pipeline.destinations.mapping import Skip, map_message
+from pipeline.destinations.mapping import SKIP_CONSENT_UNKNOWN, Skip, map_message
 from pipeline.errors import DeliveryError, UnknownNameError
 from pipeline.observability import metrics
 from pipeline.observability.kafka_stats import STATS_INTERVAL_MS, LibrdkafkaStats
@@ -291,6 +291,8 @@ class DestinationRunner:
         if isinstance(result, Skip):
             lane.skipped[result.reason] += 1
             metrics.DESTINATION_SKIPS.labels(lane.config.name, result.reason).inc()
+            if result.reason == SKIP_CONSENT_UNKNOWN:
+                metrics.DESTINATION_CONSENT_UNKNOWN.labels(lane.config.name).inc()
             return []
         return result
 

@@ -78,8 +78,13 @@ def claim_msg(key: str, pid: str, ts_ms: int) -> Send:
     return Send(IDENTITY_TOPIC, key, {"op": "claim", "pid": pid, "ts": ts_ms})
 
 
-def repoint_msg(key: str, old: str, new: str) -> Send:
-    return Send(IDENTITY_TOPIC, key, {"op": "repoint", "from": old, "to": new})
+def repoint_msg(key: str, old: str, new: str, adopt: bool = False) -> Send:
+    """Move `key` from profile `old` to `new` if `old` still owns it. `adopt`: `new` does not list it yet, and is
+    told (`claimed`) once it is moved."""
+    value: dict[str, Any] = {"op": "repoint", "from": old, "to": new}
+    if adopt:
+        value["adopt"] = True
+    return Send(IDENTITY_TOPIC, key, value)
 
 
 def release_msg(key: str, pid: str) -> Send:
@@ -106,7 +111,11 @@ def handle_identity(key: str, current: str | None, msg: dict[str, Any]) -> Ident
         return IdentityResult(sends=[Send(PROFILE_TOPIC, pid, {"op": "taken", "pid": pid, "claimant": pid,
                                                                 "key": key, "owner": current})])
     if op == "repoint":  # a merge moved this identity's profile: follow it if we still point at the old one
-        return IdentityResult(write=msg["to"]) if current == msg["from"] else IdentityResult()
+        new = msg["to"]
+        if msg.get("adopt") and current in (msg["from"], new):  # (`new`: redelivered, its answer may be lost)
+            reply = {"op": "claimed", "pid": new, "claimant": new, "key": key}
+            return IdentityResult(write=new if current != new else None, sends=[Send(PROFILE_TOPIC, new, reply)])
+        return IdentityResult(write=new) if current == msg["from"] else IdentityResult()
     if op == "release":  # the size guardrail dropped this identity from its profile
         return IdentityResult(delete=True) if current == msg["pid"] else IdentityResult()
     raise ValueError(f"unknown identity op {op!r}")
@@ -117,7 +126,7 @@ def in_process_allowed(send: Send) -> bool:
     """Whether a worker may hand this stage message to a partition it holds in-process (`Runtime.local_delivery`)
     rather than produce it. A message delivered in-process is in no log: a crash loses it, while what its handling
     wrote may survive (each changelog partition keeps its own prefix), and only the root Kafka message of the
-    cascade is handled again. Two kinds of message must be in their target's log, as they are without local
+    cascade is handled again. Three kinds of message must be in their target's log, as they are without local
     delivery, because nothing could re-derive them after such a crash:
       - every identity-stage message (resolve, claim, repoint, release): the identity stage decides first come,
         first served (I3), and its decisions have effects elsewhere (a profile lists a claimed identity, is born
@@ -127,9 +136,13 @@ def in_process_allowed(send: Send) -> bool:
       - `absorb`, the only copy of a merging profile's state in flight: its `accepted` turns the sender into a
         Forward, after which nothing can send the state again. In the survivor's log it is handled again until
         the survivor's absorption is acknowledged; in-process, a crash could keep the Forward and lose the
-        absorption (the merged-away profile's identities and events gone).
+        absorption (the merged-away profile's identities and events gone);
+      - `link`, which freezes its target (a merge) and makes it send its `absorb` through Kafka: a crash can keep
+        that absorb and lose the frozen state. From its log, the target handles the link again at the same
+        point and freezes again; in-process, the link is re-derived later, after messages the target then
+        handles unfrozen (an absorb of another profile, say), so that two survivors absorb it.
     Everything else a stage sends in-process is re-derived by handling again what caused it (the redelivery rules
     in pipeline.profiles.ops), as through Kafka."""
     if send.topic == IDENTITY_TOPIC:
         return False
-    return not (send.topic == PROFILE_TOPIC and isinstance(send.value, dict) and send.value.get("op") == "absorb")
+    return not (send.topic == PROFILE_TOPIC and isinstance(send.value, dict) and send.value.get("op") in ("absorb", "link"))

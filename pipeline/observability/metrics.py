@@ -31,6 +31,9 @@ DESTINATION_DELIVERIES = Counter("cdp_destination_deliveries_total", "Payloads d
 DESTINATION_FAILURES = Counter("cdp_destination_failures_total", "Failed delivery attempts",
                                ["destination", "reason"])
 DESTINATION_SKIPS = Counter("cdp_destination_skips_total", "Payloads skipped by mapping", ["destination", "reason"])
+DESTINATION_CONSENT_UNKNOWN = Counter(
+    "cdp_destination_consent_unknown_total",
+    "Memberships not delivered: no value of the destination's consent attribute (on_missing: deny)", ["destination"])
 READY = Gauge("cdp_ready", "1 while the worker can do its work (GET /readyz answers 200), else 0")
 NOT_READY = Gauge("cdp_not_ready", "1 while this reason keeps the worker not ready (GET /readyz)", ["reason"])
 OUTPUT_UNACKNOWLEDGED = Gauge("cdp_output_unacknowledged",

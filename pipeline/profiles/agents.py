@@ -13,6 +13,7 @@ from typing import Any
 
 import msgpack
 
+from pipeline.consent import ConsentAttributes
 from pipeline.errors import ConfigError, describe, where
 from pipeline.identity.stitch import PROFILE_TOPIC, Send
 from pipeline.model import Outbox, ProfileState
@@ -341,10 +342,23 @@ def register(rt: Runtime) -> None:
         except ConfigError as exc:
             log.error("segments not reloaded, keeping the current definitions: %s", exc)
             return
-        rt.engine = SegmentEngine(audiences, history_retention_ms=rt.engine.history_retention_ms)
+        rt.engine = SegmentEngine(audiences, history_retention_ms=rt.engine.history_retention_ms,
+                                  carried_attributes=rt.engine.carried_attributes)
         rt.processor.engine = rt.engine
         log.info("segments reloaded: %d audiences; re-evaluating changed ones on every partition", len(audiences))
         checked.clear()  # the timer below sends a defs-check to each assigned partition again
+
+    consent = ConsentAttributes(rt.settings.config_dir / "destinations.yaml")
+    consent.refresh(strict=True)  # a broken file stops the start, naming file and line
+    rt.engine.carried_attributes = consent.attributes
+
+    @rt.app.timer(2.0)
+    async def reload_consent_rules() -> None:
+        """destinations.yaml edited while running: membership messages carry its consent attributes from now
+        on (pipeline.consent). Nothing is re-evaluated: a destination checks its rule on the messages it gets."""
+        if consent.refresh():
+            rt.engine.carried_attributes = consent.attributes
+            log.info("consent rules reloaded: membership messages carry %s", list(consent.attributes))
 
     @rt.app.timer(1.0)
     async def record_acknowledged() -> None:
@@ -386,7 +400,8 @@ class Walks:
             return None
         engine = rt.processor.engine
         return {"path": store.path(), "audiences": tuple(engine.audiences.values()),
-                "retention_ms": engine.history_retention_ms, "config_dir": str(rt.settings.config_dir)}
+                "retention_ms": engine.history_retention_ms, "config_dir": str(rt.settings.config_dir),
+                "carried_attributes": engine.carried_attributes}
 
 
 def _defs_key(partition: int) -> bytes:

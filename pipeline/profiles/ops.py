@@ -42,7 +42,7 @@ from pipeline.identity.stitch import (
     start_resolve,
 )
 from pipeline.ingest.wire import record_from_wire
-from pipeline.model import ExperienceEvent, Identity, MembershipChange, ProfileState
+from pipeline.model import ExperienceEvent, Identity, MembershipChange, ProfileState, Scalar
 from pipeline.privacy.erasure import REASON as ERASURE_REASON
 from pipeline.privacy.erasure import done_record, hashed
 from pipeline.profiles.config import ProfileConfig
@@ -66,7 +66,7 @@ MEMBERSHIP_STATE_TOPIC = "activation.membership-state"
 PROFILE_CHANGES_TOPIC = "activation.profile-changes"
 
 Entry = ProfileState | Forward | None
-MERGED_KEEP = 64  # absorbed ids a profile remembers, to recognise a redelivered absorb
+MERGED_KEEP = 64  # tokens of absorbed merge attempts a profile remembers, to recognise a redelivered absorb
 _ANSWERS = frozenset({"accepted", "refused"})  # handled even while merging: they end the wait
 _NOT_HELD = _ANSWERS | {"resume"}  # handled even while merging
 _DROPPED_AT_FORWARD = _NOT_HELD | {"tick"}
@@ -147,6 +147,10 @@ class ProfileProcessor:
             elif op in _DROPPED_AT_FORWARD:
                 res.count("stale")
             else:
+                if op == "link" and msg.get("via") and msg["via"] not in entry.repointed:
+                    # the table gives `via` to this merged-away id, which did not list it when it merged (a crash
+                    # lost the write that would have): hand it to the survivor, which lists it once it is moved
+                    res.sends.append(repoint_msg(msg["via"], pid, entry.into, adopt=True))
                 res.sends.append(Send(PROFILE_TOPIC, entry.into, {**msg, "pid": entry.into}))
                 res.count("forwarded")
             return res
@@ -155,8 +159,14 @@ class ProfileProcessor:
                 res = OpResult()
                 res.sends.append(self._absorb_msg(pid, entry))
                 return res
+            res = OpResult()
+            if msg in entry.held:
+                # a copy (redelivered after a crash): handlers are idempotent, so one is enough, and each copy
+                # kept would be passed on, and sent again with every redelivered `accepted`, after each crash
+                res.count("held_duplicates")
+                return res
             entry.held.append(msg)
-            res = OpResult(write=entry)
+            res.write = entry
             res.count("held")
             return res
         handler = self._handlers.get(op)
@@ -210,6 +220,7 @@ class ProfileProcessor:
             else:
                 self._claim(profile, ident, rec.timestamp_ms, res)
         rec = replace(rec, identities=tuple(listed))
+        consent_before = self._consent_values(profile)
         if isinstance(rec, ExperienceEvent):
             summary = apply_event(profile, rec, self.config)
         else:
@@ -230,7 +241,7 @@ class ProfileProcessor:
         self._release(pid, enforce_identity_limit(profile, self.config), res)
         cause = rec.event_id if isinstance(rec, ExperienceEvent) else rec.record_id
         self._evaluate(profile, summary, res, now=now, event_time=rec.timestamp_ms, cause=cause,
-                       kind="streaming", created=entry is None)
+                       kind="streaming", created=entry is None, consent_before=consent_before)
         res.write = profile
         return res
 
@@ -246,37 +257,54 @@ class ProfileProcessor:
         1. repoint it here if the claimant was absorbed; 2. list it (every claim of it is settled) or, if
         this profile no longer wants it, release it; 3. guardrail; 4. tell streaming destinations."""
         res = OpResult()
+        now = self.now_ms()
+        created = entry is None
         if entry is None:
-            res.count("stale")
-            return res
+            # a profile claims only once it exists: a crash lost its creation while its claim survived. It is born
+            # holding the identity, as a link reaching it unborn makes it (a release would race its home hop, which
+            # may be giving it this very identity); the record that created it, handled again, finds it here.
+            entry = ProfileState(pid, created_ms=now)
         key, claimant = msg["key"], msg["claimant"]
         ident = Identity.from_key(key)
         listed = ident.id in entry.identities.get(ident.namespace, ())
-        if not listed and key not in entry.claims:  # dropped by the guardrail while the claim was in flight
+        if not listed and key not in entry.claims and not self._keeps_unawaited(entry, ident):
             res.sends.append(release_msg(key, claimant))
             return res
         if claimant != pid:
             res.sends.append(repoint_msg(key, claimant, pid))
         if listed:
             return res
-        ts = min(entry.claims.pop(key).values())
-        summary = add_identity(entry, ident, ts)
+        pending = entry.claims.pop(key, None)
+        summary = add_identity(entry, ident, min(pending.values()) if pending else now)
         self._release(pid, enforce_identity_limit(entry, self.config), res)
-        now = self.now_ms()
-        self._evaluate(entry, summary, res, now=now, event_time=now, cause=None, kind="streaming")
+        self._evaluate(entry, summary, res, now=now, event_time=now, cause=None, kind="streaming", created=created)
         res.write = entry
         return res
+
+    def _keeps_unawaited(self, profile: ProfileState, ident: Identity) -> bool:
+        """Whether a profile keeps an identity the table gave it that it no longer waits for. The guardrail may
+        have dropped it while its claim was in flight (the profile is then at its limit): released. But the
+        claim was this profile's (or an absorbed one's), for one of its records, and a crash can lose the
+        pending claim from its state while the claim itself is in the identity topic, or a claim asked again
+        after a `taken` can find the identity freed meanwhile: the profiles that were refused it have already
+        sent their links here, so a release would leave it with no owner. Kept, unless it would be a second id
+        of a unique namespace (P4)."""
+        if sum(len(ids) for ids in profile.identities.values()) >= self.config.identity.max_identities_per_graph:
+            return False
+        if ident.namespace not in self.config.identity.unique_namespaces:
+            return True
+        return all(i == ident.id for i in unique_ids(profile, self.config).get(ident.namespace, ()))
 
     def _taken(self, pid: str, entry: ProfileState | None, msg: dict[str, Any]) -> OpResult:
         """Another profile owns `key`: settle this claimant's claim and ask the owner to link (P5 decides).
         Claims of the same identity by profiles absorbed meanwhile wait for their own answers."""
+        key, owner = msg["key"], msg["owner"]
+        if owner == pid:  # the table points here already
+            return self._claimed(pid, entry, msg)
         res = OpResult()
         if entry is None:
             res.count("stale")
             return res
-        key, owner = msg["key"], msg["owner"]
-        if owner == pid:  # the table points here already
-            return self._claimed(pid, entry, msg)
         pending = entry.claims.get(key)
         if pending is not None and msg["claimant"] in pending:
             del pending[msg["claimant"]]
@@ -296,12 +324,19 @@ class ProfileProcessor:
         other = msg["from"]
         if other == pid:
             return res
+        via = Identity.from_key(msg["via"]) if msg.get("via") else None
         if entry is None:  # not born yet: `via` is the home identity its id was claimed with (I2)
-            if msg.get("via") is None:
+            if via is None:
                 res.count("stale")
                 return res
             entry = ProfileState(pid, created_ms=self.now_ms())
-            add_identity(entry, Identity.from_key(msg["via"]), entry.created_ms)
+            add_identity(entry, via, entry.created_ms)
+            res.write = entry
+        elif (via is not None and via.id not in entry.identities.get(via.namespace, ()) and via.key not in entry.claims
+              and self._keeps_unawaited(entry, via)):
+            # the table gives `via` to this profile, which neither lists nor awaits it: a crash lost the write that
+            # listed it (its home hop's or its claim's). Listed now, so that a merge repoints it with the rest.
+            add_identity(entry, via, self.now_ms())
             res.write = entry
         mine = unique_ids(entry, self.config)
         conflict = unique_conflict(mine, msg["uniq"])
@@ -336,7 +371,11 @@ class ProfileProcessor:
         other_id, now = msg["from"], self.now_ms()
         answer = {"pid": other_id, "token": msg["token"], "by": pid}
         profile = entry if entry is not None else ProfileState(pid, created_ms=now)
-        if other_id in profile.merged:
+        # a redelivered absorb carries a token this profile has absorbed. The same id with a new token is a new
+        # attempt: a crash can lose the sender's Forward (and so the `accepted`) after its absorb was taken here,
+        # and the sender, live again, gathers more state before it merges again. (Values stored before tokens
+        # were kept here list bare ids.)
+        if msg["token"] in profile.merged or other_id in profile.merged:
             res.sends.append(Send(PROFILE_TOPIC, other_id, {"op": "accepted", **answer}))
             return res
         other = decode_profile(msg["state"])
@@ -347,6 +386,7 @@ class ProfileProcessor:
             res.sends.append(Send(PROFILE_TOPIC, other_id, {"op": "refused", **answer}))
             return res
         other.memberships.clear()
+        consent_before = self._consent_values(profile)
         summary = absorb(profile, other, self.config)
         for key, claimants in other.claims.items():
             pending = profile.claims.setdefault(key, {})
@@ -356,14 +396,14 @@ class ProfileProcessor:
             ident = Identity.from_key(key)
             if ident.id in profile.identities.get(ident.namespace, ()):
                 del profile.claims[key]
-        merged = [m for m in profile.merged if m not in other.merged] + other.merged + [other_id]
+        merged = [m for m in profile.merged if m not in other.merged] + other.merged + [msg["token"]]
         profile.merged = merged[-MERGED_KEEP:]
         profile.seq += 1
         res.sends.append(Send(PROFILE_TOPIC, other_id, {"op": "accepted", **answer}))
         res.count("merges")
         self._release(pid, enforce_identity_limit(profile, self.config), res)
         self._evaluate(profile, summary, res, now=now, event_time=now, cause=None, kind="merge", all_=True,
-                       created=entry is None)
+                       created=entry is None, consent_before=consent_before)
         res.write = profile
         return res
 
@@ -523,6 +563,16 @@ class ProfileProcessor:
         return res
 
     # -- shared steps -------------------------------------------------------------------------------
+    def _consent_values(self, profile: ProfileState) -> dict[str, Scalar]:
+        """The values of the consent attributes (pipeline.consent) before a change: a profile change says
+        what they were, so a destination can tell a withdrawal or grant from a change between two values
+        its rule reads alike."""
+        out: dict[str, Scalar] = {}
+        for path in self.engine.carried_attributes:
+            av = profile.attributes.get(path)
+            out[path] = av.value if av is not None else None
+        return out
+
     def _release(self, pid: str, removed: list[Identity], res: OpResult) -> None:
         if removed:
             by_ns: dict[str, int] = {}
@@ -536,9 +586,12 @@ class ProfileProcessor:
 
     def _evaluate(self, profile: ProfileState, summary: ChangeSummary, res: OpResult, *, now: int,
                   event_time: int, cause: str | None, kind: str, all_: bool = False, created: bool = False,
-                  audience_ids: list[str] | None = None) -> None:
+                  audience_ids: list[str] | None = None, consent_before: dict[str, Scalar] | None = None,
+                  ) -> None:
         """Evaluate the audiences the change can affect, record memberships and the next deadline,
-        and emit membership changes and (for streaming destinations) the profile change."""
+        and emit membership changes and (for streaming destinations) the profile change. `consent_before`: the
+        consent attributes' values before the change (`_consent_values`)."""
+        decided: list[str] = []
         every = audience_ids is None and (all_ or created)
         if audience_ids is None:
             audience_ids = self.engine.affected(
@@ -551,8 +604,10 @@ class ProfileProcessor:
                 decisions = [d if d.cause_event_id or not d.qualified else _with_cause(d, cause)
                              for d in decisions]
             if decisions:
-                res.changes.extend(apply_decisions(profile, decisions, self.engine, now_ms=now,
-                                                   event_time_ms=event_time, kind=kind))
+                changes = apply_decisions(profile, decisions, self.engine, now_ms=now, event_time_ms=event_time,
+                                          kind=kind)
+                decided = sorted({c.audience_id for c in changes})
+                res.changes.extend(changes)
         # a partial evaluation never moves the deadline later, even a passed one: its due tick re-checks all
         current = profile.next_deadline_ms
         if every or (deadline is not None and (current is None or deadline < current)):
@@ -569,6 +624,9 @@ class ProfileProcessor:
                 "memberships": sorted(profile.active_segments()),
                 "event_time_ms": event_time,
                 "idempotency_key": hashlib.sha256(key_src.encode()).hexdigest()[:32],
+                "memberships_changed": decided,
+                "previous_attributes": {a: v for a, v in (consent_before or {}).items()
+                                        if a in summary.attributes_changed},
             }))
 
 

@@ -238,9 +238,10 @@ class SliceTask:
     config_dir: str  # identity.yaml and datasets.yaml (loaded once per process; not picklable)
     now_ms: int | None = None  # evaluate as of this time (benchmarks, tests); None: the wall clock
     walk_id: str = ""  # the walk the range belongs to (its pre-check gate)
+    carried_attributes: tuple[str, ...] = ()  # the consent attributes membership messages carry
 
 
-_engines: dict[tuple[tuple[AudienceDef, ...], int], SegmentEngine] = {}
+_engines: dict[tuple[tuple[AudienceDef, ...], int, tuple[str, ...]], SegmentEngine] = {}
 _configs: dict[str, ProfileConfig] = {}
 
 
@@ -258,11 +259,12 @@ def _range(db: Rdict, lower: bytes, upper: bytes | None) -> Iterator[tuple[bytes
 def run_slice(task: SliceTask) -> SliceResult:
     """Runs in a worker process: open the store read-only, evaluate the range. The engine is compiled once
     per process and audience set (definitions can be reloaded while the worker runs)."""
-    engine_key = (task.audiences, task.retention_ms)
+    engine_key = (task.audiences, task.retention_ms, task.carried_attributes)
     engine = _engines.get(engine_key)
     if engine is None:
         _engines.clear()
-        engine = _engines[engine_key] = SegmentEngine(list(task.audiences), history_retention_ms=task.retention_ms)
+        engine = _engines[engine_key] = SegmentEngine(list(task.audiences), history_retention_ms=task.retention_ms,
+                                                      carried_attributes=task.carried_attributes)
     config = _configs.get(task.config_dir)
     if config is None:
         d = Path(task.config_dir)

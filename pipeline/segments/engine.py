@@ -613,7 +613,8 @@ class Affected(list[str]):
 class SegmentEngine:
     """Evaluates a set of audiences against profiles; audiences are compiled once at construction."""
 
-    def __init__(self, audiences: Sequence[AudienceDef], *, history_retention_ms: int = 90 * 86400_000) -> None:
+    def __init__(self, audiences: Sequence[AudienceDef], *, history_retention_ms: int = 90 * 86400_000,
+                 carried_attributes: Sequence[str] = ()) -> None:
         by_id: dict[str, AudienceDef] = {}
         for a in audiences:
             if a.id in by_id:
@@ -621,6 +622,10 @@ class SegmentEngine:
             by_id[a.id] = a
         self.audiences: Mapping[str, AudienceDef] = MappingProxyType(by_id)
         self.history_retention_ms = history_retention_ms
+        # Carried by every membership message besides its audience's own attributes: those the destinations'
+        # consent rules read (pipeline.consent), so each destination can check its rule on every message.
+        # Set again when the destinations file changes.
+        self.carried_attributes: tuple[str, ...] = tuple(carried_attributes)
         self._order = dependency_order(list(audiences))
         self._rank = {aid: i for i, aid in enumerate(self._order)}
         self._versions = {a.id: a.version for a in audiences}

@@ -45,6 +45,14 @@ def _carried(profile: ProfileState, attributes: Sequence[str]) -> dict[str, Scal
     return out
 
 
+def carried_paths(engine: SegmentEngine, audience_attributes: Sequence[str]) -> tuple[str, ...]:
+    """What a membership message carries: its audience's attributes, then the consent attributes."""
+    extra = engine.carried_attributes
+    if not extra:
+        return tuple(audience_attributes)
+    return tuple(dict.fromkeys((*audience_attributes, *extra)))
+
+
 def _change(profile: ProfileState, audience_id: str, version: int, status: MembershipStatus,
             previous: MembershipStatus | None, since_ms: int, attributes: Sequence[str],
             identities: dict[str, list[str]], reason: str, cause: str | None, kind: EvaluationKind,
@@ -89,7 +97,7 @@ def apply_decisions(profile: ProfileState, decisions: Sequence[Decision], engine
         if idents is None:
             idents = grouped_identities(profile)
         out.append(_change(profile, d.audience_id, audience.version, status, previous, event_time_ms,
-                           audience.attributes, idents, d.reason, d.cause_event_id if d.qualified else None,
+                           carried_paths(engine, audience.attributes), idents, d.reason, d.cause_event_id if d.qualified else None,
                            ek, event_time_ms, now_ms))
     return out
 
@@ -104,9 +112,9 @@ def exit_all(profile: ProfileState, engine: SegmentEngine, *, now_ms: int, kind:
         if m.status == "exited":
             continue
         audience = engine.audiences.get(aid)
-        # A removed audience keeps the version that decided the membership and carries no attributes.
+        # A removed audience keeps the version that decided the membership and carries only consent attributes.
         version = audience.version if audience is not None else m.version
-        attrs = audience.attributes if audience is not None else ()
+        attrs = carried_paths(engine, audience.attributes if audience is not None else ())
         previous = m.status
         profile.memberships[aid] = Membership(audience_id=aid, status="exited", since_ms=now_ms, version=version,
                                               reason=reason, changed_ms=now_ms)

@@ -30,9 +30,16 @@ def membership(profile_id: str = "p1", audience_id: str = "vip", status: str = "
 
 def profile_change(profile_id: str = "p1", *, changed_attributes: list[str], memberships: list[str],
                    changed_identities: list[str] | None = None, consent: str = "yes",
-                   key: str = "pc-1") -> dict[str, Any]:
-    """A profile-change message."""
-    return {
+                   key: str = "pc-1", previous: dict[str, Any] | None = None,
+                   memberships_changed: list[str] | None = None) -> dict[str, Any]:
+    """A profile-change message; `previous` and `memberships_changed` are left out unless given (as from a
+    worker before consent at activation)."""
+    extra: dict[str, Any] = {}
+    if previous is not None:
+        extra["previous_attributes"] = previous
+    if memberships_changed is not None:
+        extra["memberships_changed"] = memberships_changed
+    return {**extra,
         "profile_id": profile_id,
         "identities": {"Email": ["jane@example.com"], "CRMID": ["C-1"]},
         "attributes": {"loyalty.tier": "platinum", "consents.email": consent, "person.age": 41},
@@ -45,7 +52,8 @@ def profile_change(profile_id: str = "p1", *, changed_attributes: list[str], mem
 
 
 def dest_config(kind: str = "http", *, name: str = "d1", audiences: str = "[vip, churn]",
-                extra: str = "", identities: str | None = None) -> DestinationConfig:
+                extra: str = "", identities: str | None = None,
+                consent: str = "{attribute: consents.email, deny_values: [\"no\"]}") -> DestinationConfig:
     """One destination config parsed from YAML, so tests exercise the real loader."""
     kind_settings = {
         "http": "    url: http://127.0.0.1:1/hook\n",
@@ -61,7 +69,7 @@ def dest_config(kind: str = "http", *, name: str = "d1", audiences: str = "[vip,
         f"    audiences: {audiences}\n"
         "    identities:\n" + ids +
         "    attributes: [loyalty.tier, consents.email]\n"
-        "    consent: {attribute: consents.email, deny_values: [\"no\"]}\n"
+        + (f"    consent: {consent}\n" if consent else "")
         + kind_settings + extra
     )
     return parse_destinations(text, file="test.yaml").destinations[0]

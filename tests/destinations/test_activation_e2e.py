@@ -57,12 +57,13 @@ def settings_for(kafka_bootstrap: str, topic_prefix: str, config_dir: Path, tmp_
                     web_port=0, topic_prefix=topic_prefix, worker_name="test")
 
 
-def http_dest(name: str, url: str, audiences: str, *, extra: str = "") -> str:
+def http_dest(name: str, url: str, audiences: str, *, extra: str = "",
+              consent: str | None = "{attribute: consents.email, deny_values: [\"no\"]}") -> str:
     return (f"  - name: {name}\n    kind: http\n    audiences: {audiences}\n"
             "    identities:\n      - {namespace: CRMID}\n      - {namespace: ECID}\n"
             "      - {namespace: Email, transform: sha256_lower}\n"
             "    attributes: [loyalty.tier, consents.email]\n"
-            "    consent: {attribute: consents.email, deny_values: [\"no\"]}\n"
+            + (f"    consent: {consent}\n" if consent else "") +
             f"    url: {url}\n    batch: {{max_records: 100, max_age_ms: 20}}\n    timeout_s: 5\n"
             "    retry: {max_attempts: 12, base_delay_ms: 20, max_delay_ms: 300}\n"
             "    circuit_breaker: {failure_threshold: 3, reset_timeout_s: 0.3}\n" + extra)
@@ -155,10 +156,12 @@ def p99(values: list[float]) -> float:
 async def test_memberships_reach_the_webhook_and_topic_through_failures(
         registry, kafka_bootstrap, start_worker, config_dir, receiver, start_cli, cli_env) -> None:
     # Given a worker, and `pipeline destinations run` with a webhook (failing in every retryable way at
-    # first: 500s, a 429 with Retry-After, a slow answer) and a Kafka destination for every audience
+    # first: 500s, a 429 with Retry-After, a slow answer; anonymous shoppers have no consent value, which its
+    # rule allows) and a Kafka destination for every audience
     start_worker(config_dir=config_dir)
     write_destinations(
-        config_dir, http_dest("hook", receiver.base_url + "/hooks", "[shoe-viewers, gold]"),
+        config_dir, http_dest("hook", receiver.base_url + "/hooks", "[shoe-viewers, gold]", consent=(
+            "{attribute: consents.email, deny_values: [\"no\"], on_missing: allow}")),
         "  - name: stream\n    kind: kafka\n    audiences: \"*\"\n    identities:\n      - {namespace: ECID}\n"
         "      - {namespace: CRMID}\n    topic: activation.dest-kafka-example\n")
     receiver.plan("/hooks", "500", "503", "500", "429:1", "ok", "slow:1.5", "500")
@@ -281,31 +284,54 @@ async def test_a_newly_mapped_audience_backfills_current_members_once(
         await again.stop()
 
 
-async def test_withdrawn_consent_sends_an_exit(registry, kafka_bootstrap, start_worker, config_dir, receiver,
-                                               tmp_path, topic_prefix) -> None:
-    # Given a running worker and runner, and a gold member who consented to e-mail
+async def test_consent_is_checked_on_every_message_and_withdrawal_exits_that_destination_only(
+        registry, kafka_bootstrap, start_worker, config_dir, receiver, tmp_path, topic_prefix) -> None:
+    # Given gold not listing the consent attribute, a webhook whose rule reads it and one without a rule, both
+    # for gold, and a running worker and runner
+    (config_dir / "segments.yaml").write_text(SEGMENTS.replace(
+        'query: loyalty.tier = "gold"\n    attributes: [loyalty.tier, consents.email]',
+        'query: loyalty.tier = "gold"\n    attributes: [loyalty.tier]'))
+    write_destinations(config_dir, http_dest("crm", receiver.base_url + "/crm", "[gold]"),
+                       http_dest("open", receiver.base_url + "/open", "[gold]", consent=None))
     start_worker(config_dir=config_dir)
-    write_destinations(config_dir, http_dest("crm", receiver.base_url + "/crm", "[gold]"))
     runner = make_runner(settings_for(kafka_bootstrap, topic_prefix, config_dir, tmp_path),
                          list(load_destinations(config_dir / "destinations.yaml")))
     await runner.start()
+
+    def records(path: str, kind: str) -> list[tuple[str, str | None, dict[str, Any], str | None]]:
+        """(status, reason, attributes, idempotency tag: the part after the source key) of the records of one
+        kind, in delivery order."""
+        return [(rec["status"], rec.get("reason"), rec["attributes"],
+                 rec["idempotency_key"].split(":")[1] if ":" in rec["idempotency_key"] else None)
+                for rec in (receiver.first_stored[k][1] for k in receiver.keys(path)) if rec["kind"] == kind]
+
     try:
+        # When a gold customer who consented to e-mail withdraws consent, then grants it again
         now = int(time.time() * 1000)
-        produce(registry, kafka_bootstrap, "ingest.profiles", [crm("r1", now - 2000, "C-7", consent="yes")])
-
-        def records(status: str) -> list[dict[str, Any]]:
-            return [rec for _, rec in receiver.first_stored.values()
-                    if rec["status"] == status and rec["audience_id"] == "gold"]
-
-        await until(lambda: len(records("realized")) == 1, 45, "the realized membership")
-        pid = records("realized")[0]["profile_id"]
-        # When the CRM says consent to e-mail is withdrawn
-        produce(registry, kafka_bootstrap, "ingest.profiles", [crm("r2", now - 1000, "C-7", consent="no")])
-        # Then the receiver gets an exit of that profile from gold, keyed as a consent exit
-        await until(lambda: len(records("exited")) >= 1, 45, "the consent exit")
-        exit_rec = records("exited")[0]
-        assert exit_rec["profile_id"] == pid and exit_rec["idempotency_key"].endswith(":consent-exit:gold")
-        assert exit_rec["identities"]["CRMID"] == ["C-7"]
+        for i, consent in enumerate(("yes", "no", "yes")):
+            produce(registry, kafka_bootstrap, "ingest.profiles", [crm(f"r{i}", now - 3000 + i, "C-7", consent=consent)])
+            await until(lambda i=i: len(records("/crm", "membership")) == i + 1, 45, f"membership {i + 1} at crm")
+            # the e-mail is claimed after the CRM id made the profile: its update comes before the next record
+            await until(lambda: len(records("/crm", "attributes")) == 2, 45, "the e-mail identity's update")
+        await until(lambda: len(records("/open", "attributes")) == 4, 45, "the open destination's updates")
+        await quiet(lambda: len(receiver.keys("/crm")) + len(receiver.keys("/open")))
+        # Then crm got the enter (its message carried the consent value gold does not list), an exit and an
+        # enter again, each saying why
+        assert [(s, r, a) for s, r, a, _ in records("/crm", "membership")] == [
+            ("realized", None, {"loyalty.tier": "gold", "consents.email": "yes"}),
+            ("exited", "consent_withdrawn", {"loyalty.tier": "gold", "consents.email": "no"}),
+            ("realized", "consent_granted", {"loyalty.tier": "gold", "consents.email": "yes"})]
+        assert [tag for *_, tag in records("/crm", "membership")] == [None, "consent-exit", "consent-enter"]
+        # And the updates of the new profile and of the e-mail identity claimed after the CRM id (withdrawal and
+        # grant are not updates)
+        assert [(s, r, a) for s, r, a, _ in records("/crm", "attributes")] == [
+            ("updated", None, {"loyalty.tier": "gold", "consents.email": "yes"})] * 2
+        # And the destination without a rule kept the member: one enter, then the updates of the attributes it
+        # maps (the new profile's, the e-mail identity's, the consent attribute's twice)
+        assert [(s, r, a) for s, r, a, _ in records("/open", "membership")] == [
+            ("realized", None, {"loyalty.tier": "gold", "consents.email": "yes"})]
+        assert [(s, r, a) for s, r, a, _ in records("/open", "attributes")] == [
+            ("updated", None, {"loyalty.tier": "gold", "consents.email": c}) for c in ("yes", "yes", "no", "yes")]
     finally:
         await runner.stop()
 

@@ -10,6 +10,7 @@ from pipeline.destinations.base import Payload
 from pipeline.destinations.mapping import (
     SKIP_AUDIENCE_NOT_ACTIVATED,
     SKIP_CONSENT_DENIED,
+    SKIP_CONSENT_UNKNOWN,
     SKIP_KIND_NOT_EXPORTED,
     SKIP_NO_IDENTITY,
     SKIP_NO_MAPPED_CHANGE,
@@ -87,6 +88,65 @@ def test_consent_withdrawal_sends_an_exit_per_activated_audience() -> None:
     assert [(p.audience_id, p.status, p.kind) for p in result] == [
         ("churn", "exited", "membership"), ("vip", "exited", "membership")]
     assert len({p.idempotency_key for p in result}) == 2
+
+
+def test_a_membership_without_the_consent_value_follows_on_missing() -> None:
+    # Given a message whose attributes lack the rule's attribute (or hold null)
+    absent, null = membership(consent=None), membership(consent=None)
+    null["attributes"]["consents.email"] = None
+    # When the rule says nothing of a missing value (deny), Then neither is delivered: unknown consent
+    assert [map_change(m, dest_config()) for m in (absent, null)] == [Skip(SKIP_CONSENT_UNKNOWN)] * 2
+    # When the rule says on_missing: allow, Then both are
+    allow = dest_config(consent="{attribute: consents.email, on_missing: allow}")
+    assert all(isinstance(map_change(m, allow), Payload) for m in (absent, null))
+    # And an exit is delivered whatever the rule
+    assert isinstance(map_change(membership(status="exited", consent=None), dest_config()), Payload)
+
+
+def test_consent_granted_again_sends_an_enter_per_activated_audience_not_decided_with_it() -> None:
+    # Given a member of vip, churn (activated) and other, whose consent goes from "no" to "yes", and whose
+    # churn membership was decided by the same handling (its own message says it)
+    msg = profile_change(changed_attributes=["consents.email"], memberships=["vip", "other", "churn"],
+                         consent="yes", previous={"consents.email": "no"}, memberships_changed=["churn"])
+    # When mapped, Then one realized payload for vip, saying why
+    result = map_profile_change(msg, dest_config())
+    assert result == [Payload(
+        destination="d1", profile_id="p1", audience_id="vip", kind="membership", status="realized",
+        identities={"Email": [hashlib.sha256(b"jane@example.com").hexdigest()], "CRMID": ["C-1"]},
+        attributes={"loyalty.tier": "platinum", "consents.email": "yes"}, idempotency_key="pc-1:consent-enter:vip",
+        event_time_ms=2_000, source_emit_ms=2_000, reason="consent_granted")]
+
+
+def test_a_withdrawal_says_why_and_leaves_out_memberships_decided_with_it() -> None:
+    msg = profile_change(changed_attributes=["consents.email"], memberships=["vip", "churn"], consent="no",
+                         previous={"consents.email": "yes"}, memberships_changed=["vip"])
+    result = map_profile_change(msg, dest_config())
+    assert isinstance(result, list)
+    assert [(p.audience_id, p.status, p.reason, p.idempotency_key) for p in result] == [
+        ("churn", "exited", "consent_withdrawn", "pc-1:consent-exit:churn")]
+    # When every activated membership was decided with it, Then nothing more is sent
+    only = profile_change(changed_attributes=["consents.email"], memberships=["vip"], consent="no",
+                          previous={"consents.email": "yes"}, memberships_changed=["vip"])
+    assert map_profile_change(only, dest_config()) == Skip(SKIP_CONSENT_DENIED)
+    # And a grant decided with every membership is an ordinary attribute update
+    grant = profile_change(changed_attributes=["consents.email"], memberships=["vip"], consent="yes",
+                           previous={"consents.email": None}, memberships_changed=["vip"])
+    result = map_profile_change(grant, dest_config())
+    assert isinstance(result, list) and [(p.kind, p.status, p.reason) for p in result] == [
+        ("attributes", "updated", None)]
+
+
+def test_a_change_between_values_the_rule_reads_alike_is_an_attribute_update() -> None:
+    # Given consent going from "yes" to "Y" (both granted), When mapped, Then an attributes update only
+    msg = profile_change(changed_attributes=["consents.email"], memberships=["vip"], consent="Y",
+                         previous={"consents.email": "yes"})
+    result = map_profile_change(msg, dest_config())
+    assert isinstance(result, list) and [(p.kind, p.status, p.reason) for p in result] == [
+        ("attributes", "updated", None)]
+    # And between two deny values: nothing (the profile was exited when consent was withdrawn)
+    msg = profile_change(changed_attributes=["consents.email"], memberships=["vip"], consent="no",
+                         previous={"consents.email": "No"})
+    assert map_profile_change(msg, dest_config()) == Skip(SKIP_CONSENT_DENIED)
 
 
 def test_consent_already_denied_sends_nothing_on_other_changes() -> None:

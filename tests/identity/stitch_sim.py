@@ -14,7 +14,7 @@ handling of each partition's log happen in any interleaving the `choose` functio
   (ingest included) are handled again from their committed offsets over the state their changelogs give.
   With `local_delivery`, a message between two partitions of the same worker is delivered in-process, as
   the worker does (`Runtime.send`), unless the protocol wants it in its target's log
-  (`pipeline.identity.stitch.in_process_allowed`: identity-stage messages and `absorb`): it was never in
+  (`pipeline.identity.stitch.in_process_allowed`: identity-stage messages, `link` and `absorb`): it was never in
   Kafka, so a crash loses it unless the worker checkpointed since, and only the input that caused it is
   handled again. A restarted worker resumes the profiles it finds with
   stitching in flight, as the profile agent does when it is assigned a partition.
