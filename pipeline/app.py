@@ -150,6 +150,8 @@ def build_app(settings: Settings, config: PipelineConfig | None = None,
             release = _also(release, rt.audience_sizes.drop)
         close_revoked_partitions(rt.tables[table], release)  # reopened when reassigned
 
+    from pipeline.api import console as api_console
+    from pipeline.api import destinations as api_destinations
     from pipeline.api import privacy as api_privacy
     from pipeline.api import routes as api_routes
     from pipeline.identity import agents as identity_agents
@@ -161,8 +163,9 @@ def build_app(settings: Settings, config: PipelineConfig | None = None,
     ingest_agents.register(rt)
     identity_agents.register(rt)
     profile_agents.register(rt)
-    api_routes.register(rt)
+    api_console.register(rt, api_routes.register(rt))
     api_privacy.register(rt)
+    api_destinations.register(rt)
     memory.register(rt)
     throttle_library_loggers()
     return rt

@@ -361,7 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     ak.add_argument("action", choices=["create"])
     ak.add_argument("--id", required=True, help="the key's name (in the access log): letters, digits, - _ .")
     ak.add_argument("--scopes", required=True, help="comma-separated: profiles:read, audiences:read, "
-                    "audiences:write, privacy:erase, metrics:read, admin (all of them)")
+                    "audiences:write, privacy:erase, metrics:read, destinations:read, destinations:redrive, "
+                    "admin (all of them)")
     ak.add_argument("--description")
     ak.add_argument("--expires", help="ISO 8601 date or time (UTC unless a zone is given)")
     ak.set_defaults(func=cmd_api_key)

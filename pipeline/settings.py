@@ -124,7 +124,9 @@ class Settings:
     the key (pipeline/api/routing.py): PIPELINE_WEB_ADVERTISED_URL [http(s)://web host:web port; the machine's
     host name when the web host is 0.0.0.0 or ::] (the URL the other workers reach this one at),
     PIPELINE_API_ROUTE_TIMEOUT_S [5] (a routed request's whole time). Erasure (pipeline.privacy): PIPELINE_ERASURE_SALT [the app id] (the key of the hashes
-    that stand for an identity on control.erasure; the same on every worker and CLI, secret, never changed)."""
+    that stand for an identity on control.erasure; the same on every worker and CLI, secret, never changed).
+    The console (pipeline/api/console.py): PIPELINE_AUDIENCES_WRITABLE [off] (saving an audience writes
+    segments.yaml in the configuration folder; off where that file is managed elsewhere, e.g. a ConfigMap)."""
 
     kafka: KafkaConnection
     app_id: str
@@ -164,6 +166,7 @@ class Settings:
     erasure_salt: str = ""  # "": the app id (pipeline.privacy.erasure.salt_of)
     kafka_stats_interval_ms: int = 5000
     log_format: str = "text"  # or "json"
+    audiences_writable: bool = False  # PUT /audiences/{id} (the console's save) may write config_dir/segments.yaml
 
     @classmethod
     def from_env(cls, config_dir: str | Path | None = None) -> Settings:
@@ -201,6 +204,7 @@ class Settings:
             erasure_salt=os.environ.get("PIPELINE_ERASURE_SALT", "").strip(),
             kafka_stats_interval_ms=_positive("PIPELINE_KAFKA_STATS_INTERVAL_MS", 5000),
             log_format=_choice("PIPELINE_LOG_FORMAT", ("text", "json"), "text"),
+            audiences_writable=_flag("PIPELINE_AUDIENCES_WRITABLE", False),
         )
 
     @property

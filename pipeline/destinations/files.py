@@ -395,6 +395,16 @@ class FileDestination(Destination):
         return self._read_jsonl(path) if self.fs.exists(path) else []
 
 
+def recent_manifests(settings: FileSettings, n: int = 5) -> list[dict[str, Any]]:
+    """The manifests of the last `n` complete exports under the destination's path, newest first."""
+    fs, root = fsspec.core.url_to_fs(settings.path, **dict(settings.storage_options))
+    manifests = []
+    for path in fs.glob(f"{root.rstrip('/')}/*/{MANIFEST_NAME}"):
+        with fs.open(path, "rb") as f:
+            manifests.append(json.load(f))
+    return sorted(manifests, key=lambda m: (m.get("created_ms", 0), m.get("export_id", "")), reverse=True)[:n]
+
+
 def read_manifest(fs: fsspec.AbstractFileSystem, folder: str) -> dict[str, Any]:
     """Load an export's manifest (helper for consumers and tests)."""
     with fs.open(f"{folder.rstrip('/')}/{MANIFEST_NAME}", "rb") as f:

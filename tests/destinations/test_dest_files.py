@@ -28,6 +28,7 @@ from pipeline.destinations.files import (
     FileDestination,
     FileSettings,
     read_manifest,
+    recent_manifests,
 )
 
 
@@ -302,3 +303,19 @@ async def test_s3_export_against_moto(s3: fsspec.AbstractFileSystem, moto_endpoi
     rows = check_manifest(s3, m)
     assert [f.rows for f in m.files] == [30, 30, 10] and len(rows) == 70
     assert not s3.glob(f"exports/{fmt}/_cdp/tmp/*")
+
+
+async def test_the_last_exports_are_read_from_their_manifests_newest_first(tmp_path: Path) -> None:
+    # Given three exports of a destination, and an export in progress (its files, no manifest yet)
+    dest = file_dest(str(tmp_path / "out"))
+    await dest.start()
+    manifests = []
+    for i in range(3):
+        await dest.deliver([member(i)])
+        manifests.append((await dest.export_now()).to_dict())
+        time.sleep(0.002)  # (distinct creation times)
+    (tmp_path / "out" / "in-progress").mkdir()
+    (tmp_path / "out" / "in-progress" / "part-00000.csv").write_text("x\n")
+    # When the last two are asked for, Then the two newest complete ones, newest first
+    assert recent_manifests(dest.settings, 2) == manifests[::-1][:2]
+    await dest.close()
