@@ -200,7 +200,9 @@ async def test_access_log_names_key_endpoint_and_status_never_the_query(
                          headers=auth(keys["reader"]))
     lines = [r.getMessage() for r in caplog.records if r.name == "pipeline.api.access"]
     assert len(lines) == 1 and "key=reader" in lines[0] and "endpoint=GET /profiles" in lines[0]
-    assert "secret.person" not in caplog.text
+    # (aiohttp's own access line of this test server is left out: the worker's runner has none,
+    # pipeline.state.faust_compat.set_web_timeouts makes it with access_log=None)
+    assert not [r for r in caplog.records if r.name != "aiohttp.access" and "secret.person" in r.getMessage()]
 
 
 def test_without_a_keys_file_the_worker_refuses_unless_auth_is_explicitly_off(
