@@ -14,16 +14,17 @@ from pipeline.errors import PipelineError, SchemaRegistryUnavailable, describe, 
 from pipeline.identity.stitch import apply_msg, home_key, start_resolve
 from pipeline.ingest.decode import Decoder, Rejected, Skipped
 from pipeline.ingest.drops import DropReporter
-from pipeline.ingest.wire import record_to_wire, wire_identity_keys
 from pipeline.observability import metrics
 from pipeline.observability.kafka_stats import LibrdkafkaStats
 from pipeline.runtime import BATCH_MAX, Runtime
 from pipeline.serde.avro import AvroCodec
+from pipeline.stages.messages import record_to_wire, wire_identity_keys
+from pipeline.topics import INGEST_DLQ, INGEST_EVENTS, INGEST_PROFILES
 
 log = logging.getLogger(__name__)
 
 
-INGEST_TOPICS = (("ingest.events", "event"), ("ingest.profiles", "profile"))
+INGEST_TOPICS = ((INGEST_EVENTS, "event"), (INGEST_PROFILES, "profile"))
 COMMIT_INTERVAL_S = 1.0
 IDLE_SLEEP_S = 0.005
 # While the loop waits for the output or the Schema Registry, the consumer is still served this often.
@@ -94,7 +95,7 @@ def _record_handler(rt: Runtime) -> Any:
     def dead_letter(logical: str, msg: Any, reason: str, detail: str) -> None:
         """The original record (or its first bytes, if huge; a null stays null), reason and source in headers."""
         metrics.RECORDS_DEAD_LETTERED.labels(logical, reason).inc()
-        rt.dead_letter("ingest.dlq", (msg.key() or b"").decode(errors="replace"), msg.value(), reason, detail,
+        rt.dead_letter(INGEST_DLQ, (msg.key() or b"").decode(errors="replace"), msg.value(), reason, detail,
                        {"source_topic": msg.topic().encode(), "source_partition": str(msg.partition()).encode(),
                         "source_offset": str(msg.offset()).encode()})
 

@@ -19,7 +19,9 @@ handling of each partition's log happen in any interleaving the `choose` functio
   handled again. A restarted worker resumes the profiles it finds with
   stitching in flight, as the profile agent does when it is assigned a partition.
 
-Messages are msgpack round-tripped and table values go through the profile codec, as on the wire.
+Messages are typed (pipeline.stages.messages); one that goes through Kafka is round-tripped through its wire
+form, one delivered in-process is the object itself, and table values go through the profile codec, as a
+worker does.
 """
 
 from __future__ import annotations
@@ -29,26 +31,19 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgpack
 from stitching import Rec
 
-from pipeline.identity.stitch import (
-    IDENTITY_TOPIC,
-    PROFILE_TOPIC,
-    Send,
-    apply_msg,
-    handle_identity,
-    in_process_allowed,
-    start_resolve,
-)
-from pipeline.ingest.wire import record_to_wire
+from pipeline.identity.stitch import apply_msg, handle_identity, in_process_allowed, start_resolve
 from pipeline.model import ExperienceEvent, MembershipChange, ProfileRecord
 from pipeline.profiles.config import ProfileConfig
 from pipeline.profiles.ops import ProfileProcessor
 from pipeline.segments import SegmentEngine
+from pipeline.stages import messages
+from pipeline.stages.messages import Resume, Send, op_of, record_to_wire
 from pipeline.state.codec import Forward, decode_profile_entry, encode_forward, encode_profile, peek_entry
 from pipeline.state.snapshot import GraphSnapshot
 from pipeline.state.tables import partition_for
+from pipeline.topics import IDENTITY_TOPIC, PROFILE_TOPIC
 
 Part = tuple[str, int]  # (stage topic, partition)
 INGEST: Part = ("ingest", 0)
@@ -112,10 +107,10 @@ class StitchSim:
     def _send(self, src: Part, send: Send) -> None:
         if send.topic not in (IDENTITY_TOPIC, PROFILE_TOPIC):
             return  # activation output: not part of stitching
-        wire = msgpack.unpackb(msgpack.packb((send.key, send.value), use_bin_type=True), raw=False)
         dst = self._part(send.topic, send.key)
         local = (self.local_delivery and self.worker_of[src] == self.worker_of[dst] and in_process_allowed(send))
-        self.channels.setdefault((src, dst, local), deque()).append(wire)
+        msg = send.value if local else messages.decode(messages.encode(send.value))
+        self.channels.setdefault((src, dst, local), deque()).append((send.key, msg))
 
     def ingest(self, rec: Rec, ts: int | None = None) -> None:
         """What the ingest loop does with a decoded record: the home hop, locally if the owner is known.
@@ -141,7 +136,7 @@ class StitchSim:
         def lands() -> bool:
             return torn is None or torn.random() < 0.5
         self.handled += 1
-        self.ops[msg["op"]] += 1
+        self.ops[op_of(msg)] += 1
         if part[0] == IDENTITY_TOPIC:
             current = log.table.get(key)
             res = handle_identity(key, current.decode() if current else None, msg)
@@ -280,7 +275,7 @@ class StitchSim:
                 log = self.logs[part]
                 for key, raw in sorted(log.table.items()):
                     if peek_entry(raw).in_flight:
-                        log.deliver([(key, {"op": "resume", "pid": key})], local=True)
+                        log.deliver([(key, Resume(pid=key))], local=True)
 
     def run(self, records: list[Rec] | tuple[Rec, ...], rng: random.Random, crash_rate: float = 0.0,
             max_steps: int = 2_000_000, torn_rate: float = 0.0, worker_crash_rate: float = 0.0) -> None:
