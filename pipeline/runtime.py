@@ -299,9 +299,6 @@ class Runtime:
         if headers is None and self.delivery.offer(send, partition):
             return
         spec = self.registry[send.topic]
-        if isinstance(send.value, messages.Message):
-            self.output.produce(spec.name, send.key.encode(), messages.encode(send.value), headers, partition)
-            return
         # a null value stays null: a dead-lettered tombstone is kept as it came, and on a compacted topic it is a
         # tombstone (an erasure removes a key)
         tombstone = send.value is None and (isinstance(spec.codec, RawCodec) or "compact" in spec.cleanup_policy)
