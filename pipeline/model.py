@@ -131,6 +131,11 @@ class ProfileState:
     thawed: tuple[str, list[list[Any]]] | None = None
     outbox: Outbox | None = None  # output of recent handlings not known to be delivered
 
+    def absorbed_ids(self) -> list[str]:
+        """The ids of the profiles merged into this one: `merged` keeps the tokens of their attempts
+        (`<id>/<seq>`; values stored before tokens list bare ids)."""
+        return list(dict.fromkeys(m.partition("/")[0] for m in self.merged))
+
     def identity_list(self) -> list[Identity]:
         return [Identity(ns, i) for ns, ids in sorted(self.identities.items()) for i in sorted(ids)]
 

@@ -507,17 +507,18 @@ class ProfileProcessor:
         res.changes.extend(exits)
         keys = [i.key for i in entry.identity_list() + entry.claim_list()]
         res.sends.extend(release_msg(key, pid) for key in keys)
-        res.sends.extend(Send(PROFILE_TOPIC, m, EraseForward(pid=m)) for m in entry.merged)
+        absorbed = entry.absorbed_ids()
+        res.sends.extend(Send(PROFILE_TOPIC, m, EraseForward(pid=m)) for m in absorbed)
         audiences = sorted(set(self.engine.audiences) | set(entry.memberships))
         res.sends.extend(Send(MEMBERSHIP_STATE_TOPIC, f"{owner}|{aid}", None)
-                         for owner in (pid, *entry.merged) for aid in audiences)
-        erased = {"profiles": 1 + len(entry.merged), "identities": len(keys), "memberships": len(exits)}
+                         for owner in (pid, *absorbed) for aid in audiences)
+        erased = {"profiles": 1 + len(absorbed), "identities": len(keys), "memberships": len(exits)}
         res.sends.append(done_record(msg, now, found=True, erased=erased, traces=(
-            hashed(self.erasure_salt, v) for v in (*keys, pid, *entry.merged))))
+            hashed(self.erasure_salt, v) for v in (*keys, pid, *absorbed))))
         res.delete = True
         res.count("erased")
         log.info("erasure %s: profile %s erased (%d identities released, %d memberships exited, %d absorbed "
-                 "profiles)", msg.request, pid, len(keys), len(exits), len(entry.merged))
+                 "profiles)", msg.request, pid, len(keys), len(exits), len(absorbed))
         return res
 
     # -- time and batch -----------------------------------------------------------------------------

@@ -35,11 +35,12 @@ from stitching import Rec
 
 from pipeline.identity.stitch import apply_msg, handle_identity, in_process_allowed, start_resolve
 from pipeline.model import ExperienceEvent, MembershipChange, ProfileRecord
+from pipeline.privacy.erasure import erase_at_identity, start_erasure
 from pipeline.profiles.config import ProfileConfig
 from pipeline.profiles.ops import ProfileProcessor
 from pipeline.segments import SegmentEngine
 from pipeline.stages import messages
-from pipeline.stages.messages import Resume, Send, op_of, record_to_wire
+from pipeline.stages.messages import Erase, Evaluate, Resume, Send, Tick, op_of, record_to_wire
 from pipeline.state.codec import Forward, decode_profile_entry, encode_forward, encode_profile, peek_entry
 from pipeline.state.snapshot import GraphSnapshot
 from pipeline.state.tables import partition_for
@@ -47,6 +48,7 @@ from pipeline.topics import IDENTITY_TOPIC, PROFILE_TOPIC
 
 Part = tuple[str, int]  # (stage topic, partition)
 INGEST: Part = ("ingest", 0)
+OUTSIDE: Part = ("outside", 0)  # a sender no worker holds (the erasure CLI): what it sent is in Kafka
 
 
 @dataclass
@@ -98,7 +100,9 @@ class StitchSim:
         pick = placement or random.Random(0)
         self.worker_of: dict[Part, int] = {part: pick.randrange(workers) for part in self.logs}
         self.worker_of[INGEST] = 0
+        self.worker_of[OUTSIDE] = -1
         self.workers = workers
+        self.timer_rate = 0.0  # per step: a deadline timer sends a tick (or a walk an evaluation) to a stored profile
 
     # -- sending and handling -----------------------------------------------------------------------
     def _part(self, topic: str, key: str) -> Part:
@@ -123,6 +127,21 @@ class StitchSim:
         owner = self.logs[self._part(IDENTITY_TOPIC, home)].table.get(home) if self.fast_path else None
         self._send(INGEST, apply_msg(owner.decode(), wire, home) if owner else start_resolve(wire, home, self.now))
 
+    def erase(self, identity_key: str) -> None:
+        """An erasure of the person `identity_key` names, as `pipeline privacy erase` requests it."""
+        _request, sends = start_erasure(identity_key, b"salt", suppress=False, now_ms=self.now)
+        for send in sends:
+            self._send(OUTSIDE, send)
+
+    def timer(self, rng: random.Random) -> None:
+        """A profile's deadline comes due (a `tick`, sent by its partition's owner through Kafka), or a walk's
+        evaluation reaches it: either may find it merging (held), forwarded (passed on, or dropped) or live."""
+        parts = [part for part in self.logs if part[0] == PROFILE_TOPIC and self.logs[part].table]
+        if parts:
+            part = rng.choice(sorted(parts))
+            pid = rng.choice(sorted(self.logs[part].table))
+            self._send(part, Send(PROFILE_TOPIC, pid, Tick(pid=pid) if rng.random() < 0.8 else Evaluate()))
+
     def handle_next(self, part: Part, torn: random.Random | None = None) -> None:
         """Handle the next message of `part`. With `torn`, the worker dies in the middle of its output: the
         table write and each message sent land or not, independently, and the message is delivered again
@@ -139,7 +158,9 @@ class StitchSim:
         self.ops[op_of(msg)] += 1
         if part[0] == IDENTITY_TOPIC:
             current = log.table.get(key)
-            res = handle_identity(key, current.decode() if current else None, msg)
+            owner = current.decode() if current else None
+            res = (erase_at_identity(key, owner, msg, self.now) if isinstance(msg, Erase)
+                   else handle_identity(key, owner, msg))
             if lands():
                 if res.write is not None:
                     log.write(key, res.write.encode())
@@ -152,7 +173,9 @@ class StitchSim:
         raw = log.table.get(key)
         out = self.processor.handle(key, decode_profile_entry(raw) if raw else None, msg)
         if lands():
-            if isinstance(out.write, Forward):
+            if out.delete:
+                log.write(key, None)
+            elif isinstance(out.write, Forward):
                 log.write(key, encode_forward(out.write))
             elif out.write is not None:
                 log.write(key, encode_profile(out.write))
@@ -188,6 +211,8 @@ class StitchSim:
                 self.checkpoint(rng.randrange(self.workers))
         elif rng.random() < 0.05:
             self.commit(rng.choice(list(self.logs)))
+        if self.timer_rate and rng.random() < self.timer_rate:
+            self.timer(rng)
         acts = self.actions() or acts  # a checkpoint may have emptied a channel
         kind, arg = rng.choice(acts)
         if kind == "deliver" and not self.channels[arg]:
