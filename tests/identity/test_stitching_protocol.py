@@ -11,9 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from msgspec import structs
 from stitch_sim import StitchSim
-from stitching import Person, Rec, World, check_world, generate_world
+from stitching import CONFIG, Person, Rec, World, check_world, generate_world
 
-from pipeline.identity.datasets import parse_datasets_config
 from pipeline.identity.namespaces import parse_identity_config
 from pipeline.identity.stitch import (
     apply_msg,
@@ -46,18 +45,6 @@ from pipeline.stages.messages import (
 from pipeline.state.codec import Forward, decode_profile_entry, encode_forward, encode_profile
 from pipeline.state.snapshot import GraphSnapshot
 from pipeline.topics import IDENTITY_TOPIC, PROFILE_TOPIC
-
-CONFIG = ProfileConfig(parse_identity_config("""\
-max_identities_per_graph: 1000
-namespaces:
-  - {name: ECID, kind: cookie, priority: 10, normaliser: trim}
-  - {name: GAID, kind: device, priority: 20, normaliser: lower}
-  - {name: Email, kind: person, priority: 60, normaliser: email}
-  - {name: CRMID, kind: person, priority: 100, unique: true, normaliser: trim}
-"""), parse_datasets_config("""\
-datasets: [{name: web-events, schema: experience_event}, {name: crm, schema: profile_record}]
-merge_policy: {type: timestamp}
-"""))
 
 A, B = Identity("CRMID", "A"), Identity("CRMID", "B")
 K = Identity("ECID", "household")
