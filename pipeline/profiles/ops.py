@@ -29,6 +29,7 @@ import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from pipeline.errors import ProfileOverBudget
 from pipeline.identity.stitch import claim_msg, release_msg, repoint_msg, start_resolve
@@ -125,6 +126,13 @@ class ProfileProcessor:
         self.config = config
         self.engine = engine
         self.clock = clock
+        # dispatch on the message's class: one dict lookup (a `match` of class patterns costs an isinstance per
+        # case, ~0.2 µs each on msgspec Structs: ~2 µs to reach the last of these on the per-event path)
+        self._handlers: dict[type[ProfileMessage], Callable[[str, ProfileState | None, Any], OpResult]] = {
+            Apply: self._apply, Claimed: self._claimed, Taken: self._taken, Link: self._link, Absorb: self._absorb,
+            Accepted: self._accepted, Refused: self._refused, Resume: self._resume, Erase: self._erase,
+            EraseForward: self._erase_forward, Tick: self._tick, Evaluate: self._evaluate_op,
+        }
         self.erasure_salt = b""  # the key of the hashes in erasure status records (set by the app)
 
     def now_ms(self) -> int:
@@ -147,32 +155,10 @@ class ProfileProcessor:
                 res.write = entry
                 res.count("held")
             return res
-        match msg:
-            case Apply():
-                return self._apply(pid, entry, msg)
-            case Claimed():
-                return self._claimed(pid, entry, msg)
-            case Taken():
-                return self._taken(pid, entry, msg)
-            case Link():
-                return self._link(pid, entry, msg)
-            case Absorb():
-                return self._absorb(pid, entry, msg)
-            case Accepted():
-                return self._accepted(pid, entry, msg)
-            case Refused():
-                return self._refused(pid, entry, msg)
-            case Resume():
-                return self._resume(pid, entry)
-            case Erase():
-                return self._erase(pid, entry, msg)
-            case EraseForward():  # only a forward is erased this way; a live profile or no entry: stale
-                return OpResult(counters={"stale": 1})
-            case Tick():
-                return self._tick(entry)
-            case Evaluate():
-                return self._evaluate_op(entry, msg)
-        raise ValueError(f"not a message the profile stage handles per profile: {type(msg).__name__}")
+        handler = self._handlers.get(type(msg))
+        if handler is None:  # Batch, DefsCheck: the agent's (walks over a partition)
+            raise ValueError(f"not a message the profile stage handles per profile: {type(msg).__name__}")
+        return handler(pid, entry, msg)
 
     def _at_forward(self, pid: str, entry: Forward, msg: ProfileMessage) -> OpResult:
         """A merged-away profile: pass the message on to the survivor (P2), except what is only its own."""
@@ -473,7 +459,7 @@ class ProfileProcessor:
         res.write, res.delete = current, current is None
         return res
 
-    def _resume(self, pid: str, entry: ProfileState | None) -> OpResult:
+    def _resume(self, pid: str, entry: ProfileState | None, _msg: Resume) -> OpResult:
         """A worker was assigned this profile's partition and found stitching in flight: a crash may have lost
         the messages it waits for (kept in-process by local delivery, or unacknowledged) while its state
         survived, and nothing else would send them again. 1. a merging profile sends its `absorb` again (the
@@ -521,8 +507,13 @@ class ProfileProcessor:
                  "profiles)", msg.request, pid, len(keys), len(exits), len(absorbed))
         return res
 
+    @staticmethod
+    def _erase_forward(_pid: str, _entry: ProfileState | None, _msg: EraseForward) -> OpResult:
+        """Only a forward is erased this way (`_at_forward`); a live profile or no entry: a stale message."""
+        return OpResult(counters={"stale": 1})
+
     # -- time and batch -----------------------------------------------------------------------------
-    def _tick(self, entry: ProfileState | None) -> OpResult:
+    def _tick(self, _pid: str, entry: ProfileState | None, _msg: Tick) -> OpResult:
         """A deadline came due: re-evaluate without new data (windows closing, abandonment hours)."""
         res = OpResult()
         if entry is None:
@@ -535,7 +526,7 @@ class ProfileProcessor:
         res.write = entry
         return res
 
-    def _evaluate_op(self, entry: ProfileState | None, msg: Evaluate) -> OpResult:
+    def _evaluate_op(self, _pid: str, entry: ProfileState | None, msg: Evaluate) -> OpResult:
         res = OpResult()
         if entry is None:
             return res
