@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: run test test-stitching test-faults soak test-unit test-pythons test-integration lint bench bench-batch kafka-jars kafka-up kafka-down topics clean venv
+.PHONY: run test browsers test-browser test-stitching test-faults soak test-unit test-pythons test-integration lint bench bench-micro bench-batch kafka-jars kafka-up kafka-down topics clean venv
 
 # The other Pythons `make test-pythons` runs the unit tests on (3.11 is the main .venv's), each in .venv-X.Y.
 PYTHONS ?= 3.12 3.13
@@ -40,6 +40,15 @@ run: kafka-jars
 # The pytest session fixture starts its own broker on free ports (or reuses $$KAFKA_BOOTSTRAP).
 test: kafka-jars
 	$(BIN)/pytest -q -p no:cacheprovider --durations=15
+
+# Debian's chromium for the console's browser tests (Playwright drives it; no browser download). As root.
+browsers:
+	command -v chromium || (apt-get update && apt-get install -y chromium chromium-driver)
+
+# The console in headless chromium against a real worker (tests/console/; also in `make test` when chromium is
+# installed); screenshots in tests/console/results/.
+test-browser: kafka-jars browsers
+	$(BIN)/pytest -q -p no:cacheprovider -s -m browser tests/console
 
 # Generated customers stitched through the broker while workers join, leave and are SIGKILLed mid-stream
 # (STITCH_PEOPLE=2000 for the large run). Not in `make test`: a SIGKILL can still tear a handling's output.
@@ -86,6 +95,11 @@ lint: venv
 bench: kafka-jars
 	$(BIN)/pip install -q -e ".[dev,bench]"
 	$(BIN)/python -m bench.run
+
+# The speed floors kept out of `make test` (segment evaluations, HTTP deliveries, file exports, the destination
+# runner on a broker of its own): about a minute; exit status 1 when one is below its floor.
+bench-micro: kafka-jars
+	$(BIN)/python -m bench.micro
 
 # Batch evaluation alone (no broker): 50 audiences over 1,000,000 stored profiles with the worker's walk.
 bench-batch: venv

@@ -37,6 +37,7 @@ from typing import Any
 import psutil
 
 from pipeline.ingest.agents import ingest_group
+from pipeline.local import procs as children
 from pipeline.resources import EXAMPLE_CONFIG_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -252,36 +253,19 @@ def start_worker(i: int, env_base: dict[str, str], tmp: Path) -> dict[str, Any]:
     name = f"w{i + 1}"
     env = {**env_base, "PIPELINE_WEB_PORT": str(port), "PIPELINE_WORKER_NAME": name}
     log_path = tmp / f"worker-{name}.log"
-    proc = subprocess.Popen([PY, "-m", "pipeline", "worker", "--loglevel", "info"], env=env, cwd=ROOT,
-                            stdout=open(log_path, "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
-                            start_new_session=True)
+    proc = children.start(children.pipeline_command("worker", "--loglevel", "info"), env, log_path)
     return {"name": name, "proc": proc, "port": port, "log": log_path}
 
 
 def wait_ready(w: dict[str, Any], timeout_s: float) -> None:
     """Until the worker's GET /readyz answers 200 (partitions assigned, tables recovered, ingest consuming)."""
-    from pipeline.local.demo import answers_200
-
-    deadline = time.monotonic() + timeout_s
-    while not answers_200(f"http://127.0.0.1:{w['port']}/readyz"):
-        if w["proc"].poll() is not None:
-            raise RuntimeError(f"{w['name']}: process exited {w['proc'].returncode}:\n{w['log'].read_text()[-3000:]}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{w['name']}: not ready after {timeout_s}s:\n{w['log'].read_text()[-3000:]}")
-        time.sleep(0.3)
+    children.wait_ready(w["proc"], f"http://127.0.0.1:{w['port']}/readyz", timeout_s=timeout_s, name=w["name"],
+                       log_path=w["log"])
 
 
 def stop_proc(proc: subprocess.Popen[bytes] | None, timeout_s: float = 20) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout_s)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
+    if proc is not None:
+        children.stop(proc, timeout_s)
 
 
 # ---------------------------------------------------------------- phases
@@ -305,8 +289,7 @@ def run_passthrough(ctx: dict[str, Any], n: int) -> dict[str, Any]:
            "BENCH_RESULT": str(result), "BENCH_APP_ID": f"bench-pt-{prefix.rstrip('-')}",
            "BENCH_DATA_DIR": str(tmp / "pt-data"), "PIPELINE_TOPIC_PREFIX": prefix}
     log_path = tmp / "passthrough.log"
-    proc = subprocess.Popen([PY, "-m", "bench.passthrough"], env=env, cwd=ROOT, stdout=open(log_path, "wb"),  # noqa: SIM115
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = children.start([PY, "-m", "bench.passthrough"], env, log_path)
     ctx["children"].append(proc)
     ps = psutil.Process(proc.pid)
     ps.cpu_percent(None)

@@ -15,7 +15,7 @@ from pipeline.connection import KafkaConnection, client_config
 from pipeline.observability import memory, metrics
 from pipeline.observability.kafka_stats import GroupLag, LibrdkafkaStats, committed_lag
 from pipeline.observability.logs import throttle_library_loggers
-from pipeline.observability.readiness import Readiness
+from pipeline.observability.readiness import Assignment, Readiness
 from pipeline.outage import KafkaWatch
 from pipeline.privacy.erasure import salt_of
 from pipeline.privacy.log import ErasureLog
@@ -126,7 +126,7 @@ def build_app(settings: Settings, config: PipelineConfig | None = None,
             await asyncio.sleep(WATCH_INTERVAL_S)
             await kafka.tick()
 
-    ready_after_recovery(app, readiness)
+    ready_after_recovery(app, readiness, lambda: stage_assignment(app, registry))
 
     @app.task
     async def watch_group() -> None:
@@ -156,6 +156,8 @@ def build_app(settings: Settings, config: PipelineConfig | None = None,
             release = _also(release, rt.audience_sizes.drop)
         close_revoked_partitions(rt.tables[table], release)  # reopened when reassigned
 
+    from pipeline.api import console as api_console
+    from pipeline.api import destinations as api_destinations
     from pipeline.api import privacy as api_privacy
     from pipeline.api import routes as api_routes
     from pipeline.identity import agents as identity_agents
@@ -167,8 +169,9 @@ def build_app(settings: Settings, config: PipelineConfig | None = None,
     ingest_agents.register(rt)
     identity_agents.register(rt)
     profile_agents.register(rt)
-    api_routes.register(rt)
+    api_console.register(rt, api_routes.register(rt))
     api_privacy.register(rt)
+    api_destinations.register(rt)
     memory.register(rt)
     throttle_library_loggers()
     return rt
@@ -182,9 +185,11 @@ STARTING = {"partitions": "waiting for partitions and table recovery",
 REBALANCING = "partitions being reassigned, tables recovering"
 
 
-def ready_after_recovery(app: faust.App, readiness: Readiness) -> None:
+def ready_after_recovery(app: faust.App, readiness: Readiness,
+                         assignment: Callable[[], Assignment] | None = None) -> None:
     """`partitions` keeps the worker not ready from a rebalance's start until Faust has recovered the tables of
-    its new partitions and resumed its streams (`on_rebalance_end`, right before it logs "Worker ready")."""
+    its new partitions and resumed its streams (`on_rebalance_end`); then `assignment()` is what it recovered
+    (GET /readyz shows it)."""
     start, end = app.on_rebalance_start, app.on_rebalance_end
 
     def on_rebalance_start() -> None:
@@ -194,10 +199,22 @@ def ready_after_recovery(app: faust.App, readiness: Readiness) -> None:
 
     def on_rebalance_end() -> None:
         end()
+        if assignment is not None:
+            readiness.assignment = assignment()
         readiness.clear("partitions")
 
     app.on_rebalance_start = on_rebalance_start  # type: ignore[method-assign]
     app.on_rebalance_end = on_rebalance_end  # type: ignore[method-assign]
+
+
+def stage_assignment(app: faust.App, registry: TopicRegistry) -> Assignment:
+    """Faust's current generation and this worker's stage partitions in it, by logical topic."""
+    logical = {registry.name(t): t for t in GROUP_TOPICS}
+    partitions: dict[str, list[int]] = {t: [] for t in GROUP_TOPICS}
+    for tp in app.consumer.assignment():
+        if tp.topic in logical:
+            partitions[logical[tp.topic]].append(tp.partition)
+    return Assignment(int(app.consumer_generation_id or 0), {t: sorted(ps) for t, ps in partitions.items()})
 
 
 async def watch_faust_group(rt: Runtime) -> None:

@@ -1,4 +1,4 @@
-"""The `pipeline` command: init, worker, topics, produce, tail, profile, segments, sample, destinations,
+"""The `pipeline` command: init, worker, topics, produce, tail, profile, segments, dlq, sample, destinations,
 privacy."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import json
 import logging
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,12 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     init_group_offsets(settings, rt.registry)
     logging.getLogger(__name__).info("worker %s: %d audiences, config %s", settings.worker_name,
                                      len(config.audiences), settings.config_dir)
-    worker = faust.Worker(rt.app, loglevel=args.loglevel)
+    from pipeline.observability.logformat import faust_logging_config
+
+    # JSON logs: Faust's banner and spinner are text on stdout, so they are left out (quiet)
+    worker = faust.Worker(rt.app, loglevel=args.loglevel, quiet=settings.log_format == "json",
+                          logging_config=faust_logging_config(settings.log_format, settings.worker_name,
+                                                              args.loglevel))
     worker.execute_from_commandline()
     return 0
 
@@ -278,6 +284,25 @@ def _progress_bar(parts: int) -> Any:
     return show
 
 
+def cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline.ingest.replay import parse_since, replay
+
+    reasons = frozenset(r.strip() for arg in args.reason for r in arg.split(",") if r.strip())
+    try:
+        since_ms = parse_since(args.since, int(time.time() * 1000)) if args.since else None
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    out = replay(_registry(settings), settings.kafka, reasons=reasons, since_ms=since_ms, app_id=settings.app_id,
+                 dry_run=args.dry_run, progress=lambda line: print(line, file=sys.stderr))
+    by_topic = Counter(r.logical for r in out.replays)
+    done = "would replay" if args.dry_run else "replayed"
+    print(f"{done} {len(out.replays)} records ({', '.join(sorted(reasons))})"
+          + "".join(f"; {n} to {t}" for t, n in sorted(by_topic.items())))
+    for why, n in sorted(out.left.items()):
+        print(f"left {n}: {why}")
+    return 0
+
+
 def cmd_sample(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.sample import write
 
@@ -337,7 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     ak.add_argument("action", choices=["create"])
     ak.add_argument("--id", required=True, help="the key's name (in the access log): letters, digits, - _ .")
     ak.add_argument("--scopes", required=True, help="comma-separated: profiles:read, audiences:read, "
-                    "audiences:write, privacy:erase, metrics:read, admin (all of them)")
+                    "audiences:write, privacy:erase, metrics:read, destinations:read, destinations:redrive, "
+                    "admin (all of them)")
     ak.add_argument("--description")
     ak.add_argument("--expires", help="ISO 8601 date or time (UTC unless a zone is given)")
     ak.set_defaults(func=cmd_api_key)
@@ -349,6 +375,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--incremental", action="store_true",
                    help="only profiles changed since the start of the last completed run")
     s.set_defaults(func=cmd_segments)
+    dl = sub.add_parser("dlq", help="replay dead-lettered ingest records once their cause is fixed")
+    dl.add_argument("action", choices=["replay"])
+    dl.add_argument("--reason", action="append", required=True,
+                    help="the reason header of the entries to replay (e.g. no-usable-identity); repeat it or "
+                         "separate reasons with commas")
+    dl.add_argument("--since", help="only entries dead-lettered since then: an ISO 8601 time (UTC unless it "
+                                    "gives a zone) or an age (90s, 30m, 2h, 7d, 1w)")
+    dl.add_argument("--dry-run", action="store_true", help="count what would be replayed and produce nothing")
+    dl.set_defaults(func=cmd_dlq)
     sm = sub.add_parser("sample", help="write reproducible sample data (events.jsonl, profiles.jsonl)")
     sm.add_argument("--people", type=int, default=2000)
     sm.add_argument("--seed", type=int, default=7)
@@ -361,8 +396,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(levelname)s %(name)s: %(message)s")
-    settings = Settings.from_env(args.config)
+    from pipeline.observability import logformat
+
+    logging.basicConfig(level=logging.INFO, format=logformat.TEXT_FORMAT)
+    try:
+        settings = Settings.from_env(args.config)
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    logformat.configure(settings.log_format, settings.worker_name)
     try:
         return int(args.func(args, settings))
     except ConfigError as exc:

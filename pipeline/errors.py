@@ -128,3 +128,8 @@ class KafkaAuthError(ConfigError):
 
 class BrokerError(PipelineError):
     """The local Kafka broker could not be fetched, started or reached."""
+
+
+class ProcessNotReady(PipelineError):
+    """A process this one started (a worker, the destination runner) exited or was not ready by its deadline;
+    the message ends with the tail of its log."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from confluent_kafka import Consumer, TopicPartition
@@ -19,7 +20,16 @@ class ReadTimeout(PipelineError):
 def read_to_end(kafka: Kafka, topic: str, *, timeout_s: float = 120.0,
                 consumer_config: dict[str, Any] | None = None) -> dict[bytes, bytes | None]:
     """Every key's latest value (None for a tombstone) of `topic`, read up to the end offsets taken at the
-    start, with no consumer group offsets committed. In order:
+    start, with no consumer group offsets committed (`read_messages`)."""
+    return {m.key() or b"": m.value() for m in read_messages(kafka, topic, timeout_s=timeout_s,
+                                                              consumer_config=consumer_config)}
+
+
+def read_messages(kafka: Kafka, topic: str, *, timeout_s: float = 120.0,
+                  consumer_config: dict[str, Any] | None = None,
+                  on_ends: Callable[[int], None] | None = None) -> Iterator[Any]:
+    """Every message of `topic`, in order per partition, up to the end offsets taken at the start, with no
+    consumer group offsets committed (`on_ends` is told how many offsets that spans). In order:
     1. take each partition's low and high watermarks (a partition with none left is done);
     2. read from the low watermark, keeping records below the noted end;
     3. a partition is done when the consumer's *position* reaches the end: on a compacted topic the last
@@ -37,9 +47,10 @@ def read_to_end(kafka: Kafka, topic: str, *, timeout_s: float = 120.0,
         for p in meta.partitions:
             starts[p], ends[p] = c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
         todo = {p for p in ends if ends[p] > starts[p]}
-        out: dict[bytes, bytes | None] = {}
+        if on_ends is not None:
+            on_ends(sum(ends[p] - starts[p] for p in todo))
         if not todo:
-            return out
+            return
         c.assign([TopicPartition(topic, p, starts[p]) for p in todo])
         deadline = time.monotonic() + timeout_s
         while todo:
@@ -50,10 +61,9 @@ def read_to_end(kafka: Kafka, topic: str, *, timeout_s: float = 120.0,
                 if m.error() is not None or part is None or part not in todo:
                     continue
                 if (m.offset() or 0) < ends[part]:
-                    out[m.key() or b""] = m.value()
+                    yield m
             for tp in c.position([TopicPartition(topic, p) for p in list(todo)]):
                 if tp.offset >= ends[tp.partition]:
                     todo.discard(tp.partition)
-        return out
     finally:
         c.close()

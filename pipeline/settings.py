@@ -84,6 +84,13 @@ def _cron(name: str, default: str) -> str:
     return value
 
 
+def _choice(name: str, choices: tuple[str, ...], default: str) -> str:
+    value = os.environ.get(name, "").strip().lower() or default
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
+    return value
+
+
 def _tracemalloc_frames(name: str) -> int:
     """Frames kept per allocation, 0 for off: 1/on/true/yes means 1, a number that many."""
     value = os.environ.get(name, "").strip().lower()
@@ -112,11 +119,14 @@ class Settings:
     [0 2 * * *] (UTC), PIPELINE_WALK_PROCESSES [one per core, at most 4; 0: in the event loop]. Memory
     diagnosis (pipeline.observability.memory): PIPELINE_TRACEMALLOC [off; on or a number of frames],
     PIPELINE_TRACEMALLOC_INTERVAL_S [60], PIPELINE_TRACEMALLOC_DUMP (a folder). The CLI's API client:
-    PIPELINE_API_KEY. Routing a lookup to the worker that holds
+    PIPELINE_API_KEY. Logs (pipeline.observability.logformat): PIPELINE_LOG_FORMAT [text; json: one object a
+    line with the worker's name and the handled message's ids]. Routing a lookup to the worker that holds
     the key (pipeline/api/routing.py): PIPELINE_WEB_ADVERTISED_URL [http(s)://web host:web port; the machine's
     host name when the web host is 0.0.0.0 or ::] (the URL the other workers reach this one at),
     PIPELINE_API_ROUTE_TIMEOUT_S [5] (a routed request's whole time). Erasure (pipeline.privacy): PIPELINE_ERASURE_SALT [the app id] (the key of the hashes
-    that stand for an identity on control.erasure; the same on every worker and CLI, secret, never changed)."""
+    that stand for an identity on control.erasure; the same on every worker and CLI, secret, never changed).
+    The console (pipeline/api/console.py): PIPELINE_AUDIENCES_WRITABLE [off] (saving an audience writes
+    segments.yaml in the configuration folder; off where that file is managed elsewhere, e.g. a ConfigMap)."""
 
     kafka: KafkaConnection
     app_id: str
@@ -155,6 +165,8 @@ class Settings:
     api_route_timeout_s: float = 5.0
     erasure_salt: str = ""  # "": the app id (pipeline.privacy.erasure.salt_of)
     kafka_stats_interval_ms: int = 5000
+    log_format: str = "text"  # or "json"
+    audiences_writable: bool = False  # PUT /audiences/{id} (the console's save) may write config_dir/segments.yaml
 
     @classmethod
     def from_env(cls, config_dir: str | Path | None = None) -> Settings:
@@ -191,6 +203,8 @@ class Settings:
             api_route_timeout_s=_positive("PIPELINE_API_ROUTE_TIMEOUT_S", 5.0),
             erasure_salt=os.environ.get("PIPELINE_ERASURE_SALT", "").strip(),
             kafka_stats_interval_ms=_positive("PIPELINE_KAFKA_STATS_INTERVAL_MS", 5000),
+            log_format=_choice("PIPELINE_LOG_FORMAT", ("text", "json"), "text"),
+            audiences_writable=_flag("PIPELINE_AUDIENCES_WRITABLE", False),
         )
 
     @property

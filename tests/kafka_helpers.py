@@ -80,3 +80,28 @@ class Collector:
 
     def close(self) -> None:
         self.consumer.close()
+
+
+def wait_topic_ready(bootstrap: str, name: str, timeout_s: float = 30) -> None:
+    """Until every partition of a just-created topic has a leader and answers its offsets: the broker's
+    metadata lags a creation a little, and a client asking in between gets UNKNOWN_TOPIC_OR_PART."""
+    from confluent_kafka import KafkaException
+
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "wait-topic-ready"})
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            meta = consumer.list_topics(name, timeout=5).topics.get(name)
+            try:
+                if meta is not None and meta.error is None and meta.partitions and all(
+                        p.leader >= 0 for p in meta.partitions.values()):
+                    for p in meta.partitions:
+                        consumer.get_watermark_offsets(TopicPartition(name, p), timeout=5)
+                    return
+            except KafkaException:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"topic {name} not ready after {timeout_s}s")
+            time.sleep(0.2)
+    finally:
+        consumer.close()

@@ -3,18 +3,15 @@ fixture that owns them, their logs printed when the test failed."""
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import ssl
-import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from pipeline.errors import ProcessNotReady
+from pipeline.local import procs as children
+from pipeline.topics import TopicRegistry
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,29 +23,19 @@ class PipelineProc:
                  command: list[str] | None = None, cwd: Path | None = None) -> None:
         self.log_path = log_path
         self.env = env
-        self.proc = subprocess.Popen([*(command or [sys.executable, "-m", "pipeline"]), *args], env=env,
-                                     cwd=cwd or ROOT,
-                                     stdout=open(log_path, "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
-                                     start_new_session=True)
+        self.proc = children.start([*(command or [sys.executable, "-m", "pipeline"]), *args], env, log_path,
+                                   cwd=cwd or ROOT)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def stop(self, timeout_s: float = 30) -> int:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+        children.stop(self.proc, timeout_s)
         return self.proc.returncode
 
     def kill(self, timeout_s: float = 10) -> int:
         """SIGKILL the process and everything it started (its session): a crash, no shutdown at all."""
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout_s)
+        children.kill(self.proc, timeout_s)
         return self.proc.returncode
 
 
@@ -82,38 +69,49 @@ class WorkerProc(PipelineProc):
 
     def wait_ready(self, timeout_s: float = 90) -> None:
         """Until GET /readyz answers 200: partitions assigned, tables recovered, ingest consuming."""
-        deadline = time.monotonic() + timeout_s
-        body: dict[str, Any] = {}
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"worker {self.name} exited {self.proc.returncode}:\n{self.log()[-5000:]}")
-            status, body = self.readyz()
-            if status == 200:
-                return
-            time.sleep(0.3)
-        raise AssertionError(f"worker {self.name} not ready after {timeout_s}s ({body}):\n{self.log()[-5000:]}")
+        try:
+            children.wait_ready(self.proc, f"{self.probe_url}/readyz", timeout_s=timeout_s, name=f"worker {self.name}",
+                                log_path=self.log_path)
+        except ProcessNotReady as exc:
+            raise AssertionError(str(exc)) from None
 
-    def wait_settled(self, timeout_s: float = 60) -> None:
-        """Ready after its latest partition assignment (a later worker joining triggers another one)."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            text = self.log()
-            if text.count("Worker ready") >= text.count("Executing _on_partitions_assigned") > 0:
-                return
-            time.sleep(0.3)
-        raise AssertionError(f"worker {self.name} not settled after {timeout_s}s:\n{self.log()[-5000:]}")
+    def assignment(self) -> tuple[int, dict[str, list[int]]] | None:
+        """(generation, stage partitions) of the group assignment it has recovered, while /readyz answers 200."""
+        status, body = self.readyz()
+        return (body["generation"], body["partitions"]) if status == 200 and "generation" in body else None
+
+
+STAGE_TOPICS = ("internal.identity", "internal.profile-ops")  # Faust's group: what /readyz's partitions list
+
+
+def wait_settled(workers: Iterable[WorkerProc], timeout_s: float = 60) -> int:
+    """Until every one of `workers` (the whole group) is ready on the same generation of Faust's group and
+    between them they hold each stage partition once: the latest rebalance has reached every worker and its
+    tables are recovered ("ready" alone is also true of a worker the rebalance has not reached yet). Returns
+    the generation."""
+    workers = list(workers)
+    registry = TopicRegistry.load(prefix=workers[0].env.get("PIPELINE_TOPIC_PREFIX", ""))
+    every = {t: list(range(registry[t].partitions)) for t in STAGE_TOPICS}
+    deadline = time.monotonic() + timeout_s
+    seen: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        for w in workers:
+            if w.proc.poll() is not None:
+                raise AssertionError(f"worker {w.name} exited {w.proc.returncode}:\n{w.log()[-5000:]}")
+        seen = {w.name: w.assignment() for w in workers}
+        states = list(seen.values())
+        if all(states) and len({s[0] for s in states if s}) == 1:
+            held = {t: sorted(p for s in states if s for p in s[1].get(t, [])) for t in STAGE_TOPICS}
+            if held == every:
+                return next(s[0] for s in states if s)
+        time.sleep(0.3)
+    raise AssertionError(f"workers not settled on one assignment after {timeout_s}s: {seen}\n"
+                         + "\n".join(f"--- {w.name}:\n{w.log()[-3000:]}" for w in workers))
 
 
 def probe(url: str, timeout_s: float = 5) -> tuple[int, dict[str, Any]]:
     """GET a JSON operations endpoint (/healthz, /readyz): (status, body), or (0, {}) while nothing answers."""
-    context = ssl._create_unverified_context() if url.startswith("https") else None  # a test's own certificate
-    try:
-        with urllib.request.urlopen(url, timeout=timeout_s, context=context) as r:  # noqa: S310
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"{}")
-    except (OSError, ValueError):
-        return 0, {}
+    return children.probe(url, timeout_s)
 
 
 def stop_all(procs: Iterable[PipelineProc], request: Any, tail: int = 8000) -> None:

@@ -122,3 +122,11 @@ def test_bind_addresses_and_ports_come_from_the_environment(monkeypatch: pytest.
     monkeypatch.setenv("PIPELINE_WEB_PORT", "80a")
     with pytest.raises(ConfigError, match="PIPELINE_WEB_PORT must be a TCP port"):
         Settings.from_env()
+
+
+def test_free_ports_are_never_handed_out_twice_in_a_process() -> None:
+    # (the session broker once got the same port for its listener and its controller, and did not start)
+    from pipeline.local.broker import free_port
+
+    ports = [free_port() for _ in range(300)]
+    assert len(set(ports)) == len(ports)

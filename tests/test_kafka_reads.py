@@ -7,6 +7,7 @@ import uuid
 import pytest
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
+from kafka_helpers import wait_topic_ready
 
 from pipeline.kafka_reads import read_to_end
 from pipeline.state.snapshot import read_changelog
@@ -19,6 +20,7 @@ def compacted_topic(bootstrap: str, partitions: int = 2) -> str:
     name = f"read-to-end-{uuid.uuid4().hex[:8]}"
     admin = AdminClient({"bootstrap.servers": bootstrap})
     admin.create_topics([NewTopic(name, partitions, 1, config={"cleanup.policy": "compact"})])[name].result(15)
+    wait_topic_ready(bootstrap, name)
     return name
 
 

@@ -13,7 +13,8 @@ from pipeline.settings import Settings
 @pytest.fixture
 def clean(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     for name in ("PIPELINE_BATCH_CRON", "PIPELINE_WALK_PROCESSES", "PIPELINE_TRACEMALLOC",
-                 "PIPELINE_TRACEMALLOC_INTERVAL_S", "PIPELINE_TRACEMALLOC_DUMP", "PIPELINE_API_KEY"):
+                 "PIPELINE_TRACEMALLOC_INTERVAL_S", "PIPELINE_TRACEMALLOC_DUMP", "PIPELINE_API_KEY",
+                 "PIPELINE_LOG_FORMAT"):
         monkeypatch.delenv(name, raising=False)
     return monkeypatch
 
@@ -23,6 +24,7 @@ def test_defaults_without_the_variables(clean: pytest.MonkeyPatch) -> None:
     assert (s.batch_cron, s.tracemalloc_frames, s.tracemalloc_interval_s, s.tracemalloc_dump_dir, s.api_key) == \
         ("0 2 * * *", 0, 60.0, None, "")
     assert 1 <= s.walk_processes <= 4
+    assert s.log_format == "text"
 
 
 def test_the_batch_walk_memory_and_client_variables_are_read(clean: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -43,6 +45,7 @@ def test_the_batch_walk_memory_and_client_variables_are_read(clean: pytest.Monke
     ("PIPELINE_WALK_PROCESSES", "-1", "PIPELINE_WALK_PROCESSES must be a whole number"),
     ("PIPELINE_TRACEMALLOC", "lots", "PIPELINE_TRACEMALLOC must be on/off or a number of frames"),
     ("PIPELINE_TRACEMALLOC_INTERVAL_S", "0", "PIPELINE_TRACEMALLOC_INTERVAL_S must be a positive float"),
+    ("PIPELINE_LOG_FORMAT", "xml", "PIPELINE_LOG_FORMAT must be one of text, json, not 'xml'"),
 ])
 def test_a_bad_value_names_the_variable(clean: pytest.MonkeyPatch, name: str, value: str, problem: str) -> None:
     clean.setenv(name, value)

@@ -137,9 +137,11 @@ def test_compacted_topics_bound_how_long_a_superseded_record_stays_and_the_broke
         s.logical: ("604800000" if s.logical in compacted else None) for s in reg}
     # And when the topics are created, the broker holds it, so a second plan finds nothing to change
     from confluent_kafka.admin import AdminClient, ConfigResource
+    from kafka_helpers import wait_topic_ready
 
     apply(reg, kafka_bootstrap, out=lambda *_: None)
     name = reg.name("activation.membership-state")
+    wait_topic_ready(kafka_bootstrap, name)
     res = ConfigResource("topic", name)
     admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
     config = admin.describe_configs([res])[res].result()

@@ -38,7 +38,8 @@ from pipeline.yamlconf import Doc, compose_text
 log = logging.getLogger(__name__)
 
 ADMIN = "admin"
-SCOPES = frozenset({"profiles:read", "audiences:read", "audiences:write", "privacy:erase", "metrics:read", ADMIN})
+SCOPES = frozenset({"profiles:read", "audiences:read", "audiences:write", "privacy:erase", "metrics:read",
+                    "destinations:read", "destinations:redrive", ADMIN})
 KEY_PREFIX = "cdp_"
 # sha256, not a slow KDF (scrypt/pbkdf2): the keys are 256 random bits made by `new_key`, not passwords a
 # person chose, so there is nothing for a dictionary or brute-force attack to walk that a work factor would

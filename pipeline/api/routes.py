@@ -30,6 +30,7 @@ from pipeline.api.views import (
     PROFILE_ID,
     ApiError,
     identity_key,
+    merge_policy_info,
     parse_json_body,
     render_membership,
     render_profile,
@@ -39,7 +40,8 @@ from pipeline.runtime import Runtime
 from pipeline.state.codec import Forward, decode_profile_entry
 
 
-def register(rt: Runtime) -> None:
+def register(rt: Runtime) -> Router:
+    """The routes above; the router they send requests to other workers with (the console's routes share it)."""
     app = rt.app
     identity = rt.ptables["identity"]
     profiles = rt.ptables["profiles"]
@@ -116,8 +118,10 @@ def register(rt: Runtime) -> None:
     def error(web: Any, exc: ApiError) -> Any:
         return problem_response(exc)
 
+    policy = merge_policy_info(rt.config.profile.datasets.merge_policy)
+
     def profile_json(p: ProfileState) -> Any:
-        return web.json_response(render_profile(p))
+        return web.json_response(render_profile(p, merge_policy=policy))
 
     @app.page("/profiles")
     async def get_profile(web_: Any, request: Any) -> Any:
@@ -155,15 +159,22 @@ def register(rt: Runtime) -> None:
             route, _ = parse_route(request.headers.get(ROUTE_HEADER))
             readable()
             counts = rt.audience_sizes.of(audience_id, profiles.active())
+            flows = rt.audience_sizes.flows(audience_id, rt.now_ms())
             if route != LOCAL:
                 others = await asyncio.gather(*(router.send_json(request, url, LOCAL) for url in router.workers()))
                 for answer in others:
                     counts |= {int(p): int(n) for p, n in answer["partitions"].items()}
+                    for f in answer.get("flows", ()):  # (a worker of an older version answers none)
+                        mine = flows.setdefault(int(f["minute_ms"]), [0, 0])
+                        mine[0] += int(f["entries"])
+                        mine[1] += int(f["exits"])
                 missing = set(range(profiles.partitions)) - set(counts)
                 if missing:
                     raise unavailable("size-incomplete", f"{len(missing)} partitions are not counted now; try again")
             return web_.json({**audience_info(rt, explained[audience_id]), "size": sum(counts.values()),
-                              "partitions": {str(p): n for p, n in sorted(counts.items())}})
+                              "partitions": {str(p): n for p, n in sorted(counts.items())},
+                              "flows": [{"minute_ms": m, "entries": e, "exits": x}
+                                        for m, (e, x) in sorted(flows.items())]})
         except ApiError as exc:
             return error(web_, exc)
 
@@ -204,10 +215,7 @@ def register(rt: Runtime) -> None:
 
     @app.page("/readyz")
     async def readyz(web: Any, request: Any) -> Any:
-        reasons = rt.readiness.reasons()
-        if not reasons:
-            return web.json({"ready": True})
-        return web.json({"ready": False, "reasons": [f"{r}: {d}" for r, d in sorted(reasons.items())]}, status=503)
+        return web.json(rt.readiness.body(), status=200 if rt.readiness.ready else 503)
 
     @app.page("/openapi.json")
     async def openapi_json(web: Any, request: Any) -> Any:
@@ -217,8 +225,11 @@ def register(rt: Runtime) -> None:
     async def metrics_page(web: Any, request: Any) -> Any:
         return web.bytes(generate_latest(), content_type=CONTENT_TYPE_LATEST.split(";")[0])
 
+    return router
+
 
 def audience_info(rt: Runtime, e: Any) -> dict[str, Any]:
     """An audience as GET /audiences lists it (`e`: one of SegmentEngine.explain())."""
+    a = rt.engine.audiences[e.audience_id]
     return {"id": e.audience_id, "streaming": e.streaming, "batch": e.batch, "edge": e.edge, "reason": e.reason,
-            "version": rt.engine.audiences[e.audience_id].version}
+            "version": a.version, "name": a.name, "query": a.query}

@@ -130,10 +130,10 @@ class Router:
             raise unavailable("owner-unreachable", f"the worker holding this key did not answer "
                                                    f"({type(exc).__name__}); try again") from None
 
-    async def send_json(self, request: web.Request, url: str, route: str) -> dict[str, Any]:
+    async def send_json(self, request: web.Request, url: str, route: str, body: bytes | None = None) -> dict[str, Any]:
         """`send`, for an answer this worker reads (an audience's size from another worker): its JSON body;
         503 if it is not a 200."""
-        r = await self.send(request, url, route)
+        r = await self.send(request, url, route, body)
         if r.status != 200 or not isinstance(r.body, bytes):
             if r.content_type == PROBLEM_CONTENT_TYPE and r.status in (401, 403):
                 raise ApiError(r.status, "routed-refused", "another worker refused this key")

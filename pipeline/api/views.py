@@ -91,11 +91,21 @@ def identity_key(params: dict[str, Any], cfg: ProfileConfig) -> str:
     return match[0].key
 
 
-def render_profile(p: ProfileState, recent: int = 20) -> dict[str, Any]:
+def merge_policy_info(policy: Any) -> dict[str, Any]:
+    """The merge policy that picked each attribute's value: its name, and its dataset order if it has one."""
+    order = getattr(policy, "order", None)
+    return {"type": policy.name, **({"order": list(order)} if order is not None else {})}
+
+
+def render_profile(p: ProfileState, recent: int = 20, merge_policy: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The profile as the API answers it; `merge_policy` (merge_policy_info) says how attributes were chosen."""
     return {
         "profile_id": p.profile_id,
         "created_ms": p.created_ms,
         "identities": {ns: sorted(ids) for ns, ids in sorted(p.identities.items())},
+        # when each identity was first seen on this profile (the dataset that linked it is not kept)
+        "identity_links": {ns: dict(sorted(ids.items())) for ns, ids in sorted(p.identities.items())},
+        "merged_profiles": list(p.merged),
         "attributes": {k: {"value": v.value, "dataset": v.dataset, "ts_ms": v.ts_ms}
                        for k, v in sorted(p.attributes.items()) if v.value is not None},
         "memberships": {a: {"status": m.status, "since_ms": m.since_ms, "version": m.version, "reason": m.reason}
@@ -104,6 +114,7 @@ def render_profile(p: ProfileState, recent: int = 20) -> dict[str, Any]:
         "recent_events": [{"event_id": e.event_id, "event_type": e.event_type, "ts_ms": e.ts_ms,
                            "dataset": e.dataset, "fields": e.fields} for e in p.events[-recent:][::-1]],
         "next_deadline_ms": p.next_deadline_ms,
+        **({"merge_policy": merge_policy} if merge_policy is not None else {}),
     }
 
 

@@ -9,6 +9,7 @@ backfilled state (per profile, the last word is the stream's).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -16,25 +17,23 @@ import uuid
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from confluent_kafka import OFFSET_INVALID, Consumer, Producer, TopicPartition
 
 from pipeline.connection import Kafka, client_config
 from pipeline.destinations.base import Payload, TopicResolver
 from pipeline.destinations.config import DestinationConfig
+from pipeline.destinations.lane import Decoder, group_id
 from pipeline.destinations.mapping import SKIP_CONSENT_UNKNOWN, Skip, map_change
 from pipeline.errors import DeliveryError
 from pipeline.kafka_reads import ReadTimeout, read_to_end
 from pipeline.observability import metrics
-
-if TYPE_CHECKING:
-    from pipeline.destinations.runner import Decoder, DestinationRunner
+from pipeline.topics import DEST_STATE, MEMBERSHIP_STATE_TOPIC, MEMBERSHIP_TOPIC, PROFILE_CHANGES_TOPIC
 
 log = logging.getLogger(__name__)
 
-MEMBERSHIP_STATE_TOPIC = "activation.membership-state"
-DEST_STATE_TOPIC = "activation.dest-state"
+DEST_STATE_TOPIC = DEST_STATE
 
 
 @dataclass(frozen=True)
@@ -140,26 +139,37 @@ def read_current_members(kafka: Kafka, topics: TopicResolver, decode: Decoder) -
     return current_members(read_compacted(kafka, topics.name(MEMBERSHIP_STATE_TOPIC)), decode)
 
 
+class BackfillTarget(Protocol):
+    """What a backfill needs of the runner (`DestinationRunner` is one): its cluster, topics, decoder and
+    destinations, and its delivery path for payloads that do not come from a lane's consumer."""
+
+    kafka: Kafka
+    topics: TopicResolver
+    decode: Decoder
+
+    def configs(self) -> list[DestinationConfig]: ...
+
+    def record_skips(self, name: str, skips: Counter[str]) -> None: ...
+
+    async def deliver_and_flush(self, name: str, payloads: list[Payload]) -> None: ...
+
+
 class Backfill:
     """Run once per runner start; see the module docstring."""
 
-    def __init__(self, *, source_topics: Iterable[str] = ("activation.memberships", "activation.profile-changes"),
+    def __init__(self, *, source_topics: Iterable[str] = (MEMBERSHIP_TOPIC, PROFILE_CHANGES_TOPIC),
                  timeout_s: float = 120.0) -> None:
         self.source_topics = tuple(source_topics)
         self.timeout_s = timeout_s
         self.last_run: dict[str, int] = {}  # destination -> payloads backfilled in the last run
 
-    async def run(self, runner: DestinationRunner) -> dict[str, int]:
+    async def run(self, runner: BackfillTarget) -> dict[str, int]:
         """1. Read activation.dest-state; plan per destination (audiences never backfilled).
         2. If nothing is planned: done. Else note which destinations' consumer groups are new and
            the end offsets of the source topics (before reading the membership state).
         3. Read activation.membership-state to its end; deliver + flush each destination's payloads.
         4. A new group starts at the noted end offsets: the backfill replaces replaying history.
         5. Record each destination's backfilled audiences in activation.dest-state."""
-        import asyncio
-
-        from pipeline.destinations.runner import group_id
-
         topics = runner.topics
         states_raw = await asyncio.to_thread(read_compacted, runner.kafka, topics.name(DEST_STATE_TOPIC),
                                              timeout_s=self.timeout_s)

@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+from pipeline.destinations.config import KindSettings, register_kind_settings
 from pipeline.errors import UnknownNameError
 from pipeline.model import Scalar
 
@@ -156,9 +157,12 @@ DestinationFactory = Callable[["DestinationConfig", DestinationContext], Destina
 _KINDS: dict[str, DestinationFactory] = {}
 
 
-def register_kind(kind: str, factory: DestinationFactory) -> None:
-    """Register a destination kind; the built-in kinds register themselves on package import."""
+def register_kind(kind: str, factory: DestinationFactory, settings: KindSettings | None = None) -> None:
+    """Register a destination kind: its factory and how it reads its own keys of destinations.yaml (none
+    when `settings` is None). One call in the kind's module is all a new kind needs; the built-in kinds
+    (http.py, kafka_topic.py, files.py) register themselves on package import."""
     _KINDS[kind] = factory
+    register_kind_settings(kind, settings or KindSettings())
 
 
 def destination_kinds() -> list[str]:

@@ -24,7 +24,8 @@ from pipeline.connection import check_cluster
 from pipeline.destinations.backfill import Backfill, member_payloads, read_current_members
 from pipeline.destinations.base import DestinationContext, Payload
 from pipeline.destinations.config import DestinationConfig, DestinationsConfig, load_destinations
-from pipeline.destinations.runner import Decoder, DestinationRunner, RunnerSettings
+from pipeline.destinations.lane import Decoder, RunnerSettings
+from pipeline.destinations.runner import DestinationRunner
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.observability import metrics
 from pipeline.topics import TopicRegistry
@@ -290,9 +291,9 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
 async def export_now(settings: Settings, cfg: DestinationConfig) -> dict[str, Any]:
     """Export a file destination now. Full: the current members of its audiences, read from
     activation.membership-state. Incremental: the changes the runner spooled since the last export."""
-    from pipeline.destinations.files import FileDestination
+    from pipeline.destinations.files import FileDestination, FileSettings
 
-    if cfg.kind != "file" or cfg.file is None:
+    if not isinstance(cfg.settings, FileSettings):
         raise PipelineError(f"destination {cfg.name} is a {cfg.kind} destination; only file destinations export")
 
     async def no_dead_letters(payloads: list[Payload], reason: str) -> None:
@@ -302,7 +303,7 @@ async def export_now(settings: Settings, cfg: DestinationConfig) -> dict[str, An
     await dest.start()
     try:
         members: list[Payload] | None = None
-        if cfg.file.mode == "full":
+        if cfg.settings.mode == "full":
             reg = TopicRegistry.load(prefix=settings.topic_prefix)
             current = await asyncio.to_thread(read_current_members, settings.kafka, reg, registry_decoder(reg))
             skips: Counter[str] = Counter()

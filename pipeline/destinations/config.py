@@ -4,35 +4,50 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Literal, TypeVar, cast
 
 import yaml
-from croniter import croniter
-from yaml.constructor import SafeConstructor
 
-from pipeline.errors import UnknownNameError
+from pipeline.errors import ConfigError, UnknownNameError
 from pipeline.yamlconf import Doc, compose_file, compose_text
 
 IdentityTransform = Literal["none", "sha256", "sha256_lower", "lower"]
 OnMissing = Literal["deny", "allow"]
-FileFormat = Literal["csv", "jsonl", "parquet"]
-ExportMode = Literal["full", "incremental"]
 
-KINDS: tuple[str, ...] = ("file", "http", "kafka")
 TRANSFORMS: tuple[str, ...] = ("lower", "none", "sha256", "sha256_lower")
-FORMATS: tuple[str, ...] = ("csv", "jsonl", "parquet")
-MODES: tuple[str, ...] = ("full", "incremental")
 ON_MISSING: tuple[str, ...] = ("allow", "deny")
-METHODS: tuple[str, ...] = ("PATCH", "POST", "PUT")
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-_INTERVAL = re.compile(r"^\s*(\d+)\s*(s|m|h|d)\s*$")
-_INTERVAL_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 Env = os._Environ[str] | dict[str, str] | None  # None: ${VAR} is left as written
+Fields = dict[str, tuple[yaml.Node, yaml.Node]]  # a destination's keys: name -> (key node, value node)
+S = TypeVar("S")
+
+
+def _no_settings(doc: Doc, fields: Fields, env: Env) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class KindSettings:
+    """How a destination kind reads its own keys of a destination entry: the keys it requires and allows
+    besides the common ones, and `parse`, which turns them into the kind's settings object (errors through
+    `doc.error`, so they carry file:line). `base.register_kind` records it with the kind's factory."""
+
+    required: frozenset[str] = frozenset()
+    optional: frozenset[str] = frozenset()
+    parse: Callable[[Doc, Fields, Env], object] = _no_settings
+
+
+_KIND_SETTINGS: dict[str, KindSettings] = {}
+
+
+def register_kind_settings(kind: str, settings: KindSettings) -> None:
+    """Record how `kind` reads its settings (called by `base.register_kind`)."""
+    _KIND_SETTINGS[kind] = settings
 
 
 @dataclass(frozen=True)
@@ -91,55 +106,6 @@ class BreakerConfig:
 
 
 @dataclass(frozen=True)
-class HttpSettings:
-    """Settings of an `http` destination (a webhook receiving JSON batches)."""
-
-    url: str
-    method: str = "POST"
-    # Values may hold secrets (resolved from ${ENV}); keep them out of reprs and logs.
-    headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
-    batch: BatchConfig = BatchConfig()
-    timeout_s: float = 10.0
-    retry: RetryConfig = RetryConfig()
-    rate_limit_per_s: float | None = None  # requests per second; None = unlimited
-    circuit_breaker: BreakerConfig = BreakerConfig()
-    queue_max_records: int = 10_000  # bound of the in-memory queue: beyond it deliver() blocks
-    # `erasure: {method: DELETE, url: ...}`: exits of erased people go in requests of their own, with this method
-    # (and URL, default `url`); None: they go with the rest, marked `"reason": "erasure"`
-    erasure_method: str | None = None
-    erasure_url: str | None = None
-
-
-@dataclass(frozen=True)
-class KafkaSettings:
-    """Settings of a `kafka` destination: the logical topic the lead's registry resolves."""
-
-    topic: str
-
-
-@dataclass(frozen=True)
-class FileSettings:
-    """Settings of a `file` destination (scheduled exports to a folder or an s3:// URL)."""
-
-    path: str
-    format: FileFormat = "csv"
-    mode: ExportMode = "incremental"
-    schedule: str | None = None  # "15m"-style interval or a cron expression; None = on demand only
-    max_rows_per_file: int | None = None
-    max_bytes_per_file: int | None = None
-    # fsspec options (e.g. {client_kwargs: {endpoint_url: ...}} for s3fs); may hold secrets.
-    storage_options: tuple[tuple[str, Any], ...] = field(default=(), repr=False)
-
-    @property
-    def interval_s(self) -> int | None:
-        """The schedule as seconds if it is an interval, None if it is a cron expression or absent."""
-        if self.schedule is None:
-            return None
-        m = _INTERVAL.match(self.schedule)
-        return int(m.group(1)) * _INTERVAL_S[m.group(2)] if m else None
-
-
-@dataclass(frozen=True)
 class DestinationConfig:
     """One destination: what it activates, which identities/attributes it gets, kind settings."""
 
@@ -149,9 +115,15 @@ class DestinationConfig:
     identities: tuple[IdentityMapping, ...]
     attributes: tuple[str, ...] = ()
     consent: ConsentConfig | None = None
-    http: HttpSettings | None = None
-    kafka: KafkaSettings | None = None
-    file: FileSettings | None = None
+    # The kind's own settings, as its registered `KindSettings.parse` made them (None for a kind without any).
+    settings: object = None
+
+    def settings_as(self, cls: type[S]) -> S:
+        """The kind's settings, checked to be a `cls` (what the kind's destination expects)."""
+        if not isinstance(self.settings, cls):
+            raise ConfigError(f"destination {self.name} ({self.kind}): settings {type(self.settings).__name__}, "
+                              f"expected {cls.__name__}")
+        return self.settings
 
     def activates(self, audience_id: str) -> bool:
         return self.audiences is None or audience_id in self.audiences
@@ -182,14 +154,6 @@ class DestinationsConfig:
 
 
 _COMMON = {"name", "kind", "audiences", "identities", "attributes", "consent"}
-_KIND_KEYS: dict[str, set[str]] = {
-    "http": {"url", "method", "headers", "batch", "timeout_s", "retry", "rate_limit_per_s",
-             "circuit_breaker", "queue_max_records", "erasure"},
-    "kafka": {"topic"},
-    "file": {"path", "format", "mode", "schedule", "max_rows_per_file", "max_bytes_per_file",
-             "storage_options"},
-}
-_REQUIRED_KIND_KEYS = {"http": {"url"}, "kafka": {"topic"}, "file": {"path"}}
 
 
 def load_destinations(path: str | Path, env: dict[str, str] | None = None, *,
@@ -227,15 +191,16 @@ def _destination(doc: Doc, node: yaml.Node, env: Env) -> DestinationConfig:
         raise doc.error("destination: missing key kind", node)
     kind_node = f["kind"][1]
     kind = doc.string(kind_node, "kind")
-    if kind not in KINDS:
-        err = UnknownNameError("destination kind", kind, KINDS)
+    spec = _KIND_SETTINGS.get(kind)
+    if spec is None:
+        err = UnknownNameError("destination kind", kind, sorted(_KIND_SETTINGS))
         # Keep the registry's error type but say where: file:line like every other ConfigError.
         located = doc.error(str(err), kind_node)
         err.file, err.line, err.column = located.file, located.line, located.column
         err.args = located.args
         raise err
-    doc.check_keys(f, f"{kind} destination", {"name", "kind", "audiences", "identities"}
-                   | _REQUIRED_KIND_KEYS[kind], (_COMMON | _KIND_KEYS[kind]), node)
+    doc.check_keys(f, f"{kind} destination", {"name", "kind", "audiences", "identities"} | spec.required,
+                   _COMMON | spec.required | spec.optional, node)
     name = doc.string(f["name"][1], "name")
     if not _NAME.match(name):
         raise doc.error("name may hold letters, digits, '.', '_' and '-' only", f["name"][1])
@@ -286,16 +251,15 @@ def _destination(doc: Doc, node: yaml.Node, env: Env) -> DestinationConfig:
         consent = ConsentConfig(doc.string(c["attribute"][1], "consent attribute"), deny,
                                 cast(OnMissing, on_missing))
 
-    cfg = DestinationConfig(name=name, kind=kind, audiences=audiences, identities=tuple(identities),
-                            attributes=attributes, consent=consent)
-    if kind == "http":
-        return replace(cfg, http=_http(doc, f, env))
-    if kind == "kafka":
-        return replace(cfg, kafka=KafkaSettings(doc.string(f["topic"][1], "topic")))
-    return replace(cfg, file=_file(doc, f))
+    return DestinationConfig(name=name, kind=kind, audiences=audiences, identities=tuple(identities),
+                             attributes=attributes, consent=consent, settings=spec.parse(doc, f, env))
 
 
-def _number(doc: Doc, node: yaml.Node, what: str, *, positive: bool = True) -> float:
+# -- helpers for the kinds' parsers -------------------------------------------------------------------
+
+
+def number(doc: Doc, node: yaml.Node, what: str, *, positive: bool = True) -> float:
+    """A number (int or float, never a bool), positive unless told otherwise."""
     value = doc.scalar(node, what)
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise doc.error(f"{what} must be a number", node)
@@ -304,113 +268,18 @@ def _number(doc: Doc, node: yaml.Node, what: str, *, positive: bool = True) -> f
     return float(value)
 
 
-def _http(doc: Doc, f: dict[str, tuple[yaml.Node, yaml.Node]], env: Env) -> HttpSettings:
-    url = doc.string(f["url"][1], "url")
-    if not url.startswith(("http://", "https://")):
-        raise doc.error("url must start with http:// or https://", f["url"][1])
-    method = "POST"
-    if "method" in f:
-        method = doc.string(f["method"][1], "method").upper()
-        if method not in METHODS:
-            raise doc.error(f"method must be one of {', '.join(METHODS)}", f["method"][1])
-    headers: list[tuple[str, str]] = []
-    if "headers" in f:
-        for key, (_, vnode) in doc.mapping(f["headers"][1], "headers").items():
-            raw = str(doc.scalar(vnode, f"header {key}"))
+def resolve_env(doc: Doc, node: yaml.Node, what: str, env: Env) -> str:
+    """A string whose ${VAR} references are replaced from `env` (left as written when `env` is None: a
+    reader that never sends); a variable not set is an error that names it, never a value."""
+    raw = str(doc.scalar(node, what))
 
-            def sub(m: re.Match[str], vnode: yaml.Node = vnode) -> str:
-                if env is None:
-                    return m.group(0)
-                if m.group(1) not in env:
-                    # Name the variable, never the value: headers usually carry tokens.
-                    raise doc.error(f"environment variable {m.group(1)} is not set", vnode)
-                return env[m.group(1)]
+    def sub(m: re.Match[str]) -> str:
+        if env is None:
+            return m.group(0)
+        if m.group(1) not in env:
+            raise doc.error(f"environment variable {m.group(1)} is not set", node)
+        return env[m.group(1)]
 
-            headers.append((key, _ENV_REF.sub(sub, raw)))
-    batch = BatchConfig()
-    if "batch" in f:
-        bnode = f["batch"][1]
-        b = doc.mapping(bnode, "batch")
-        doc.check_keys(b, "batch", set(), {"max_records", "max_age_ms"}, bnode)
-        batch = BatchConfig(
-            doc.integer(b["max_records"][1], "max_records", minimum=1) if "max_records" in b else 100,
-            doc.integer(b["max_age_ms"][1], "max_age_ms", minimum=0) if "max_age_ms" in b else 1000)
-    retry = RetryConfig()
-    if "retry" in f:
-        rnode = f["retry"][1]
-        r = doc.mapping(rnode, "retry")
-        doc.check_keys(r, "retry", set(), {"max_attempts", "base_delay_ms", "max_delay_ms", "max_elapsed_s"},
-                       rnode)
-        retry = RetryConfig(
-            doc.integer(r["max_attempts"][1], "max_attempts", minimum=1) if "max_attempts" in r else 5,
-            doc.integer(r["base_delay_ms"][1], "base_delay_ms", minimum=0) if "base_delay_ms" in r else 200,
-            doc.integer(r["max_delay_ms"][1], "max_delay_ms", minimum=0) if "max_delay_ms" in r else 10_000,
-            _number(doc, r["max_elapsed_s"][1], "max_elapsed_s", positive=False) if "max_elapsed_s" in r else 3600.0)
-    breaker = BreakerConfig()
-    if "circuit_breaker" in f:
-        cnode = f["circuit_breaker"][1]
-        c = doc.mapping(cnode, "circuit_breaker")
-        doc.check_keys(c, "circuit_breaker", set(), {"failure_threshold", "reset_timeout_s"}, cnode)
-        breaker = BreakerConfig(
-            doc.integer(c["failure_threshold"][1], "failure_threshold", minimum=1)
-            if "failure_threshold" in c else 5,
-            _number(doc, c["reset_timeout_s"][1], "reset_timeout_s") if "reset_timeout_s" in c else 30.0)
-    erasure_method: str | None = None
-    erasure_url: str | None = None
-    if "erasure" in f:
-        enode = f["erasure"][1]
-        e = doc.mapping(enode, "erasure")
-        doc.check_keys(e, "erasure", {"method"}, {"url"}, enode)
-        erasure_method = doc.string(e["method"][1], "erasure method").upper()
-        if erasure_method not in (*METHODS, "DELETE"):
-            raise doc.error(f"erasure method must be one of {', '.join((*METHODS, 'DELETE'))}", e["method"][1])
-        if "url" in e:
-            erasure_url = doc.string(e["url"][1], "erasure url")
-            if not erasure_url.startswith(("http://", "https://")):
-                raise doc.error("erasure url must start with http:// or https://", e["url"][1])
-    return HttpSettings(
-        erasure_method=erasure_method, erasure_url=erasure_url,
-        url=url, method=method, headers=tuple(headers), batch=batch,
-        timeout_s=_number(doc, f["timeout_s"][1], "timeout_s") if "timeout_s" in f else 10.0,
-        retry=retry,
-        rate_limit_per_s=_number(doc, f["rate_limit_per_s"][1], "rate_limit_per_s")
-        if "rate_limit_per_s" in f else None,
-        circuit_breaker=breaker,
-        queue_max_records=doc.integer(f["queue_max_records"][1], "queue_max_records", minimum=1)
-        if "queue_max_records" in f else 10_000,
-    )
+    return _ENV_REF.sub(sub, raw)
 
 
-def _file(doc: Doc, f: dict[str, tuple[yaml.Node, yaml.Node]]) -> FileSettings:
-    path = doc.string(f["path"][1], "path").rstrip("/")
-    fmt = "csv"
-    if "format" in f:
-        fmt = doc.string(f["format"][1], "format")
-        if fmt not in FORMATS:
-            raise doc.error(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}", f["format"][1])
-    mode = "incremental"
-    if "mode" in f:
-        mode = doc.string(f["mode"][1], "mode")
-        if mode not in MODES:
-            raise doc.error(f"unknown mode {mode!r}; valid: {', '.join(MODES)}", f["mode"][1])
-    schedule = None
-    if "schedule" in f:
-        schedule = doc.string(f["schedule"][1], "schedule")
-        if not _INTERVAL.match(schedule) and not croniter.is_valid(schedule):
-            raise doc.error("schedule must be an interval like 15m, 1h, 30s, 1d or a cron expression",
-                            f["schedule"][1])
-        m = _INTERVAL.match(schedule)
-        if m and int(m.group(1)) <= 0:
-            raise doc.error("schedule interval must be positive", f["schedule"][1])
-    storage: list[tuple[str, Any]] = []
-    if "storage_options" in f:
-        for key, (_, vnode) in doc.mapping(f["storage_options"][1], "storage_options").items():
-            storage.append((key, SafeConstructor().construct_object(vnode, deep=True)))
-    return FileSettings(
-        path=path, format=cast(FileFormat, fmt), mode=cast(ExportMode, mode), schedule=schedule,
-        max_rows_per_file=doc.integer(f["max_rows_per_file"][1], "max_rows_per_file", minimum=1)
-        if "max_rows_per_file" in f else None,
-        max_bytes_per_file=doc.integer(f["max_bytes_per_file"][1], "max_bytes_per_file", minimum=1)
-        if "max_bytes_per_file" in f else None,
-        storage_options=tuple(storage),
-    )

@@ -9,27 +9,60 @@ import hashlib
 import io
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal, cast
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 from croniter import croniter
+from yaml.constructor import SafeConstructor
 
 from pipeline.destinations.base import Destination, DestinationContext, Payload, register_kind
-from pipeline.destinations.config import DestinationConfig, FileSettings
+from pipeline.destinations.config import DestinationConfig, Env, Fields, KindSettings
 from pipeline.errors import DeliveryError
+from pipeline.yamlconf import Doc
 
 log = logging.getLogger(__name__)
 
 _EXT = {"csv": "csv", "jsonl": "jsonl", "parquet": "parquet"}
 _BASE_COLUMNS = ("profile_id", "audience_id", "status", "event_time_ms", "idempotency_key")
 MANIFEST_NAME = "_manifest.json"
+
+
+FileFormat = Literal["csv", "jsonl", "parquet"]
+ExportMode = Literal["full", "incremental"]
+FORMATS: tuple[str, ...] = ("csv", "jsonl", "parquet")
+MODES: tuple[str, ...] = ("full", "incremental")
+_INTERVAL = re.compile(r"^\s*(\d+)\s*(s|m|h|d)\s*$")
+_INTERVAL_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+@dataclass(frozen=True)
+class FileSettings:
+    """Settings of a `file` destination (scheduled exports to a folder or an s3:// URL)."""
+
+    path: str
+    format: FileFormat = "csv"
+    mode: ExportMode = "incremental"
+    schedule: str | None = None  # "15m"-style interval or a cron expression; None = on demand only
+    max_rows_per_file: int | None = None
+    max_bytes_per_file: int | None = None
+    # fsspec options (e.g. {client_kwargs: {endpoint_url: ...}} for s3fs); may hold secrets.
+    storage_options: tuple[tuple[str, Any], ...] = field(default=(), repr=False)
+
+    @property
+    def interval_s(self) -> int | None:
+        """The schedule as seconds if it is an interval, None if it is a cron expression or absent."""
+        if self.schedule is None:
+            return None
+        m = _INTERVAL.match(self.schedule)
+        return int(m.group(1)) * _INTERVAL_S[m.group(2)] if m else None
 
 
 @dataclass(frozen=True)
@@ -80,9 +113,9 @@ class FileDestination(Destination):
     def __init__(self, config: DestinationConfig, context: DestinationContext,
                  fs: fsspec.AbstractFileSystem | None = None) -> None:
         super().__init__(config, context)
-        if config.file is None:
+        if not isinstance(config.settings, FileSettings):
             raise DeliveryError(f"destination {config.name} has no file settings", retryable=False)
-        self.settings: FileSettings = config.file
+        self.settings: FileSettings = config.settings
         if fs is None:
             fs, root = fsspec.core.url_to_fs(self.settings.path, **dict(self.settings.storage_options))
         else:
@@ -362,6 +395,16 @@ class FileDestination(Destination):
         return self._read_jsonl(path) if self.fs.exists(path) else []
 
 
+def recent_manifests(settings: FileSettings, n: int = 5) -> list[dict[str, Any]]:
+    """The manifests of the last `n` complete exports under the destination's path, newest first."""
+    fs, root = fsspec.core.url_to_fs(settings.path, **dict(settings.storage_options))
+    manifests = []
+    for path in fs.glob(f"{root.rstrip('/')}/*/{MANIFEST_NAME}"):
+        with fs.open(path, "rb") as f:
+            manifests.append(json.load(f))
+    return sorted(manifests, key=lambda m: (m.get("created_ms", 0), m.get("export_id", "")), reverse=True)[:n]
+
+
 def read_manifest(fs: fsspec.AbstractFileSystem, folder: str) -> dict[str, Any]:
     """Load an export's manifest (helper for consumers and tests)."""
     with fs.open(f"{folder.rstrip('/')}/{MANIFEST_NAME}", "rb") as f:
@@ -369,4 +412,43 @@ def read_manifest(fs: fsspec.AbstractFileSystem, folder: str) -> dict[str, Any]:
         return result
 
 
-register_kind("file", FileDestination)
+def parse_file_settings(doc: Doc, f: Fields, env: Env) -> FileSettings:
+    """A file destination's own keys (path, format, mode, schedule, file limits, storage options)."""
+    path = doc.string(f["path"][1], "path").rstrip("/")
+    fmt = "csv"
+    if "format" in f:
+        fmt = doc.string(f["format"][1], "format")
+        if fmt not in FORMATS:
+            raise doc.error(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}", f["format"][1])
+    mode = "incremental"
+    if "mode" in f:
+        mode = doc.string(f["mode"][1], "mode")
+        if mode not in MODES:
+            raise doc.error(f"unknown mode {mode!r}; valid: {', '.join(MODES)}", f["mode"][1])
+    schedule = None
+    if "schedule" in f:
+        schedule = doc.string(f["schedule"][1], "schedule")
+        if not _INTERVAL.match(schedule) and not croniter.is_valid(schedule):
+            raise doc.error("schedule must be an interval like 15m, 1h, 30s, 1d or a cron expression",
+                            f["schedule"][1])
+        m = _INTERVAL.match(schedule)
+        if m and int(m.group(1)) <= 0:
+            raise doc.error("schedule interval must be positive", f["schedule"][1])
+    storage: list[tuple[str, Any]] = []
+    if "storage_options" in f:
+        for key, (_, vnode) in doc.mapping(f["storage_options"][1], "storage_options").items():
+            storage.append((key, SafeConstructor().construct_object(vnode, deep=True)))
+    return FileSettings(
+        path=path, format=cast(FileFormat, fmt), mode=cast(ExportMode, mode), schedule=schedule,
+        max_rows_per_file=doc.integer(f["max_rows_per_file"][1], "max_rows_per_file", minimum=1)
+        if "max_rows_per_file" in f else None,
+        max_bytes_per_file=doc.integer(f["max_bytes_per_file"][1], "max_bytes_per_file", minimum=1)
+        if "max_bytes_per_file" in f else None,
+        storage_options=tuple(storage),
+    )
+
+
+register_kind("file", FileDestination, KindSettings(
+    required=frozenset({"path"}),
+    optional=frozenset({"format", "mode", "schedule", "max_rows_per_file", "max_bytes_per_file", "storage_options"}),
+    parse=parse_file_settings))

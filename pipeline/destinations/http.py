@@ -8,20 +8,55 @@ import email.utils
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import aiohttp
 
 from pipeline.backoff import full_jitter_s as backoff_delay_s
 from pipeline.destinations.base import Destination, DestinationContext, Payload, register_kind
-from pipeline.destinations.config import BreakerConfig, DestinationConfig, HttpSettings
+from pipeline.destinations.config import (
+    BatchConfig,
+    BreakerConfig,
+    DestinationConfig,
+    Env,
+    Fields,
+    KindSettings,
+    RetryConfig,
+    number,
+    resolve_env,
+)
 from pipeline.errors import DeliveryError
 from pipeline.observability import metrics
 from pipeline.privacy.erasure import REASON as ERASURE
+from pipeline.yamlconf import Doc
 
 log = logging.getLogger(__name__)
 
 BreakerState = Literal["closed", "open", "half_open"]
+
+
+METHODS: tuple[str, ...] = ("PATCH", "POST", "PUT")
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    """Settings of an `http` destination (a webhook receiving JSON batches)."""
+
+    url: str
+    method: str = "POST"
+    # Values may hold secrets (resolved from ${ENV}); keep them out of reprs and logs.
+    headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    batch: BatchConfig = BatchConfig()
+    timeout_s: float = 10.0
+    retry: RetryConfig = RetryConfig()
+    rate_limit_per_s: float | None = None  # requests per second; None = unlimited
+    circuit_breaker: BreakerConfig = BreakerConfig()
+    queue_max_records: int = 10_000  # bound of the in-memory queue: beyond it deliver() blocks
+    # `erasure: {method: DELETE, url: ...}`: exits of erased people go in requests of their own, with this method
+    # (and URL, default `url`); None: they go with the rest, marked `"reason": "erasure"`
+    erasure_method: str | None = None
+    erasure_url: str | None = None
 
 
 class CircuitBreaker:
@@ -122,9 +157,9 @@ class HttpDestination(Destination):
     def __init__(self, config: DestinationConfig, context: DestinationContext,
                  session: aiohttp.ClientSession | None = None) -> None:
         super().__init__(config, context)
-        if config.http is None:
+        if not isinstance(config.settings, HttpSettings):
             raise DeliveryError(f"destination {config.name} has no http settings", retryable=False)
-        self.settings: HttpSettings = config.http
+        self.settings: HttpSettings = config.settings
         self.breaker = CircuitBreaker(self.settings.circuit_breaker, name=config.name)
         self._bucket = TokenBucket(self.settings.rate_limit_per_s) if self.settings.rate_limit_per_s else None
         self._queue: asyncio.Queue[Payload] = asyncio.Queue(maxsize=self.settings.queue_max_records)
@@ -337,4 +372,77 @@ def _record(p: Payload) -> dict[str, Any]:
     return d
 
 
-register_kind("http", HttpDestination)
+def parse_http_settings(doc: Doc, f: Fields, env: Env) -> HttpSettings:
+    """An http destination's own keys (url, method, headers, batch, retry ...)."""
+    url = doc.string(f["url"][1], "url")
+    if not url.startswith(("http://", "https://")):
+        raise doc.error("url must start with http:// or https://", f["url"][1])
+    method = "POST"
+    if "method" in f:
+        method = doc.string(f["method"][1], "method").upper()
+        if method not in METHODS:
+            raise doc.error(f"method must be one of {', '.join(METHODS)}", f["method"][1])
+    headers: list[tuple[str, str]] = []
+    if "headers" in f:
+        for key, (_, vnode) in doc.mapping(f["headers"][1], "headers").items():
+            # ${VAR}: headers usually carry tokens, which stay out of the file
+            headers.append((key, resolve_env(doc, vnode, f"header {key}", env)))
+    batch = BatchConfig()
+    if "batch" in f:
+        bnode = f["batch"][1]
+        b = doc.mapping(bnode, "batch")
+        doc.check_keys(b, "batch", set(), {"max_records", "max_age_ms"}, bnode)
+        batch = BatchConfig(
+            doc.integer(b["max_records"][1], "max_records", minimum=1) if "max_records" in b else 100,
+            doc.integer(b["max_age_ms"][1], "max_age_ms", minimum=0) if "max_age_ms" in b else 1000)
+    retry = RetryConfig()
+    if "retry" in f:
+        rnode = f["retry"][1]
+        r = doc.mapping(rnode, "retry")
+        doc.check_keys(r, "retry", set(), {"max_attempts", "base_delay_ms", "max_delay_ms", "max_elapsed_s"},
+                       rnode)
+        retry = RetryConfig(
+            doc.integer(r["max_attempts"][1], "max_attempts", minimum=1) if "max_attempts" in r else 5,
+            doc.integer(r["base_delay_ms"][1], "base_delay_ms", minimum=0) if "base_delay_ms" in r else 200,
+            doc.integer(r["max_delay_ms"][1], "max_delay_ms", minimum=0) if "max_delay_ms" in r else 10_000,
+            number(doc, r["max_elapsed_s"][1], "max_elapsed_s", positive=False) if "max_elapsed_s" in r else 3600.0)
+    breaker = BreakerConfig()
+    if "circuit_breaker" in f:
+        cnode = f["circuit_breaker"][1]
+        c = doc.mapping(cnode, "circuit_breaker")
+        doc.check_keys(c, "circuit_breaker", set(), {"failure_threshold", "reset_timeout_s"}, cnode)
+        breaker = BreakerConfig(
+            doc.integer(c["failure_threshold"][1], "failure_threshold", minimum=1)
+            if "failure_threshold" in c else 5,
+            number(doc, c["reset_timeout_s"][1], "reset_timeout_s") if "reset_timeout_s" in c else 30.0)
+    erasure_method: str | None = None
+    erasure_url: str | None = None
+    if "erasure" in f:
+        enode = f["erasure"][1]
+        e = doc.mapping(enode, "erasure")
+        doc.check_keys(e, "erasure", {"method"}, {"url"}, enode)
+        erasure_method = doc.string(e["method"][1], "erasure method").upper()
+        if erasure_method not in (*METHODS, "DELETE"):
+            raise doc.error(f"erasure method must be one of {', '.join((*METHODS, 'DELETE'))}", e["method"][1])
+        if "url" in e:
+            erasure_url = doc.string(e["url"][1], "erasure url")
+            if not erasure_url.startswith(("http://", "https://")):
+                raise doc.error("erasure url must start with http:// or https://", e["url"][1])
+    return HttpSettings(
+        erasure_method=erasure_method, erasure_url=erasure_url,
+        url=url, method=method, headers=tuple(headers), batch=batch,
+        timeout_s=number(doc, f["timeout_s"][1], "timeout_s") if "timeout_s" in f else 10.0,
+        retry=retry,
+        rate_limit_per_s=number(doc, f["rate_limit_per_s"][1], "rate_limit_per_s")
+        if "rate_limit_per_s" in f else None,
+        circuit_breaker=breaker,
+        queue_max_records=doc.integer(f["queue_max_records"][1], "queue_max_records", minimum=1)
+        if "queue_max_records" in f else 10_000,
+    )
+
+
+register_kind("http", HttpDestination, KindSettings(
+    required=frozenset({"url"}),
+    optional=frozenset({"method", "headers", "batch", "timeout_s", "retry", "rate_limit_per_s", "circuit_breaker",
+                        "queue_max_records", "erasure"}),
+    parse=parse_http_settings))

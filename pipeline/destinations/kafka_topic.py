@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from pipeline.connection import client_config
 from pipeline.destinations.base import Destination, DestinationContext, Payload, register_kind
-from pipeline.destinations.config import DestinationConfig
+from pipeline.destinations.config import DestinationConfig, Env, Fields, KindSettings
 from pipeline.errors import DeliveryError
+from pipeline.yamlconf import Doc
+
+
+@dataclass(frozen=True)
+class KafkaSettings:
+    """Settings of a `kafka` destination: the logical topic the lead's registry resolves."""
+
+    topic: str
 
 
 class KafkaTopicDestination(Destination):
@@ -20,12 +29,13 @@ class KafkaTopicDestination(Destination):
     def __init__(self, config: DestinationConfig, context: DestinationContext,
                  producer_config: dict[str, Any] | None = None) -> None:
         super().__init__(config, context)
-        if config.kafka is None:
+        if not isinstance(config.settings, KafkaSettings):
             raise DeliveryError(f"destination {config.name} has no kafka settings", retryable=False)
         if context.kafka is None:
             raise DeliveryError(f"destination {config.name}: no Kafka connection", retryable=False)
         self._kafka = context.kafka
-        self.topic = context.topics.name(config.kafka.topic) if context.topics else config.kafka.topic
+        topic = config.settings.topic
+        self.topic = context.topics.name(topic) if context.topics else topic
         self._producer_config: dict[str, Any] = {
             "acks": "all",
             # Idempotent producer: broker-side retries cannot reorder or duplicate within a partition.
@@ -88,4 +98,9 @@ class KafkaTopicDestination(Destination):
                 "pending_errors": len(self._errors)}
 
 
-register_kind("kafka", KafkaTopicDestination)
+def parse_kafka_settings(doc: Doc, f: Fields, env: Env) -> KafkaSettings:
+    """A kafka destination's own key: the logical topic."""
+    return KafkaSettings(doc.string(f["topic"][1], "topic"))
+
+
+register_kind("kafka", KafkaTopicDestination, KindSettings(required=frozenset({"topic"}), parse=parse_kafka_settings))

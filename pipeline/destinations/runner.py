@@ -1,21 +1,23 @@
-"""Runs every destination: one Kafka consumer group each, map, deliver, commit (at-least-once), DLQ."""
+"""Runs every destination: one Kafka consumer group each; consume, map, deliver, commit (at-least-once).
+
+Its parts, one job each: `lane.py` (settings and per-destination state), `deadletters.py` (dead letters,
+redrive, depth), `status.py` (counters and lag), `backfill.py` (current members of newly mapped audiences).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import re
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, Message, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
 
+import pipeline.destinations.status as status_
 from pipeline.backoff import full_jitter_s
 from pipeline.connection import Kafka, client_config
 from pipeline.destinations.base import (
@@ -26,98 +28,18 @@ from pipeline.destinations.base import (
     create_destination,
 )
 from pipeline.destinations.config import DestinationConfig
+from pipeline.destinations.deadletters import DeadLetters
+from pipeline.destinations.lane import Decoder, Lane, LogicalTopics, RunnerSettings, group_id, json_decoder
 from pipeline.destinations.mapping import SKIP_CONSENT_UNKNOWN, Skip, map_message
+from pipeline.destinations.status import DestinationStatus
 from pipeline.errors import DeliveryError, UnknownNameError
 from pipeline.observability import metrics
-from pipeline.observability.kafka_stats import STATS_INTERVAL_MS, LibrdkafkaStats
-from pipeline.topics import TopicRegistry, registry
+from pipeline.observability.kafka_stats import LibrdkafkaStats
 
 if TYPE_CHECKING:
     from pipeline.destinations.backfill import Backfill
 
 log = logging.getLogger(__name__)
-
-# (logical topic name, message value bytes) -> the message as a dict. The lead wires the Avro serde in;
-# `json_decoder` is the stand-in for tests and JSON topics.
-Decoder = Callable[[str, bytes], dict[str, Any]]
-
-
-def json_decoder(logical_topic: str, value: bytes) -> dict[str, Any]:
-    """Decode a JSON message value (any topic)."""
-    result = json.loads(value)
-    if not isinstance(result, dict):
-        raise ValueError(f"{logical_topic}: expected a JSON object")
-    return result
-
-
-class LogicalTopics:
-    """A TopicResolver that uses logical names as physical names (tests, single-cluster dev)."""
-
-    def name(self, logical: str) -> str:
-        return logical
-
-
-@dataclass(frozen=True)
-class RunnerSettings:
-    """Topics and tuning of the runner; topic names are logical (resolved by the TopicResolver)."""
-
-    membership_topic: str = "activation.memberships"
-    profile_change_topic: str = "activation.profile-changes"
-    # Logical dead-letter topic shared by every destination; the `destination` header says whose.
-    dead_letter_topic: str = "activation.dest-dlq"
-    create_dead_letter_topic: bool = True
-    max_poll_records: int = 500
-    poll_timeout_s: float = 0.2
-    commit_interval_ms: int = 1000
-    # For destinations whose deliver()/flush() raise retryable DeliveryErrors (kafka, file):
-    deliver_max_attempts: int = 5
-    retry_base_delay_ms: int = 200
-    retry_max_delay_ms: int = 5000
-    stop_timeout_s: float = 30.0  # final flush per destination; past it, uncommitted messages are re-read
-    stats_interval_ms: int = STATS_INTERVAL_MS  # librdkafka statistics: lag per partition, broker rtt
-    consumer_config: dict[str, Any] = field(default_factory=dict)
-    producer_config: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class DestinationStatus:
-    """One destination's health as `status()` reports it."""
-
-    name: str
-    kind: str
-    running: bool
-    lag: int | None  # messages on the source topics not yet committed by cdp-dest-<name>
-    last_delivery_ms: int | None
-    consumed: int
-    delivered: int
-    skipped: dict[str, int]
-    errors: dict[str, int]
-    dead_lettered: int
-    dead_letter_depth: int | None  # dead-letter messages not yet redriven
-    breaker: str | None
-
-
-@dataclass
-class _Lane:
-    """Mutable per-destination state of the runner."""
-
-    config: DestinationConfig
-    destination: Destination
-    consumer: Consumer | None = None
-    task: asyncio.Task[None] | None = None
-    uncommitted: list[Payload] = field(default_factory=list)  # delivered since the last commit
-    dirty: bool = False  # consumed something since the last commit
-    last_commit: float = 0.0
-    consumed: int = 0
-    delivered: int = 0
-    dead_lettered: int = 0
-    joined: bool = False  # the consumer has had its first assignment (possibly empty)
-    last_delivery_ms: int | None = None
-    skipped: Counter[str] = field(default_factory=Counter)
-    errors: Counter[str] = field(default_factory=Counter)
-    # Held for a whole consume-deliver-commit round, so a redrive never commits offsets of messages
-    # the loop consumed but has not delivered yet.
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 class DestinationRunner:
@@ -135,8 +57,8 @@ class DestinationRunner:
         self.decode = decode
         self.settings = settings or RunnerSettings()
         self._configs = list(destinations)
-        self._lanes: dict[str, _Lane] = {}
-        self._producer: Producer | None = None
+        self._lanes: dict[str, Lane] = {}
+        self.dead_letters = DeadLetters(kafka, self.topics, self.settings)
         self._stopping = asyncio.Event()
         self._logical = {
             self.topics.name(self.settings.membership_topic): self.settings.membership_topic,
@@ -152,16 +74,13 @@ class DestinationRunner:
         4. Subscribe one consumer per destination and start its loop.
 
         `consume=False` stops after step 2: destinations usable for `redrive()` or exports only."""
-        self._producer = Producer(client_config(self.kafka, {"acks": "all", "enable.idempotence": True, "linger.ms": 5,
-                                                             **self.settings.producer_config}))
-        if self.settings.create_dead_letter_topic:
-            await asyncio.to_thread(self._create_dead_letter_topic)
+        await self.dead_letters.start()
         for cfg in self._configs:
             ctx = DestinationContext(dead_letter=self._dead_letter_sink(cfg.name),
                                      kafka=self.kafka, topics=self.topics)
             dest = create_destination(cfg, ctx)
             await dest.start()
-            self._lanes[cfg.name] = _Lane(cfg, dest, last_commit=time.monotonic())
+            self._lanes[cfg.name] = Lane(cfg, dest, last_commit=time.monotonic())
             log.info("destination %s (%s): started", cfg.name, cfg.kind)
         if not consume:
             return
@@ -200,11 +119,10 @@ class DestinationRunner:
                 await lane.destination.close()
             if lane.consumer is not None:
                 await asyncio.to_thread(lane.consumer.close)
-        if self._producer is not None:
-            await asyncio.to_thread(self._producer.flush, 10.0)
+        await self.dead_letters.close()
 
     @staticmethod
-    def _on_assign(lane: _Lane) -> Callable[[Any, list[TopicPartition]], None]:
+    def _on_assign(lane: Lane) -> Callable[[Any, list[TopicPartition]], None]:
         def on_assign(_: Any, partitions: list[TopicPartition]) -> None:
             lane.joined = True
         return on_assign
@@ -214,7 +132,7 @@ class DestinationRunner:
         has not joined its group yet, or whose loop ended. GET /readyz of `destinations run` reads it."""
         out: dict[str, str] = {}
         for name, lane in sorted(self._lanes.items()):
-            if lane.task is None or lane.task.done():
+            if not lane.running:
                 out[f"destination {name}"] = "not consuming"
             elif not lane.joined:
                 out[f"destination {name}"] = f"joining consumer group {group_id(name)}"
@@ -239,14 +157,14 @@ class DestinationRunner:
                 await self._deliver(lane, payloads[i:i + chunk])
             await self._commit(lane)
 
-    def _lane(self, name: str) -> _Lane:
+    def _lane(self, name: str) -> Lane:
         if name not in self._lanes:
             raise UnknownNameError("destination", name, list(self._lanes))
         return self._lanes[name]
 
     # -- the loop --------------------------------------------------------------------------------
 
-    async def _run_lane(self, lane: _Lane) -> None:
+    async def _run_lane(self, lane: Lane) -> None:
         assert lane.consumer is not None
         consumer = lane.consumer
         while not self._stopping.is_set():
@@ -272,7 +190,7 @@ class DestinationRunner:
                 log.exception("destination %s: loop error", lane.config.name)
                 await asyncio.sleep(1.0)
 
-    async def _map(self, lane: _Lane, m: Message) -> list[Payload]:
+    async def _map(self, lane: Lane, m: Message) -> list[Payload]:
         err = m.error()
         if err is not None:
             if err.code() != KafkaError._PARTITION_EOF:
@@ -286,7 +204,8 @@ class DestinationRunner:
             result = map_message(msg, lane.config)
         except Exception as exc:
             lane.errors["decode"] += 1
-            await self._produce_raw_dead_letter(lane, m, f"decode_error:{type(exc).__name__}")
+            await self.dead_letters.write_raw(lane.config.name, m, f"decode_error:{type(exc).__name__}")
+            lane.dead_lettered += 1
             return []
         if isinstance(result, Skip):
             lane.skipped[result.reason] += 1
@@ -296,7 +215,7 @@ class DestinationRunner:
             return []
         return result
 
-    async def _deliver(self, lane: _Lane, payloads: list[Payload]) -> None:
+    async def _deliver(self, lane: Lane, payloads: list[Payload]) -> None:
         """Hand payloads to the destination, retrying retryable errors with backoff, else DLQ."""
         attempt = 0
         while True:
@@ -314,7 +233,7 @@ class DestinationRunner:
                     return
                 await asyncio.sleep(self._backoff(attempt, err.retry_after_s))
 
-    async def _commit(self, lane: _Lane) -> None:
+    async def _commit(self, lane: Lane) -> None:
         """Commit what was consumed, after it is safe.
 
         1. flush() the destination: everything delivered is now delivered or dead-lettered.
@@ -339,10 +258,7 @@ class DestinationRunner:
                 await asyncio.sleep(self._backoff(attempt, err.retry_after_s))
                 with contextlib.suppress(DeliveryError):
                     await lane.destination.deliver(list(lane.uncommitted))
-        assert self._producer is not None
-        remaining = await asyncio.to_thread(self._producer.flush, 30.0)
-        if remaining:
-            raise DeliveryError(f"{remaining} dead-letter message(s) unacknowledged", retryable=True)
+        await self.dead_letters.flush()
         if lane.dirty and lane.consumer is not None:
             try:
                 with metrics.COMMIT_SECONDS.labels(group_id(lane.config.name)).time():
@@ -364,227 +280,54 @@ class DestinationRunner:
         delay = full_jitter_s(attempt, self.settings.retry_base_delay_ms, self.settings.retry_max_delay_ms)
         return max(delay, retry_after_s or 0.0)
 
-    # -- dead letters ----------------------------------------------------------------------------
+    # -- dead letters, redrive (deadletters.py) --------------------------------------------------
 
     @property
     def dead_letter_topic(self) -> str:
         """The physical dead-letter topic (shared by all destinations; header `destination` says whose)."""
-        return self.topics.name(self.settings.dead_letter_topic)
+        return self.dead_letters.topic
 
     def _dead_letter_sink(self, name: str) -> Callable[[list[Payload], str], Any]:
         async def sink(payloads: list[Payload], reason: str) -> None:
             await self._dead_letter(self._lanes[name], payloads, reason)
         return sink
 
-    async def _dead_letter(self, lane: _Lane, payloads: list[Payload], reason: str) -> None:
-        headers: list[tuple[str, str | bytes | None]] = [
-            ("destination", lane.config.name.encode()), ("reason", reason.encode()),
-            ("time_ms", str(int(time.time() * 1000)).encode())]
-        for p in payloads:
-            value = json.dumps(p.to_dict(), separators=(",", ":")).encode("utf-8")
-            await self._produce(self.dead_letter_topic, p.profile_id.encode("utf-8"), value, headers)
+    async def _dead_letter(self, lane: Lane, payloads: list[Payload], reason: str) -> None:
+        await self.dead_letters.write(lane.config.name, payloads, reason)
         lane.dead_lettered += len(payloads)
-        metrics.DESTINATION_DEAD_LETTERS.labels(lane.config.name).inc(len(payloads))
-        if payloads:
-            log.warning("destination %s: %d payload(s) dead-lettered: %s", lane.config.name,
-                        len(payloads), reason)
         # Dead-lettered payloads are settled: they must not be re-delivered or counted again.
         dead = {id(p) for p in payloads}
         lane.uncommitted = [p for p in lane.uncommitted if id(p) not in dead]
 
-    async def _produce_raw_dead_letter(self, lane: _Lane, m: Message, reason: str) -> None:
-        headers: list[tuple[str, str | bytes | None]] = [
-            ("destination", lane.config.name.encode()), ("reason", reason.encode()),
-            ("source_topic", (m.topic() or "").encode()), ("source_partition", str(m.partition()).encode()),
-            ("source_offset", str(m.offset()).encode())]
-        await self._produce(self.dead_letter_topic, m.key(), m.value() or b"", headers)
-        lane.dead_lettered += 1
-        metrics.DESTINATION_DEAD_LETTERS.labels(lane.config.name).inc()
-        log.warning("destination %s: undecodable message dead-lettered: %s", lane.config.name, reason)
-
-    async def _produce(self, topic: str, key: bytes | str | None, value: bytes,
-                       headers: list[tuple[str, str | bytes | None]]) -> None:
-        assert self._producer is not None
-        while True:
-            try:
-                self._producer.produce(topic, key=key, value=value, headers=headers)
-                self._producer.poll(0)
-                return
-            except BufferError:
-                await asyncio.to_thread(self._producer.poll, 0.1)
-
-    def _create_dead_letter_topic(self) -> None:
-        """Create the dead-letter topic as topics.yaml declares it, if `topics apply` has not (tests, dev)."""
-        admin = AdminClient(client_config(self.kafka))
-        topic = self.dead_letter_topic
-        if topic in admin.list_topics(timeout=10).topics:
-            return
-        declared = (self.topics if isinstance(self.topics, TopicRegistry) else registry())[
-            self.settings.dead_letter_topic]
-        new = NewTopic(topic, num_partitions=declared.partitions, replication_factor=declared.replication_factor,
-                       config=declared.config())
-        for fut in admin.create_topics([new]).values():
-            try:
-                fut.result(timeout=30)
-            except Exception as exc:  # created concurrently by another runner: fine
-                if "TOPIC_ALREADY_EXISTS" not in str(exc):
-                    raise DeliveryError(f"cannot create dead-letter topic {topic}: {exc}",
-                                        retryable=True) from exc
-
-    # -- redrive ---------------------------------------------------------------------------------
-
-    def _redrive_consumer(self, name: str) -> Consumer:
-        return Consumer(client_config(self.kafka, {"group.id": f"cdp-dest-{name}-redrive", "enable.auto.commit": False,
-                                                   "auto.offset.reset": "earliest",
-                                                   **self.settings.consumer_config}))
-
     async def redrive(self, name: str) -> int:
-        """Re-deliver `name`'s dead letters up to the topic's current end; returns how many.
-
-        1. Snapshot the end offsets, so payloads that fail again (and are dead-lettered anew) are not
-           read again in this same redrive.
-        2. Read from the redrive group's committed offsets (`cdp-dest-<name>-redrive`), keeping only
-           messages whose `destination` header is `name`.
-        3. Deliver and flush through the normal path (failures go back to the dead-letter topic).
-        4. Commit the redrive group's offsets.
-        """
+        """Re-deliver `name`'s dead letters up to the topic's current end through the normal path (delivered
+        and flushed under the lane's lock; failures go back to the dead-letter topic); returns how many."""
         lane = self._lane(name)
-        consumer = self._redrive_consumer(name)
-        try:
-            count = 0
-            async for payloads, raw in self._scan_dead_letters(consumer, name):
-                if raw:
-                    lane.errors["redrive_undecodable"] += raw
-                if payloads:
-                    async with lane.lock:
-                        await self._deliver(lane, payloads)
-                        await self._commit(lane)
-                    count += len(payloads)
-                await asyncio.to_thread(consumer.commit, asynchronous=False)
-            return count
-        finally:
-            await asyncio.to_thread(consumer.close)
+        count, raw = await self.dead_letters.redrive(name, lambda payloads: self.deliver_and_flush(name, payloads))
+        if raw:
+            lane.errors["redrive_undecodable"] += raw
+        return count
 
-    async def _scan_dead_letters(self, consumer: Consumer, name: str
-                                 ) -> AsyncIterator[tuple[list[Payload], int]]:
-        """Yield, per consumed chunk, `name`'s dead letters between the committed offsets and the end
-        offsets taken at the start: (decodable payloads, count of raw ones whose source did not decode).
-        A chunk may be empty when it held only other destinations' dead letters."""
-        topic = self.dead_letter_topic
-        ends, starts = await asyncio.to_thread(self._bounds, consumer, topic)
-        todo = {p for p in ends if starts[p] < ends[p]}
-        if not todo:
-            return
-        consumer.assign([TopicPartition(topic, p, starts[p]) for p in todo])
-        deadline = time.monotonic() + 120.0
-        while todo:
-            if time.monotonic() > deadline:
-                raise DeliveryError(f"dead-letter scan of {name} did not reach the end", retryable=True)
-            msgs = await asyncio.to_thread(consumer.consume, self.settings.max_poll_records, 0.5)
-            chunk: list[Payload] = []
-            raw = 0
-            for m in msgs:
-                part, offset = m.partition() or 0, m.offset() or 0
-                if m.error() is not None or part not in todo or offset >= ends[part]:
-                    continue
-                if offset + 1 >= ends[part]:
-                    todo.discard(part)
-                if _header(m, "destination") != name:
-                    continue
-                try:
-                    chunk.append(Payload.from_dict(json.loads(m.value() or b"")))
-                except (ValueError, KeyError, TypeError):
-                    raw += 1  # a raw dead letter (its source message did not decode): nothing to re-deliver
-            if msgs:
-                yield chunk, raw
-
-    def _bounds(self, consumer: Consumer, topic: str) -> tuple[dict[int, int], dict[int, int]]:
-        """(end offset, start offset) per partition: start = the group's committed offset, else low."""
-        md = consumer.list_topics(topic, timeout=10)
-        meta = md.topics.get(topic)
-        if meta is None or meta.error is not None:
-            return {}, {}
-        tps = [TopicPartition(topic, p) for p in meta.partitions]
-        committed = {tp.partition: tp.offset for tp in consumer.committed(tps, timeout=10)}
-        ends: dict[int, int] = {}
-        starts: dict[int, int] = {}
-        for tp in tps:
-            low, high = consumer.get_watermark_offsets(tp, timeout=10)
-            ends[tp.partition] = high
-            c = committed.get(tp.partition, OFFSET_INVALID)
-            starts[tp.partition] = max(c, low) if c is not None and c >= 0 else low
-        return ends, starts
-
-    # -- status ----------------------------------------------------------------------------------
+    # -- status (status.py) ----------------------------------------------------------------------
 
     def local_stats(self) -> dict[str, dict[str, Any]]:
         """This process's counters per destination (no Kafka calls): what `status` cannot read from
         Kafka (last delivery, errors, breaker). `destinations run` publishes it for the CLI."""
-        out: dict[str, dict[str, Any]] = {}
-        for name, lane in self._lanes.items():
-            stats = lane.destination.stats()
-            out[name] = {
-                "kind": lane.config.kind, "running": lane.task is not None and not lane.task.done(),
-                "last_delivery_ms": lane.last_delivery_ms, "consumed": lane.consumed,
-                "delivered": lane.delivered, "skipped": dict(lane.skipped), "errors": dict(lane.errors),
-                "dead_lettered": lane.dead_lettered, "breaker": stats.get("breaker")}
-        return out
+        return {name: status_.local_row(lane) for name, lane in self._lanes.items()}
 
     async def kafka_status(self, name: str) -> tuple[int | None, int | None]:
         """(lag, dead-letter depth) of a configured destination, read from Kafka only: works from any
         process, whether or not this runner was started."""
-        lag = await asyncio.to_thread(self._lag, name)
-        return lag, await self._dead_letter_depth(name)
+        lag = await asyncio.to_thread(status_.lag, self.kafka, name, list(self._logical))
+        return lag, await self.dead_letters.depth(name)
 
     async def status(self) -> dict[str, DestinationStatus]:
         """Per destination: lag, last delivery time, error counts, dead-letter depth, breaker state."""
         out: dict[str, DestinationStatus] = {}
         for name, lane in self._lanes.items():
-            lag = await asyncio.to_thread(self._lag, name)
-            depth = await self._dead_letter_depth(name)
-            stats = lane.destination.stats()
-            out[name] = DestinationStatus(
-                name=name, kind=lane.config.kind,
-                running=lane.task is not None and not lane.task.done(),
-                lag=lag, last_delivery_ms=lane.last_delivery_ms, consumed=lane.consumed,
-                delivered=lane.delivered, skipped=dict(lane.skipped), errors=dict(lane.errors),
-                dead_lettered=lane.dead_lettered, dead_letter_depth=depth, breaker=stats.get("breaker"))
+            lag, depth = await self.kafka_status(name)
+            out[name] = status_.destination_status(lane, lag, depth)
         return out
-
-    def _lag(self, name: str) -> int | None:
-        try:
-            probe = Consumer(client_config(self.kafka, {"group.id": group_id(name), "enable.auto.commit": False}))
-            try:
-                lag = 0
-                for topic in self._logical:
-                    ends, starts = self._bounds(probe, topic)
-                    lag += sum(ends[p] - starts[p] for p in ends)
-                return lag
-            finally:
-                probe.close()
-        except Exception:
-            log.exception("destination %s: cannot read offsets for status", name)
-            return None
-
-    async def _dead_letter_depth(self, name: str) -> int | None:
-        """Dead letters of `name` not yet redriven. The topic is shared, so this scans the unredriven
-        range (small in a healthy system) without committing anything."""
-        consumer = self._redrive_consumer(name)
-        try:
-            depth = 0
-            async for chunk, raw in self._scan_dead_letters(consumer, name):
-                depth += len(chunk) + raw
-            return depth
-        except Exception:
-            log.exception("destination %s: cannot measure the dead-letter depth", name)
-            return None
-        finally:
-            await asyncio.to_thread(consumer.close)
-
-
-def group_id(name: str) -> str:
-    """The consumer group of a destination's lane."""
-    return f"cdp-dest-{name}"
 
 
 def reason_label(err: Exception) -> str:
@@ -592,10 +335,3 @@ def reason_label(err: Exception) -> str:
     head = str(err).split(":", 1)[0].strip()
     return head if re.fullmatch(r"[a-z][a-z0-9_]{0,39}", head) else "other"
 
-
-def _header(m: Message, key: str) -> str | None:
-    raw: Any = m.headers() or []
-    for k, v in (raw.items() if isinstance(raw, dict) else raw):
-        if k == key:
-            return v.decode("utf-8", "replace") if isinstance(v, bytes) else v
-    return None

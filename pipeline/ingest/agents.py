@@ -14,8 +14,11 @@ from pipeline.errors import PipelineError, SchemaRegistryUnavailable, describe, 
 from pipeline.identity.stitch import apply_msg, home_key, start_resolve
 from pipeline.ingest.decode import Decoder, Rejected, Skipped
 from pipeline.ingest.drops import DropReporter
+from pipeline.ingest.replay import REPLAY_OF_HEADER
+from pipeline.model import ExperienceEvent
 from pipeline.observability import metrics
 from pipeline.observability.kafka_stats import LibrdkafkaStats
+from pipeline.observability.logformat import add_to_context, message_context
 from pipeline.runtime import BATCH_MAX, Runtime
 from pipeline.serde.avro import AvroCodec
 from pipeline.stages.messages import record_to_wire, wire_identity_keys
@@ -95,9 +98,13 @@ def _record_handler(rt: Runtime) -> Any:
     def dead_letter(logical: str, msg: Any, reason: str, detail: str) -> None:
         """The original record (or its first bytes, if huge; a null stays null), reason and source in headers."""
         metrics.RECORDS_DEAD_LETTERED.labels(logical, reason).inc()
+        headers = {"source_topic": msg.topic().encode(), "source_partition": str(msg.partition()).encode(),
+                   "source_offset": str(msg.offset()).encode()}
+        for name, value in msg.headers() or ():  # a replayed record failing again says which entry it was
+            if name == REPLAY_OF_HEADER and value:
+                headers[REPLAY_OF_HEADER] = value
         rt.dead_letter(INGEST_DLQ, (msg.key() or b"").decode(errors="replace"), msg.value(), reason, detail,
-                       {"source_topic": msg.topic().encode(), "source_partition": str(msg.partition()).encode(),
-                        "source_offset": str(msg.offset()).encode()})
+                       headers)
 
     def handle(logical: str, decoder: Decoder, msg: Any) -> None:
         """One ingest record: dead-letter it with its reason, skip it, or start stitching it."""
@@ -108,6 +115,10 @@ def _record_handler(rt: Runtime) -> Any:
             metrics.RECORDS_SKIPPED.labels(verdict.dataset, verdict.reason).inc()
         else:
             rt.tally.add(metrics.RECORDS_INGESTED, logical)
+            if isinstance(verdict, ExperienceEvent):
+                add_to_context(event_id=verdict.event_id)
+            else:
+                add_to_context(record_id=verdict.record_id)
             wire = record_to_wire(verdict)
             home = home_key(wire_identity_keys(wire), unique)
             # the home hop, done here when this worker holds the home identity's partition and it has an owner
@@ -119,15 +130,16 @@ def _record_handler(rt: Runtime) -> Any:
     def handle_safely(logical: str, decoder: Decoder, msg: Any) -> None:
         """`handle`, and a record whose handling fails in any way is dead-lettered: one record never stops
         ingest (what it causes in the later stages is guarded there, message by message)."""
-        try:
-            handle(logical, decoder, msg)
-        except SchemaRegistryUnavailable:  # not the record's fault: the loop holds it and asks again
-            raise
-        except Exception as exc:  # noqa: BLE001
-            log.error("%s: a record at offset %d of partition %d failed and was dead-lettered: %s%s", logical,
-                      msg.offset(), msg.partition(), describe(exc),
-                      "" if isinstance(exc, PipelineError) else "\n" + where(exc))
-            dead_letter(logical, msg, "handling-failed", describe(exc))
+        with message_context(topic=logical, partition=msg.partition(), offset=msg.offset()):
+            try:
+                handle(logical, decoder, msg)
+            except SchemaRegistryUnavailable:  # not the record's fault: the loop holds it and asks again
+                raise
+            except Exception as exc:  # noqa: BLE001
+                log.error("%s: a record at offset %d of partition %d failed and was dead-lettered: %s%s", logical,
+                          msg.offset(), msg.partition(), describe(exc),
+                          "" if isinstance(exc, PipelineError) else "\n" + where(exc))
+                dead_letter(logical, msg, "handling-failed", describe(exc))
 
     return handle_safely
 

@@ -40,10 +40,20 @@ log4j.logger.kafka.server.KafkaRaftServer=INFO
 """
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port free now on 127.0.0.1, never one this process handed out before: the OS may give the same
+    ephemeral port to two calls in a row once the first socket is closed (a broker's listener and its controller
+    on one port would not start)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def ensure_jars(progress: bool = True) -> Path:

@@ -11,17 +11,17 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from pipeline.clients import produce_json_lines, tail
+from pipeline.errors import ProcessNotReady
 from pipeline.identity.namespaces import load_identity_config
 from pipeline.ingest.keys import KeySpec, RecordKeyer
+from pipeline.local import procs
 from pipeline.local.broker import DEFAULT_DIR, DEFAULT_PORT, SINGLE_BROKER_ENV, LocalBroker, _alive, _read_pid
 from pipeline.sample import write
 from pipeline.settings import Settings
-from pipeline.topics import TopicRegistry, apply
+from pipeline.topics import INGEST_EVENTS, INGEST_PROFILES, MEMBERSHIP_TOPIC, TopicRegistry, apply
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "data"  # the demo's logs, sample and (unless PIPELINE_DATA_DIR says otherwise) worker state
@@ -58,23 +58,12 @@ def main() -> int:
         if "PIPELINE_API_KEYS_FILE" not in env and "PIPELINE_API_AUTH" not in env:
             api_key = demo_api_key(DATA / "api-keys.yaml")
             env["PIPELINE_API_KEYS_FILE"] = str(DATA / "api-keys.yaml")
-        worker = subprocess.Popen([sys.executable, "-m", "pipeline", "worker"], env=env, cwd=ROOT,
-                                  stdout=open(log_path, "ab"), stderr=subprocess.STDOUT,  # noqa: SIM115
-                                  start_new_session=True)
-        print(f"worker started (pid {worker.pid}, log {log_path}); waiting until ready...", flush=True)
-        deadline = time.monotonic() + 120
         ready_url = f"http://127.0.0.1:{Settings.from_env().web_port}/readyz"  # no API key needed
-        while not answers_200(ready_url):
-            if worker.poll() is not None or time.monotonic() > deadline:
-                print(log_path.read_text(errors="replace")[-3000:])
-                raise SystemExit("the worker did not start; see the log above")
-            time.sleep(0.5)
+        worker = start_worker(procs.pipeline_command("worker"), env, log_path, ready_url)
         # activation: the demo webhook the example http destination points at, and the destination runner
         for name, args in (("receiver", ["destinations", "receive", "--port", "8089"]),
                            ("destinations", ["destinations", "run"])):
-            helpers.append(subprocess.Popen([sys.executable, "-m", "pipeline", *args], env=env, cwd=ROOT,
-                                            stdout=open(DATA / f"{name}.log", "ab"),  # noqa: SIM115
-                                            stderr=subprocess.STDOUT, start_new_session=True))
+            helpers.append(procs.start(procs.pipeline_command(*args), env, DATA / f"{name}.log", append=True))
         print("destination runner and demo webhook started (logs in data/)", flush=True)
         ev, rec = write(people, DATA / "sample", int(time.time() * 1000))
         print(f"sample: {people} people -> {ev.name}, {rec.name}", flush=True)
@@ -82,16 +71,16 @@ def main() -> int:
         identity = load_identity_config(Settings.from_env().config_dir / "identity.yaml")  # the worker's
         by_person = KeySpec.parse("identity")
         with open(rec) as f:
-            n_rec = produce_json_lines(reg, broker.bootstrap, "ingest.profiles", f,
-                                       key=RecordKeyer.for_codec(by_person, reg["ingest.profiles"].codec, identity))
+            n_rec = produce_json_lines(reg, broker.bootstrap, INGEST_PROFILES, f,
+                                       key=RecordKeyer.for_codec(by_person, reg[INGEST_PROFILES].codec, identity))
         with open(ev) as f:
-            n_ev = produce_json_lines(reg, broker.bootstrap, "ingest.events", f,
-                                      key=RecordKeyer.for_codec(by_person, reg["ingest.events"].codec, identity))
+            n_ev = produce_json_lines(reg, broker.bootstrap, INGEST_EVENTS, f,
+                                      key=RecordKeyer.for_codec(by_person, reg[INGEST_EVENTS].codec, identity))
         print(f"published {n_rec} CRM records and {n_ev} web events; membership changes follow:\n", flush=True)
         counts: collections.Counter[tuple[str, str]] = collections.Counter()
         shown = 0
         started = time.monotonic()
-        for m in tail(reg, broker.bootstrap, "activation.memberships", idle_timeout_s=8):
+        for m in tail(reg, broker.bootstrap, MEMBERSHIP_TOPIC, idle_timeout_s=8):
             v = m["value"]
             counts[(v["audience_id"], v["status"])] += 1
             if shown < 8:
@@ -120,32 +109,27 @@ def main() -> int:
         print("\nstopping...", flush=True)
         return 0
     finally:
-        for proc in helpers:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in helpers:
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-        if worker is not None and worker.poll() is None:
-            os.killpg(worker.pid, signal.SIGTERM)
-            try:
-                worker.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(worker.pid, signal.SIGKILL)
+        procs.stop_all(helpers)  # the runner and the webhook first: they read what the worker writes
+        if worker is not None:
+            procs.stop(worker)
         if own_broker:
             broker.stop()
         print("stopped.", flush=True)
 
 
-def answers_200(url: str) -> bool:
-    """Whether GET `url` answers 200 now (the worker's /readyz: partitions assigned, tables recovered)."""
+def start_worker(command: list[str], env: dict[str, str], log_path: Path, ready_url: str,
+                 timeout_s: float = 120) -> subprocess.Popen[bytes]:
+    """Start the worker (appending to its log) and wait until its /readyz answers 200; one that exits or is not
+    ready in time is stopped, its log's tail printed, and the demo ends (SystemExit)."""
+    worker = procs.start(command, env, log_path, append=True)
+    print(f"worker started (pid {worker.pid}, log {log_path}); waiting until ready...", flush=True)
     try:
-        with urllib.request.urlopen(url, timeout=2) as r:  # noqa: S310 - our own worker, on localhost
-            return bool(r.status == 200)
-    except (urllib.error.URLError, OSError):
-        return False
+        procs.wait_ready(worker, ready_url, timeout_s=timeout_s, name="the worker", log_path=log_path, poll_s=0.5)
+    except ProcessNotReady as exc:
+        procs.stop(worker)
+        print(exc)
+        raise SystemExit("the worker did not start; see the log above") from None
+    return worker
 
 
 def demo_api_key(path: Path) -> str:

@@ -17,6 +17,7 @@ from pipeline.consent import ConsentAttributes
 from pipeline.errors import ConfigError, describe, where
 from pipeline.model import Outbox, ProfileState
 from pipeline.observability import metrics
+from pipeline.observability.logformat import message_context
 from pipeline.profiles import outbox
 from pipeline.profiles.deadlines import Deadlines
 from pipeline.profiles.ops import OpResult
@@ -184,7 +185,9 @@ def register(rt: Runtime) -> None:
             groups.setdefault((partition, key), []).append(msg)
         for (partition, key), msgs in groups.items():
             started = time.perf_counter()
-            handle_group(partition, key, msgs)
+            # a profile id is generated (time and record id), never personal data: it may be logged
+            with message_context(topic=PROFILE_TOPIC, partition=partition, profile_id=key.decode(errors="replace")):
+                handle_group(partition, key, msgs)
             metrics.EVALUATION_SECONDS.observe((time.perf_counter() - started) / len(msgs))
         if stamped:
             record_acks()

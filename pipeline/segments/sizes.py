@@ -10,6 +10,9 @@ or exited, exited from realized or existing) moves the count by one. An outbox s
 does not count. The count lives in memory only: a worker that dies takes it along and the next owner counts again
 from the store. A handling that fails after publishing (dead-lettered, the profile rebuilt without it) leaves its
 transitions counted until the partition is next assigned: rare, and a size is a figure, not a member list.
+
+Flows: the same transitions, counted per audience and minute of publication (entries, exits) for the last 24
+hours, in memory: each worker counts what it published since it started, and the audience's answer sums them.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from collections.abc import Callable, Iterable
 from pipeline.model import MembershipChange
 
 ACTIVE = frozenset({"realized", "existing"})
+MINUTE_MS = 60_000
+FLOW_WINDOW_MINUTES = 24 * 60
 
 
 def delta(status: str, previous: str | None) -> int:
@@ -35,6 +40,7 @@ class AudienceSizes:
     def __init__(self) -> None:
         self._counts: dict[int, Counter[str]] = {}
         self.scan: Callable[[int], Counter[str]] | None = None
+        self._flows: dict[str, dict[int, list[int]]] = {}  # audience -> minute -> [entries, exits]
 
     def set(self, partition: int, counts: Counter[str]) -> None:
         """The partition's counts as read from its store (when it is assigned)."""
@@ -48,12 +54,25 @@ class AudienceSizes:
         """Membership changes the owner published; ignored for a partition not counted yet (its scan reads the
         store, which then holds them already)."""
         counts = self._counts.get(partition)
-        if counts is None:
-            return
         for change in changes:
             d = delta(change.status, change.previous_status)
             if d:
-                counts[change.audience_id] += d
+                if counts is not None:
+                    counts[change.audience_id] += d
+                self._flow(change.audience_id, change.emit_time_ms // MINUTE_MS, d)
+
+    def _flow(self, audience_id: str, minute: int, d: int) -> None:
+        buckets = self._flows.setdefault(audience_id, {})
+        if minute not in buckets:
+            for old in [m for m in buckets if m <= minute - FLOW_WINDOW_MINUTES]:
+                del buckets[old]
+            buckets[minute] = [0, 0]
+        buckets[minute][0 if d > 0 else 1] += 1
+
+    def flows(self, audience_id: str, now_ms: int) -> dict[int, list[int]]:
+        """minute (ms) -> [entries, exits] of the audience in the last 24 hours, minutes without any left out."""
+        first = now_ms // MINUTE_MS - FLOW_WINDOW_MINUTES
+        return {m * MINUTE_MS: list(v) for m, v in sorted(self._flows.get(audience_id, {}).items()) if m > first}
 
     def of(self, audience_id: str, partitions: Iterable[int]) -> dict[int, int]:
         """partition -> current members of the audience, for the partitions given (those held now)."""

@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 from kafka_helpers import produce
+from procs import wait_settled
 
 from pipeline.api.auth import ApiKey, entry_yaml, hash_key, new_key
 
@@ -67,8 +68,7 @@ def test_any_worker_answers_for_any_profile(registry: Any, kafka_bootstrap: str,
     for w in workers:
         w.wait_ready()
     wait_group_stable(kafka_bootstrap, workers[0].env["PIPELINE_APP_ID"], members=2)
-    for w in workers:
-        w.wait_settled()
+    wait_settled(workers)
     reader, aud = {"X-API-Key": keys["reader"][0]}, {"X-API-Key": keys["aud"][0]}
     # and people known by CRM id and e-mail, every other one gold
     produce(registry, kafka_bootstrap, "ingest.profiles", [{
@@ -146,6 +146,14 @@ def test_any_worker_answers_for_any_profile(registry: Any, kafka_bootstrap: str,
     assert size[0].json() == size[1].json()
     assert size[0].json()["size"] == PEOPLE // 2 and len(size[0].json()["partitions"]) == 4
     assert sum(size[0].json()["partitions"].values()) == PEOPLE // 2
+    # and each gold member's entry is in the audience's flows, counted by the worker that published it, summed
+    assert sum(f["entries"] for f in size[0].json()["flows"]) == PEOPLE // 2
+    # When the console previews a query from either worker, Then every partition's stored profiles are counted
+    for h in http:
+        r = h.post("/audiences/validate", headers=aud, json={"id": "pts", "query": "loyalty.points >= 2", "preview": True})
+        preview = r.json()["preview"]
+        assert (preview["size"], preview["scanned"], preview["complete"]) == (PEOPLE - 2, PEOPLE, True), preview
+        assert len(preview["partitions"]) == 4 and len(preview["sample"]) == min(10, PEOPLE - 2)
 
     # When the new endpoints are called without a key, with a wrong one, and with an under-scoped one
     for url in ("/audiences/gold-loyalty", "/audiences/gold-loyalty/members?namespace=CRMID&id=CRM-R1"):

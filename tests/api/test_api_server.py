@@ -269,3 +269,44 @@ async def test_the_listener_speaks_tls_with_a_certificate_and_key(
     monkeypatch.delenv("PIPELINE_WEB_TLS_KEY")
     with pytest.raises(ConfigError, match="go together"):
         tls_context(Settings.from_env())
+
+
+async def test_the_console_files_need_no_key_and_nothing_outside_them_is_served(client: TestClient[Any, Any]) -> None:
+    # When the console's page and a script are asked for without a key, Then they are served with their types,
+    # under a policy that lets the page load only its own files
+    page = await client.get("/console/")
+    assert page.status == 200 and page.content_type == "text/html" and "CDP console" in await page.text()
+    assert page.headers["Content-Security-Policy"].startswith("default-src 'self'; script-src 'self'")
+    script = await client.get("/console/console.js")
+    assert script.status == 200 and script.content_type == "text/javascript"
+    # When a file that is not the console's is asked for, Then 404 problems
+    for url in ("/console/nope.js", "/console/..%2F__init__.py", "/console/%2E%2E%2Fserver.py", "/console/__init__.py"):
+        await problem_of(await client.get(url), 404)
+
+
+async def test_a_query_is_checked_with_the_line_and_column_of_its_error(client: TestClient[Any, Any],
+                                                                        keys: dict[str, str]) -> None:
+    # When a query with a syntax error on its second line is checked, Then its line and column come back
+    r = await client.post("/audiences/validate", headers=auth(keys["aud"]),
+                          json={"id": "x", "query": 'loyalty.tier = "gold" and\nloyalty.points >'})
+    assert r.status == 200 and await r.json() == {
+        "audience_id": "x", "valid": False, "streaming": False, "batch": False, "edge": False, "reason": "",
+        "errors": [{"message": "unexpected end of query; expected 'false', 'true', a name/path, a number, a string",
+                    "line": 2, "column": 17}]}
+    # When a valid one is, Then its evaluation kind and why
+    r = await client.post("/audiences/validate", headers=auth(keys["aud"]), json={"id": "x", "query": 'loyalty.tier = "gold"'})
+    assert await r.json() == {"audience_id": "x", "valid": True, "errors": [], "streaming": True, "batch": True,
+                              "edge": True, "reason": "streaming: reads only profile attributes/segments; edge: only "
+                                                      "profile attributes and inSegment(), evaluable on request"}
+    # When the body lacks the query or has the wrong types, Then 400 problems
+    for body in ({"id": "x"}, {"id": 1, "query": "a = 1"}, {"id": "x", "query": "a = 1", "preview": "yes"}):
+        await problem_of(await client.post("/audiences/validate", headers=auth(keys["aud"]), json=body), 400)
+
+
+async def test_saving_an_audience_is_refused_where_definitions_are_not_writable(
+        client: TestClient[Any, Any], keys: dict[str, str], runtime: Runtime) -> None:
+    # Given a worker without PIPELINE_AUDIENCES_WRITABLE, When an admin saves an audience, Then 409 and no write
+    before = (runtime.settings.config_dir / "segments.yaml").read_text()
+    r = await client.put("/audiences/x", headers=auth(keys["admin"]), json={"query": 'loyalty.tier = "gold"'})
+    assert (await problem_of(r, 409))["type"].endswith(":read-only-definitions")
+    assert (runtime.settings.config_dir / "segments.yaml").read_text() == before

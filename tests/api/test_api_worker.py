@@ -63,9 +63,10 @@ def test_the_worker_api_with_keys(registry: Any, kafka_bootstrap: str, start_wor
     # When each secured endpoint is called without a key, with a wrong one, and with an under-scoped one
     for path_, ops_ in operations().items():
         for method, op in ops_.items():
-            url = path_.replace("{profile_id}", pid).replace("{audience_id}", "x").replace("{request_id}", "er-0")
+            url = (path_.replace("{profile_id}", pid).replace("{audience_id}", "x").replace("{request_id}", "er-0")
+                   .replace("{file}", "index.html").replace("{name}", "x"))
             if op.scope is None:
-                assert http.request(method, url).status_code in (200, 503)  # healthz, readyz, openapi.json
+                assert http.request(method, url).status_code in (200, 503)  # healthz, readyz, openapi.json, console
                 continue
             # Then 401 (with WWW-Authenticate), 401, 403: problem bodies
             for headers, status in (({}, 401), (bearer(new_key()), 401),

@@ -247,15 +247,15 @@ def test_dockerfile_is_multi_stage_non_root_from_a_wheel_with_a_healthcheck() ->
 
 # -- alerts, dashboard, runbook --------------------------------------------------------------------
 
-def runbook_anchors() -> set[str]:
-    """GitHub's anchors of docs/runbook.md's headings."""
-    headings = re.findall(r"^#+ (.+)$", (ROOT / "docs" / "runbook.md").read_text(), re.M)
+def operations_anchors() -> set[str]:
+    """GitHub's anchors of docs/operations.md's headings."""
+    headings = re.findall(r"^#+ (.+)$", (ROOT / "docs" / "operations.md").read_text(), re.M)
     return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
 
 
 def test_alert_rules_are_well_formed_query_existing_metrics_and_link_their_runbook_section() -> None:
     rules = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
-    series, anchors = exported_series(), runbook_anchors()
+    series, anchors = exported_series(), operations_anchors()
     alerts = [r for g in rules["groups"] for r in g["rules"]]
     assert {"CdpConsumerLagGrowing", "CdpDeadLetterRateHigh", "CdpDestinationBreakerOpen", "CdpWorkerNotReady",
             "CdpEndToEndLatencyHigh"} <= {a["alert"] for a in alerts}
@@ -265,8 +265,19 @@ def test_alert_rules_are_well_formed_query_existing_metrics_and_link_their_runbo
         names = metric_names(a["expr"])
         assert names and names <= series | PROMETHEUS_SERIES, (a["alert"], names - series)
         url = a["annotations"]["runbook_url"]
-        assert url.startswith("docs/runbook.md#") and url.split("#")[1] in anchors, (a["alert"], url)
+        assert url.startswith("docs/operations.md#") and url.split("#")[1] in anchors, (a["alert"], url)
         assert a["annotations"]["summary"]
+
+
+def test_every_command_the_operations_guide_gives_parses_as_a_pipeline_command() -> None:
+    # Given every `pipeline ...` command in docs/operations.md, optional parts ([...]) and redirections left out
+    text = (ROOT / "docs" / "operations.md").read_text()
+    commands = [re.sub(r"\s*\[[^\]]*\]|\s*>.*$", "", c).split()[1:] for c in re.findall(r"`(pipeline [^`]+)`", text)]
+    assert ["dlq", "replay", "--reason", "R", "--since", "T"] in commands
+    # Then each one parses (argparse exits on an unknown command or option)
+    parser = build_parser()
+    for args in commands:
+        assert parser.parse_args(args).func, args
 
 
 def test_dashboard_panels_query_existing_metrics_and_cover_the_issue() -> None:

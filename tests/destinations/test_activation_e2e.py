@@ -384,12 +384,12 @@ async def test_kafka_destination_and_file_export(registry, kafka_bootstrap, star
     assert {r.split(",")[0] for r in rows[1:]} == members
 
 
-async def test_runner_throughput_per_kind(registry, kafka_bootstrap, receiver, tmp_path, topic_prefix,
-                                          config_dir) -> None:
-    # Given 10,000 Avro membership changes already on activation.memberships (no worker: runner only)
+async def test_runner_delivers_a_backlog_to_each_kind(registry, kafka_bootstrap, receiver, tmp_path, topic_prefix,
+                                                     config_dir) -> None:
+    # Given 2,000 Avro membership changes already on activation.memberships (no worker: runner only)
     from dest_helpers import membership
 
-    n = 10_000
+    n = 2_000
     produce(registry, kafka_bootstrap, "activation.memberships",
             [membership(f"p{i}", "gold", key=f"k{i}", t=int(time.time() * 1000)) for i in range(n)],
             key=lambda v: v["profile_id"])
@@ -399,27 +399,21 @@ async def test_runner_throughput_per_kind(registry, kafka_bootstrap, receiver, t
         "  - name: kbench\n    kind: kafka\n    audiences: \"*\"\n    identities:\n      - {namespace: CRMID}\n"
         "    topic: activation.dest-kafka-example\n")
     configs = list(load_destinations(config_dir / "destinations.yaml"))
-    rates: dict[str, float] = {}
     for cfg in configs:
-        # When a runner without backfill (its group starts at the beginning) delivers them
+        # When a runner without backfill (its group starts at the beginning) works through them
         runner = make_runner(settings_for(kafka_bootstrap, topic_prefix, config_dir, tmp_path), [cfg],
                              backfill=False)
         await runner.start()
         try:
-            # Measured from the first commit (after the consumer group join) to the last
             deadline = time.monotonic() + 45
-            first: tuple[float, int] | None = None
-            while (delivered := runner.local_stats()[cfg.name]["delivered"]) < n:
+            while runner.local_stats()[cfg.name]["delivered"] < n:
                 assert time.monotonic() < deadline, runner.local_stats()
-                if first is None and delivered:
-                    first = (time.perf_counter(), delivered)
                 await asyncio.sleep(0.01)
-            t0, d0 = first or (time.perf_counter(), 0)
-            rates[cfg.kind] = (n - d0) / max(1e-3, time.perf_counter() - t0)
+            # Then each destination had every one delivered and committed, none skipped or dead-lettered
+            stats = runner.local_stats()[cfg.name]
+            assert (stats["consumed"], stats["delivered"], stats["skipped"], stats["dead_lettered"]) == (n, n, {}, 0)
         finally:
             await runner.stop()
-    # Then everything arrived; print the rates (consume + decode + map + deliver + commit)
-    assert len(set(receiver.keys("/bench"))) == n
-    print(f"\nrunner deliveries/s (Avro memberships, {n}): "
-          + ", ".join(f"{k}: {v:,.0f}/s" for k, v in rates.items()))
-    assert all(r > 300 for r in rates.values())
+    # And the webhook got every key, in requests of at most 500 records (the speed is `make bench-micro`'s)
+    assert sorted(receiver.keys("/bench")) == sorted(f"k{i}" for i in range(n))
+    assert max(len(r.body["records"]) for r in receiver.requests if r.path == "/bench") <= 500

@@ -8,6 +8,9 @@ from dest_helpers import dest_config, membership
 
 from pipeline.destinations.backfill import DestState, Plan, member_payloads, next_state, plan_for
 from pipeline.destinations.config import load_destinations
+from pipeline.destinations.files import FileSettings
+from pipeline.destinations.http import HttpSettings
+from pipeline.destinations.kafka_topic import KafkaSettings
 from pipeline.resources import EXAMPLE_CONFIG_DIR
 from pipeline.segments import load_segments
 from pipeline.topics import TopicRegistry
@@ -57,9 +60,9 @@ def test_example_destinations_fit_the_example_audiences_and_attributes() -> None
         assert d.audiences is None or d.audiences <= audiences, (d.name, d.audiences - audiences)
         assert set(d.attributes) <= known_attrs, d.name
         assert d.consent is None or d.consent.attribute in known_attrs
-        if d.http is not None:
-            assert d.http.url.startswith("http://127.0.0.1:")
-        if d.kafka is not None:
-            reg[d.kafka.topic]  # a logical topic of topics.yaml
-        if d.file is not None:
-            assert d.file.path.startswith("data/exports/")
+        if isinstance(d.settings, HttpSettings):
+            assert d.settings.url.startswith("http://127.0.0.1:")
+        if isinstance(d.settings, KafkaSettings):
+            reg[d.settings.topic]  # a logical topic of topics.yaml
+        if isinstance(d.settings, FileSettings):
+            assert d.settings.path.startswith("data/exports/")

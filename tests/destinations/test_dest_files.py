@@ -22,7 +22,14 @@ from dest_helpers import dest_config
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.destinations.base import DestinationContext, Payload
-from pipeline.destinations.files import MANIFEST_NAME, ExportManifest, FileDestination, read_manifest
+from pipeline.destinations.files import (
+    MANIFEST_NAME,
+    ExportManifest,
+    FileDestination,
+    FileSettings,
+    read_manifest,
+    recent_manifests,
+)
 
 
 def member(i: int, status: str = "realized", audience: str = "vip", t: int | None = None) -> Payload:
@@ -37,8 +44,7 @@ def member(i: int, status: str = "realized", audience: str = "vip", t: int | Non
 def file_dest(path: str, fmt: str = "csv", mode: str = "incremental", *, extra: str = "",
               fs: fsspec.AbstractFileSystem | None = None, storage: str = "") -> FileDestination:
     cfg = dest_config("file", extra=f"    format: {fmt}\n    mode: {mode}\n" + extra + storage)
-    assert cfg.file is not None
-    cfg = replace(cfg, file=replace(cfg.file, path=path))
+    cfg = replace(cfg, settings=replace(cfg.settings_as(FileSettings), path=path))
     return FileDestination(cfg, DestinationContext(), fs=fs)
 
 
@@ -285,8 +291,7 @@ async def test_s3_export_against_moto(s3: fsspec.AbstractFileSystem, moto_endpoi
     cfg = dest_config("file", extra=(
         f"    format: {fmt}\n    mode: incremental\n    max_rows_per_file: 30\n"
         f"    storage_options: {{client_kwargs: {{endpoint_url: '{moto_endpoint}'}}, skip_instance_cache: true}}\n"))
-    assert cfg.file is not None
-    cfg = replace(cfg, file=replace(cfg.file, path=f"s3://exports/{fmt}"))
+    cfg = replace(cfg, settings=replace(cfg.settings_as(FileSettings), path=f"s3://exports/{fmt}"))
     dest = FileDestination(cfg, DestinationContext())
     await dest.start()
     await dest.deliver([member(i) for i in range(70)])
@@ -298,3 +303,19 @@ async def test_s3_export_against_moto(s3: fsspec.AbstractFileSystem, moto_endpoi
     rows = check_manifest(s3, m)
     assert [f.rows for f in m.files] == [30, 30, 10] and len(rows) == 70
     assert not s3.glob(f"exports/{fmt}/_cdp/tmp/*")
+
+
+async def test_the_last_exports_are_read_from_their_manifests_newest_first(tmp_path: Path) -> None:
+    # Given three exports of a destination, and an export in progress (its files, no manifest yet)
+    dest = file_dest(str(tmp_path / "out"))
+    await dest.start()
+    manifests = []
+    for i in range(3):
+        await dest.deliver([member(i)])
+        manifests.append((await dest.export_now()).to_dict())
+        time.sleep(0.002)  # (distinct creation times)
+    (tmp_path / "out" / "in-progress").mkdir()
+    (tmp_path / "out" / "in-progress" / "part-00000.csv").write_text("x\n")
+    # When the last two are asked for, Then the two newest complete ones, newest first
+    assert recent_manifests(dest.settings, 2) == manifests[::-1][:2]
+    await dest.close()

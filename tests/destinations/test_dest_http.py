@@ -12,7 +12,13 @@ from http_receiver import Receiver
 
 from pipeline.destinations.base import DestinationContext, Payload
 from pipeline.destinations.config import BreakerConfig
-from pipeline.destinations.http import CircuitBreaker, HttpDestination, backoff_delay_s, parse_retry_after
+from pipeline.destinations.http import (
+    CircuitBreaker,
+    HttpDestination,
+    HttpSettings,
+    backoff_delay_s,
+    parse_retry_after,
+)
 
 
 class DeadLetters:
@@ -43,9 +49,8 @@ def make(receiver: Receiver, path: str, dlq: DeadLetters, *, name: str = "d1", m
              f"    queue_max_records: {queue}\n"
              + (f"    rate_limit_per_s: {rate}\n" if rate else "") + headers)
     cfg = dest_config(name=name, extra=extra)
-    assert cfg.http is not None
     from dataclasses import replace
-    cfg = replace(cfg, http=replace(cfg.http, url=receiver.base_url + path))
+    cfg = replace(cfg, settings=replace(cfg.settings_as(HttpSettings), url=receiver.base_url + path))
     return HttpDestination(cfg, DestinationContext(dead_letter=dlq))
 
 
@@ -84,6 +89,23 @@ async def test_nothing_lost_through_500s_429s_and_timeouts(receiver: Receiver) -
     assert set(keys) == {p.idempotency_key for p in batch}
     assert 0 < len(keys) - len(set(keys)) <= 50 and not dlq.items
     assert dest.stats()["delivered"] == 600
+
+
+async def test_a_large_backlog_arrives_whole_in_requests_of_at_most_max_records(receiver: Receiver) -> None:
+    # Given 5,000 payloads handed over 1,000 at a time to a destination batching up to 500 records
+    dest = make(receiver, "/big", DeadLetters(), max_records=500, max_age_ms=50)
+    batch = payloads(5000)
+
+    async def body() -> None:
+        for i in range(0, len(batch), 1000):
+            await dest.deliver(batch[i:i + 1000])
+        await dest.flush()
+
+    # When they are delivered and flushed
+    await run(dest, body)
+    # Then each arrived once, in order, in requests of at most 500 records (its speed: `make bench-micro`)
+    assert receiver.keys("/big") == [p.idempotency_key for p in batch]
+    assert max(len(r.body["records"]) for r in receiver.requests) <= 500
 
 
 async def test_retry_after_is_honoured(receiver: Receiver) -> None:

@@ -18,6 +18,8 @@ from dest_helpers import dest_config, membership, profile_change
 from http_receiver import Receiver
 
 from pipeline.destinations.config import DestinationConfig
+from pipeline.destinations.files import FileSettings
+from pipeline.destinations.http import HttpSettings
 from pipeline.destinations.runner import DestinationRunner, RunnerSettings
 
 pytestmark = pytest.mark.integration
@@ -83,12 +85,10 @@ async def wait_until(cond: Callable[[], bool], timeout: float = 40.0) -> None:
 def configs(receiver: Receiver, tmp_path: Path) -> list[DestinationConfig]:
     hook = dest_config(name="hook", extra="    batch: {max_records: 20, max_age_ms: 20}\n"
                        "    retry: {max_attempts: 2, base_delay_ms: 5, max_delay_ms: 10}\n")
-    assert hook.http is not None
-    hook = replace(hook, http=replace(hook.http, url=receiver.base_url + "/hook"))
+    hook = replace(hook, settings=replace(hook.settings_as(HttpSettings), url=receiver.base_url + "/hook"))
     stream = dest_config("kafka", name="stream", audiences='"*"')
     files = dest_config("file", name="files", extra="    format: jsonl\n")
-    assert files.file is not None
-    files = replace(files, file=replace(files.file, path=str(tmp_path / "exports")))
+    files = replace(files, settings=replace(files.settings_as(FileSettings), path=str(tmp_path / "exports")))
     return [hook, stream, files]
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import psutil
 from confluent_kafka import Consumer, Producer, TopicPartition
 from kafka_helpers import Collector
+from procs import wait_settled
 
 from pipeline.identity.reference import reference_components
 from pipeline.ingest.agents import ingest_group
@@ -713,8 +714,7 @@ class Scenario:
             self.fleet.start(name, wait=False)
         for w in self.fleet.live.values():
             w.wait_ready(timeout_s=120)
-        for w in self.fleet.live.values():
-            w.wait_settled(timeout_s=120)
+        wait_settled(self.fleet.live.values(), timeout_s=120)
         self.fleet.ready_s.clear()
         self.memberships = Collector(self.registry, self.bootstrap, "activation.memberships", **QUIET)
         self.rss = RssSampler(self.fleet.pids)

@@ -16,6 +16,7 @@ from aiokafka.partitioner import murmur2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kafka_helpers import produce
+from procs import wait_settled
 
 from pipeline.identity.reference import reference_components
 from pipeline.model import Identity
@@ -107,8 +108,7 @@ def test_random_graphs_stitch_into_connected_components(registry, kafka_bootstra
     w1.wait_ready()
     w2.wait_ready()
     wait_group_stable(kafka_bootstrap, w1.env["PIPELINE_APP_ID"], members=2)
-    w1.wait_settled()
-    w2.wait_settled()
+    wait_settled([w1, w2])
 
     @settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
     @given(link_graphs())

@@ -29,6 +29,7 @@ import pytest
 from confluent_kafka import ConsumerGroupState
 from confluent_kafka.admin import AdminClient
 from kafka_helpers import Collector, produce
+from procs import wait_settled
 from stitching import Rec, World, check_world, generate_world
 
 from pipeline.state.snapshot import snapshot
@@ -212,8 +213,7 @@ def test_generated_customers_stitch_right_while_workers_join_leave_crash_and_res
         for w in running():
             w.wait_ready()
         members = watch.wait_for(2, None, running)
-        for w in running():
-            w.wait_settled()
+        wait_settled(running())
         first_record_at = time.monotonic()
         feed.send(0)
 

@@ -18,7 +18,7 @@ from pipeline.observability.kafka_stats import (
     parse_stats,
     partition_lag,
 )
-from pipeline.observability.readiness import Readiness
+from pipeline.observability.readiness import Assignment, Readiness
 
 
 def partition(n: int, *, lag: int, fetch_state: str = "active", hi: int = 100, committed: int = 40,
@@ -108,6 +108,21 @@ def test_readiness_starts_with_the_reasons_given_until_cleared() -> None:
     assert (r.ready, r.reasons()) == (False, {"ingest": "joining"})
     r.clear("ingest")
     assert (r.ready, metrics.READY._value.get()) == (True, 1)
+
+
+def test_readiness_body_gives_the_reasons_and_the_recovered_assignment() -> None:
+    # Given a worker not ready before its first assignment
+    r = Readiness({"partitions": "waiting"})
+    assert r.body() == {"ready": False, "reasons": ["partitions: waiting"]}
+    # When its first assignment is recovered
+    r.assignment = Assignment(3, {"internal.identity": [0, 2], "internal.profile-ops": [1]})
+    r.clear("partitions")
+    # Then GET /readyz's body says which, and still does during the next rebalance
+    assert r.body() == {"ready": True, "generation": 3,
+                        "partitions": {"internal.identity": [0, 2], "internal.profile-ops": [1]}}
+    r.set("partitions", "rebalancing")
+    assert r.body() == {"ready": False, "reasons": ["partitions: rebalancing"], "generation": 3,
+                        "partitions": {"internal.identity": [0, 2], "internal.profile-ops": [1]}}
 
 
 async def test_destination_runner_endpoints_answer_health_readiness_and_metrics() -> None:

@@ -49,14 +49,17 @@ def test_worker_is_ready_only_after_recovery_and_shows_lag(registry: Any, kafka_
         if status:
             seen.append((health, status, body))
         if status == 200:
-            recovered = "Worker ready" in worker.log()  # Faust logs it once the tables are recovered
             break
         time.sleep(0.1)
     # Then /readyz answered 503 with the reason while /healthz answered 200, and 200 only after recovery
-    assert seen and seen[-1] == (200, 200, {"ready": True}), seen[-3:]
+    # (and the 200 names the assignment whose tables it recovered: every stage partition, one generation)
+    every = {t: list(range(registry[t].partitions)) for t in ("internal.identity", "internal.profile-ops")}
+    assert seen and seen[-1][:2] == (200, 200), seen[-3:]
+    assert seen[-1][2] == {"ready": True, "generation": seen[-1][2].get("generation"), "partitions": every}, seen[-1]
+    assert isinstance(seen[-1][2]["generation"], int) and seen[-1][2]["generation"] >= 1
     assert seen[0][:2] == (200, 503), seen[:3]
     assert "partitions: waiting for partitions and table recovery" in seen[0][2]["reasons"], seen[0]
-    assert recovered
+    assert "generation" not in seen[0][2]  # nothing recovered yet
     # and while the backlog is worked off, /metrics shows the ingest group's lag, then none left
     max_lag, samples = 0.0, {}
     deadline = time.monotonic() + 120

@@ -15,8 +15,7 @@ from pipeline.segments.nodes import Aggregate, EventExists, EventSpec
 from pipeline.segments.nodes import Sequence as SeqNode
 from pipeline.state.codec import encode_profile, profile_body
 
-from .helpers import DAY, audience, make_profile
-from .test_reference_property import (
+from .audience_strategies import (
     BASE,
     EVENT_SETTINGS,
     FIELD_PATHS,
@@ -24,14 +23,15 @@ from .test_reference_property import (
     SETTINGS,
     STRINGS,
     TYPES,
-    _audience,
-    _durations,
     audiences,
     field_conds,
+    numbered_audience,
     scenarios,
     seconds,
+    window_durations,
     windows,
 )
+from .helpers import DAY, audience, make_profile
 
 NOW = 100 * DAY
 
@@ -100,7 +100,7 @@ def check_batch(batch: Batch, more_nows: Sequence[int] = ()) -> None:
 def edges(batch: Batch) -> list[int]:
     """Every time 1 ms around a window or gap edge of an event of the batch."""
     auds, profiles, _ = batch
-    return sorted({e.ts_ms + d + o for p in profiles for e in p.events for d in _durations(auds) for o in (-1, 0, 1)})
+    return sorted({e.ts_ms + d + o for p in profiles for e in p.events for d in window_durations(auds) for o in (-1, 0, 1)})
 
 
 @SETTINGS
@@ -132,7 +132,7 @@ _field_values = st.one_of(st.integers(-2, 3), st.sampled_from([0.5, 1.5, -1.5, 4
 def event_batches(draw: st.DrawFn) -> Batch:
     """One event expression, 1-4 profiles of 0-6 events on whole seconds (plus off-by-ones), memberships
     mostly as evaluated, and `now` exactly on (or 1 ms around) a window or gap edge of some event."""
-    auds = [_audience(0, draw(_event_nodes))]
+    auds = [numbered_audience(0, draw(_event_nodes))]
     stamps = st.one_of(st.builds(lambda s, d: BASE + 1000 * s + d, st.integers(-3, 12), st.sampled_from([0, 0, 1, 999])),
                        st.sampled_from([BASE - 1, BASE, BASE + 1]))  # around the `since` dates' midnights
     profiles = []
@@ -142,7 +142,7 @@ def event_batches(draw: st.DrawFn) -> Batch:
                   for _ in range(draw(st.integers(0, 6)))]
         profiles.append(make_profile({}, events, profile_id=f"p{i}"))
     stamps_seen = [e.ts_ms for p in profiles for e in p.events] or [BASE]
-    now = draw(st.sampled_from(stamps_seen)) + draw(st.sampled_from(_durations(auds))) + draw(
+    now = draw(st.sampled_from(stamps_seen)) + draw(st.sampled_from(window_durations(auds))) + draw(
         st.sampled_from([-1, 0, 0, 1]))
     engine = SegmentEngine(auds)
     for p in profiles:

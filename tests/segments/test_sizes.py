@@ -32,3 +32,21 @@ def test_counts_per_partition_from_the_store_then_by_changes() -> None:
     # When partition 0 is revoked and counted again by its next owner, Then the old count is gone
     sizes.drop(0)
     assert sizes.of("a", [0]) == {0: 5} and scanned == [3, 0]
+
+
+def test_entries_and_exits_are_counted_per_minute_for_a_day() -> None:
+    # Given changes published at minutes 0, 0, 1 and a day later (a change that makes no member or ends none too)
+    sizes = AudienceSizes()
+    day = 24 * 60 * 60_000
+
+    def at(ms: int, status: MembershipStatus, previous: MembershipStatus | None, audience: str = "a") -> MembershipChange:
+        return MembershipChange("p1", audience, 1, status, previous, {}, {}, "r", None, "streaming", 0, ms, "k")
+
+    sizes.apply(0, [at(1_000, "realized", None), at(59_000, "exited", "realized"), at(61_000, "realized", "exited"),
+                    at(62_000, "existing", "realized"), at(5_000, "realized", None, "b")])
+    # Then the minutes hold their entries and exits (partition 0 is not counted: flows are counted all the same)
+    assert sizes.flows("a", 120_000) == {0: [1, 1], 60_000: [1, 0]}
+    assert sizes.flows("b", 120_000) == {0: [1, 0]} and sizes.flows("c", 0) == {}
+    # When a change comes a day later, Then the minutes older than a day are gone
+    sizes.apply(0, [at(day + 60_000, "exited", "realized")])
+    assert sizes.flows("a", day + 60_000) == {day + 60_000: [0, 1]}
