@@ -41,6 +41,7 @@ from pipeline.profiles.walk import Outcome, Walk, WalkPool, WalkSpec
 from pipeline.resources import EXAMPLE_CONFIG_DIR
 from pipeline.segments import SegmentEngine
 from pipeline.segments.config import load_segments_text
+from pipeline.stages.messages import Evaluate
 from pipeline.state.codec import encode_profile
 from pipeline.state.tables import partition_for
 from pipeline.topics import TopicRegistry
@@ -140,7 +141,7 @@ def build(path: Path, total: int, now_ms: int, engine: SegmentEngine | None) -> 
         processor = ProfileProcessor(cfg, engine, clock=lambda: now_ms / 1000)
         for t in tpls:
             for _ in range(2):
-                processor.handle(t.profile_id, t, {"op": "evaluate", "audiences": None, "kind": "batch"})
+                processor.handle(t.profile_id, t, Evaluate(kind="batch"))
     print(f"built {len(tpls):,} template profiles in {time.monotonic() - t0:.0f}s", file=sys.stderr)
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)

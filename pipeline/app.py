@@ -38,7 +38,13 @@ from pipeline.state.faust_compat import (
     tolerate_stale_url_on_static_rejoin,
 )
 from pipeline.state.tables import ChangelogRouter, PartitionedTable
-from pipeline.topics import TopicRegistry
+from pipeline.topics import (
+    IDENTITY_CHANGELOG,
+    IDENTITY_TOPIC,
+    PROFILE_TOPIC,
+    PROFILES_CHANGELOG,
+    TopicRegistry,
+)
 
 
 def build_app(settings: Settings, config: PipelineConfig | None = None,
@@ -48,7 +54,7 @@ def build_app(settings: Settings, config: PipelineConfig | None = None,
     config = config or PipelineConfig.load(settings.config_dir)
     auth = auth or load_authenticator(settings)
     registry = registry or TopicRegistry.load(prefix=settings.topic_prefix)
-    ops_partitions = registry["internal.profile-ops"].partitions
+    ops_partitions = registry[PROFILE_TOPIC].partitions
     (settings.data_dir / settings.worker_name).mkdir(parents=True, exist_ok=True)
     shorten_fetch_wait()
     faust_instance_id = settings.group_instance_id()
@@ -134,7 +140,7 @@ def build_app(settings: Settings, config: PipelineConfig | None = None,
     if settings.leave_group_on_stop:
         leave_groups_on_stop(app, settings.kafka, static_members(settings, faust_instance_id))
     rocksdb_memory = SharedRocksDBMemory(ROCKSDB_CACHE_BYTES, ROCKSDB_MEMTABLE_BYTES)
-    for logical, table in (("state.identity-changelog", "identity"), ("state.profiles-changelog", "profiles")):
+    for logical, table in ((IDENTITY_CHANGELOG, "identity"), (PROFILES_CHANGELOG, "profiles")):
         spec = registry[logical]
         rt.tables[table] = app.Table(
             table, partitions=spec.partitions, key_type=bytes, value_type=bytes,  # bytes => raw serde
@@ -364,7 +370,7 @@ def _flush_output_before_commit(app: faust.App, output: OutputProducer) -> None:
 
 
 # The topics the worker's consumer group reads (changelogs are read by Faust's recovery, not the group).
-GROUP_TOPICS = ("internal.identity", "internal.profile-ops")  # ingest topics: their own librdkafka group
+GROUP_TOPICS = (IDENTITY_TOPIC, PROFILE_TOPIC)  # ingest topics: their own librdkafka group
 
 
 def init_group_offsets(settings: Settings, registry: TopicRegistry) -> int:

@@ -15,7 +15,8 @@ from typing import Any
 from pipeline.connection import check_cluster, client_config
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.settings import PipelineConfig, Settings
-from pipeline.topics import TopicRegistry
+from pipeline.stages import messages
+from pipeline.topics import CONTROL_SEGMENTS, PROFILE_TOPIC, TopicRegistry
 
 
 def _registry(settings: Settings) -> TopicRegistry:
@@ -211,8 +212,8 @@ def last_run_start(settings: Settings) -> int:
     from pipeline.segments.batch import last_completed_start
 
     reg = _registry(settings)
-    progress = (m["value"] for m in tail(reg, settings.kafka, "control.segments", idle_timeout_s=2))
-    return last_completed_start(progress, reg["internal.profile-ops"].partitions)
+    progress = (m["value"] for m in tail(reg, settings.kafka, CONTROL_SEGMENTS, idle_timeout_s=2))
+    return last_completed_start(progress, reg[PROFILE_TOPIC].partitions)
 
 
 def run_batch(settings: Settings, audiences: list[str], since_ms: int = 0, timeout_s: float = 600) -> int:
@@ -223,7 +224,7 @@ def run_batch(settings: Settings, audiences: list[str], since_ms: int = 0, timeo
     from pipeline.segments.batch import batch_request, new_run_id
 
     reg = _registry(settings)
-    ops, control = reg["internal.profile-ops"], reg["control.segments"]
+    ops, control = reg[PROFILE_TOPIC], reg[CONTROL_SEGMENTS]
     run = new_run_id()
     c = Consumer(client_config(settings.kafka, {"group.id": f"cdp-batch-{run}", "enable.auto.commit": False}))
     c.assign([TopicPartition(control.name, 0, -1)])  # latest: only this run's progress
@@ -231,31 +232,31 @@ def run_batch(settings: Settings, audiences: list[str], since_ms: int = 0, timeo
     p = producer(settings.kafka)
     for part in range(ops.partitions):
         p.produce(ops.name, key=run.encode(), partition=part,
-                  value=ops.codec.encode(batch_request(run, audiences, since_ms)))
+                  value=messages.encode(batch_request(run, audiences, since_ms)))
     p.flush(10)
     progress: dict[int, tuple[int, int]] = {}
-    finals: dict[int, dict[str, Any]] = {}
+    finals: dict[int, messages.Progress] = {}
     bar = _progress_bar(ops.partitions)
     deadline = time.monotonic() + timeout_s
     while len(finals) < ops.partitions and time.monotonic() < deadline:
         msg = c.poll(0.5)
         if msg is None or msg.error():
             continue
-        v = control.codec.decode(msg.value())
-        if v.get("run") != run:
+        v = messages.decode(msg.value() or b"")
+        if not isinstance(v, messages.Progress) or v.run != run:
             continue
-        progress[v["partition"]] = (v["seen"], v["total"])
-        if v["final"]:
-            finals[v["partition"]] = v
+        progress[v.partition] = (v.seen, v.total)
+        if v.final:
+            finals[v.partition] = v
         bar(progress, len(finals))
     c.close()
     if len(finals) < ops.partitions:
         print(f"\nbatch run {run} timed out: {len(finals)}/{ops.partitions} partitions reported", file=sys.stderr)
         return 1
-    total = sum(f["evaluated"] for f in finals.values())
-    changes = sum(f["changes"] for f in finals.values())
+    total = sum(f.evaluated for f in finals.values())
+    changes = sum(f.changes for f in finals.values())
     print(f"\nbatch run {run}: {total} profiles evaluated, {changes} membership changes emitted")
-    aborted = sorted(p for p, f in finals.items() if f.get("aborted"))
+    aborted = sorted(p for p, f in finals.items() if f.aborted)
     if aborted:
         print(f"batch run {run}: stopped early on partition(s) {aborted} (revoked during a rebalance); "
               "run it again", file=sys.stderr)

@@ -124,12 +124,17 @@ class ProfileState:
     # the claimant is this profile or one it absorbed while the claim was in flight
     claims: dict[str, dict[str, int]] = field(default_factory=dict)
     merging: tuple[str, str] | None = None  # (into, attempt token) while this profile waits to be absorbed
-    held: list[dict[str, Any]] = field(default_factory=list)  # messages that arrived while merging, in order
+    held: list[Any] = field(default_factory=list)  # stage messages that arrived while merging, in order
     merged: list[str] = field(default_factory=list)  # tokens of the merge attempts absorbed here, newest last (bounded)
     # the last refused merge attempt's token and the stage messages its held messages sent when they were
     # handled: a redelivered `refused` sends them again (a crash may have kept the state and lost them)
     thawed: tuple[str, list[list[Any]]] | None = None
     outbox: Outbox | None = None  # output of recent handlings not known to be delivered
+
+    def absorbed_ids(self) -> list[str]:
+        """The ids of the profiles merged into this one: `merged` keeps the tokens of their attempts
+        (`<id>/<seq>`; values stored before tokens list bare ids)."""
+        return list(dict.fromkeys(m.partition("/")[0] for m in self.merged))
 
     def identity_list(self) -> list[Identity]:
         return [Identity(ns, i) for ns, ids in sorted(self.identities.items()) for i in sorted(ids)]

@@ -16,7 +16,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 
 from pipeline.connection import Kafka, client_config
 from pipeline.errors import OutputRefused, PipelineError, describe, where
-from pipeline.identity.stitch import Send, in_process_allowed
+from pipeline.identity.stitch import in_process_allowed
 from pipeline.observability import metrics
 from pipeline.observability.readiness import Readiness
 from pipeline.outage import KafkaWatch
@@ -26,9 +26,12 @@ from pipeline.segments import SegmentEngine
 from pipeline.segments.sizes import AudienceSizes
 from pipeline.serde.codecs import RawCodec
 from pipeline.settings import PipelineConfig, Settings
+from pipeline.stages import messages
+from pipeline.stages.delivery import LocalDelivery, LocalHandler, LocalItem, Target
+from pipeline.stages.messages import Send
 from pipeline.state.lru import BoundedCache
 from pipeline.state.tables import PartitionedTable
-from pipeline.topics import TopicRegistry
+from pipeline.topics import INTERNAL_DLQ, TopicRegistry
 
 # What a worker's memory is bounded by, whatever its load (GET /debug/memory shows each part; the soak,
 # tests/faults/test_soak.py, checks that RSS levels off):
@@ -244,12 +247,9 @@ class _Epoch:
 # for a batch to fill): per-batch costs (a local-delivery block, counters, one write per profile) amortise.
 BATCH_MAX = 500
 BATCH_WITHIN_S = 0.01
-LocalItem = tuple[int, bytes, Any]  # (partition, key, decoded message): one message handled in-process
-LocalHandler = Callable[[list[LocalItem]], None]
-MAX_LOCAL_ROUNDS = 64
 # A dead-lettered copy keeps at most this much of the original (under Kafka's default 1 MB message limit,
 # with room for the headers); `original_size` says how much there was.
-DLQ_MAX_BYTES = 512 * 1024  # hops are bounded (identities per record, forwards go to older ids); this is a backstop
+DLQ_MAX_BYTES = 512 * 1024
 
 
 @dataclass
@@ -266,14 +266,21 @@ class Runtime:
     topics: dict[str, faust.TopicT] = field(default_factory=dict)
     tables: dict[str, Any] = field(default_factory=dict)
     ptables: dict[str, PartitionedTable] = field(default_factory=dict)
-    local_handlers: dict[str, tuple[PartitionedTable, LocalHandler]] = field(default_factory=dict)
     caches: dict[str, BoundedCache[Any, Any]] = field(default_factory=dict)  # the in-memory caches, by name (GET /debug/memory)
     tally: metrics.Tally = field(default_factory=metrics.Tally)  # flushed when a local-delivery block ends
     readiness: Readiness = field(default_factory=Readiness)  # why the worker cannot work now (GET /readyz)
     erasure_log: ErasureLog | None = None  # erasure statuses and the suppression list (pipeline.privacy)
     kafka: KafkaWatch | None = None  # outages of the broker (`build_app` starts it; its error_cb for clients)
     audience_sizes: AudienceSizes = field(default_factory=AudienceSizes)  # per held partition (GET /audiences/{id})
-    _local: list[tuple[str, LocalItem]] | None = None  # None: local delivery is off
+    delivery: LocalDelivery = field(init=False)  # in-process delivery to held partitions (`local_delivery`)
+
+    def __post_init__(self) -> None:
+        self.delivery = LocalDelivery(in_process_allowed, lambda send, p: self.send(send, partition=p),
+                                      lambda topic, n: self.tally.add(metrics.LOCAL_DELIVERIES, topic, n=n))
+
+    def deliver_locally(self, topic: str, table: PartitionedTable, handler: LocalHandler) -> None:
+        """Let `handler` (the stage's own) take messages to `table`'s held partitions in-process."""
+        self.delivery.register(topic, Target(table.partition, table.active, handler))
 
     def topic(self, logical: str) -> faust.TopicT:
         """The Faust topic for a logical name (declared once in topics.yaml)."""
@@ -289,14 +296,8 @@ class Runtime:
         worker holds the target partition of a stage topic and the protocol allows it (`in_process_allowed`:
         identity-stage messages and a merge's `link` and `absorb` must be in their target's log); otherwise encoded with the
         topic's codec and produced (no await: the output producer is flushed before each commit)."""
-        if (self._local is not None and headers is None and send.topic in self.local_handlers
-                and in_process_allowed(send)):
-            table = self.local_handlers[send.topic][0]
-            key = send.key.encode()
-            p = table.partition(key) if partition is None else partition
-            if p in table.active():
-                self._local.append((send.topic, (p, key, send.value)))
-                return
+        if headers is None and self.delivery.offer(send, partition):
+            return
         spec = self.registry[send.topic]
         # a null value stays null: a dead-lettered tombstone is kept as it came, and on a compacted topic it is a
         # tombstone (an erasure removes a key)
@@ -317,15 +318,15 @@ class Runtime:
     def dead_letter_stage(self, topic: str, key: bytes, msg: Any, exc: BaseException) -> None:
         """A stage message (identity or profile op) whose handling failed: logged (op and error type, no
         values), counted and dead-lettered to `internal.dlq` msgpack-encoded, with its stage topic."""
-        op = msg.get("op", "?") if isinstance(msg, dict) else "?"
+        op = messages.op_of(msg)
         log.error("%s: %r message failed and was dead-lettered: %s%s", topic, op, describe(exc),
                   "" if isinstance(exc, PipelineError) else "\n" + where(exc))
         metrics.RECORDS_DEAD_LETTERED.labels(topic, "handling-failed").inc()
         try:
-            raw = self.registry[topic].codec.encode(msg)
+            raw = msg if isinstance(msg, bytes) else messages.encode(msg)
         except Exception:  # noqa: BLE001 - the message itself may be what cannot be encoded
             raw = repr(type(msg)).encode()
-        self.dead_letter("internal.dlq", key.decode(errors="replace"), raw, "handling-failed", describe(exc),
+        self.dead_letter(INTERNAL_DLQ, key.decode(errors="replace"), raw, "handling-failed", describe(exc),
                          {"stage_topic": topic.encode(), "op": str(op).encode()})
 
     def send_encoded_once(self, targets: list[tuple[str, str]], value: Any) -> None:
@@ -338,40 +339,26 @@ class Runtime:
     def local_delivery(self) -> Iterator[None]:
         """Within this block, a message to a stage topic (identity, profile ops) whose partition this worker
         holds is handled in-process when the block ends, as if it had made the round trip through Kafka
-        instantly: no encode, produce, fetch, decode or Faust event per hop. The block must not await:
-        the messages are handled before the agent takes its next events, so before their offsets can be
-        committed (at-least-once, as through Kafka). Off during a rebalance or table recovery.
-
-        1. collect the local messages the block sends; 2. on exit, hand them to their stage's handler in
-        send order, round after round, while handling sends more; 3. after MAX_LOCAL_ROUNDS, produce the rest."""
-        if self._local is not None or self.app.rebalancing or not self.app.tables.recovery.completed.is_set():  # type: ignore[attr-defined]
-            try:
-                yield
-            finally:
-                self.tally.flush()
-            return
-        self._local = []
+        instantly: no encode, produce, fetch, decode or Faust event per hop (pipeline.stages.delivery). The block
+        must not await: the messages are handled before the agent takes its next events, so before their offsets
+        can be committed (at-least-once, as through Kafka). Off during a rebalance or table recovery."""
+        enabled = not self.app.rebalancing and self.app.tables.recovery.completed.is_set()  # type: ignore[attr-defined]
         try:
-            yield
-            for _ in range(MAX_LOCAL_ROUNDS):
-                if not self._local:
-                    break
-                pending, self._local = self._local, []
-                by_topic: dict[str, list[LocalItem]] = {}
-                for topic, item in pending:
-                    by_topic.setdefault(topic, []).append(item)
-                for topic, items in by_topic.items():
-                    self.tally.add(metrics.LOCAL_DELIVERIES, topic, n=len(items))
-                    self.local_handlers[topic][1](items)
-            leftover, self._local = self._local, None
-            if leftover:
-                log.warning("local delivery: still sending after %d rounds; producing %d messages",
-                            MAX_LOCAL_ROUNDS, len(leftover))
-            for topic, (p, key, value) in leftover:
-                self.send(Send(topic, key.decode(), value), partition=p)
+            with self.delivery.block(enabled):
+                yield
         finally:
-            self._local = None
             self.tally.flush()
+
+    def decode_stage(self, topic: str, events: list[Any]) -> list[LocalItem]:
+        """A batch of a stage topic's events as (partition, key, message); a value that is no stage message is
+        dead-lettered (as it came) and left out: one message never stops the stage."""
+        items: list[LocalItem] = []
+        for e in events:
+            try:
+                items.append((e.message.partition, e.key, messages.decode(e.value)))
+            except Exception as exc:  # noqa: BLE001 - msgspec's DecodeError / ValidationError
+                self.dead_letter_stage(topic, e.key or b"", e.value, exc)
+        return items
 
     @staticmethod
     def now_ms() -> int:

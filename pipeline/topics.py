@@ -151,6 +151,29 @@ class TopicRegistry:
         raise UnknownNameError("topic", name, [s.logical for s in self._specs.values()])
 
 
+# Every logical topic name, once (tests/test_topics.py checks each is declared in topics.yaml): code names a
+# topic through these constants, never by spelling it.
+INGEST_EVENTS = "ingest.events"
+INGEST_PROFILES = "ingest.profiles"
+INGEST_DLQ = "ingest.dlq"
+IDENTITY_TOPIC = "internal.identity"  # identity-stage messages (pipeline.stages.messages), keyed by identity
+PROFILE_TOPIC = "internal.profile-ops"  # profile-stage messages, keyed by profile id
+INTERNAL_DLQ = "internal.dlq"
+IDENTITY_CHANGELOG = "state.identity-changelog"
+PROFILES_CHANGELOG = "state.profiles-changelog"
+CONTROL_SEGMENTS = "control.segments"
+ERASURE_TOPIC = "control.erasure"
+MEMBERSHIP_TOPIC = "activation.memberships"
+MEMBERSHIP_STATE_TOPIC = "activation.membership-state"
+PROFILE_CHANGES_TOPIC = "activation.profile-changes"
+DEST_DLQ = "activation.dest-dlq"
+DEST_STATE = "activation.dest-state"
+DLQ_REPLAYS = "control.dlq-replays"
+LOGICAL_TOPICS = (INGEST_EVENTS, INGEST_PROFILES, INGEST_DLQ, DLQ_REPLAYS, IDENTITY_TOPIC, PROFILE_TOPIC, INTERNAL_DLQ,
+                  IDENTITY_CHANGELOG, PROFILES_CHANGELOG, CONTROL_SEGMENTS, ERASURE_TOPIC, MEMBERSHIP_TOPIC,
+                  MEMBERSHIP_STATE_TOPIC, PROFILE_CHANGES_TOPIC, DEST_DLQ, DEST_STATE)
+STAGE_TOPICS = frozenset({IDENTITY_TOPIC, PROFILE_TOPIC})  # the stitching stages' own topics
+
 STRIMZI_API_VERSION = "kafka.strimzi.io/v1beta2"
 
 

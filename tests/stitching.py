@@ -20,11 +20,26 @@ from collections import Counter
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
+from pipeline.identity.datasets import parse_datasets_config
+from pipeline.identity.namespaces import parse_identity_config
 from pipeline.identity.stitch import home_key
 from pipeline.model import Identity
+from pipeline.profiles.config import ProfileConfig
 from pipeline.state.snapshot import GraphSnapshot
 
 UNIQUE = frozenset({"CRMID"})
+# the namespaces the generated customers use (CRMID unique), for the protocol tests' handlers
+CONFIG = ProfileConfig(parse_identity_config("""\
+max_identities_per_graph: 1000
+namespaces:
+  - {name: ECID, kind: cookie, priority: 10, normaliser: trim}
+  - {name: GAID, kind: device, priority: 20, normaliser: lower}
+  - {name: Email, kind: person, priority: 60, normaliser: email}
+  - {name: CRMID, kind: person, priority: 100, unique: true, normaliser: trim}
+"""), parse_datasets_config("""\
+datasets: [{name: web-events, schema: experience_event}, {name: crm, schema: profile_record}]
+merge_policy: {type: timestamp}
+"""))
 
 
 @dataclass(frozen=True)

@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 from types import SimpleNamespace
 from typing import Any
 
+import msgpack
 import pytest
 
-from pipeline.identity.stitch import IDENTITY_TOPIC, PROFILE_TOPIC, Send
-from pipeline.runtime import DLQ_MAX_BYTES, MAX_LOCAL_ROUNDS, LocalItem, OutputProducer, Runtime
+from pipeline.runtime import DLQ_MAX_BYTES, OutputProducer, Runtime
+from pipeline.stages import messages
+from pipeline.stages.delivery import MAX_LOCAL_ROUNDS, LocalItem, Target
+from pipeline.stages.messages import Absorb, Claim, Claimed, Link, Send, Tick, op_of
 from pipeline.state.tables import partition_for
-from pipeline.topics import TopicRegistry
+from pipeline.topics import IDENTITY_TOPIC, INTERNAL_DLQ, PROFILE_TOPIC, TopicRegistry
 
 
 class FakeOutput:
@@ -47,16 +51,18 @@ def make_runtime(identity_active: set[int], profile_active: set[int]) -> tuple[R
     handled: list[Any] = []
 
     def identity(items: list[LocalItem]) -> None:
-        handled.extend(("identity", p, key.decode(), msg["n"]) for p, key, msg in items)
+        handled.extend(("identity", p, key.decode(), op_of(msg)) for p, key, msg in items)
 
     def profiles(items: list[LocalItem]) -> None:  # a first hop sends the next message, as stages do
         for p, key, msg in items:
-            handled.append(("profile", p, key.decode(), msg["n"]))
-            if msg["op"] == "first":
-                rt.send(Send(PROFILE_TOPIC, f"pid-{msg['n']}", {"op": "next", "n": msg["n"]}))
+            handled.append(("profile", p, key.decode(), op_of(msg)))
+            if key.startswith(b"first-"):
+                n = key.decode().removeprefix("first-")
+                rt.send(Send(PROFILE_TOPIC, f"pid-{n}", Tick(pid=f"pid-{n}")))
 
-    rt.local_handlers[IDENTITY_TOPIC] = (FakeTable(identity_active), identity)  # type: ignore[assignment]
-    rt.local_handlers[PROFILE_TOPIC] = (FakeTable(profile_active), profiles)  # type: ignore[assignment]
+    for topic, table, handler in ((IDENTITY_TOPIC, FakeTable(identity_active), identity),
+                                  (PROFILE_TOPIC, FakeTable(profile_active), profiles)):
+        rt.delivery.register(topic, Target(table.partition, table.active, handler))
     return rt, out, handled
 
 
@@ -67,14 +73,14 @@ def test_messages_to_held_partitions_are_handled_in_process_and_others_are_produ
     # When an agent's block sends one message to each of 12 held profiles
     with rt.local_delivery():
         for n in firsts:
-            rt.send(Send(PROFILE_TOPIC, f"first-{n}", {"op": "first", "n": n}))
+            rt.send(Send(PROFILE_TOPIC, f"first-{n}", Tick(pid=f"first-{n}")))
         assert handled == []  # nothing runs before the block ends
     # Then every one was handled here, in order; each message they sent whose partition is held was handled
     # here in the next round, the others were produced to their topic (partitioned by key)
     held = [n for n in firsts if partition_for(f"pid-{n}".encode(), 4) in {0, 1}]
     assert 0 < len(held) < 12
-    assert handled == ([("profile", partition_for(f"first-{n}".encode(), 4), f"first-{n}", n) for n in firsts]
-                       + [("profile", partition_for(f"pid-{n}".encode(), 4), f"pid-{n}", n) for n in held])
+    assert handled == ([("profile", partition_for(f"first-{n}".encode(), 4), f"first-{n}", "tick") for n in firsts]
+                       + [("profile", partition_for(f"pid-{n}".encode(), 4), f"pid-{n}", "tick") for n in held])
     assert out.produced == [(rt.registry.name(PROFILE_TOPIC), f"pid-{n}".encode(), None)
                             for n in firsts if n not in held]
 
@@ -84,14 +90,13 @@ def test_identity_messages_links_and_absorbs_go_through_kafka_even_to_a_held_par
     rt, out, handled = make_runtime({0, 1, 2, 3}, {0, 1, 2, 3})
     # When a block sends an identity-stage message, a merge's absorb and link, and a claim's answer
     with rt.local_delivery():
-        rt.send(Send(IDENTITY_TOPIC, "ECID:a", {"op": "claim", "pid": "p1", "ts": 1, "n": 1}))
-        rt.send(Send(PROFILE_TOPIC, "p1", {"op": "absorb", "pid": "p1", "from": "p2", "token": "p2/1",
-                                           "state": b"", "n": 2}))
-        rt.send(Send(PROFILE_TOPIC, "p2", {"op": "link", "pid": "p2", "from": "p1", "n": 3}))
-        rt.send(Send(PROFILE_TOPIC, "p1", {"op": "claimed", "pid": "p1", "n": 4}))
+        rt.send(Send(IDENTITY_TOPIC, "ECID:a", Claim(pid="p1", ts=1)))
+        rt.send(Send(PROFILE_TOPIC, "p1", Absorb(pid="p1", sender="p2", token="p2/1", state=b"")))
+        rt.send(Send(PROFILE_TOPIC, "p2", Link(pid="p2", sender="p1")))
+        rt.send(Send(PROFILE_TOPIC, "p1", Claimed(pid="p1", claimant="p1", key="ECID:a")))
     # Then only the answer was handled in-process: the others must be in their target's log, where a crash
     # cannot lose them or move them (pipeline.identity.stitch.in_process_allowed)
-    assert handled == [("profile", partition_for(b"p1", 4), "p1", 4)]
+    assert handled == [("profile", partition_for(b"p1", 4), "p1", "claimed")]
     assert [(t, k) for t, k, _ in out.produced] == [(rt.registry.name(IDENTITY_TOPIC), b"ECID:a"),
                                                     (rt.registry.name(PROFILE_TOPIC), b"p1"),
                                                     (rt.registry.name(PROFILE_TOPIC), b"p2")]
@@ -99,10 +104,10 @@ def test_identity_messages_links_and_absorbs_go_through_kafka_even_to_a_held_par
 
 def test_outside_a_block_or_during_a_rebalance_everything_goes_through_kafka() -> None:
     rt, out, handled = make_runtime({0, 1, 2, 3}, {0, 1, 2, 3})
-    rt.send(Send(PROFILE_TOPIC, "pid-a", {"op": "tick", "n": 1}))
+    rt.send(Send(PROFILE_TOPIC, "pid-a", Tick(pid="pid-a")))
     rt.app.rebalancing = True
     with rt.local_delivery():
-        rt.send(Send(PROFILE_TOPIC, "pid-b", {"op": "tick", "n": 2}))
+        rt.send(Send(PROFILE_TOPIC, "pid-b", Tick(pid="pid-b")))
     assert handled == []
     assert [k for _, k, _ in out.produced] == [b"pid-a", b"pid-b"]
 
@@ -113,12 +118,12 @@ def test_a_cycle_of_local_messages_is_cut_after_the_round_limit_and_produced() -
 
     def loop(items: list[LocalItem]) -> None:
         for _, key, msg in items:
-            handled.append(msg["n"])
-            rt.send(Send(PROFILE_TOPIC, key.decode(), {"op": "tick", "n": msg["n"] + 1}))
+            handled.append(len(handled))
+            rt.send(Send(PROFILE_TOPIC, key.decode(), msg))
 
-    rt.local_handlers[PROFILE_TOPIC] = (rt.local_handlers[PROFILE_TOPIC][0], loop)
+    rt.delivery.register(PROFILE_TOPIC, replace(rt.delivery.targets[PROFILE_TOPIC], handler=loop))
     with rt.local_delivery():
-        rt.send(Send(PROFILE_TOPIC, "pid-x", {"op": "tick", "n": 0}))
+        rt.send(Send(PROFILE_TOPIC, "pid-x", Tick(pid="pid-x")))
     # Then it ran MAX_LOCAL_ROUNDS times in-process and the pending message left through Kafka
     assert handled == list(range(MAX_LOCAL_ROUNDS))
     assert out.produced == [(rt.registry.name(PROFILE_TOPIC), b"pid-x", partition_for(b"pid-x", 4))]
@@ -222,3 +227,17 @@ def test_dead_letters_keep_a_null_as_null_and_a_huge_value_as_its_first_bytes() 
         (dlq, b"k3", b"x" * DLQ_MAX_BYTES, {"reason": b"record-too-large", "detail": b"2000000 bytes",
                                             "original_size": b"2000000", "truncated": b"true"}),
     ]
+
+
+def test_a_stage_value_that_is_no_stage_message_is_dead_lettered_and_the_rest_handled() -> None:
+    # Given a batch of profile-stage events: a tick, a value of an unknown op, bytes that are not msgpack, a claim
+    rt, out, _ = make_runtime({0, 1, 2, 3}, {0, 1, 2, 3})
+    values = [messages.encode(Tick(pid="p1")), msgpack.packb({"op": "merge", "pid": "p2"}), b"\xc1",
+              messages.encode(Claimed(pid="p3", claimant="p3", key="ECID:a"))]
+    events = [SimpleNamespace(message=SimpleNamespace(partition=i), key=f"p{i}".encode(), value=v)
+              for i, v in enumerate(values)]
+    # When the stage decodes them
+    items = rt.decode_stage(PROFILE_TOPIC, events)
+    # Then the two messages are handed on, typed, and the two others go to internal.dlq as they came
+    assert items == [(0, b"p0", Tick(pid="p1")), (3, b"p3", Claimed(pid="p3", claimant="p3", key="ECID:a"))]
+    assert out.produced == [(rt.registry.name(INTERNAL_DLQ), b"p1", None), (rt.registry.name(INTERNAL_DLQ), b"p2", None)]

@@ -29,11 +29,11 @@ from pipeline.destinations.mapping import SKIP_CONSENT_UNKNOWN, Skip, map_change
 from pipeline.errors import DeliveryError
 from pipeline.kafka_reads import ReadTimeout, read_to_end
 from pipeline.observability import metrics
+from pipeline.topics import DEST_STATE, MEMBERSHIP_STATE_TOPIC, MEMBERSHIP_TOPIC, PROFILE_CHANGES_TOPIC
 
 log = logging.getLogger(__name__)
 
-MEMBERSHIP_STATE_TOPIC = "activation.membership-state"
-DEST_STATE_TOPIC = "activation.dest-state"
+DEST_STATE_TOPIC = DEST_STATE
 
 
 @dataclass(frozen=True)
@@ -157,7 +157,7 @@ class BackfillTarget(Protocol):
 class Backfill:
     """Run once per runner start; see the module docstring."""
 
-    def __init__(self, *, source_topics: Iterable[str] = ("activation.memberships", "activation.profile-changes"),
+    def __init__(self, *, source_topics: Iterable[str] = (MEMBERSHIP_TOPIC, PROFILE_CHANGES_TOPIC),
                  timeout_s: float = 120.0) -> None:
         self.source_topics = tuple(source_topics)
         self.timeout_s = timeout_s

@@ -14,6 +14,7 @@ from confluent_kafka import Consumer
 from pipeline.destinations.base import Destination, Payload
 from pipeline.destinations.config import DestinationConfig
 from pipeline.observability.kafka_stats import STATS_INTERVAL_MS
+from pipeline.topics import DEST_DLQ, MEMBERSHIP_TOPIC, PROFILE_CHANGES_TOPIC
 
 # (logical topic name, message value bytes) -> the message as a dict. The CLI wires the registry's codecs in
 # (`registry_decoder`); `json_decoder` is the stand-in for tests and JSON topics.
@@ -44,10 +45,10 @@ def group_id(name: str) -> str:
 class RunnerSettings:
     """Topics and tuning of the runner; topic names are logical (resolved by the TopicResolver)."""
 
-    membership_topic: str = "activation.memberships"
-    profile_change_topic: str = "activation.profile-changes"
+    membership_topic: str = MEMBERSHIP_TOPIC
+    profile_change_topic: str = PROFILE_CHANGES_TOPIC
     # Logical dead-letter topic shared by every destination; the `destination` header says whose.
-    dead_letter_topic: str = "activation.dest-dlq"
+    dead_letter_topic: str = DEST_DLQ
     create_dead_letter_topic: bool = True
     max_poll_records: int = 500
     poll_timeout_s: float = 0.2

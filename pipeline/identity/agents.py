@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.identity.stitch import IDENTITY_TOPIC, handle_identity
+from pipeline.identity.stitch import handle_identity
 from pipeline.observability import metrics
 from pipeline.privacy.erasure import erase_at_identity
-from pipeline.runtime import BATCH_MAX, BATCH_WITHIN_S, LocalItem, Runtime
+from pipeline.runtime import BATCH_MAX, BATCH_WITHIN_S, Runtime
+from pipeline.stages.delivery import LocalItem
+from pipeline.stages.messages import Erase, op_of
+from pipeline.topics import IDENTITY_TOPIC
 
 
 def register(rt: Runtime) -> None:
     table = rt.ptables["identity"]
-    codec = rt.registry[IDENTITY_TOPIC].codec
 
     def handle(items: list[LocalItem]) -> None:
         """Each message in order: read its identity's owner, write what the stage decides, send the rest."""
@@ -20,7 +22,7 @@ def register(rt: Runtime) -> None:
             try:
                 current = table.get(partition, key_b)
                 owner = current.decode() if current else None
-                res = (erase_at_identity(key_b.decode(), owner, msg, rt.now_ms()) if msg["op"] == "erase"
+                res = (erase_at_identity(key_b.decode(), owner, msg, rt.now_ms()) if isinstance(msg, Erase)
                        else handle_identity(key_b.decode(), owner, msg))
                 # the sends first: a send refused (too large) leaves the table as it was
                 for send in res.sends:
@@ -32,7 +34,7 @@ def register(rt: Runtime) -> None:
             except Exception as exc:  # noqa: BLE001 - one message never stops the stage
                 rt.dead_letter_stage(IDENTITY_TOPIC, key_b, msg, exc)
                 continue
-            rt.tally.add(metrics.IDENTITY_OPS, msg["op"])
+            rt.tally.add(metrics.IDENTITY_OPS, op_of(msg))
 
     # Not registered for local delivery: identity-stage messages always go through Kafka, so that a crash can be
     # recovered by handling them again in their log's order (pipeline.identity.stitch.in_process_allowed).
@@ -40,6 +42,6 @@ def register(rt: Runtime) -> None:
     async def identity(stream: Any) -> None:
         async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
             with rt.local_delivery():
-                handle([(e.message.partition, e.key, codec.decode(e.value)) for e in events])
+                handle(rt.decode_stage(IDENTITY_TOPIC, events))
 
     rt.app.agent(rt.topic(IDENTITY_TOPIC), name="identity")(identity)

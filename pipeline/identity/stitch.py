@@ -19,19 +19,22 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Collection
 from dataclasses import dataclass, field
-from typing import Any
 
-IDENTITY_TOPIC = "internal.identity"
-PROFILE_TOPIC = "internal.profile-ops"
-
-
-@dataclass(frozen=True)
-class Send:
-    """A message to produce: logical topic, key, value (dict for msgpack topics)."""
-
-    topic: str
-    key: str
-    value: Any
+from pipeline.stages.messages import (
+    Absorb,
+    Apply,
+    Claim,
+    Claimed,
+    IdentityMessage,
+    Link,
+    RecordWire,
+    Release,
+    Repoint,
+    Resolve,
+    Send,
+    Taken,
+)
+from pipeline.topics import IDENTITY_TOPIC, PROFILE_TOPIC
 
 
 @dataclass
@@ -57,69 +60,67 @@ def home_key(keys: list[str], unique: Collection[str]) -> str:
     return keys[0]
 
 
-def start_resolve(rec_wire: dict[str, Any] | None, home: str, now_ms: int) -> Send:
+def start_resolve(rec: RecordWire | None, home: str, now_ms: int) -> Send:
     """The home hop of a record: to its home identity, which names (or, if free, becomes) its profile.
-    `rec_wire` None adopts a lone identity: it gets a profile of its own if it has none."""
+    `rec` None adopts a lone identity: it gets a profile of its own if it has none."""
     # The candidate id comes from the record alone (its time and id), not from the clock: a record handled
     # again after a crash names the same candidate, so a profile its first handling created (its write kept,
     # the identity's lost) is the one the identity is given again.
-    seed, born = (rec_wire["id"], rec_wire["ts"]) if rec_wire is not None else (home, now_ms)
-    return Send(IDENTITY_TOPIC, home, {"op": "resolve", "rec": rec_wire, "cand": new_profile_id(born, seed)})
+    seed, born = (rec.record_id, rec.timestamp_ms) if rec is not None else (home, now_ms)
+    return Send(IDENTITY_TOPIC, home, Resolve(rec=rec, candidate=new_profile_id(born, seed)))
 
 
-def apply_msg(owner: str, rec_wire: dict[str, Any] | None, home: str, hop: bool = False) -> Send:
+def apply_msg(owner: str, rec: RecordWire | None, home: str, hop: bool = False) -> Send:
     """The record, to the profile that owns its home identity: from the resolve hop (`hop`: the owner was
     read in the identity table just now), or from ingest's local read (possibly stale)."""
-    return Send(PROFILE_TOPIC, owner, {"op": "apply", "pid": owner, "rec": rec_wire, "home": home, "hop": hop})
+    return Send(PROFILE_TOPIC, owner, Apply(pid=owner, rec=rec, home=home, hop=hop))
 
 
 def claim_msg(key: str, pid: str, ts_ms: int) -> Send:
     """Profile `pid` asks for identity `key` (first seen at `ts_ms`); answered with claimed or taken."""
-    return Send(IDENTITY_TOPIC, key, {"op": "claim", "pid": pid, "ts": ts_ms})
+    return Send(IDENTITY_TOPIC, key, Claim(pid=pid, ts=ts_ms))
 
 
 def repoint_msg(key: str, old: str, new: str, adopt: bool = False) -> Send:
     """Move `key` from profile `old` to `new` if `old` still owns it. `adopt`: `new` does not list it yet, and is
     told (`claimed`) once it is moved."""
-    value: dict[str, Any] = {"op": "repoint", "from": old, "to": new}
-    if adopt:
-        value["adopt"] = True
-    return Send(IDENTITY_TOPIC, key, value)
+    return Send(IDENTITY_TOPIC, key, Repoint(old=old, new=new, adopt=adopt))
 
 
 def release_msg(key: str, pid: str) -> Send:
-    return Send(IDENTITY_TOPIC, key, {"op": "release", "pid": pid})
+    return Send(IDENTITY_TOPIC, key, Release(pid=pid))
 
 
-def handle_identity(key: str, current: str | None, msg: dict[str, Any]) -> IdentityResult:
-    """Handle one message for identity `key` whose table value is `current`."""
-    op = msg["op"]
-    if op == "resolve":
-        # 1. read the owner, or claim the identity for the record's new profile id; 2. send the record there
-        if current is None:
-            return IdentityResult(write=msg["cand"], sends=[apply_msg(msg["cand"], msg["rec"], key, hop=True)])
-        if msg["rec"] is None:
-            if current == msg["cand"]:  # redelivered: its apply may have been lost in a crash
-                return IdentityResult(sends=[apply_msg(current, None, key, hop=True)])
-            return IdentityResult()  # adopting an identity that has found an owner meanwhile: nothing to do
-        return IdentityResult(sends=[apply_msg(current, msg["rec"], key, hop=True)])
-    if op == "claim":
-        pid = msg["pid"]
-        if current is None or current == pid:
-            reply = {"op": "claimed", "pid": pid, "claimant": pid, "key": key}
-            return IdentityResult(write=pid if current is None else None, sends=[Send(PROFILE_TOPIC, pid, reply)])
-        return IdentityResult(sends=[Send(PROFILE_TOPIC, pid, {"op": "taken", "pid": pid, "claimant": pid,
-                                                                "key": key, "owner": current})])
-    if op == "repoint":  # a merge moved this identity's profile: follow it if we still point at the old one
-        new = msg["to"]
-        if msg.get("adopt") and current in (msg["from"], new):  # (`new`: redelivered, its answer may be lost)
-            reply = {"op": "claimed", "pid": new, "claimant": new, "key": key}
-            return IdentityResult(write=new if current != new else None, sends=[Send(PROFILE_TOPIC, new, reply)])
-        return IdentityResult(write=new) if current == msg["from"] else IdentityResult()
-    if op == "release":  # the size guardrail dropped this identity from its profile
-        return IdentityResult(delete=True) if current == msg["pid"] else IdentityResult()
-    raise ValueError(f"unknown identity op {op!r}")
+def _claimed(key: str, pid: str) -> Send:
+    return Send(PROFILE_TOPIC, pid, Claimed(pid=pid, claimant=pid, key=key))
 
+
+def handle_identity(key: str, current: str | None, msg: IdentityMessage) -> IdentityResult:
+    """Handle one message for identity `key` whose table value is `current` (an erasure is
+    pipeline.privacy.erasure.erase_at_identity's)."""
+    match msg:
+        case Resolve(rec=rec, candidate=cand):
+            # 1. read the owner, or claim the identity for the record's new profile id; 2. send the record there
+            if current is None:
+                return IdentityResult(write=cand, sends=[apply_msg(cand, rec, key, hop=True)])
+            if rec is None:
+                if current == cand:  # redelivered: its apply may have been lost in a crash
+                    return IdentityResult(sends=[apply_msg(current, None, key, hop=True)])
+                return IdentityResult()  # adopting an identity that has found an owner meanwhile: nothing to do
+            return IdentityResult(sends=[apply_msg(current, rec, key, hop=True)])
+        case Claim(pid=pid):
+            if current is None or current == pid:
+                return IdentityResult(write=pid if current is None else None, sends=[_claimed(key, pid)])
+            return IdentityResult(sends=[Send(PROFILE_TOPIC, pid, Taken(pid=pid, claimant=pid, key=key,
+                                                                        owner=current))])
+        case Repoint(old=old, new=new, adopt=adopt):
+            # a merge moved this identity's profile: follow it if we still point at the old one
+            if adopt and current in (old, new):  # (`new`: redelivered, its answer may be lost)
+                return IdentityResult(write=new if current != new else None, sends=[_claimed(key, new)])
+            return IdentityResult(write=new) if current == old else IdentityResult()
+        case Release(pid=pid):  # the size guardrail dropped this identity from its profile
+            return IdentityResult(delete=True) if current == pid else IdentityResult()
+    raise ValueError(f"not an identity-stage message: {type(msg).__name__}")
 
 
 def in_process_allowed(send: Send) -> bool:
@@ -145,4 +146,4 @@ def in_process_allowed(send: Send) -> bool:
     in pipeline.profiles.ops), as through Kafka."""
     if send.topic == IDENTITY_TOPIC:
         return False
-    return not (send.topic == PROFILE_TOPIC and isinstance(send.value, dict) and send.value.get("op") in ("absorb", "link"))
+    return not isinstance(send.value, Absorb | Link)

@@ -15,18 +15,19 @@ from pipeline.identity.stitch import apply_msg, home_key, start_resolve
 from pipeline.ingest.decode import Decoder, Rejected, Skipped
 from pipeline.ingest.drops import DropReporter
 from pipeline.ingest.replay import REPLAY_OF_HEADER
-from pipeline.ingest.wire import record_to_wire, wire_identity_keys
 from pipeline.model import ExperienceEvent
 from pipeline.observability import metrics
 from pipeline.observability.kafka_stats import LibrdkafkaStats
 from pipeline.observability.logformat import add_to_context, message_context
 from pipeline.runtime import BATCH_MAX, Runtime
 from pipeline.serde.avro import AvroCodec
+from pipeline.stages.messages import record_to_wire, wire_identity_keys
+from pipeline.topics import INGEST_DLQ, INGEST_EVENTS, INGEST_PROFILES
 
 log = logging.getLogger(__name__)
 
 
-INGEST_TOPICS = (("ingest.events", "event"), ("ingest.profiles", "profile"))
+INGEST_TOPICS = ((INGEST_EVENTS, "event"), (INGEST_PROFILES, "profile"))
 COMMIT_INTERVAL_S = 1.0
 IDLE_SLEEP_S = 0.005
 # While the loop waits for the output or the Schema Registry, the consumer is still served this often.
@@ -102,7 +103,7 @@ def _record_handler(rt: Runtime) -> Any:
         for name, value in msg.headers() or ():  # a replayed record failing again says which entry it was
             if name == REPLAY_OF_HEADER and value:
                 headers[REPLAY_OF_HEADER] = value
-        rt.dead_letter("ingest.dlq", (msg.key() or b"").decode(errors="replace"), msg.value(), reason, detail,
+        rt.dead_letter(INGEST_DLQ, (msg.key() or b"").decode(errors="replace"), msg.value(), reason, detail,
                        headers)
 
     def handle(logical: str, decoder: Decoder, msg: Any) -> None:

@@ -17,11 +17,11 @@ from confluent_kafka import KafkaException, Producer
 from pipeline.connection import Kafka, client_config
 from pipeline.errors import PipelineError
 from pipeline.kafka_reads import read_messages, read_to_end
-from pipeline.topics import TopicRegistry
+from pipeline.topics import DLQ_REPLAYS, INGEST_DLQ, INGEST_EVENTS, INGEST_PROFILES, TopicRegistry
 
-DLQ = "ingest.dlq"
-REPLAYS = "control.dlq-replays"
-INGEST_TOPICS = ("ingest.events", "ingest.profiles")
+DLQ = INGEST_DLQ
+REPLAYS = DLQ_REPLAYS
+INGEST_TOPICS = (INGEST_EVENTS, INGEST_PROFILES)
 # On a replayed record: the ingest.dlq entry it was replayed from (`entry_id`), and why it had been dead-lettered.
 # Ingest keeps the first on the copy it dead-letters again, so an operator sees a record that failed twice.
 REPLAY_OF_HEADER = "replay_of"

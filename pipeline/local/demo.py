@@ -21,7 +21,7 @@ from pipeline.local import procs
 from pipeline.local.broker import DEFAULT_DIR, DEFAULT_PORT, SINGLE_BROKER_ENV, LocalBroker, _alive, _read_pid
 from pipeline.sample import write
 from pipeline.settings import Settings
-from pipeline.topics import TopicRegistry, apply
+from pipeline.topics import INGEST_EVENTS, INGEST_PROFILES, MEMBERSHIP_TOPIC, TopicRegistry, apply
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "data"  # the demo's logs, sample and (unless PIPELINE_DATA_DIR says otherwise) worker state
@@ -71,16 +71,16 @@ def main() -> int:
         identity = load_identity_config(Settings.from_env().config_dir / "identity.yaml")  # the worker's
         by_person = KeySpec.parse("identity")
         with open(rec) as f:
-            n_rec = produce_json_lines(reg, broker.bootstrap, "ingest.profiles", f,
-                                       key=RecordKeyer.for_codec(by_person, reg["ingest.profiles"].codec, identity))
+            n_rec = produce_json_lines(reg, broker.bootstrap, INGEST_PROFILES, f,
+                                       key=RecordKeyer.for_codec(by_person, reg[INGEST_PROFILES].codec, identity))
         with open(ev) as f:
-            n_ev = produce_json_lines(reg, broker.bootstrap, "ingest.events", f,
-                                      key=RecordKeyer.for_codec(by_person, reg["ingest.events"].codec, identity))
+            n_ev = produce_json_lines(reg, broker.bootstrap, INGEST_EVENTS, f,
+                                      key=RecordKeyer.for_codec(by_person, reg[INGEST_EVENTS].codec, identity))
         print(f"published {n_rec} CRM records and {n_ev} web events; membership changes follow:\n", flush=True)
         counts: collections.Counter[tuple[str, str]] = collections.Counter()
         shown = 0
         started = time.monotonic()
-        for m in tail(reg, broker.bootstrap, "activation.memberships", idle_timeout_s=8):
+        for m in tail(reg, broker.bootstrap, MEMBERSHIP_TOPIC, idle_timeout_s=8):
             v = m["value"]
             counts[(v["audience_id"], v["status"])] += 1
             if shown < 8:

@@ -32,7 +32,7 @@ def profile_tokens(raw: bytes) -> dict[str, Any]:
         return {"into": entry.into, "ids": list(entry.repointed)}
     return {"profile_id": entry.profile_id,
             "identities": {ns: list(ids) for ns, ids in entry.identities.items()},
-            "ids": [*entry.merged, *entry.claims]}
+            "ids": [*entry.absorbed_ids(), *entry.claims]}
 
 
 def _rows(table: PartitionedTable, partition: int, profiles: bool) -> Iterator[tuple[bytes, Any, bytes | None]]:

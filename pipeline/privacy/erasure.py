@@ -14,9 +14,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.identity.stitch import IDENTITY_TOPIC, PROFILE_TOPIC, IdentityResult, Send
+from pipeline.identity.stitch import IdentityResult
+from pipeline.stages.messages import Erase, Send, readdressed
+from pipeline.topics import ERASURE_TOPIC, IDENTITY_TOPIC, PROFILE_TOPIC
 
-ERASURE_TOPIC = "control.erasure"
 REASON = "erasure"  # the reason of the exits an erasure emits (destinations deliver them as deletions)
 
 
@@ -47,16 +48,16 @@ def start_erasure(identity_key: str, salt: bytes, *, suppress: bool, now_ms: int
     of the identity stage (which finds the profile, as stitching does)."""
     request = request or new_request_id()
     record = request_record(request, hashed(salt, identity_key), suppress, now_ms)
-    op = {"op": "erase", **{k: record[k] for k in ("request", "subject", "suppress", "requested_ms")}}
+    op = Erase(request=request, subject=record["subject"], suppress=suppress, requested_ms=now_ms)
     return request, [Send(ERASURE_TOPIC, request, record), Send(IDENTITY_TOPIC, identity_key, op)]
 
 
-def done_record(msg: dict[str, Any], now_ms: int, *, found: bool, traces: Iterable[str] = (),
+def done_record(msg: Erase, now_ms: int, *, found: bool, traces: Iterable[str] = (),
                 erased: dict[str, int] | None = None) -> Send:
     """The final status of a request: what was erased (counts) and the hashes of what it removed."""
-    return Send(ERASURE_TOPIC, msg["request"], {
-        "request": msg["request"], "subject": msg["subject"], "status": "done", "found": found,
-        "suppress": bool(msg.get("suppress")), "requested_ms": msg.get("requested_ms"), "done_ms": now_ms,
+    return Send(ERASURE_TOPIC, msg.request, {
+        "request": msg.request, "subject": msg.subject, "status": "done", "found": found,
+        "suppress": msg.suppress, "requested_ms": msg.requested_ms, "done_ms": now_ms,
         "erased": erased or {"profiles": 0, "identities": 0, "memberships": 0}, "traces": sorted(set(traces))})
 
 
@@ -137,10 +138,10 @@ def scan(verification: Verification, where: str, records: Iterable[tuple[bytes, 
     verification.scanned[where] = verification.scanned.get(where, 0) + n
 
 
-def erase_at_identity(key: str, current: str | None, msg: dict[str, Any], now_ms: int) -> IdentityResult:
+def erase_at_identity(key: str, current: str | None, msg: Erase, now_ms: int) -> IdentityResult:
     """The identity stage of an erasure (keyed by the identity named in the request): the profile that owns
     it erases itself (and releases this identity with the others), or, with no owner, the request is done
     with nothing found. The identity itself is never written here: only its owner's release deletes it."""
     if current is None:
         return IdentityResult(sends=[done_record(msg, now_ms, found=False)])
-    return IdentityResult(sends=[Send(PROFILE_TOPIC, current, {**msg, "pid": current})])
+    return IdentityResult(sends=[Send(PROFILE_TOPIC, current, readdressed(msg, current))])

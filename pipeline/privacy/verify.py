@@ -13,9 +13,7 @@ from pipeline.privacy.agents import profile_tokens
 from pipeline.privacy.erasure import ERASURE_TOPIC, Verification, scan
 from pipeline.profiles.walk import META_PREFIX
 from pipeline.serde.codecs import RawCodec
-from pipeline.topics import TopicRegistry
-
-PROFILES_CHANGELOG = "state.profiles-changelog"
+from pipeline.topics import PROFILES_CHANGELOG, TopicRegistry
 
 
 def find_request(reg: TopicRegistry, kafka: Kafka, request: str) -> dict[str, Any] | None:

@@ -15,18 +15,19 @@ import msgpack
 
 from pipeline.consent import ConsentAttributes
 from pipeline.errors import ConfigError, describe, where
-from pipeline.identity.stitch import PROFILE_TOPIC, Send
 from pipeline.model import Outbox, ProfileState
 from pipeline.observability import metrics
 from pipeline.observability.logformat import message_context
 from pipeline.profiles import outbox
 from pipeline.profiles.deadlines import Deadlines
-from pipeline.profiles.ops import MEMBERSHIP_STATE_TOPIC, MEMBERSHIP_TOPIC, OpResult
+from pipeline.profiles.ops import OpResult
 from pipeline.profiles.walk import META_PREFIX, Outcome, Walk, WalkPool, WalkSpec
-from pipeline.runtime import BATCH_MAX, BATCH_WITHIN_S, DECODED_CACHE, DECODED_PER_BYTE, LocalItem, Runtime
+from pipeline.runtime import BATCH_MAX, BATCH_WITHIN_S, DECODED_CACHE, DECODED_PER_BYTE, Runtime
 from pipeline.segments import SegmentEngine, load_segments
 from pipeline.segments.batch import batch_request, new_run_id
 from pipeline.segments.sizes import AudienceSizes
+from pipeline.stages.delivery import LocalItem
+from pipeline.stages.messages import Batch, DefsCheck, ProfileMessage, Progress, Resume, Send, Tick, op_of
 from pipeline.state.codec import (
     Forward,
     decode_profile,
@@ -37,10 +38,12 @@ from pipeline.state.codec import (
 )
 from pipeline.state.lru import BoundedCache
 from pipeline.state.tables import PartitionedTable
+from pipeline.topics import CONTROL_SEGMENTS, MEMBERSHIP_STATE_TOPIC, MEMBERSHIP_TOPIC, PROFILE_TOPIC
 
 log = logging.getLogger(__name__)
 
 # Batching amortises Faust's per-message cost and writes a profile once per batch, not once per message.
+_WALKS = frozenset({Batch, DefsCheck})  # the messages that walk a whole partition, outside local delivery
 
 
 class DecodedCache:
@@ -80,7 +83,6 @@ def register(rt: Runtime) -> None:
     table = rt.ptables["profiles"]
     cache = DecodedCache(*DECODED_CACHE)
     rt.caches["decoded-profiles"] = cache.entries
-    codec = rt.registry[PROFILE_TOPIC].codec
     deadlines = Deadlines()
 
     # one encoding for the change and the compacted current-membership table (a KTable, for backfills)
@@ -178,7 +180,7 @@ def register(rt: Runtime) -> None:
 
         1. group the messages by (partition, key), keeping their order; 2. per group: load, handle each
         message and publish its output; 3. write the final entry once."""
-        groups: dict[tuple[int, bytes], list[dict[str, Any]]] = {}
+        groups: dict[tuple[int, bytes], list[ProfileMessage]] = {}
         for partition, key, msg in items:
             groups.setdefault((partition, key), []).append(msg)
         for (partition, key), msgs in groups.items():
@@ -190,7 +192,7 @@ def register(rt: Runtime) -> None:
         if stamped:
             record_acks()
 
-    def handle_group(partition: int, key: bytes, msgs: list[dict[str, Any]]) -> None:
+    def handle_group(partition: int, key: bytes, msgs: list[ProfileMessage]) -> None:
         """One profile's messages in order, and its outbox (pipeline.profiles.outbox):
         1. load the entry; if its outbox was sent by another run and is not known delivered, send it again
            now (before this group's output: the order per key holds) and keep it, stamped in this epoch;
@@ -228,7 +230,7 @@ def register(rt: Runtime) -> None:
                     kept += outbox.messages_of(res.changes, res.sends)
                 if res.write is not None:
                     entry, changed = res.write, True
-            rt.tally.add(metrics.PROFILE_OPS, msg["op"])
+            rt.tally.add(metrics.PROFILE_OPS, op_of(msg))
         if changed and entry is None and stored is not None:
             table.delete(partition, key)
             cache.drop(key)  # a deadline left scheduled finds no entry: its tick does nothing
@@ -238,9 +240,9 @@ def register(rt: Runtime) -> None:
                 write(partition, key, entry, stored)
             except Exception as exc:  # noqa: BLE001 - e.g. a value the broker refuses: the store stays as it was
                 cache.drop(key)
-                rt.dead_letter_stage(PROFILE_TOPIC, key, msgs[-1] if msgs else {"op": "outbox"}, exc)
+                rt.dead_letter_stage(PROFILE_TOPIC, key, msgs[-1] if msgs else Resume(pid=pid), exc)
 
-    def _rebuild(pid: str, stored: bytes | None, done: list[dict[str, Any]]) -> tuple[Any, bool]:
+    def _rebuild(pid: str, stored: bytes | None, done: list[ProfileMessage]) -> tuple[Any, bool]:
         """The profile as the stored value and the messages `done` leave it (their output is not sent again);
         if redoing them fails too, the stored value as it is."""
         entry: ProfileState | Forward | None = decode_profile_entry(stored) if stored is not None else None
@@ -258,7 +260,7 @@ def register(rt: Runtime) -> None:
             return (decode_profile_entry(stored) if stored is not None else None), False
         return entry, changed
 
-    rt.local_handlers[PROFILE_TOPIC] = (table, handle)
+    rt.deliver_locally(PROFILE_TOPIC, table, handle)
     def restamp_walked(partition: int, o: Outcome) -> bytes | None:
         """A walk's profile to write, with its outbox (`handle_group` step 3 for the walk's output)."""
         messages = outbox.messages_of(o.result.changes, o.result.sends)
@@ -276,7 +278,7 @@ def register(rt: Runtime) -> None:
         for key in undelivered:
             handle_group(partition, key, [])
         for key in in_flight:
-            handle_group(partition, key, [{"op": "resume", "pid": key.decode()}])
+            handle_group(partition, key, [Resume(pid=key.decode())])
         if undelivered or in_flight:
             log.info("partition %d: sent again the undelivered output of %d profiles; resumed stitching at %d",
                      partition, len(undelivered), len(in_flight))
@@ -297,20 +299,18 @@ def register(rt: Runtime) -> None:
         (it walks a whole partition and yields to the loop, so it stays outside local delivery)."""
         async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
             run: list[LocalItem] = []
-            for event in events:
-                msg = codec.decode(event.value)
-                partition = event.message.partition
-                if msg["op"] in ("batch", "defs-check"):
+            for partition, key, msg in rt.decode_stage(PROFILE_TOPIC, events):
+                if type(msg) in _WALKS:  # (a set lookup: isinstance on a Struct costs ~0.2 µs a class)
                     with rt.local_delivery():
                         handle(run)
                     run = []
-                    if msg["op"] == "batch":
+                    if isinstance(msg, Batch):
                         await _batch(rt, walks, partition, msg)
                     else:
                         await _definitions_check(rt, walks, partition)
                     rt.tally.flush()
                     continue
-                run.append((partition, event.key, msg))
+                run.append((partition, key, msg))
             with rt.local_delivery():
                 handle(run)
 
@@ -376,9 +376,9 @@ def register(rt: Runtime) -> None:
         for tp in rt.app.assignor.assigned_actives():
             if tp.topic == ops_topic and tp.partition not in checked:
                 checked.add(tp.partition)
-                rt.send(Send(PROFILE_TOPIC, "defs-check", {"op": "defs-check"}), partition=tp.partition)
+                rt.send(Send(PROFILE_TOPIC, "defs-check", DefsCheck()), partition=tp.partition)
         for pid in deadlines.due(rt.now_ms()):
-            rt.send(Send(PROFILE_TOPIC, pid, {"op": "tick", "pid": pid}))
+            rt.send(Send(PROFILE_TOPIC, pid, Tick(pid=pid)))
 
 
 @dataclass
@@ -465,8 +465,7 @@ async def _walk_partition(rt: Runtime, walks: Walks, partition: int, run: str, s
         walks.publish(o.result)
 
     def progress(seen: int, total: int) -> None:
-        rt.send(Send("control.segments", run, {"op": "progress", "run": run, "partition": partition,
-                                                "seen": seen, "total": total, "final": False}))
+        rt.send(Send(CONTROL_SEGMENTS, run, Progress(run=run, partition=partition, seen=seen, total=total)))
 
     store = table.store(partition)
     with table.watch(partition) as dirty:
@@ -478,20 +477,19 @@ async def _walk_partition(rt: Runtime, walks: Walks, partition: int, run: str, s
     if walk.aborted:
         log.warning("walk %s on partition %d stopped after %d of its profiles: the partition was revoked or is "
                     "being rebalanced (run it again)", run, partition, walk.seen)
-    rt.send(Send("control.segments", run, {
-        "op": "progress", "run": run, "partition": partition, "seen": walk.seen, "total": walk.seen,
-        "evaluated": walk.evaluated, "changes": walk.changes, "final": True, "aborted": walk.aborted,
-        "seconds": round(time.monotonic() - started, 3), "started_ms": started_ms}))
+    rt.send(Send(CONTROL_SEGMENTS, run, Progress(
+        run=run, partition=partition, seen=walk.seen, total=walk.seen, evaluated=walk.evaluated,
+        changes=walk.changes, final=True, aborted=walk.aborted, seconds=round(time.monotonic() - started, 3),
+        started_ms=started_ms)))
     return walk
 
 
-async def _batch(rt: Runtime, walks: Walks, partition: int, msg: dict[str, Any]) -> None:
+async def _batch(rt: Runtime, walks: Walks, partition: int, msg: Batch) -> None:
     """A batch run over this partition: all audiences (or the listed ones), optionally only profiles
     changed since `since_ms` (incremental)."""
-    audiences = msg.get("audiences") or None
-    spec = WalkSpec("batch", tuple(audiences) if audiences else None, int(msg.get("since_ms") or 0),
-                    evaluation=msg.get("kind", "batch"))
-    walk = await _walk_partition(rt, walks, partition, msg["run"], spec, started_ms=int(msg.get("started_ms") or 0))
+    audiences = msg.audiences or None
+    spec = WalkSpec("batch", tuple(audiences) if audiences else None, msg.since_ms, evaluation=msg.kind)
+    walk = await _walk_partition(rt, walks, partition, msg.run, spec, started_ms=msg.started_ms or 0)
     metrics.BATCH_PROFILES.inc(walk.seen)
 
 

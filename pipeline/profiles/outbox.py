@@ -21,9 +21,9 @@ from typing import Any
 
 import msgpack
 
-from pipeline.identity.stitch import Send
 from pipeline.model import MembershipChange, Outbox
-from pipeline.profiles.ops import MEMBERSHIP_TOPIC, PROFILE_CHANGES_TOPIC
+from pipeline.stages.messages import Send
+from pipeline.topics import MEMBERSHIP_TOPIC, PROFILE_CHANGES_TOPIC
 
 KEEP_RUNS = 32  # runs an acknowledgement record remembers; an outbox of an older run is sent again (harmless)
 

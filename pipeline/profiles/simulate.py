@@ -2,7 +2,7 @@
 configured identity rules and under changed ones (priorities, unique namespaces, the graph limit), side by side.
 
 The same code the worker runs (pipeline.identity.stitch for the identity stage, ProfileProcessor for the profile
-stage), messages round-tripped through msgpack as on the wire and table values through the profile codec; one
+stage), messages round-tripped through their wire form (pipeline.stages.messages) and table values through the profile codec; one
 ordering of the many Kafka allows: the records arrive one after the other and each is stitched to quiescence
 before the next (every message to a key in the order it was sent). No audiences are evaluated.
 """
@@ -15,24 +15,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import msgpack
-
 from pipeline.errors import ConfigError
 from pipeline.identity.namespaces import IdentityConfig, normalise_identities
-from pipeline.identity.stitch import (
-    IDENTITY_TOPIC,
-    PROFILE_TOPIC,
-    Send,
-    handle_identity,
-    home_key,
-    start_resolve,
-)
-from pipeline.ingest.wire import record_to_wire
+from pipeline.identity.stitch import handle_identity, home_key, start_resolve
 from pipeline.model import ExperienceEvent, IngestRecord, ProfileRecord, ProfileState
 from pipeline.profiles.config import ProfileConfig
 from pipeline.profiles.ops import ProfileProcessor
 from pipeline.segments import SegmentEngine
+from pipeline.stages import messages
+from pipeline.stages.messages import Send, StageMessage, record_to_wire
 from pipeline.state.codec import Forward, decode_profile_entry, encode_forward, encode_profile
+from pipeline.topics import IDENTITY_TOPIC, PROFILE_TOPIC
 
 MAX_RECORDS = 1000
 MAX_MESSAGES = 200_000  # per simulation: stitching a thousand records takes a few thousand
@@ -155,14 +148,13 @@ def simulate(records: list[SimRecord], cfg: ProfileConfig) -> Outcome:
     processor = ProfileProcessor(cfg, SegmentEngine([]), lambda: clock[0] / 1000)
     identities: dict[str, str] = {}
     profiles: dict[str, bytes] = {}
-    queue: deque[tuple[str, str, dict[str, Any]]] = deque()
+    queue: deque[tuple[str, str, StageMessage]] = deque()
     dropped: list[str] = []
     handled = 0
 
     def send(s: Send) -> None:
         if s.topic in (IDENTITY_TOPIC, PROFILE_TOPIC):  # activation output is not part of stitching
-            key, value = msgpack.unpackb(msgpack.packb((s.key, s.value), use_bin_type=True), raw=False)
-            queue.append((s.topic, key, value))
+            queue.append((s.topic, s.key, messages.decode(messages.encode(s.value))))
 
     for rec in records:
         decoded = _decoded(rec, cfg, dropped)
@@ -177,7 +169,7 @@ def simulate(records: list[SimRecord], cfg: ProfileConfig) -> Outcome:
                 raise SimulationError(f"no quiescence after {MAX_MESSAGES} messages")
             topic, key, msg = queue.popleft()
             if topic == IDENTITY_TOPIC:
-                res = handle_identity(key, identities.get(key), msg)
+                res = handle_identity(key, identities.get(key), msg)  # type: ignore[arg-type]
                 if res.write is not None:
                     identities[key] = res.write
                 elif res.delete:
@@ -185,7 +177,7 @@ def simulate(records: list[SimRecord], cfg: ProfileConfig) -> Outcome:
                 sends = res.sends
             else:
                 raw = profiles.get(key)
-                out = processor.handle(key, decode_profile_entry(raw) if raw else None, msg)
+                out = processor.handle(key, decode_profile_entry(raw) if raw else None, msg)  # type: ignore[arg-type]
                 if out.delete:
                     profiles.pop(key, None)
                 elif isinstance(out.write, Forward):

@@ -33,6 +33,7 @@ from pipeline.profiles.config import ProfileConfig, load_profile_config
 from pipeline.profiles.ops import OpResult, ProfileProcessor
 from pipeline.segments import AudienceDef, SegmentEngine
 from pipeline.segments.columnar import Precheck
+from pipeline.stages.messages import Evaluate
 from pipeline.state.codec import decode_profile_entry, encode_profile, profile_body
 
 log = logging.getLogger(__name__)
@@ -98,16 +99,15 @@ def visit(processor: ProfileProcessor, spec: WalkSpec, key: bytes, raw: bytes | 
     if spec.kind == "definitions":
         res = processor.exit_removed(entry, list(spec.removed)) if spec.removed else OpResult()
         if spec.audiences:
-            more = processor.handle(pid, entry, {"op": "evaluate", "audiences": list(spec.audiences),
-                                                 "kind": spec.evaluation})
+            more = processor.handle(pid, entry, Evaluate(audiences=list(spec.audiences), kind=spec.evaluation))
             res.changes.extend(more.changes)
             res.sends.extend(more.sends)
             res.write = more.write or res.write
     else:
         if spec.since_ms and last_change(entry) < spec.since_ms:
             return None
-        res = processor.handle(pid, entry, {"op": "evaluate", "kind": spec.evaluation,
-                                            "audiences": list(spec.audiences) if spec.audiences else None})
+        res = processor.handle(pid, entry, Evaluate(kind=spec.evaluation,
+                                                    audiences=list(spec.audiences) if spec.audiences else None))
     written = res.write
     res.write = None  # the outcome carries the encoded profile instead (it crosses a process boundary)
     # Written when a membership changed, with a message or silently ('realized' -> 'existing', a new audience

@@ -12,16 +12,18 @@ import uuid
 from collections.abc import Iterable
 from typing import Any
 
+from pipeline.stages.messages import Batch
+
 
 def new_run_id(prefix: str = "run") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
 
 def batch_request(run: str, audiences: list[str], since_ms: int, kind: str = "batch",
-                  started_ms: int | None = None) -> dict[str, Any]:
+                  started_ms: int | None = None) -> Batch:
     """The message each partition receives; an empty audience list means every audience."""
-    return {"op": "batch", "run": run, "audiences": audiences, "since_ms": since_ms, "kind": kind,
-            "started_ms": started_ms if started_ms is not None else int(time.time() * 1000)}
+    return Batch(run=run, audiences=audiences, since_ms=since_ms, kind=kind,
+                 started_ms=started_ms if started_ms is not None else int(time.time() * 1000))
 
 
 def last_completed_start(progress: Iterable[dict[str, Any]], partitions: int) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 import msgpack
+import msgspec
 
 from pipeline.errors import SerdeError, UnknownNameError
 
@@ -31,10 +32,15 @@ class RawCodec:
         return data or b""
 
 
+_struct_encoder = msgspec.msgpack.Encoder()
+
+
 class MsgpackCodec:
     """Internal topics: compact and fast, no schema evolution promises beyond our own workers."""
 
     def encode(self, value: Any) -> bytes:
+        if isinstance(value, msgspec.Struct):  # a typed stage message (pipeline.stages.messages): its wire map
+            return _struct_encoder.encode(value)
         return msgpack.packb(value, use_bin_type=True)  # type: ignore[no-any-return]
 
     def decode(self, data: bytes | None) -> Any:

@@ -10,7 +10,8 @@ A profile body is one array:
      events [event_id, type_index, ts_delta, dataset_index, fields, ...]  (flat, ts delta-coded),
      memberships [audience, audience_id or None if equal, status_code, since, version, reason,
                   changed_ms, ...]  (flat),
-     (only while stitching is in flight, else None when an outbox follows) [claims, merging, held, merged(, thawed)],
+     (only while stitching is in flight, else None when an outbox follows) [claims, merging, held, merged(, thawed)]
+       (stage messages in their wire map, pipeline.stages.messages.to_stored),
      (only while output may be undelivered) [run, epoch, [[topic, key, value], ...]]]
 
 Interning dataset and type names and delta-coding event timestamps keeps the value small (RocksDB
@@ -24,9 +25,11 @@ from itertools import accumulate
 from typing import Any, NamedTuple
 
 import msgpack
+import msgspec
 
 from pipeline.errors import SerdeError
 from pipeline.model import AttributeValue, Membership, MembershipStatus, Outbox, ProfileState, StoredEvent
+from pipeline.stages.messages import from_stored, to_stored
 
 FORMAT_VERSION = 1
 _BODY_LENGTHS = (9, 10, 11)  # without stitching state and outbox, with stitching state, with an outbox too
@@ -82,9 +85,10 @@ def encode_profile(profile: ProfileState) -> bytes:
             profile.identities, list(strings), attrs, events, members]
     stitching: list[Any] | None = None
     if profile.claims or profile.merging or profile.held or profile.merged or profile.thawed:
-        stitching = [profile.claims, profile.merging, profile.held, profile.merged]
+        stitching = [profile.claims, profile.merging, [to_stored(m) for m in profile.held], profile.merged]
         if profile.thawed:
-            stitching.append(profile.thawed)
+            token, sent = profile.thawed
+            stitching.append([token, [[t, k, to_stored(v)] for t, k, v in sent]])
     if stitching is not None or profile.outbox is not None:
         body.append(stitching)
     if profile.outbox is not None:
@@ -117,7 +121,7 @@ def encode_forward(forward: Forward) -> bytes:
     """Encode a forwarding marker."""
     if forward.token is None and forward.outbox is None:
         return bytes((FORMAT_VERSION, _FORWARD)) + _pack(forward.into)
-    body = [forward.into, forward.token, list(forward.repointed), list(forward.passed)]
+    body = [forward.into, forward.token, list(forward.repointed), [to_stored(m) for m in forward.passed]]
     if forward.outbox is not None:
         body.append(_outbox_body(forward.outbox))
     return bytes((FORMAT_VERSION, _FORWARD)) + _pack(body)
@@ -178,11 +182,12 @@ def _profile_from_body(body: Any) -> ProfileState:
     if stitching is not None:
         try:
             claims, merging, held, merged = stitching[:4]
-            profile.claims, profile.held, profile.merged = claims, held, merged
+            profile.claims, profile.held, profile.merged = claims, [from_stored(m) for m in held], merged
             profile.merging = (merging[0], merging[1]) if merging else None
             if len(stitching) > 4:
-                profile.thawed = (stitching[4][0], stitching[4][1])
-        except (ValueError, TypeError, IndexError) as exc:
+                token, sent = stitching[4]
+                profile.thawed = (token, [[t, k, from_stored(v)] for t, k, v in sent])
+        except (ValueError, TypeError, IndexError, msgspec.ValidationError) as exc:
             raise SerdeError("profile_decode", f"malformed stitching state: {exc}") from exc
     return profile
 
@@ -197,8 +202,11 @@ def decode_profile_entry(data: bytes) -> ProfileState | Forward:
             return Forward(body)
         if not (isinstance(body, list) and len(body) in (4, 5) and isinstance(body[0], str)):
             raise SerdeError("profile_decode", "malformed forward marker")
-        return Forward(body[0], body[1], tuple(body[2]), tuple(body[3]),
-                       _outbox_from_body(body[4]) if len(body) == 5 else None)
+        try:
+            passed = tuple(from_stored(m) for m in body[3])
+        except (TypeError, msgspec.ValidationError) as exc:
+            raise SerdeError("profile_decode", f"malformed forward marker: {exc}") from exc
+        return Forward(body[0], body[1], tuple(body[2]), passed, _outbox_from_body(body[4]) if len(body) == 5 else None)
     raise SerdeError("profile_decode", f"unknown entry kind {kind}")
 
 

@@ -12,7 +12,7 @@ from pipeline.connection import Kafka
 from pipeline.kafka_reads import read_to_end
 from pipeline.model import ProfileState
 from pipeline.state.codec import Forward, decode_profile_entry
-from pipeline.topics import TopicRegistry
+from pipeline.topics import IDENTITY_CHANGELOG, PROFILES_CHANGELOG, TopicRegistry
 
 
 def read_changelog(reg: TopicRegistry, kafka: Kafka, logical: str, timeout_s: float = 30) -> dict[bytes, bytes]:
@@ -39,10 +39,10 @@ class GraphSnapshot:
 
 
 def snapshot(reg: TopicRegistry, kafka: Kafka) -> GraphSnapshot:
-    ids = {k.decode(): v.decode() for k, v in read_changelog(reg, kafka, "state.identity-changelog").items()}
+    ids = {k.decode(): v.decode() for k, v in read_changelog(reg, kafka, IDENTITY_CHANGELOG).items()}
     profiles: dict[str, ProfileState] = {}
     forwards: dict[str, str] = {}
-    for k, v in read_changelog(reg, kafka, "state.profiles-changelog").items():
+    for k, v in read_changelog(reg, kafka, PROFILES_CHANGELOG).items():
         if k.startswith(b"__"):  # per-partition metadata, not a profile
             continue
         entry = decode_profile_entry(v)

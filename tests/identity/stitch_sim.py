@@ -19,7 +19,9 @@ handling of each partition's log happen in any interleaving the `choose` functio
   handled again. A restarted worker resumes the profiles it finds with
   stitching in flight, as the profile agent does when it is assigned a partition.
 
-Messages are msgpack round-tripped and table values go through the profile codec, as on the wire.
+Messages are typed (pipeline.stages.messages); one that goes through Kafka is round-tripped through its wire
+form, one delivered in-process is the object itself, and table values go through the profile codec, as a
+worker does.
 """
 
 from __future__ import annotations
@@ -29,29 +31,24 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgpack
 from stitching import Rec
 
-from pipeline.identity.stitch import (
-    IDENTITY_TOPIC,
-    PROFILE_TOPIC,
-    Send,
-    apply_msg,
-    handle_identity,
-    in_process_allowed,
-    start_resolve,
-)
-from pipeline.ingest.wire import record_to_wire
+from pipeline.identity.stitch import apply_msg, handle_identity, in_process_allowed, start_resolve
 from pipeline.model import ExperienceEvent, MembershipChange, ProfileRecord
+from pipeline.privacy.erasure import erase_at_identity, start_erasure
 from pipeline.profiles.config import ProfileConfig
 from pipeline.profiles.ops import ProfileProcessor
 from pipeline.segments import SegmentEngine
+from pipeline.stages import messages
+from pipeline.stages.messages import Erase, Evaluate, Resume, Send, Tick, op_of, record_to_wire
 from pipeline.state.codec import Forward, decode_profile_entry, encode_forward, encode_profile, peek_entry
 from pipeline.state.snapshot import GraphSnapshot
 from pipeline.state.tables import partition_for
+from pipeline.topics import IDENTITY_TOPIC, PROFILE_TOPIC
 
 Part = tuple[str, int]  # (stage topic, partition)
 INGEST: Part = ("ingest", 0)
+OUTSIDE: Part = ("outside", 0)  # a sender no worker holds (the erasure CLI): what it sent is in Kafka
 
 
 @dataclass
@@ -103,7 +100,9 @@ class StitchSim:
         pick = placement or random.Random(0)
         self.worker_of: dict[Part, int] = {part: pick.randrange(workers) for part in self.logs}
         self.worker_of[INGEST] = 0
+        self.worker_of[OUTSIDE] = -1
         self.workers = workers
+        self.timer_rate = 0.0  # per step: a deadline timer sends a tick (or a walk an evaluation) to a stored profile
 
     # -- sending and handling -----------------------------------------------------------------------
     def _part(self, topic: str, key: str) -> Part:
@@ -112,10 +111,10 @@ class StitchSim:
     def _send(self, src: Part, send: Send) -> None:
         if send.topic not in (IDENTITY_TOPIC, PROFILE_TOPIC):
             return  # activation output: not part of stitching
-        wire = msgpack.unpackb(msgpack.packb((send.key, send.value), use_bin_type=True), raw=False)
         dst = self._part(send.topic, send.key)
         local = (self.local_delivery and self.worker_of[src] == self.worker_of[dst] and in_process_allowed(send))
-        self.channels.setdefault((src, dst, local), deque()).append(wire)
+        msg = send.value if local else messages.decode(messages.encode(send.value))
+        self.channels.setdefault((src, dst, local), deque()).append((send.key, msg))
 
     def ingest(self, rec: Rec, ts: int | None = None) -> None:
         """What the ingest loop does with a decoded record: the home hop, locally if the owner is known.
@@ -127,6 +126,21 @@ class StitchSim:
         home = rec.home(self.config.identity.unique_namespaces).key
         owner = self.logs[self._part(IDENTITY_TOPIC, home)].table.get(home) if self.fast_path else None
         self._send(INGEST, apply_msg(owner.decode(), wire, home) if owner else start_resolve(wire, home, self.now))
+
+    def erase(self, identity_key: str) -> None:
+        """An erasure of the person `identity_key` names, as `pipeline privacy erase` requests it."""
+        _request, sends = start_erasure(identity_key, b"salt", suppress=False, now_ms=self.now)
+        for send in sends:
+            self._send(OUTSIDE, send)
+
+    def timer(self, rng: random.Random) -> None:
+        """A profile's deadline comes due (a `tick`, sent by its partition's owner through Kafka), or a walk's
+        evaluation reaches it: either may find it merging (held), forwarded (passed on, or dropped) or live."""
+        parts = [part for part in self.logs if part[0] == PROFILE_TOPIC and self.logs[part].table]
+        if parts:
+            part = rng.choice(sorted(parts))
+            pid = rng.choice(sorted(self.logs[part].table))
+            self._send(part, Send(PROFILE_TOPIC, pid, Tick(pid=pid) if rng.random() < 0.8 else Evaluate()))
 
     def handle_next(self, part: Part, torn: random.Random | None = None) -> None:
         """Handle the next message of `part`. With `torn`, the worker dies in the middle of its output: the
@@ -141,10 +155,12 @@ class StitchSim:
         def lands() -> bool:
             return torn is None or torn.random() < 0.5
         self.handled += 1
-        self.ops[msg["op"]] += 1
+        self.ops[op_of(msg)] += 1
         if part[0] == IDENTITY_TOPIC:
             current = log.table.get(key)
-            res = handle_identity(key, current.decode() if current else None, msg)
+            owner = current.decode() if current else None
+            res = (erase_at_identity(key, owner, msg, self.now) if isinstance(msg, Erase)
+                   else handle_identity(key, owner, msg))
             if lands():
                 if res.write is not None:
                     log.write(key, res.write.encode())
@@ -157,7 +173,9 @@ class StitchSim:
         raw = log.table.get(key)
         out = self.processor.handle(key, decode_profile_entry(raw) if raw else None, msg)
         if lands():
-            if isinstance(out.write, Forward):
+            if out.delete:
+                log.write(key, None)
+            elif isinstance(out.write, Forward):
                 log.write(key, encode_forward(out.write))
             elif out.write is not None:
                 log.write(key, encode_profile(out.write))
@@ -193,6 +211,8 @@ class StitchSim:
                 self.checkpoint(rng.randrange(self.workers))
         elif rng.random() < 0.05:
             self.commit(rng.choice(list(self.logs)))
+        if self.timer_rate and rng.random() < self.timer_rate:
+            self.timer(rng)
         acts = self.actions() or acts  # a checkpoint may have emptied a channel
         kind, arg = rng.choice(acts)
         if kind == "deliver" and not self.channels[arg]:
@@ -280,7 +300,7 @@ class StitchSim:
                 log = self.logs[part]
                 for key, raw in sorted(log.table.items()):
                     if peek_entry(raw).in_flight:
-                        log.deliver([(key, {"op": "resume", "pid": key})], local=True)
+                        log.deliver([(key, Resume(pid=key))], local=True)
 
     def run(self, records: list[Rec] | tuple[Rec, ...], rng: random.Random, crash_rate: float = 0.0,
             max_steps: int = 2_000_000, torn_rate: float = 0.0, worker_crash_rate: float = 0.0) -> None:

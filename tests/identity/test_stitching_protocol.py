@@ -4,43 +4,47 @@ checked against the plain reference in tests/stitching.py (no Kafka: see tests/i
 from __future__ import annotations
 
 import random
+from collections import Counter
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from msgspec import structs
 from stitch_sim import StitchSim
-from stitching import Person, Rec, World, check_world, generate_world
+from stitching import CONFIG, Person, Rec, World, check_world, generate_world
 
-from pipeline.identity.datasets import parse_datasets_config
 from pipeline.identity.namespaces import parse_identity_config
 from pipeline.identity.stitch import (
-    IDENTITY_TOPIC,
-    PROFILE_TOPIC,
-    Send,
     apply_msg,
     claim_msg,
     handle_identity,
     in_process_allowed,
     start_resolve,
 )
-from pipeline.ingest.wire import record_to_wire
 from pipeline.model import ExperienceEvent, Identity, ProfileState
 from pipeline.profiles.config import ProfileConfig
 from pipeline.profiles.ops import ProfileProcessor
 from pipeline.segments import SegmentEngine
+from pipeline.stages import messages
+from pipeline.stages.messages import (
+    Absorb,
+    Accepted,
+    Apply,
+    Claim,
+    Claimed,
+    Link,
+    Refused,
+    Release,
+    Repoint,
+    Resolve,
+    Resume,
+    Send,
+    Taken,
+    record_to_wire,
+)
 from pipeline.state.codec import Forward, decode_profile_entry, encode_forward, encode_profile
-
-CONFIG = ProfileConfig(parse_identity_config("""\
-max_identities_per_graph: 1000
-namespaces:
-  - {name: ECID, kind: cookie, priority: 10, normaliser: trim}
-  - {name: GAID, kind: device, priority: 20, normaliser: lower}
-  - {name: Email, kind: person, priority: 60, normaliser: email}
-  - {name: CRMID, kind: person, priority: 100, unique: true, normaliser: trim}
-"""), parse_datasets_config("""\
-datasets: [{name: web-events, schema: experience_event}, {name: crm, schema: profile_record}]
-merge_policy: {type: timestamp}
-"""))
+from pipeline.state.snapshot import GraphSnapshot
+from pipeline.topics import IDENTITY_TOPIC, PROFILE_TOPIC
 
 A, B = Identity("CRMID", "A"), Identity("CRMID", "B")
 K = Identity("ECID", "household")
@@ -218,15 +222,15 @@ def test_a_redelivered_accepted_sends_again_what_the_merged_away_profile_sent() 
     proc = _processor()
     p9 = ProfileState("p9", created_ms=1, identities={"ECID": {"c9": 1}}, merging=("p1", "p9/2"),
                       claims={"Email:e9": {"p9": 5}},
-                      held=[{"op": "apply", "pid": "p9", "rec": None, "home": "ECID:c9", "hop": True},
-                            {"op": "taken", "pid": "p9", "claimant": "p9", "key": "Email:e9", "owner": "p4"}])
-    accepted = {"op": "accepted", "pid": "p9", "token": "p9/2", "by": "p1"}
+                      held=[Apply(pid="p9", rec=None, home="ECID:c9", hop=True),
+                            Taken(pid="p9", claimant="p9", key="Email:e9", owner="p4")])
+    accepted = Accepted(pid="p9", token="p9/2", by="p1")
     first = proc.handle("p9", p9, accepted)
     expected = [
-        Send(IDENTITY_TOPIC, "ECID:c9", {"op": "repoint", "from": "p9", "to": "p1"}),
-        Send(IDENTITY_TOPIC, "Email:e9", {"op": "repoint", "from": "p9", "to": "p1"}),
-        Send(PROFILE_TOPIC, "p1", {"op": "apply", "pid": "p1", "rec": None, "home": "ECID:c9", "hop": True}),
-        Send(PROFILE_TOPIC, "p1", {"op": "taken", "pid": "p1", "claimant": "p9", "key": "Email:e9", "owner": "p4"}),
+        Send(IDENTITY_TOPIC, "ECID:c9", Repoint(old="p9", new="p1")),
+        Send(IDENTITY_TOPIC, "Email:e9", Repoint(old="p9", new="p1")),
+        Send(PROFILE_TOPIC, "p1", Apply(pid="p1", rec=None, home="ECID:c9", hop=True)),
+        Send(PROFILE_TOPIC, "p1", Taken(pid="p1", claimant="p9", key="Email:e9", owner="p4")),
     ]
     assert first.sends == expected
     assert isinstance(first.write, Forward) and first.write.into == "p1"
@@ -237,7 +241,7 @@ def test_a_redelivered_accepted_sends_again_what_the_merged_away_profile_sent() 
     assert again.sends == expected
     assert again.write is None
     # And an answer to an older attempt is still dropped there
-    assert proc.handle("p9", _round_trip(first.write), {**accepted, "token": "p9/1"}).sends == []
+    assert proc.handle("p9", _round_trip(first.write), structs.replace(accepted, token="p9/1")).sends == []
 
 
 def test_a_redelivered_refused_sends_again_what_the_thawed_messages_sent() -> None:
@@ -247,10 +251,10 @@ def test_a_redelivered_refused_sends_again_what_the_thawed_messages_sent() -> No
     rec = apply_msg("p9", record_to_wire(ExperienceEvent("r1", 7, "pageView", "web-events", ids, ids[0], {})),
                     "ECID:c9").value
     p9 = ProfileState("p9", created_ms=1, identities={"ECID": {"c9": 1}}, merging=("p1", "p9/2"), held=[rec])
-    refused = {"op": "refused", "pid": "p9", "token": "p9/2", "by": "p1"}
+    refused = Refused(pid="p9", token="p9/2", by="p1")
     first = proc.handle("p9", p9, refused)
     claims = [s for s in first.sends if s.topic == IDENTITY_TOPIC]
-    assert claims == [Send(IDENTITY_TOPIC, "Email:e9", {"op": "claim", "pid": "p9", "ts": 7})]
+    assert claims == [Send(IDENTITY_TOPIC, "Email:e9", Claim(pid="p9", ts=7))]
     assert isinstance(first.write, ProfileState) and first.write.merging is None
     # When the thawed state was kept but the claim was lost, and the refused is delivered again
     again = proc.handle("p9", _round_trip(first.write), refused)
@@ -261,14 +265,13 @@ def test_a_redelivered_refused_sends_again_what_the_thawed_messages_sent() -> No
 
 def test_a_redelivered_adoption_sends_its_apply_again() -> None:
     # Given an identity adopted by a new profile id (its own profile, as a lone identity)
-    msg = {"op": "resolve", "rec": None, "cand": "p5"}
+    msg = Resolve(rec=None, candidate="p5")
     first = handle_identity("CRMID:B", None, msg)
     assert first.write == "p5"
     # When the table write survived a crash and the apply did not, and the resolve comes again
     again = handle_identity("CRMID:B", "p5", msg)
     # Then the apply that creates the profile is sent again; an identity someone else owns is left alone
-    assert again.sends == first.sends == [Send(PROFILE_TOPIC, "p5", {"op": "apply", "pid": "p5", "rec": None,
-                                                                    "home": "CRMID:B", "hop": True})]
+    assert again.sends == first.sends == [Send(PROFILE_TOPIC, "p5", Apply(pid="p5", rec=None, home="CRMID:B", hop=True))]
     assert handle_identity("CRMID:B", "p2", msg).sends == []
 
 
@@ -276,21 +279,21 @@ def test_a_profile_left_waiting_by_a_crash_sends_again_what_it_waits_on_when_res
     # Given the state a crash left: p9 merging into p1 (its absorb lost in-process with the worker), holding a
     # record that reached it meanwhile, with a pending claim of its own and one of a profile it absorbed
     proc = _processor()
-    held = {"op": "apply", "pid": "p9", "rec": None, "home": "ECID:c9", "hop": True}
+    held = Apply(pid="p9", rec=None, home="ECID:c9", hop=True)
     p9 = ProfileState("p9", created_ms=1, identities={"ECID": {"c9": 1}}, merging=("p1", "p9/2"),
                       claims={"Email:e9": {"p9": 5, "p12": 3}}, held=[held])
     stored = _round_trip(p9)
     # When a worker is assigned its partition and resumes it
-    res = proc.handle("p9", stored, {"op": "resume", "pid": "p9"})
+    res = proc.handle("p9", stored, Resume(pid="p9"))
     # Then it ships its state to p1 again, as its first absorb did, and asks for the pending claims again
     assert res.sends == [ProfileProcessor._absorb_msg("p9", p9),
-                         Send(IDENTITY_TOPIC, "Email:e9", {"op": "claim", "pid": "p12", "ts": 3}),
-                         Send(IDENTITY_TOPIC, "Email:e9", {"op": "claim", "pid": "p9", "ts": 5})]
+                         Send(IDENTITY_TOPIC, "Email:e9", Claim(pid="p12", ts=3)),
+                         Send(IDENTITY_TOPIC, "Email:e9", Claim(pid="p9", ts=5))]
     # And nothing changes: the held message stays held, in order
     assert res.write is None and isinstance(stored, ProfileState) and stored.held == [held]
     # And a resume reaching a forward, or a profile with nothing in flight, sends nothing
-    assert proc.handle("p9", Forward("p1"), {"op": "resume", "pid": "p9"}).sends == []
-    assert proc.handle("p2", ProfileState("p2", 1), {"op": "resume", "pid": "p2"}).sends == []
+    assert proc.handle("p9", Forward("p1"), Resume(pid="p9")).sends == []
+    assert proc.handle("p2", ProfileState("p2", 1), Resume(pid="p2")).sends == []
 
 
 def test_a_record_handled_again_names_the_same_candidate_profile() -> None:
@@ -301,10 +304,10 @@ def test_a_record_handled_again_names_the_same_candidate_profile() -> None:
     # When it is read again after a crash, later
     again = start_resolve(rec, "ECID:c1", now_ms=1_800_000_555_000)
     # Then it names the same candidate, which sorts by the record's time; another record names another
-    assert again == first and first.value["cand"].startswith(f"{1_700_000_000_123:012x}")
+    assert again == first and first.value.candidate.startswith(f"{1_700_000_000_123:012x}")
     other = record_to_wire(ExperienceEvent("r2", 1_700_000_000_123, "pageView", "web-events",
                                            (Identity("ECID", "c1"),), Identity("ECID", "c1"), {}))
-    assert start_resolve(other, "ECID:c1", now_ms=1_800_000_000_000).value["cand"] != first.value["cand"]
+    assert start_resolve(other, "ECID:c1", now_ms=1_800_000_000_000).value.candidate != first.value.candidate
 
 
 def test_a_replayed_record_asks_again_for_the_identities_its_profile_lists() -> None:
@@ -313,20 +316,17 @@ def test_a_replayed_record_asks_again_for_the_identities_its_profile_lists() -> 
     proc = _processor()
     ids = (Identity("ECID", "c1"), Identity("Email", "e1"))
     rec = record_to_wire(ExperienceEvent("r1", 7, "pageView", "web-events", ids, ids[0], {}))
-    p1 = proc.handle("p1", None, {"op": "apply", "pid": "p1", "rec": rec, "home": "ECID:c1", "hop": True}).write
+    p1 = proc.handle("p1", None, Apply(pid="p1", rec=rec, home="ECID:c1", hop=True)).write
     assert isinstance(p1, ProfileState)
-    p1 = proc.handle("p1", _round_trip(p1), {"op": "claimed", "pid": "p1", "claimant": "p1",
-                                             "key": "Email:e1"}).write
+    p1 = proc.handle("p1", _round_trip(p1), Claimed(pid="p1", claimant="p1", key="Email:e1")).write
     assert isinstance(p1, ProfileState) and p1.identities == {"ECID": {"c1": 7}, "Email": {"e1": 7}}
     # When the record is handled again, through the identity stage (hop) or from ingest's local read
-    hop = proc.handle("p1", _round_trip(p1), {"op": "apply", "pid": "p1", "rec": rec, "home": "ECID:c1",
-                                               "hop": True})
-    local = proc.handle("p1", _round_trip(p1), {"op": "apply", "pid": "p1", "rec": rec, "home": "ECID:c1",
-                                                 "hop": False})
+    hop = proc.handle("p1", _round_trip(p1), Apply(pid="p1", rec=rec, home="ECID:c1", hop=True))
+    local = proc.handle("p1", _round_trip(p1), Apply(pid="p1", rec=rec, home="ECID:c1", hop=False))
     # Then it asks the identity table again for what it lists (the home too, unless the hop just read it)
-    assert hop.sends == [Send(IDENTITY_TOPIC, "Email:e1", {"op": "claim", "pid": "p1", "ts": 7})]
-    assert local.sends == [Send(IDENTITY_TOPIC, "ECID:c1", {"op": "claim", "pid": "p1", "ts": 7}),
-                           Send(IDENTITY_TOPIC, "Email:e1", {"op": "claim", "pid": "p1", "ts": 7})]
+    assert hop.sends == [Send(IDENTITY_TOPIC, "Email:e1", Claim(pid="p1", ts=7))]
+    assert local.sends == [Send(IDENTITY_TOPIC, "ECID:c1", Claim(pid="p1", ts=7)),
+                           Send(IDENTITY_TOPIC, "Email:e1", Claim(pid="p1", ts=7))]
     assert hop.counters == {"duplicates": 1}
 
 
@@ -345,7 +345,7 @@ def test_an_identity_given_to_a_profile_that_lost_its_pending_claim_in_a_crash_i
     proc = _processor()
     p1 = ProfileState("p1", created_ms=1, identities={"Email": {"e1": 1}})
     # When the answer comes
-    res = proc.handle("p1", _round_trip(p1), {"op": "claimed", "pid": "p1", "claimant": "p1", "key": "ECID:c1"})
+    res = proc.handle("p1", _round_trip(p1), Claimed(pid="p1", claimant="p1", key="ECID:c1"))
     # Then p1 lists the cookie (nothing else would: a profile refused it meanwhile has sent its link here) and
     # releases nothing
     assert isinstance(res.write, ProfileState)
@@ -354,20 +354,18 @@ def test_an_identity_given_to_a_profile_that_lost_its_pending_claim_in_a_crash_i
     # But an identity the guardrail has no room for, or a second CRM id, is released as before
     small = ProfileProcessor(SMALL_GRAPHS, SegmentEngine([]), lambda: 1_700_000_000.0)
     full = ProfileState("p1", created_ms=1, identities={"Email": {"e1": 1}, "CRMID": {"A": 1}})
-    assert small.handle("p1", _round_trip(full), {"op": "claimed", "pid": "p1", "claimant": "p1",
-                                                  "key": "ECID:c1"}).sends == [
-        Send(IDENTITY_TOPIC, "ECID:c1", {"op": "release", "pid": "p1"})]
+    assert small.handle("p1", _round_trip(full), Claimed(pid="p1", claimant="p1", key="ECID:c1")).sends == [
+        Send(IDENTITY_TOPIC, "ECID:c1", Release(pid="p1"))]
     crm = ProfileState("p1", created_ms=1, identities={"CRMID": {"A": 1}})
-    assert proc.handle("p1", _round_trip(crm), {"op": "claimed", "pid": "p1", "claimant": "p1",
-                                                "key": "CRMID:B"}).sends == [
-        Send(IDENTITY_TOPIC, "CRMID:B", {"op": "release", "pid": "p1"})]
+    assert proc.handle("p1", _round_trip(crm), Claimed(pid="p1", claimant="p1", key="CRMID:B")).sends == [
+        Send(IDENTITY_TOPIC, "CRMID:B", Release(pid="p1"))]
 
 
 def test_an_identity_given_to_a_profile_a_crash_left_unborn_makes_it_hold_the_identity() -> None:
     # Given p1's creation lost in a crash (its apply was delivered in-process), while its claim of a cookie survived
     proc = _processor()
     # When the identity table's answer reaches p1
-    res = proc.handle("p1", None, {"op": "claimed", "pid": "p1", "claimant": "p1", "key": "ECID:c1"})
+    res = proc.handle("p1", None, Claimed(pid="p1", claimant="p1", key="ECID:c1"))
     # Then p1 is born holding the cookie (the table gives it to p1), and releases nothing: the record that created it
     # comes again and finds it there
     assert isinstance(res.write, ProfileState)
@@ -381,17 +379,16 @@ def test_a_link_naming_an_identity_its_profile_lost_in_a_crash_lists_it_so_that_
     proc = _processor()
     p20 = ProfileState("p20", created_ms=1, identities={"ECID": {"g0": 1}})
     # When p06, refused the e-mail (taken: owner p20), links to it
-    res = proc.handle("p20", _round_trip(p20), {"op": "link", "pid": "p20", "from": "p06", "uniq": {"CRMID": ["C0"]},
-                                                 "via": "Email:e0"})
+    res = proc.handle("p20", _round_trip(p20), Link(pid="p20", sender="p06", uniq={"CRMID": ["C0"]}, via="Email:e0"))
     # Then p20 lists the e-mail again and ships it with the rest to p06
     assert isinstance(res.write, ProfileState)
     assert res.write.identities == {"ECID": {"g0": 1}, "Email": {"e0": 1_700_000_000_000}}
     assert res.write.merging is not None and res.write.merging[0] == "p06"
     # And once p06 has absorbed it, p20's identities, the e-mail included, are repointed to p06
     token = res.write.merging[1]
-    done = proc.handle("p20", _round_trip(res.write), {"op": "accepted", "pid": "p20", "token": token, "by": "p06"})
-    assert done.sends == [Send(IDENTITY_TOPIC, "ECID:g0", {"op": "repoint", "from": "p20", "to": "p06"}),
-                          Send(IDENTITY_TOPIC, "Email:e0", {"op": "repoint", "from": "p20", "to": "p06"})]
+    done = proc.handle("p20", _round_trip(res.write), Accepted(pid="p20", token=token, by="p06"))
+    assert done.sends == [Send(IDENTITY_TOPIC, "ECID:g0", Repoint(old="p20", new="p06")),
+                          Send(IDENTITY_TOPIC, "Email:e0", Repoint(old="p20", new="p06"))]
 
 
 def test_a_new_merge_attempt_of_a_profile_absorbed_before_is_absorbed_again() -> None:
@@ -407,21 +404,20 @@ def test_a_new_merge_attempt_of_a_profile_absorbed_before_is_absorbed_again() ->
     assert isinstance(res.write, ProfileState)
     assert res.write.identities == {"ECID": {"c1": 1, "c9": 1, "c3": 2}}
     assert res.write.merged == ["p9/5", "p9/7"]
-    assert res.sends[0] == Send(PROFILE_TOPIC, "p9", {"op": "accepted", "pid": "p9", "token": "p9/7", "by": "p1"})
+    assert res.sends[0] == Send(PROFILE_TOPIC, "p9", Accepted(pid="p9", token="p9/7", by="p1"))
     # And a redelivered absorb of an attempt p1 took (or one recorded by id, as stored before tokens) is only
     # answered again
     for merged in (["p9/7"], ["p9"]):
         stored = ProfileState("p1", created_ms=1, identities={"ECID": {"c1": 1}}, merged=merged)
         redelivered = proc.handle("p1", _round_trip(stored), absorb)
         assert redelivered.write is None
-        assert redelivered.sends == [Send(PROFILE_TOPIC, "p9", {"op": "accepted", "pid": "p9", "token": "p9/7",
-                                                                "by": "p1"})]
+        assert redelivered.sends == [Send(PROFILE_TOPIC, "p9", Accepted(pid="p9", token="p9/7", by="p1"))]
 
 
 def test_links_and_absorbs_always_go_through_kafka() -> None:
     # Given the messages of a merge and of a record
-    link = Send(PROFILE_TOPIC, "p9", {"op": "link", "pid": "p9", "from": "p1", "uniq": {}, "via": None})
-    absorb = Send(PROFILE_TOPIC, "p1", {"op": "absorb", "pid": "p1", "from": "p9", "token": "p9/2", "state": b""})
+    link = Send(PROFILE_TOPIC, "p9", Link(pid="p9", sender="p1", uniq={}, via=None))
+    absorb = Send(PROFILE_TOPIC, "p1", Absorb(pid="p1", sender="p9", token="p9/2", state=b""))
     apply = apply_msg("p1", None, "ECID:c1")
     # Then a link (which freezes its target, whose absorb is in Kafka: handled again after a crash, it must freeze
     # it again at the same point of its log) and an absorb are never delivered in-process; an apply may be
@@ -432,10 +428,10 @@ def test_links_and_absorbs_always_go_through_kafka() -> None:
 def test_a_merging_profile_holds_one_copy_of_a_message_delivered_again() -> None:
     # Given p9 merging into p1, holding a link
     proc = _processor()
-    link = {"op": "link", "pid": "p9", "from": "p4", "uniq": {}, "via": None}
+    link = Link(pid="p9", sender="p4", uniq={}, via=None)
     p9 = ProfileState("p9", created_ms=1, identities={"ECID": {"c9": 1}}, merging=("p1", "p9/2"), held=[link])
     # When the same link comes again (handled again after a crash)
-    res = proc.handle("p9", _round_trip(p9), dict(link))
+    res = proc.handle("p9", _round_trip(p9), messages.decode(messages.encode(link)))
     # Then it is not held twice (each copy would be passed on, and sent again with every redelivered `accepted`)
     assert res.write is None and res.sends == []
     assert res.counters == {"held_duplicates": 1}
@@ -447,20 +443,119 @@ def test_a_link_reaching_a_merged_away_profile_for_an_identity_it_never_listed_h
     proc = _processor()
     p20 = Forward("p06", "p20/2", ("ECID:c0-1",))
     # When p06, refused the CRM id (taken: owner p20), links to p20
-    link = {"op": "link", "pid": "p20", "from": "p06", "uniq": {}, "via": "CRMID:C0"}
+    link = Link(pid="p20", sender="p06", uniq={}, via="CRMID:C0")
     res = proc.handle("p20", _round_trip(p20), link)
     # Then p20 moves it to p06, asking the identity table to tell p06, and passes the link on as before
-    adopt = {"op": "repoint", "from": "p20", "to": "p06", "adopt": True}
-    assert res.sends == [Send(IDENTITY_TOPIC, "CRMID:C0", adopt), Send(PROFILE_TOPIC, "p06", {**link, "pid": "p06"})]
+    adopt = Repoint(old="p20", new="p06", adopt=True)
+    assert res.sends == [Send(IDENTITY_TOPIC, "CRMID:C0", adopt), Send(PROFILE_TOPIC, "p06", structs.replace(link, pid="p06"))]
     # And the identity table moves it (compare-and-set) and tells p06, which lists it
     moved = handle_identity("CRMID:C0", "p20", adopt)
-    claimed = {"op": "claimed", "pid": "p06", "claimant": "p06", "key": "CRMID:C0"}
+    claimed = Claimed(pid="p06", claimant="p06", key="CRMID:C0")
     assert (moved.write, moved.sends) == ("p06", [Send(PROFILE_TOPIC, "p06", claimed)])
     p06 = ProfileState("p06", created_ms=1, identities={"ECID": {"c0-1": 1}})
     listed = proc.handle("p06", _round_trip(p06), claimed).write
     assert isinstance(listed, ProfileState)
     assert listed.identities == {"ECID": {"c0-1": 1}, "CRMID": {"C0": 1_700_000_000_000}}
     # And an identity the forward repointed when it merged, or one owned by someone else, is left alone
-    assert proc.handle("p20", _round_trip(p20), {**link, "via": "ECID:c0-1"}).sends == [
-        Send(PROFILE_TOPIC, "p06", {**link, "via": "ECID:c0-1", "pid": "p06"})]
+    assert proc.handle("p20", _round_trip(p20), structs.replace(link, via="ECID:c0-1")).sends == [
+        Send(PROFILE_TOPIC, "p06", structs.replace(link, via="ECID:c0-1", pid="p06"))]
     assert handle_identity("CRMID:C0", "p31", adopt).sends == []
+
+
+# -- every other stage operation at protocol level: erasure, deadlines and evaluations, the guardrail's releases --
+def _settled(seed: int, people: int, crashes: bool) -> tuple[World, StitchSim]:
+    """Generated customers stitched to quiescence by 1-3 workers (dying mid-output when `crashes`)."""
+    rng = random.Random(seed)
+    world = generate_world(random.Random(seed), people, households=0.5, hostile=0.0)
+    sim = StitchSim(CONFIG, workers=rng.randint(1, 3), placement=random.Random(seed), fast_path=seed % 2 == 0,
+                    local_delivery=seed % 3 == 0)
+    sim.run(world.records, random.Random(seed * 7 + 1), worker_crash_rate=0.01 if crashes else 0.0,
+            max_steps=200_000)
+    assert_right(world, sim)
+    return world, sim
+
+
+def test_an_erased_person_leaves_no_identity_profile_or_forward_and_the_others_stay_as_they_were() -> None:
+    ops: Counter[str] = Counter()
+    for seed in range(60):
+        # Given customers stitched (with merges, and crashes on odd seeds)
+        world, sim = _settled(seed, 2 + seed % 4, crashes=seed % 2 == 1)
+        before = sim.snapshot()
+        person = world.persons[seed % len(world.persons)]
+        pid = before.owner(person.own[0].key)
+        assert pid is not None
+        listed = {i.key for i in before.profiles[pid].identity_list()}
+        absorbed = {f for f in before.forwards if before.resolve(f) == pid}
+        # When the person is erased by one of their own identities
+        sim.erase(person.own[0].key)
+        sim.run([], random.Random(seed), max_steps=200_000)
+        after = sim.snapshot()
+        # Then their profile, every identity it listed and every forward of a profile it absorbed are gone
+        assert pid not in after.profiles and pid not in after.forwards
+        assert sorted(k for k in listed if k in after.identities) == []
+        assert sorted(absorbed & set(after.forwards)) == []
+        # And everybody else's profiles, identities and forwards are as they were
+        assert {p: v for p, v in after.profiles.items()} == {p: v for p, v in before.profiles.items() if p != pid}
+        assert after.identities == {k: v for k, v in before.identities.items() if before.resolve(v) != pid}
+        assert after.forwards == {f: v for f, v in before.forwards.items() if before.resolve(f) != pid}
+        ops.update(sim.ops)
+    assert ops["erase"] == 2 * 60 and ops["erase-forward"] > 0 and ops["release"] > 0
+
+
+def test_deadlines_and_evaluations_reaching_profiles_at_any_point_of_a_merge_change_no_stitching() -> None:
+    ops: Counter[str] = Counter()
+    for seed in range(100):
+        # Given generated customers, and deadline ticks and walk evaluations sent to stored profiles meanwhile
+        rng = random.Random(seed)
+        world = generate_world(random.Random(seed), rng.randint(1, 6), households=0.5, hostile=0.2)
+        sim = StitchSim(CONFIG, workers=rng.randint(1, 3), placement=random.Random(seed), fast_path=seed % 2 == 0,
+                        local_delivery=seed % 3 == 0)
+        sim.timer_rate = 0.05
+        # When they are stitched, workers dying mid-output
+        sim.run(world.records, random.Random(seed * 7 + 1), worker_crash_rate=0.01, max_steps=200_000)
+        # Then the graph is right (a merging profile held them, a forward passed them on or dropped a tick)
+        assert_right(world, sim)
+        ops.update(sim.ops)
+    assert ops["tick"] > 0 and ops["evaluate"] > 0
+
+
+THREE_PER_GRAPH = ProfileConfig(parse_identity_config("""\
+max_identities_per_graph: 3
+namespaces:
+  - {name: ECID, kind: cookie, priority: 10, normaliser: trim}
+  - {name: GAID, kind: device, priority: 20, normaliser: lower}
+  - {name: Email, kind: person, priority: 60, normaliser: email}
+  - {name: CRMID, kind: person, priority: 100, unique: true, normaliser: trim}
+"""), CONFIG.datasets)
+
+
+def consistency_problems(snap: GraphSnapshot) -> list[str]:
+    """What breaks the tables' agreement: an identity owned by no live profile or not listed by its owner, one
+    listed by a profile that does not own it, stitching still in flight, a forward leading nowhere."""
+    problems = [f"{k}: owned by {v}, not a live profile listing it" for k, v in sorted(snap.identities.items())
+                if (o := snap.resolve(v)) not in snap.profiles
+                or k not in {i.key for i in snap.profiles[o].identity_list()}]
+    problems += [f"{i.key} listed by {pid}, owned by {snap.owner(i.key)}" for pid, p in sorted(snap.profiles.items())
+                 for i in p.identity_list() if snap.owner(i.key) != pid]
+    problems += [f"{pid} in flight" for pid, p in sorted(snap.profiles.items()) if p.claims or p.merging or p.held]
+    problems += [f"forward {f} leads nowhere" for f in sorted(snap.forwards) if snap.resolve(f) not in snap.profiles]
+    return problems
+
+
+@pytest.mark.xfail(strict=True, reason="known defect: a survivor that drops an absorbed profile's identity at the "
+                   "guardrail releases it compare-and-set on itself, while the identity is still the absorbed "
+                   "profile's; the absorbed profile's repoint then gives it to the survivor, which does not list it")
+def test_identities_the_guardrail_drops_are_released_and_the_tables_still_agree() -> None:
+    ops: Counter[str] = Counter()
+    for seed in range(100):
+        # Given graphs limited to 3 identities, and customers with more
+        rng = random.Random(seed)
+        world = generate_world(random.Random(seed), rng.randint(1, 5), households=0.5, hostile=0.2)
+        sim = StitchSim(THREE_PER_GRAPH, workers=rng.randint(1, 3), placement=random.Random(seed),
+                        fast_path=seed % 2 == 0, local_delivery=seed % 3 == 0)
+        # When they are stitched, workers dying mid-output
+        sim.run(world.records, random.Random(seed * 7 + 1), worker_crash_rate=0.01, max_steps=200_000)
+        # Then every identity the table gives a profile is listed there and nowhere else, nothing is in flight
+        assert consistency_problems(sim.snapshot()) == []
+        ops.update(sim.ops)
+    assert ops["release"] > 0

@@ -6,12 +6,13 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+import msgspec.structs
+
 from pipeline.destinations.base import Payload
 from pipeline.destinations.config import parse_destinations
 from pipeline.destinations.mapping import map_change
 from pipeline.identity.datasets import load_datasets_config
 from pipeline.identity.namespaces import Dropped, load_identity_config
-from pipeline.identity.stitch import IDENTITY_TOPIC, PROFILE_TOPIC, Send
 from pipeline.ingest.decode import Decoder, Skipped
 from pipeline.model import AttributeValue, ExperienceEvent, Identity, Membership, ProfileState
 from pipeline.privacy.erasure import (
@@ -25,12 +26,14 @@ from pipeline.privacy.erasure import (
 )
 from pipeline.privacy.log import ErasureLog
 from pipeline.profiles.config import ProfileConfig
-from pipeline.profiles.ops import MEMBERSHIP_STATE_TOPIC, ProfileProcessor
+from pipeline.profiles.ops import ProfileProcessor
 from pipeline.resources import EXAMPLE_CONFIG_DIR
 from pipeline.segments import AudienceDef, SegmentEngine, parse_query
 from pipeline.serde.avro import AvroCodec
 from pipeline.settings import DEFAULT_CONFIG, PipelineConfig
+from pipeline.stages.messages import Erase, EraseForward, Refused, Release, Send
 from pipeline.state.codec import Forward
+from pipeline.topics import IDENTITY_TOPIC, MEMBERSHIP_STATE_TOPIC, PROFILE_TOPIC
 
 SALT = salt_of("test-salt", "app")
 NOW_S = 1_800_000_000.0
@@ -58,9 +61,9 @@ def person() -> ProfileState:
         claims={"ECID:cookie-1": {"p1": 4}}, merged=["p7", "p9"])
 
 
-def erase_msg(pid: str, request: str = "er-1") -> dict[str, Any]:
-    return {"op": "erase", "pid": pid, "request": request, "subject": hashed(SALT, "Email:ann@example.com"),
-            "suppress": False, "requested_ms": NOW - 10}
+def erase_msg(pid: str, request: str = "er-1") -> Erase:
+    return Erase(pid=pid, request=request, subject=hashed(SALT, "Email:ann@example.com"), suppress=False,
+                 requested_ms=NOW - 10)
 
 
 def test_a_request_is_recorded_without_the_identity_and_sent_to_its_identity() -> None:
@@ -72,8 +75,8 @@ def test_a_request_is_recorded_without_the_identity_and_sent_to_its_identity() -
     assert sends == [
         Send(ERASURE_TOPIC, "er-1", {"request": "er-1", "subject": subject, "status": "requested", "suppress": True,
                                      "requested_ms": NOW}),
-        Send(IDENTITY_TOPIC, "Email:ann@example.com", {"op": "erase", "request": "er-1", "subject": subject,
-                                                      "suppress": True, "requested_ms": NOW}),
+        Send(IDENTITY_TOPIC, "Email:ann@example.com", Erase(request="er-1", subject=subject, suppress=True,
+                                                            requested_ms=NOW)),
     ]
     assert "ann" not in repr(sends[0]) and len(subject) == 32
     # And the hash depends on the salt
@@ -82,15 +85,15 @@ def test_a_request_is_recorded_without_the_identity_and_sent_to_its_identity() -
 
 
 def test_the_identity_stage_sends_the_erasure_to_the_owner_or_reports_nothing_found() -> None:
-    msg = {k: v for k, v in erase_msg("x").items() if k != "pid"}
+    msg = msgspec.structs.replace(erase_msg("x"), pid=None)
     # Given an owned identity, Then the erasure goes to its profile and the identity is not written
     owned = erase_at_identity("Email:ann@example.com", "p1", msg, NOW)
     assert owned.write is None and not owned.delete
-    assert owned.sends == [Send(PROFILE_TOPIC, "p1", {**msg, "pid": "p1"})]
+    assert owned.sends == [Send(PROFILE_TOPIC, "p1", erase_msg("p1"))]
     # Given an identity with no owner (erased already, or never seen), Then the request is done, nothing found
     free = erase_at_identity("Email:ann@example.com", None, msg, NOW)
     assert free.sends == [Send(ERASURE_TOPIC, "er-1", {
-        "request": "er-1", "subject": msg["subject"], "status": "done", "found": False, "suppress": False,
+        "request": "er-1", "subject": msg.subject, "status": "done", "found": False, "suppress": False,
         "requested_ms": NOW - 10, "done_ms": NOW, "erased": {"profiles": 0, "identities": 0, "memberships": 0},
         "traces": []})]
 
@@ -111,10 +114,10 @@ def test_the_profile_stage_erases_the_person_everywhere_it_owns() -> None:
     state = [f"{p}|{a}" for p in ("p1", "p7", "p9") for a in ("gold", "rich")]
     assert res.sends == [
         # every identity, listed or pending, is released (compare-and-set: only if still p1's)
-        *[Send(IDENTITY_TOPIC, k, {"op": "release", "pid": "p1"}) for k in keys],
+        *[Send(IDENTITY_TOPIC, k, Release(pid="p1")) for k in keys],
         # the forwards of the absorbed profiles go (they keep the identities they repointed)
-        Send(PROFILE_TOPIC, "p7", {"op": "erase-forward", "pid": "p7"}),
-        Send(PROFILE_TOPIC, "p9", {"op": "erase-forward", "pid": "p9"}),
+        Send(PROFILE_TOPIC, "p7", EraseForward(pid="p7")),
+        Send(PROFILE_TOPIC, "p9", EraseForward(pid="p9")),
         # tombstones for its and their membership state
         *[Send(MEMBERSHIP_STATE_TOPIC, k, None) for k in state],
         Send(ERASURE_TOPIC, "er-1", {
@@ -138,10 +141,10 @@ def test_a_forward_passes_an_erasure_on_and_is_erased_by_its_survivor() -> None:
     passed = proc.handle("p7", forward, erase_msg("p7"))
     assert passed.sends == [Send(PROFILE_TOPIC, "p1", erase_msg("p1"))] and not passed.delete
     # When the survivor's erasure reaches the forward, Then the forward is deleted with what it kept
-    gone = proc.handle("p7", forward, {"op": "erase-forward", "pid": "p7"})
+    gone = proc.handle("p7", forward, EraseForward(pid="p7"))
     assert gone.delete and gone.sends == []
     # And a live profile under that id is not touched by it
-    live = proc.handle("p7", replace(person(), profile_id="p7"), {"op": "erase-forward", "pid": "p7"})
+    live = proc.handle("p7", replace(person(), profile_id="p7"), EraseForward(pid="p7"))
     assert not live.delete and live.write is None and live.counters == {"stale": 1}
 
 
@@ -152,7 +155,7 @@ def test_an_erasure_that_reaches_a_merging_profile_waits_and_follows_the_merge()
     held = proc.handle("p9", merging, erase_msg("p9"))
     assert isinstance(held.write, ProfileState) and held.write.held == [erase_msg("p9")] and not held.delete
     # When the merge is refused, Then the held erasure is handled: the profile is deleted
-    refused = proc.handle("p9", held.write, {"op": "refused", "pid": "p9", "token": "p9/1", "by": "p1"})
+    refused = proc.handle("p9", held.write, Refused(pid="p9", token="p9/1", by="p1"))
     assert refused.delete and refused.write is None
     assert [c.reason for c in refused.changes] == ["erasure"]
 

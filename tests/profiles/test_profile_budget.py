@@ -9,11 +9,11 @@ import pytest
 
 from pipeline.errors import ProfileOverBudget
 from pipeline.identity.datasets import Limits
-from pipeline.ingest.wire import record_to_wire
 from pipeline.model import Identity, ProfileRecord, ProfileState
 from pipeline.profiles.config import ProfileConfig
 from pipeline.profiles.ops import ProfileProcessor
 from pipeline.segments import SegmentEngine
+from pipeline.stages.messages import Apply, record_to_wire
 from pipeline.state.codec import size_without_events
 
 BUDGET = 4_000
@@ -29,8 +29,7 @@ def processor(make_config: Callable[..., ProfileConfig]) -> ProfileProcessor:
 
 
 def apply(processor: ProfileProcessor, entry: ProfileState | None, rec: ProfileRecord) -> ProfileState:
-    res = processor.handle("p1", entry, {"op": "apply", "pid": "p1", "rec": record_to_wire(rec),
-                                         "home": HOME.key, "hop": True})
+    res = processor.handle("p1", entry, Apply(pid="p1", rec=record_to_wire(rec), home=HOME.key, hop=True))
     assert isinstance(res.write, ProfileState)
     return res.write
 

@@ -8,12 +8,12 @@ from typing import Any
 
 import pytest
 
-from pipeline.identity.stitch import Send
-from pipeline.ingest.wire import record_to_wire
 from pipeline.model import Identity, ProfileRecord, ProfileState
 from pipeline.profiles.config import ProfileConfig
-from pipeline.profiles.ops import PROFILE_CHANGES_TOPIC, OpResult, ProfileProcessor
+from pipeline.profiles.ops import OpResult, ProfileProcessor
 from pipeline.segments import AudienceDef, SegmentEngine, parse_query
+from pipeline.stages.messages import Apply, Send, record_to_wire
+from pipeline.topics import PROFILE_CHANGES_TOPIC
 
 HOME = Identity("CRMID", "42")
 AUDIENCES = [
@@ -31,8 +31,7 @@ def processor(make_config: Callable[..., ProfileConfig]) -> ProfileProcessor:
 
 
 def apply(processor: ProfileProcessor, entry: ProfileState | None, rec: ProfileRecord) -> OpResult:
-    return processor.handle("p1", entry, {"op": "apply", "pid": "p1", "rec": record_to_wire(rec),
-                                          "home": HOME.key, "hop": True})
+    return processor.handle("p1", entry, Apply(pid="p1", rec=record_to_wire(rec), home=HOME.key, hop=True))
 
 
 def profile_change(res: OpResult) -> dict[str, Any]:

@@ -8,11 +8,11 @@ from collections.abc import Callable
 
 import pytest
 
-from pipeline.ingest.wire import record_to_wire
 from pipeline.model import ExperienceEvent, Identity, ProfileState, StoredEvent
 from pipeline.profiles.config import ProfileConfig
 from pipeline.profiles.ops import OpResult, ProfileProcessor
 from pipeline.segments import AudienceDef, SegmentEngine, parse_query
+from pipeline.stages.messages import Absorb, Apply, Evaluate, ProfileMessage, Tick, record_to_wire
 from pipeline.state.codec import encode_profile
 
 MINUTE = 60_000
@@ -46,10 +46,10 @@ class Profile:
         self.entry: ProfileState | None = None
         self.n = 0
 
-    def handle(self, at: int, msg: dict[str, object]) -> list[tuple[str, str]]:
+    def handle(self, at: int, msg: ProfileMessage) -> list[tuple[str, str]]:
         """Handle `msg` at wall time `at`; the membership changes it emits, as (audience, status)."""
         self.now = at
-        res: OpResult = self.processor.handle(PID, self.entry, {"pid": PID, **msg})
+        res: OpResult = self.processor.handle(PID, self.entry, msg)
         if res.write is not None:
             assert isinstance(res.write, ProfileState)
             self.entry = res.write
@@ -59,10 +59,10 @@ class Profile:
         """An event of `event_type` happening (and arriving) at `at`."""
         self.n += 1
         ev = self.make_event(f"e{self.n}", at, event_type, identities=(HOME,))
-        return self.handle(at, {"op": "apply", "rec": record_to_wire(ev), "home": HOME.key, "hop": True})
+        return self.handle(at, Apply(pid=PID, rec=record_to_wire(ev), home=HOME.key, hop=True))
 
     def tick(self, at: int) -> list[tuple[str, str]]:
-        return self.handle(at, {"op": "tick"})
+        return self.handle(at, Tick(pid=PID))
 
     @property
     def deadline(self) -> int | None:
@@ -169,7 +169,7 @@ def test_a_due_tick_replaces_a_kept_deadline_with_the_fresh_one_and_a_stale_tick
     assert p.entry is not None
     before = encode_profile(p.entry)
     p.now = late + 1_000
-    res = p.processor.handle(PID, p.entry, {"op": "tick", "pid": PID})
+    res = p.processor.handle(PID, p.entry, Tick(pid=PID))
     # Then it is dropped: no write, no output, the profile unchanged
     assert (res.write, res.sends, res.changes, res.counters) == (None, [], [], {})
     assert encode_profile(p.entry) == before
@@ -182,14 +182,14 @@ def test_a_due_tick_replaces_a_kept_deadline_with_the_fresh_one_and_a_stale_tick
 
 
 def _batch(p: Profile, at: int) -> list[tuple[str, str]]:
-    return p.handle(at, {"op": "evaluate", "kind": "batch"})
+    return p.handle(at, Evaluate(kind="batch"))
 
 
 def _merge(p: Profile, at: int) -> list[tuple[str, str]]:
     """Profile p2, whose history is a page view 5 minutes earlier, is absorbed into p."""
     other = ProfileState("p2", T0, {"ECID": {"c2": T0}},
                          events=[StoredEvent("v2", "pageView", at - 5 * MINUTE, "web-events", {})])
-    return p.handle(at, {"op": "absorb", "from": "p2", "token": "p2/1", "state": encode_profile(other)})
+    return p.handle(at, Absorb(pid=PID, sender="p2", token="p2/1", state=encode_profile(other)))
 
 
 @pytest.mark.parametrize(("evaluate_every", "changes", "fresh"), [
@@ -206,7 +206,7 @@ def test_evaluating_every_audience_replaces_the_deadline_with_the_fresh_one(
     assert p.event("purchase", T0 + 10 * MINUTE) == []
     assert p.deadline == T0 + HOUR + 1
     # and an evaluation of that one audience by name keeps it too
-    assert p.handle(T0 + 15 * MINUTE, {"op": "evaluate", "kind": "batch", "audiences": ["abandoners"]}) == []
+    assert p.handle(T0 + 15 * MINUTE, Evaluate(kind="batch", audiences=["abandoners"])) == []
     assert p.deadline == T0 + HOUR + 1
     # When every audience is evaluated at T0 + 20m
     # Then the deadline is the fresh one of every audience (none for the batch run; the absorbed page

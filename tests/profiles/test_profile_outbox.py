@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from pipeline.identity.stitch import Send
 from pipeline.model import MembershipChange, Outbox
 from pipeline.profiles.outbox import KEEP_RUNS, Acks, decode_record, encode_record, messages_of, stamp
+from pipeline.stages.messages import Send
 
 
 def change(aid: str, status: str, key: str) -> MembershipChange:

@@ -29,6 +29,7 @@ from pipeline.profiles.walk import (
 )
 from pipeline.resources import EXAMPLE_CONFIG_DIR
 from pipeline.segments import AudienceDef, parse_query
+from pipeline.stages.messages import Evaluate
 from pipeline.state.codec import Forward, decode_profile, encode_forward, encode_profile
 
 
@@ -128,7 +129,7 @@ def test_a_batch_op_without_audiences_evaluates_every_audience() -> None:
     # When a batch run asks for "every audience" (no list, or an empty one)
     for audiences in (None, []):
         q = stored(20, "gold")
-        res = processor().handle(q.profile_id, q, {"op": "evaluate", "audiences": audiences, "kind": "batch"})
+        res = processor().handle(q.profile_id, q, Evaluate(audiences=audiences, kind="batch"))
         # Then every audience is evaluated: it enters gold and rich
         assert sorted((c.audience_id, c.status, c.evaluation) for c in res.changes) == [
             ("gold", "realized", "batch"), ("rich", "realized", "batch")]
@@ -249,7 +250,7 @@ def test_a_definitions_walk_exits_removed_audiences_and_evaluates_new_ones(make_
     db = make_store(0)
     for n in range(3):
         p = stored(n)
-        processor().handle(p.profile_id, p, {"op": "evaluate", "audiences": ["gold"], "kind": "batch"})
+        processor().handle(p.profile_id, p, Evaluate(audiences=["gold"], kind="batch"))
         p.memberships["old"] = Membership("old", "realized", 0, 1, "seed", 0)
         db.put(p.profile_id.encode(), encode_profile(p))
     # When the definitions walk runs with "old" removed and "silver" new

@@ -1,6 +1,7 @@
 """Batch-run bookkeeping: the start of the last run that completed on every partition."""
 
 from pipeline.segments.batch import batch_request, last_completed_start
+from pipeline.stages.messages import Batch
 
 
 def final(run: str, part: int, started: int) -> dict:
@@ -20,4 +21,4 @@ def test_only_runs_reported_by_every_partition_count():
 
 def test_batch_request_defaults_to_every_audience():
     req = batch_request("r1", [], 0, started_ms=42)
-    assert req == {"op": "batch", "run": "r1", "audiences": [], "since_ms": 0, "kind": "batch", "started_ms": 42}
+    assert req == Batch(run="r1", audiences=[], since_ms=0, kind="batch", started_ms=42)

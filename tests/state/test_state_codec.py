@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from pipeline.errors import SerdeError
 from pipeline.model import AttributeValue, Membership, Outbox, ProfileState, StoredEvent
+from pipeline.stages.messages import Absorb, Apply, EventWire, Tick
 from pipeline.state.codec import (
     FORMAT_VERSION,
     Forward,
@@ -26,6 +27,13 @@ ints = st.integers(-(2**63), 2**63 - 1)
 scalars = st.one_of(st.none(), st.booleans(), ints, st.floats(allow_nan=False), text)
 stored_events = st.builds(StoredEvent, text, text, st.integers(0, 2**62), text,
                           st.dictionaries(text, scalars, max_size=4))
+# messages a merging profile holds (and a thaw sends again), of each shape: bytes, a nested record, none
+stage_messages = st.one_of(
+    st.builds(Absorb, pid=text, sender=text, token=text, state=st.binary(max_size=8)),
+    st.builds(Apply, pid=text, home=text, hop=st.booleans(), rec=st.one_of(st.none(), st.builds(
+        EventWire, timestamp_ms=ints, dataset=text, identities=st.lists(st.tuples(text, text), max_size=2).map(tuple),
+        primary=st.none(), record_id=text, event_type=text, fields=st.dictionaries(text, scalars, max_size=2)))),
+    st.builds(Tick, pid=text))
 profiles = st.builds(
     ProfileState,
     profile_id=text,
@@ -40,9 +48,9 @@ profiles = st.builds(
     # stitching state in flight: pending claims, a merge attempt with held messages, absorbed ids
     claims=st.dictionaries(text, st.dictionaries(text, ints, min_size=1, max_size=2), max_size=2),
     merging=st.one_of(st.none(), st.tuples(text, text)),
-    held=st.lists(st.fixed_dictionaries({"op": text, "pid": text, "state": st.binary(max_size=8)}), max_size=2),
+    held=st.lists(stage_messages, max_size=2),
     merged=st.lists(text, max_size=3),
-    thawed=st.one_of(st.none(), st.tuples(text, st.lists(st.lists(text, min_size=3, max_size=3), max_size=2))),
+    thawed=st.one_of(st.none(), st.tuples(text, st.lists(st.tuples(text, text, stage_messages).map(list), max_size=2))),
     # output that may be undelivered: membership changes with their topic and key
     outbox=st.one_of(st.none(), st.builds(Outbox, text, st.integers(0, 2**40), st.lists(
         st.tuples(text, text, st.dictionaries(text, scalars, max_size=3)).map(list), max_size=3))),
@@ -118,7 +126,8 @@ def test_forward_round_trip() -> None:
 
 def test_forward_keeps_what_its_merge_sent() -> None:
     # Given the forward an accepted merge leaves: its token, the identities it repointed, the messages it passed on
-    forward = Forward("p0001", "p0009/3", ("CRMID:A", "ECID:c1"), ({"op": "apply", "pid": "p0009", "rec": None},))
+    forward = Forward("p0001", "p0009/3", ("CRMID:A", "ECID:c1"),
+                      (Apply(pid="p0009", rec=None, home="ECID:c1", hop=True), Tick(pid="p0009")))
     # When encoded and decoded Then all of it comes back, and a plain forward stays the old, short encoding
     assert decode_profile_entry(encode_forward(forward)) == forward
     assert encode_forward(Forward("p0001"))[2:] == msgpack.packb("p0001")

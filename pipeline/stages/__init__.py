@@ -1,0 +1,1 @@
+"""The stitching stages' shared vocabulary: typed stage messages (`messages`) and in-process delivery (`delivery`)."""
