@@ -7,7 +7,8 @@ that owns it. Invariants this stage keeps:
   I2. Only three things ever point an identity at a profile P: the *home hop* of a record claiming its home
       identity for a new profile id P (P does not exist yet; the first message that reaches P names that
       identity, so P is born knowing it), a `claim` sent by P itself (P keeps it as pending until the
-      answer), and a `repoint` to P sent by a profile that P has absorbed (P got its identities first).
+      answer), and a `repoint` to P sent by a profile that P has absorbed (P got its identities first), or by
+      P itself from one it absorbed with `adopt` (P is told, `claimed`, and lists or releases it).
       So a profile always knows every identity the table gives it: decisions made at a profile (unique
       namespaces, merges) see all of its identities.
   I3. Every change is conditional (compare-and-set): a claim only takes a free identity, a repoint or a
