@@ -7,11 +7,15 @@ that owns it. Invariants this stage keeps:
   I2. Only three things ever point an identity at a profile P: the *home hop* of a record claiming its home
       identity for a new profile id P (P does not exist yet; the first message that reaches P names that
       identity, so P is born knowing it), a `claim` sent by P itself (P keeps it as pending until the
-      answer), and a `repoint` to P sent by a profile that P has absorbed (P got its identities first).
+      answer), and a `repoint` to P sent by a profile that P has absorbed (P got its identities first), or by
+      P itself from one it absorbed with `adopt` (P is told, `claimed`, and lists or releases it).
       So a profile always knows every identity the table gives it: decisions made at a profile (unique
       namespaces, merges) see all of its identities.
   I3. Every change is conditional (compare-and-set): a claim only takes a free identity, a repoint or a
       release only moves an identity still owned by the sender, so a late or duplicate message is harmless.
+      A release may also name the profiles the sender absorbed: an identity a survivor drops may still be
+      owned by one of them (its repoint in flight), and the repoint would then give the survivor an identity
+      it does not list. A merged-away id owns nothing of its own, so freeing it there takes nothing from anyone.
 """
 
 from __future__ import annotations
@@ -87,8 +91,10 @@ def repoint_msg(key: str, old: str, new: str, adopt: bool = False) -> Send:
     return Send(IDENTITY_TOPIC, key, Repoint(old=old, new=new, adopt=adopt))
 
 
-def release_msg(key: str, pid: str) -> Send:
-    return Send(IDENTITY_TOPIC, key, Release(pid=pid))
+def release_msg(key: str, pid: str, absorbed: Collection[str] = ()) -> Send:
+    """Free `key` if `pid` still owns it, or one of the profiles `pid` absorbed (`absorbed`: their repoints to
+    `pid` may not have reached `key` yet, and would then give `pid` an identity it has dropped)."""
+    return Send(IDENTITY_TOPIC, key, Release(pid=pid, absorbed=tuple(absorbed)))
 
 
 def _claimed(key: str, pid: str) -> Send:
@@ -118,8 +124,10 @@ def handle_identity(key: str, current: str | None, msg: IdentityMessage) -> Iden
             if adopt and current in (old, new):  # (`new`: redelivered, its answer may be lost)
                 return IdentityResult(write=new if current != new else None, sends=[_claimed(key, new)])
             return IdentityResult(write=new) if current == old else IdentityResult()
-        case Release(pid=pid):  # the size guardrail dropped this identity from its profile
-            return IdentityResult(delete=True) if current == pid else IdentityResult()
+        case Release(pid=pid, absorbed=absorbed):  # the size guardrail dropped this identity from its profile
+            # (or from one it absorbed: a merged-away id's pending repoint to `pid` then finds nothing to move)
+            owned = current is not None and (current == pid or current in absorbed)
+            return IdentityResult(delete=True) if owned else IdentityResult()
     raise ValueError(f"not an identity-stage message: {type(msg).__name__}")
 
 

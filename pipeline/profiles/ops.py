@@ -243,7 +243,7 @@ class ProfileProcessor:
             for ident in listed:
                 if ident != home or not msg.hop:
                     res.sends.append(claim_msg(ident.key, pid, rec.timestamp_ms))
-        self._release(pid, enforce_identity_limit(profile, self.config), res)
+        self._release(profile, enforce_identity_limit(profile, self.config), res)
         cause = rec.event_id if isinstance(rec, ExperienceEvent) else rec.record_id
         self._evaluate(profile, summary, res, now=now, event_time=rec.timestamp_ms, cause=cause,
                        kind="streaming", created=entry is None, consent_before=consent_before)
@@ -260,7 +260,8 @@ class ProfileProcessor:
     def _claimed(self, pid: str, entry: ProfileState | None, msg: Claimed | Taken) -> OpResult:
         """The identity table gave `key` to `claimant` (this profile, or one it absorbed):
         1. repoint it here if the claimant was absorbed; 2. list it (every claim of it is settled) or, if
-        this profile no longer wants it, release it; 3. guardrail; 4. tell streaming destinations."""
+        this profile no longer awaits it for that claimant (a duplicate answer: it may have been released since)
+        and does not keep it, release it; 3. guardrail; 4. tell streaming destinations."""
         res = OpResult()
         now = self.now_ms()
         created = entry is None
@@ -272,8 +273,14 @@ class ProfileProcessor:
         key, claimant = msg.key, msg.claimant
         ident = Identity.from_key(key)
         listed = ident.id in entry.identities.get(ident.namespace, ())
-        if not listed and key not in entry.claims and not self._keeps_unawaited(entry, ident):
-            res.sends.append(release_msg(key, claimant))
+        # awaited: this claimant's claim is pending here (an answer to a claim settled already is a duplicate; the
+        # identity may have been released since)
+        awaited = claimant in entry.claims.get(key, ())
+        if not listed and not awaited and not self._keeps_unawaited(entry, ident):
+            if key in entry.claims:  # another claim of it is pending here: free it only from this claimant
+                res.sends.append(release_msg(key, claimant))
+            else:  # from this profile too: a repoint from the claimant may have moved it here already
+                res.sends.append(release_msg(key, pid, sorted({claimant, *entry.absorbed_ids()} - {pid})))
             return res
         if claimant != pid:
             res.sends.append(repoint_msg(key, claimant, pid))
@@ -281,7 +288,7 @@ class ProfileProcessor:
             return res
         pending = entry.claims.pop(key, None)
         summary = add_identity(entry, ident, min(pending.values()) if pending else now)
-        self._release(pid, enforce_identity_limit(entry, self.config), res)
+        self._release(entry, enforce_identity_limit(entry, self.config), res)
         self._evaluate(entry, summary, res, now=now, event_time=now, cause=None, kind="streaming", created=created)
         res.write = entry
         return res
@@ -301,9 +308,26 @@ class ProfileProcessor:
         return all(i == ident.id for i in unique_ids(profile, self.config).get(ident.namespace, ()))
 
     def _taken(self, pid: str, entry: ProfileState | None, msg: Taken) -> OpResult:
-        """Another profile owns `key`: settle this claimant's claim and ask the owner to link (P5 decides).
-        Claims of the same identity by profiles absorbed meanwhile wait for their own answers."""
+        """Another profile owns `key`: settle this claimant's claim and ask the owner to link (P5 decides), or, if
+        this profile absorbed the owner, move it here. Claims of the same identity by profiles absorbed meanwhile
+        wait for their own answers. An answer naming this profile as the owner is a grant, unless the profile has
+        released the identity since: then it asks again."""
         key, owner = msg.key, msg.owner
+        ident = Identity.from_key(key)
+        if owner == pid and entry is not None and key in entry.claims and ident.id not in entry.identities.get(
+                ident.namespace, ()):
+            # the table pointed here when it answered, but this profile has released the identity since (its
+            # guardrail): the answer is stale, ask again as this profile (granted, or `taken` by its new owner)
+            res = OpResult()
+            waiting = entry.claims[key]
+            ts = min(waiting.values(), default=self.now_ms())
+            waiting.pop(msg.claimant, None)
+            waiting[pid] = min(ts, waiting.get(pid, ts))
+            entry.seq += 1
+            res.write = entry
+            res.sends.append(claim_msg(key, pid, ts))
+            res.count("reclaimed")
+            return res
         if owner == pid:  # the table points here already
             return self._claimed(pid, entry, msg)
         res = OpResult()
@@ -317,6 +341,13 @@ class ProfileProcessor:
                 del entry.claims[key]
             entry.seq += 1
             res.write = entry
+        if owner in entry.absorbed_ids():
+            # owned by a profile merged into this one: its repoint here has not reached the identity yet, or it
+            # has and a replayed record's resolve gave the freed identity its old candidate id again. A link would
+            # only come back here through its forward: move it here (`claimed` answers; listed or released then)
+            res.sends.append(repoint_msg(key, owner, pid, adopt=True))
+            res.count("adopted")
+            return res
         res.sends.append(Send(PROFILE_TOPIC, owner, Link(pid=owner, sender=pid, uniq=unique_ids(entry, self.config),
                                                          via=key)))
         return res
@@ -404,7 +435,7 @@ class ProfileProcessor:
         profile.seq += 1
         res.sends.append(accepted)
         res.count("merges")
-        self._release(pid, enforce_identity_limit(profile, self.config), res)
+        self._release(profile, enforce_identity_limit(profile, self.config), res)
         self._evaluate(profile, summary, res, now=now, event_time=now, cause=None, kind="merge", all_=True,
                        created=entry is None, consent_before=consent_before)
         res.write = profile
@@ -576,7 +607,11 @@ class ProfileProcessor:
             out[path] = av.value if av is not None else None
         return out
 
-    def _release(self, pid: str, removed: list[Identity], res: OpResult) -> None:
+    def _release(self, profile: ProfileState, removed: list[Identity], res: OpResult) -> None:
+        """Free the identities the guardrail dropped, compare-and-set on this profile or one it absorbed (an
+        absorbed identity may still be the merged-away profile's: its repoint here comes later)."""
+        pid = profile.profile_id
+        absorbed = profile.absorbed_ids()
         if removed:
             by_ns: dict[str, int] = {}
             for ident in removed:
@@ -585,7 +620,7 @@ class ProfileProcessor:
                      ", ".join(f"{ns}={n}" for ns, n in sorted(by_ns.items())))
             res.count("identities_dropped", len(removed))
         for ident in removed:
-            res.sends.append(release_msg(ident.key, pid))
+            res.sends.append(release_msg(ident.key, pid, absorbed))
 
     def _evaluate(self, profile: ProfileState, summary: ChangeSummary, res: OpResult, *, now: int,
                   event_time: int, cause: str | None, kind: str, all_: bool = False, created: bool = False,

@@ -97,9 +97,11 @@ class Repoint(Message, tag="repoint", kw_only=True, frozen=True, gc=False):
 
 
 class Release(Message, tag="release", kw_only=True, frozen=True, gc=False):
-    """Free the identity if `pid` still owns it."""
+    """Free the identity if `pid`, or a profile `pid` absorbed (`absorbed`, transitively), still owns it."""
 
     pid: str
+    # a survivor's guardrail can drop an identity before the absorbed profile's repoint has moved it here
+    absorbed: tuple[str, ...] = ()
 
 
 class Erase(Message, tag="erase", kw_only=True, frozen=True, gc=False):
