@@ -523,8 +523,9 @@ class ProfileProcessor:
         exits = exit_all(entry, self.engine, now_ms=now, kind="erasure", reason=ERASURE_REASON)
         res.changes.extend(exits)
         keys = [i.key for i in entry.identity_list() + entry.claim_list()]
-        res.sends.extend(release_msg(key, pid) for key in keys)
         absorbed = entry.absorbed_ids()
+        # (an identity may still be an absorbed profile's, its repoint here in flight: free it from them too)
+        res.sends.extend(release_msg(key, pid, absorbed) for key in keys)
         res.sends.extend(Send(PROFILE_TOPIC, m, EraseForward(pid=m)) for m in absorbed)
         audiences = sorted(set(self.engine.audiences) | set(entry.memberships))
         res.sends.extend(Send(MEMBERSHIP_STATE_TOPIC, f"{owner}|{aid}", None)

@@ -13,6 +13,7 @@ from pipeline.destinations.config import parse_destinations
 from pipeline.destinations.mapping import map_change
 from pipeline.identity.datasets import load_datasets_config
 from pipeline.identity.namespaces import Dropped, load_identity_config
+from pipeline.identity.stitch import handle_identity
 from pipeline.ingest.decode import Decoder, Skipped
 from pipeline.model import AttributeValue, ExperienceEvent, Identity, Membership, ProfileState
 from pipeline.privacy.erasure import (
@@ -31,7 +32,7 @@ from pipeline.resources import EXAMPLE_CONFIG_DIR
 from pipeline.segments import AudienceDef, SegmentEngine, parse_query
 from pipeline.serde.avro import AvroCodec
 from pipeline.settings import DEFAULT_CONFIG, PipelineConfig
-from pipeline.stages.messages import Erase, EraseForward, Refused, Release, Send
+from pipeline.stages.messages import Erase, EraseForward, Refused, Release, Repoint, Send
 from pipeline.state.codec import Forward
 from pipeline.topics import IDENTITY_TOPIC, MEMBERSHIP_STATE_TOPIC, PROFILE_TOPIC
 
@@ -113,8 +114,9 @@ def test_the_profile_stage_erases_the_person_everywhere_it_owns() -> None:
     keys = ["CRMID:C-1", "Email:ann@example.com", "Phone:+442079460958", "ECID:cookie-1"]
     state = [f"{p}|{a}" for p in ("p1", "p7", "p9") for a in ("gold", "rich")]
     assert res.sends == [
-        # every identity, listed or pending, is released (compare-and-set: only if still p1's)
-        *[Send(IDENTITY_TOPIC, k, Release(pid="p1")) for k in keys],
+        # every identity, listed or pending, is released (compare-and-set: only if still p1's, or still one of
+        # the absorbed profiles', whose repoint to p1 may not have reached it yet)
+        *[Send(IDENTITY_TOPIC, k, Release(pid="p1", absorbed=("p7", "p9"))) for k in keys],
         # the forwards of the absorbed profiles go (they keep the identities they repointed)
         Send(PROFILE_TOPIC, "p7", EraseForward(pid="p7")),
         Send(PROFILE_TOPIC, "p9", EraseForward(pid="p9")),
@@ -126,6 +128,19 @@ def test_the_profile_stage_erases_the_person_everywhere_it_owns() -> None:
             "erased": {"profiles": 3, "identities": 4, "memberships": 1},
             "traces": sorted(hashed(SALT, v) for v in (*keys, "p1", "p7", "p9"))}),
     ]
+
+
+def test_an_identity_an_absorbed_profile_still_owns_is_freed_by_the_erasure_and_its_repoint_then_does_nothing() -> None:
+    # Given Email:ann still owned by p7, which p1 absorbed (p7's repoint to p1 not yet handled)
+    release = next(s.value for s in processor().handle("p1", person(), erase_msg("p1")).sends
+                   if s.key == "Email:ann@example.com")
+    # When the erasure's release reaches the identity stage
+    freed = handle_identity("Email:ann@example.com", "p7", release)
+    # Then the identity is free
+    assert freed.delete and freed.write is None
+    # And p7's late repoint to the erased p1 finds nothing to move: the erased id is never its owner again
+    late = handle_identity("Email:ann@example.com", None, Repoint(old="p7", new="p1"))
+    assert late.write is None
 
 
 def test_an_erasure_handled_again_does_nothing_more() -> None:
