@@ -105,3 +105,18 @@ def wait_topic_ready(bootstrap: str, name: str, timeout_s: float = 30) -> None:
             time.sleep(0.2)
     finally:
         consumer.close()
+
+
+def wait_group_stable(bootstrap: str, group: str, members: int, timeout_s: float = 60) -> None:
+    """Until the consumer group is stable with exactly `members` members."""
+    from confluent_kafka import ConsumerGroupState
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        d = admin.describe_consumer_groups([group])[group].result()
+        if d.state == ConsumerGroupState.STABLE and len(d.members) == members:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"consumer group {group} not stable with {members} members")

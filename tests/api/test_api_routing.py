@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
-from kafka_helpers import produce
+from kafka_helpers import produce, wait_group_stable
 from procs import wait_settled
 
 from pipeline.api.auth import ApiKey, entry_yaml, hash_key, new_key
@@ -25,20 +25,6 @@ TS = 1_767_225_600_000  # the records' time: a membership's since_ms
 
 def write_keys(path: Path, keys: dict[str, tuple[str, list[str]]]) -> None:
     path.write_text("keys:\n" + "".join(entry_yaml(ApiKey(i, hash_key(k), frozenset(s))) for i, (k, s) in keys.items()))
-
-
-def wait_group_stable(bootstrap: str, group: str, members: int, timeout_s: float = 60) -> None:
-    from confluent_kafka import ConsumerGroupState
-    from confluent_kafka.admin import AdminClient
-
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        d = admin.describe_consumer_groups([group])[group].result()
-        if d.state == ConsumerGroupState.STABLE and len(d.members) == members:
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"consumer group {group} not stable with {members} members")
 
 
 def hops(r: httpx.Response) -> int:

@@ -97,14 +97,20 @@ def store_rows(data_dir: Path) -> dict[str, dict[bytes, bytes | None]]:
     return out
 
 
-async def test_an_erased_person_is_found_nowhere(registry, kafka_bootstrap, start_worker, receiver, tmp_path,
-                                                 topic_prefix) -> None:
-    # Given a worker, an HTTP destination and a full CSV file export of every audience
+def make_config_dir(tmp_path: Path) -> Path:
+    """The example's identity and datasets, and this test's audiences."""
     config_dir = tmp_path / "config"
     config_dir.mkdir()
     for name in ("identity.yaml", "datasets.yaml"):
         (config_dir / name).write_text((EXAMPLE_CONFIG_DIR / name).read_text())
     (config_dir / "segments.yaml").write_text(SEGMENTS)
+    return config_dir
+
+
+async def test_an_erased_person_is_found_nowhere(registry, kafka_bootstrap, start_worker, receiver, tmp_path,
+                                                 topic_prefix) -> None:
+    # Given a worker, an HTTP destination and a full CSV file export of every audience
+    config_dir = make_config_dir(tmp_path)
     exports = tmp_path / "exports"
     (config_dir / "destinations.yaml").write_text(
         "destinations:\n"
@@ -209,11 +215,7 @@ def _export_text(manifest: Any) -> str:
 async def test_erasing_again_a_later_event_and_suppression(registry, kafka_bootstrap, start_worker, tmp_path,
                                                            topic_prefix) -> None:
     # Given a worker, and Ann and Bob known by CRM record
-    config_dir = tmp_path / "config"
-    config_dir.mkdir()
-    for name in ("identity.yaml", "datasets.yaml"):
-        (config_dir / name).write_text((EXAMPLE_CONFIG_DIR / name).read_text())
-    (config_dir / "segments.yaml").write_text(SEGMENTS)
+    config_dir = make_config_dir(tmp_path)
     worker = start_worker(config_dir=config_dir, extra_env={"PIPELINE_ERASURE_SALT": SALT})
     http = httpx.Client(base_url=worker.url, timeout=10)
     now = int(time.time() * 1000)
@@ -224,7 +226,12 @@ async def test_erasing_again_a_later_event_and_suppression(registry, kafka_boots
         r = http.get("/profiles", params={"namespace": ns, "id": value})
         return r.json() if r.status_code == 200 else None
 
-    old = await until(lambda: profile("Email", ANN_EMAIL), 60, "Ann's profile")
+    def settled(ns: str, value: str) -> dict[str, Any] | None:
+        """The profile once it lists all four of Ann's identities (its claims are answered one by one)."""
+        p = profile(ns, value)
+        return p if p is not None and sum(len(ids) for ids in p["identities"].values()) == 4 else None
+
+    old = await until(lambda: settled("Email", ANN_EMAIL), 60, "Ann's profile with all her identities")
     await until(lambda: profile("Email", BOB_EMAIL), 60, "Bob's profile")
     # When Ann is erased, then erased again
     first = http.delete("/profiles", params={"namespace": "CRMID", "id": ANN_CRM}).json()["request"]

@@ -15,7 +15,7 @@ import pytest
 from aiokafka.partitioner import murmur2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from kafka_helpers import produce
+from kafka_helpers import produce, wait_group_stable
 from procs import wait_settled
 
 from pipeline.identity.reference import reference_components
@@ -123,20 +123,6 @@ def test_random_graphs_stitch_into_connected_components(registry, kafka_bootstra
         wait_graph(registry, kafka_bootstrap, records, {e["eventId"] for e in events})  # type: ignore[misc]
 
     run()
-
-
-def wait_group_stable(bootstrap: str, group: str, members: int, timeout_s: float = 60) -> None:
-    from confluent_kafka import ConsumerGroupState
-    from confluent_kafka.admin import AdminClient
-
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        d = admin.describe_consumer_groups([group])[group].result()
-        if d.state == ConsumerGroupState.STABLE and len(d.members) == members:
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"consumer group {group} not stable with {members} members")
 
 
 def _partition(key: str, n: int = 4) -> int:
