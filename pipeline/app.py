@@ -225,7 +225,8 @@ async def watch_faust_group(rt: Runtime) -> None:
     app, settings = rt.app, rt.settings
     stage_topics = {rt.registry.name(t) for t in GROUP_TOPICS}
     lag = GroupLag(settings.app_id)
-    admin = AdminClient(client_config(settings.kafka))
+    # (its connection errors go to the outage tracker with the others', not one log line each)
+    admin = AdminClient(client_config(settings.kafka, error_cb=rt.kafka.error_cb if rt.kafka else None))
     while True:
         await asyncio.sleep(settings.kafka_stats_interval_ms / 1000)
         recovery = app.tables.recovery  # type: ignore[attr-defined]

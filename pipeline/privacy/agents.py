@@ -19,7 +19,7 @@ def register(rt: Runtime) -> None:
 
     @rt.app.task
     async def follow_erasures() -> None:
-        erasures.follow(rt.registry, rt.settings.kafka)
+        erasures.follow(rt.registry, rt.settings.kafka, error_cb=rt.kafka.error_cb if rt.kafka else None)
 
     rt.app.on_before_shutdown.connect(lambda *_a, **_k: erasures.stop())
 

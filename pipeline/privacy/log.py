@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
@@ -45,13 +46,14 @@ class ErasureLog:
         """The ingest filter: only hashed when the list holds anything (almost always it is empty)."""
         return bool(self.suppressed) and hashed(self.salt, ident.key) in self.suppressed
 
-    def follow(self, registry: TopicRegistry, kafka: Kafka) -> None:
-        """Read the topic from its beginning in a daemon thread, then keep up with it."""
+    def follow(self, registry: TopicRegistry, kafka: Kafka, error_cb: Callable[[Any], None] | None = None) -> None:
+        """Read the topic from its beginning in a daemon thread, then keep up with it. `error_cb`: the worker's
+        (its outage tracker counts connection errors instead of logging each one)."""
         spec = registry[ERASURE_TOPIC]
 
         def run() -> None:
             c = Consumer(client_config(kafka, {"group.id": f"cdp-erasure-{uuid.uuid4().hex[:12]}",
-                                               "enable.auto.commit": False}))
+                                               "enable.auto.commit": False}, error_cb=error_cb))
             try:
                 c.assign([TopicPartition(spec.name, p, OFFSET_BEGINNING) for p in range(spec.partitions)])
                 while not self._stop.is_set():
