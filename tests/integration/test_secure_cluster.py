@@ -244,5 +244,13 @@ def _topic_metadata(conn: KafkaConnection, topic: str) -> Any:
     from confluent_kafka.admin import AdminClient
 
     assert check_cluster(conn, wait_s=30) == 3
-    return AdminClient(client_config(conn)).list_topics(topic, timeout=10).topics[topic]
+    admin = AdminClient(client_config(conn))
+    # (a topic created a moment ago may not be in every broker's metadata yet: no partitions listed)
+    deadline = time.monotonic() + 30
+    while True:
+        md = admin.list_topics(topic, timeout=10).topics[topic]
+        if md.error is None and md.partitions and all(p.leader >= 0 for p in md.partitions.values()):
+            return md
+        assert time.monotonic() < deadline, f"topic {topic} has no partitions in the metadata after 30 s"
+        time.sleep(0.3)
 
