@@ -30,6 +30,7 @@ from pipeline.runtime import (
 )
 from pipeline.segments import SegmentEngine
 from pipeline.settings import PipelineConfig, Settings
+from pipeline.stages.backlog import StageBacklog
 from pipeline.state.faust_compat import (
     SharedRocksDBMemory,
     close_revoked_partitions,
@@ -109,7 +110,8 @@ def build_app(settings: Settings, config: PipelineConfig | None = None,
     salt = salt_of(settings.erasure_salt, settings.app_id)
     processor.erasure_salt = salt
     rt = Runtime(settings, config, registry, app, engine, processor, output, readiness=readiness, kafka=kafka,
-                 erasure_log=ErasureLog(salt))
+                 erasure_log=ErasureLog(salt), stage_backlog=StageBacklog(settings.stage_backlog_max))
+    metrics.STAGE_BACKLOG.set_function(rt.stage_backlog.behind)
 
     @app.task
     async def drop_monitor() -> None:

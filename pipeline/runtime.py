@@ -27,6 +27,7 @@ from pipeline.segments.sizes import AudienceSizes
 from pipeline.serde.codecs import RawCodec
 from pipeline.settings import PipelineConfig, Settings
 from pipeline.stages import messages
+from pipeline.stages.backlog import StageBacklog
 from pipeline.stages.delivery import LocalDelivery, LocalHandler, LocalItem, Target
 from pipeline.stages.messages import Send
 from pipeline.state.lru import BoundedCache
@@ -272,6 +273,8 @@ class Runtime:
     erasure_log: ErasureLog | None = None  # erasure statuses and the suppression list (pipeline.privacy)
     kafka: KafkaWatch | None = None  # outages of the broker (`build_app` starts it; its error_cb for clients)
     audience_sizes: AudienceSizes = field(default_factory=AudienceSizes)  # per held partition (GET /audiences/{id})
+    # how far behind its stage topics this worker is: ingest waits while it is too far (pipeline.stages.backlog)
+    stage_backlog: StageBacklog = field(default_factory=lambda: StageBacklog(0))
     delivery: LocalDelivery = field(init=False)  # in-process delivery to held partitions (`local_delivery`)
 
     def __post_init__(self) -> None:
@@ -352,6 +355,7 @@ class Runtime:
     def decode_stage(self, topic: str, events: list[Any]) -> list[LocalItem]:
         """A batch of a stage topic's events as (partition, key, message); a value that is no stage message is
         dead-lettered (as it came) and left out: one message never stops the stage."""
+        self.stage_backlog.note_events(events, self._highwater)
         items: list[LocalItem] = []
         for e in events:
             try:
@@ -359,6 +363,13 @@ class Runtime:
             except Exception as exc:  # noqa: BLE001 - msgspec's DecodeError / ValidationError
                 self.dead_letter_stage(topic, e.key or b"", e.value, exc)
         return items
+
+    def _highwater(self, tp: Any) -> int | None:
+        """The Faust consumer's high watermark of a partition (None until it has fetched it)."""
+        try:
+            return self.app.consumer.highwater(tp)  # type: ignore[no-any-return]
+        except Exception:  # noqa: BLE001 - not fetched yet, or the consumer is being rebuilt: no figure
+            return None
 
     @staticmethod
     def now_ms() -> int:

@@ -126,7 +126,9 @@ class Settings:
     PIPELINE_API_ROUTE_TIMEOUT_S [5] (a routed request's whole time). Erasure (pipeline.privacy): PIPELINE_ERASURE_SALT [the app id] (the key of the hashes
     that stand for an identity on control.erasure; the same on every worker and CLI, secret, never changed).
     The console (pipeline/api/console.py): PIPELINE_AUDIENCES_WRITABLE [off] (saving an audience writes
-    segments.yaml in the configuration folder; off where that file is managed elsewhere, e.g. a ConfigMap)."""
+    segments.yaml in the configuration folder; off where that file is managed elsewhere, e.g. a ConfigMap).
+    Backpressure (pipeline.stages.backlog): PIPELINE_STAGE_BACKLOG_MAX [2000; 0: off] (ingest takes no new
+    records while this worker's identity and profile-op partitions are more than this many messages behind)."""
 
     kafka: KafkaConnection
     app_id: str
@@ -167,6 +169,8 @@ class Settings:
     kafka_stats_interval_ms: int = 5000
     log_format: str = "text"  # or "json"
     audiences_writable: bool = False  # PUT /audiences/{id} (the console's save) may write config_dir/segments.yaml
+    # about a second of a worker's work: the delay a record of a new person can gain behind the stage topics
+    stage_backlog_max: int = 2000
 
     @classmethod
     def from_env(cls, config_dir: str | Path | None = None) -> Settings:
@@ -205,6 +209,7 @@ class Settings:
             kafka_stats_interval_ms=_positive("PIPELINE_KAFKA_STATS_INTERVAL_MS", 5000),
             log_format=_choice("PIPELINE_LOG_FORMAT", ("text", "json"), "text"),
             audiences_writable=_flag("PIPELINE_AUDIENCES_WRITABLE", False),
+            stage_backlog_max=_whole("PIPELINE_STAGE_BACKLOG_MAX", 2000),
         )
 
     @property

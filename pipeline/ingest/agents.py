@@ -160,6 +160,7 @@ async def _ingest_loop(rt: Runtime, decoders: dict[str, tuple[str, Decoder]], ha
        twice is recognised by its id);
     4. on stop: the same flush and commit, then leave the group; after an error, only leave the group
        (what was handled but not committed is handled again: at-least-once).
+    Before 1, nothing new is taken while this worker's stage topics are too far behind (`_Brake`).
     While waiting (2, 3) the consumer is paused and still served every KEEPALIVE_S: an outage can outlast
     max.poll.interval.ms (5 min), after which librdkafka would leave the group."""
     from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
@@ -291,9 +292,12 @@ async def _ingest_loop(rt: Runtime, decoders: dict[str, tuple[str, Decoder]], ha
             paused.resume()
 
     consumer.subscribe(list(decoders), on_assign=on_assign, on_revoke=on_revoke, on_lost=on_lost)
+    brake = _Brake(rt, paused)
     try:
         while True:
-            if held:
+            if brake.holds():  # the stage topics are behind: no new records until they catch up
+                msgs = []
+            elif held:
                 msgs, held[:] = list(held), []
             else:
                 msgs = consumer.consume(BATCH_MAX, 0)  # also runs the rebalance callbacks above
@@ -364,6 +368,46 @@ class _Paused:
         back = assigned + [tp for tp in self.partitions if (tp.topic, tp.partition) not in seen]
         self.partitions = []
         self.consumer.resume(back)
+
+
+class _Brake:
+    """Backpressure (pipeline.stages.backlog): while the worker's identity and profile-op partitions are more than
+    PIPELINE_STAGE_BACKLOG_MAX messages behind, the ingest consumer is paused (and still served) and the loop
+    takes nothing new, so the event loop's time goes to the older work; counted in
+    cdp_ingest_backpressure_seconds_total, and said in the log at most once every REPORT_S."""
+
+    REPORT_S = 60.0
+
+    def __init__(self, rt: Runtime, paused: _Paused) -> None:
+        self.backlog, self.paused = rt.stage_backlog, paused
+        self.since: float | None = None  # when the current wait began (None: not waiting)
+        self.mark = 0.0  # up to when the wait is counted
+        self.waited = 0.0  # seconds waited since the last report
+        self.next_report = 0.0
+
+    def holds(self) -> bool:
+        now = time.monotonic()
+        if not self.backlog.over():
+            if self.since is not None:
+                self._count(now)
+                self.since = None
+                self.paused.resume()
+            return False
+        if self.since is None:
+            self.since = self.mark = now
+        self._count(now)
+        self.paused.keepalive()  # (records it still returns are held, in order, for later)
+        if now >= self.next_report:
+            self.next_report = now + self.REPORT_S
+            log.info("ingest waits for the stage topics: %d messages behind (limit %d); %.1f s waited since the last "
+                     "report", self.backlog.behind(), self.backlog.limit, self.waited)
+            self.waited = 0.0
+        return True
+
+    def _count(self, now: float) -> None:
+        metrics.INGEST_BACKPRESSURE_SECONDS.inc(now - self.mark)
+        self.waited += now - self.mark
+        self.mark = now
 
 
 class _Waiting:

@@ -25,6 +25,11 @@ EVALUATION_SECONDS = Histogram("cdp_profile_op_seconds", "Time to handle one pro
                                buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5))
 END_TO_END_SECONDS = Histogram("cdp_event_to_membership_seconds", "Event time to membership message",
                                buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300))
+STAGE_BACKLOG = Gauge("cdp_stage_backlog_messages",
+                      "Identity and profile-op messages this worker's agents have still to handle (its ingest "
+                      "waits while this is over PIPELINE_STAGE_BACKLOG_MAX)")
+INGEST_BACKPRESSURE_SECONDS = Counter("cdp_ingest_backpressure_seconds_total",
+                                      "Time the ingest loop took no new records because the stage topics were behind")
 DEADLINES_PENDING = Gauge("cdp_deadlines_pending", "Profiles with a pending time-driven re-evaluation")
 BATCH_PROFILES = Counter("cdp_batch_profiles_total", "Profiles evaluated by batch runs")
 DESTINATION_DELIVERIES = Counter("cdp_destination_deliveries_total", "Payloads delivered", ["destination"])
