@@ -224,7 +224,8 @@ class ProfileProcessor:
                 res.sends.append(start_resolve(None, ident.key, now))
             else:
                 self._claim(profile, ident, rec.timestamp_ms, res)
-        rec = replace(rec, identities=tuple(listed))
+        if len(listed) != len(rec.identities):  # (`listed` keeps the record's order: same length, same tuple)
+            rec = replace(rec, identities=tuple(listed))
         consent_before = self._consent_values(profile)
         if isinstance(rec, ExperienceEvent):
             summary = apply_event(profile, rec, self.config)
