@@ -121,7 +121,8 @@ def register(rt: Runtime) -> Router:
     policy = merge_policy_info(rt.config.profile.datasets.merge_policy)
 
     def profile_json(p: ProfileState) -> Any:
-        return web.json_response(render_profile(p, merge_policy=policy))
+        return web.json_response(render_profile(p, merge_policy=policy, audiences=rt.engine.audiences,
+                                                now_ms=rt.now_ms()))
 
     @app.page("/profiles")
     async def get_profile(web_: Any, request: Any) -> Any:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from http import HTTPStatus
 from typing import Any
 
 from pipeline.identity.namespaces import normalise_identities
 from pipeline.model import ProfileState
 from pipeline.profiles.config import ProfileConfig
+from pipeline.segments.config import AudienceDef
+from pipeline.segments.explain import membership_evidence
 
 PROBLEM_CONTENT_TYPE = "application/problem+json"
 MAX_BODY_BYTES = 64 * 1024
@@ -97,8 +100,17 @@ def merge_policy_info(policy: Any) -> dict[str, Any]:
     return {"type": policy.name, **({"order": list(order)} if order is not None else {})}
 
 
-def render_profile(p: ProfileState, recent: int = 20, merge_policy: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The profile as the API answers it; `merge_policy` (merge_policy_info) says how attributes were chosen."""
+def render_profile(p: ProfileState, recent: int = 20, merge_policy: dict[str, Any] | None = None,
+                   audiences: Mapping[str, AudienceDef] | None = None, now_ms: int = 0) -> dict[str, Any]:
+    """The profile as the API answers it; `merge_policy` (merge_policy_info) says how attributes were chosen;
+    each membership of an audience in `audiences` gets its evidence at `now_ms` (computed here, on request: the
+    per-event path keeps only the short `reason`)."""
+    defs = audiences or {}
+
+    def evidence(aid: str) -> list[str]:
+        a = defs.get(aid)
+        return membership_evidence(a, p, now_ms) if a is not None else []
+
     return {
         "profile_id": p.profile_id,
         "created_ms": p.created_ms,
@@ -108,7 +120,8 @@ def render_profile(p: ProfileState, recent: int = 20, merge_policy: dict[str, An
         "merged_profiles": list(p.merged),
         "attributes": {k: {"value": v.value, "dataset": v.dataset, "ts_ms": v.ts_ms}
                        for k, v in sorted(p.attributes.items()) if v.value is not None},
-        "memberships": {a: {"status": m.status, "since_ms": m.since_ms, "version": m.version, "reason": m.reason}
+        "memberships": {a: {"status": m.status, "since_ms": m.since_ms, "version": m.version, "reason": m.reason,
+                            "evidence": evidence(a)}
                         for a, m in sorted(p.memberships.items())},
         "event_count": len(p.events),
         "recent_events": [{"event_id": e.event_id, "event_type": e.event_type, "ts_ms": e.ts_ms,

@@ -3,17 +3,20 @@ gone, the former 500s, a slow client cut off, the failed-authentication limit, k
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
+import jsonschema
 import pytest
 from kafka_helpers import produce
 
 from pipeline.api.auth import ApiKey, entry_yaml, hash_key, new_key
-from pipeline.api.server import operations
+from pipeline.api.server import openapi, operations
+from pipeline.segments.explain import time_text
 
 pytestmark = pytest.mark.integration
 
@@ -42,8 +45,9 @@ def test_the_worker_api_with_keys(registry: Any, kafka_bootstrap: str, start_wor
                                      "PIPELINE_WEB_READ_TIMEOUT_S": str(READ_TIMEOUT_S)})
     reader, ops = bearer(keys["reader"][0]), bearer(keys["ops"][0])
     # and a person known by e-mail and CRM id
+    ts = int(time.time() * 1000)
     produce(registry, kafka_bootstrap, "ingest.profiles", [{
-        "recordId": "r1", "timestamp": int(time.time() * 1000), "dataset": "crm", "crmId": CRM, "email": EMAIL,
+        "recordId": "r1", "timestamp": ts, "dataset": "crm", "crmId": CRM, "email": EMAIL,
         "loyalty": {"tier": "gold", "points": 1}}])
     http = httpx.Client(base_url=worker.url, timeout=10)
     # (both identities: the e-mail is claimed through the identity topic after the CRM id made the profile)
@@ -57,6 +61,14 @@ def test_the_worker_api_with_keys(registry: Any, kafka_bootstrap: str, start_wor
     # When the reader asks for the profile, Then it is served
     assert r.status_code == 200, r.text
     pid = r.json()["profile_id"]
+    # with the evidence of its gold-loyalty membership (`loyalty.tier = "gold"`), no identity value in it, and the
+    # answer as pipeline/api/openapi.yaml describes a profile
+    gold = r.json()["memberships"]["gold-loyalty"]
+    assert gold["evidence"] == [f'loyalty.tier is "gold" (dataset crm, {time_text(ts)})'], gold
+    shown = json.dumps(r.json()["memberships"]).lower()
+    assert CRM.lower() not in shown and EMAIL.lower() not in shown
+    spec = openapi()
+    jsonschema.Draft202012Validator({**spec, "$ref": "#/components/schemas/Profile"}).validate(r.json())
     assert http.get(f"/profiles/{pid}", headers=reader).json()["profile_id"] == pid
     assert http.post("/edge/evaluate", json={"namespace": "Email", "id": EMAIL}, headers=reader).status_code == 200
 
