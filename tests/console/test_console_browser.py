@@ -20,6 +20,7 @@ from procs import PipelineProc, stop_all
 
 from pipeline.api.auth import ApiKey, entry_yaml, hash_key, new_key
 from pipeline.resources import EXAMPLE_CONFIG_DIR
+from pipeline.segments.explain import dates_text
 
 CHROMIUM = "/usr/bin/chromium"
 RESULTS = Path(__file__).with_name("results")
@@ -116,6 +117,10 @@ def test_the_console_looks_up_edits_an_audience_and_erases(registry: Any, kafka_
     for text in ("CRMID", CRM, "ECID", COOKIE, "Email", EMAIL.lower(), "loyalty.tier", "gold", "crm", "shoe-lovers",
                  profile["memberships"]["shoe-lovers"]["reason"], "productView", "login", "Recent events (4 of 4)"):
         assert text in main, text
+    # and, under the reason, the evidence: the three shoe views with their day
+    assert page.inner_text("ul.evidence[aria-label='Why in shoe-lovers']") == (
+        '3 productView (product.category = "shoes") in the last 7 days (needs count >= 3): '
+        + dates_text([v["timestamp"] for v in views]))
     assert page.inner_text("#merge-policy") == ("Merge policy: dataset_precedence (crm > loyalty > orders > app-events > "
                                                  "web-events): the source dataset shown won.")
     assert page.locator("svg.graph g.identity").count() == sum(len(v) for v in profile["identities"].values())

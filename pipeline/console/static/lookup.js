@@ -51,7 +51,7 @@ function profileView(p) {
     Object.keys(p.memberships).length
       ? table(["Audience", "Status", "Since", "Reason", "Version", "Destinations (configured)"],
         Object.entries(p.memberships).map(([a, m]) => [
-          h("a", { href: `#/audiences/edit?id=${encodeURIComponent(a)}` }, a), m.status, when(m.since_ms), m.reason,
+          h("a", { href: `#/audiences/edit?id=${encodeURIComponent(a)}` }, a), m.status, when(m.since_ms), reasonView(a, m),
           String(m.version), h("span", { class: "destinations muted", "data-audience": a }, "…")]))
       : h("p", { class: "muted" }, "in no audience"));
   const events = h("section", {}, h("h3", {}, `Recent events (${p.recent_events.length} of ${p.event_count})`),
@@ -65,6 +65,15 @@ function profileView(p) {
       h("section", {}, h("h3", {}, "Identity graph"), identityGraph(p))),
     attributes, memberships, events,
   ];
+}
+
+// The stored reason (decided when the membership changed) and, under it, the evidence the worker worked out for
+// this lookup: the events with their days, the attributes with their source, the other audiences read.
+function reasonView(audience, m) {
+  const evidence = m.evidence || [];
+  return h("div", {}, m.reason, evidence.length
+    ? h("ul", { class: "evidence", "aria-label": `Why in ${audience}` }, evidence.map((line) => h("li", {}, line)))
+    : null);
 }
 
 // Which destinations each membership is sent to, as destinations.yaml says (not a delivery record).
