@@ -182,8 +182,8 @@ def time_text(ms: int) -> str:
 
 
 def dates_text(stamps: Sequence[int]) -> str:
-    """The days of the most recent MAX_DATES distinct days, oldest first, like `30 Oct, 12, 14 (×2) and 15 Nov
-    2026, and 3 more` (the month and year said once per run of days that share them)."""
+    """The most recent MAX_DATES distinct days, oldest first, like `30 Oct, 12, 14 Nov (×2) and 15 Nov 2026, and 3
+    more` (the month and year said once per run of days that share them; the events on older days counted)."""
     counts: dict[_dt.date, int] = {}
     for ts in stamps:
         d = _utc(ts).date()
@@ -192,13 +192,13 @@ def dates_text(stamps: Sequence[int]) -> str:
     shown, older = days[-MAX_DATES:], days[:-MAX_DATES]
     parts: list[str] = []
     for i, d in enumerate(shown):
-        text = f"{d.day}" + (f" (×{counts[d]})" if counts[d] > 1 else "")
+        text = f"{d.day}"
         nxt = shown[i + 1] if i + 1 < len(shown) else None
-        if nxt is None or (nxt.year, nxt.month) != (d.year, d.month):
-            text += f" {d:%b}"
+        if nxt is None or (nxt.year, nxt.month) != (d.year, d.month) or counts[d] > 1:
+            text += f" {d:%b}"  # a repeated day names its month: "14 (×2) Nov" would read as a day "(×2)"
             if nxt is None or nxt.year != d.year:
                 text += f" {d.year}"
-        parts.append(text)
+        parts.append(text + (f" (×{counts[d]})" if counts[d] > 1 else ""))
     out = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     more = sum(counts[d] for d in older)
     return out + (f", and {more} more" if more else "")

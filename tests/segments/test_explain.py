@@ -105,6 +105,7 @@ def test_dates_are_grouped_by_month_and_year_and_at_most_ten_days_listed() -> No
     # Given events on 13 days across a year end, two of them on one day
     stamps = [at(12, d, year=2025) for d in (20, 24, 28, 30)] + [at(1, d) for d in range(1, 10)] + [at(1, 9, 18)]
     # When listed, Then the 10 most recent days, oldest first, and the 3 older events counted
-    assert dates_text(stamps) == "30 Dec 2025, 1, 2, 3, 4, 5, 6, 7, 8 and 9 (×2) Jan 2026, and 3 more"
+    assert dates_text(stamps) == "30 Dec 2025, 1, 2, 3, 4, 5, 6, 7, 8 and 9 Jan 2026 (×2), and 3 more"
     assert dates_text([at(10, 30), at(11, 2)]) == "30 Oct and 2 Nov 2026"
     assert dates_text([at(11, 2)]) == "2 Nov 2026"
+    assert dates_text([at(11, 12), at(11, 14), at(11, 14, 18), at(11, 15)]) == "12, 14 Nov (×2) and 15 Nov 2026"
