@@ -41,10 +41,10 @@ from pipeline.profiles.walk import Outcome, Walk, WalkPool, WalkSpec
 from pipeline.resources import EXAMPLE_CONFIG_DIR
 from pipeline.segments import SegmentEngine
 from pipeline.segments.config import load_segments_text
+from pipeline.settings import load_topics
 from pipeline.stages.messages import Evaluate
 from pipeline.state.codec import encode_profile
 from pipeline.state.tables import partition_for
-from pipeline.topics import TopicRegistry
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "bench" / ".cache"
@@ -87,7 +87,7 @@ def audiences() -> list[Any]:
 
 def templates(count: int, events_per: int, now_ms: int) -> list[ProfileState]:
     """`count` profiles built by the real merge code from the bench's record mix, spread over 40 days."""
-    reg = TopicRegistry.load(prefix="bench-batch.")
+    reg = load_topics("bench-batch.")
     cfg = load_profile_config(EXAMPLE_CONFIG_DIR / "identity.yaml", EXAMPLE_CONFIG_DIR / "datasets.yaml")
     dec = {"event": Decoder("event", reg["ingest.events"].codec, cfg.identity, cfg.datasets),  # type: ignore[arg-type]
            "record": Decoder("record", reg["ingest.profiles"].codec, cfg.identity, cfg.datasets)}  # type: ignore[arg-type]

@@ -31,6 +31,7 @@ from typing import Any
 from bench.workload import Workload
 from pipeline.identity.stitch import apply_msg, handle_identity, home_key, start_resolve
 from pipeline.ingest.decode import Decoder, Rejected, Skipped
+from pipeline.observability.memory import tune_gc
 from pipeline.profiles.ops import ProfileProcessor
 from pipeline.segments import SegmentEngine, load_segments
 from pipeline.settings import PipelineConfig
@@ -164,6 +165,7 @@ def run(records: int, warm: int, miss: float, profile: bool, seed: int = 11) -> 
         path.clock[0] += 0.0005
     path.timed.clear()
     path.counts.clear()
+    tune_gc()  # as the worker does once built (the warm-up's profiles are then frozen out of the collector's sight)
     prof = cProfile.Profile() if profile else None
     started = time.perf_counter()
     if prof:

@@ -128,9 +128,10 @@ async def runner_deliveries(bootstrap: str, n: int = 10_000) -> dict[str, float]
     from pipeline.destinations.lane import RunnerSettings
     from pipeline.destinations.runner import DestinationRunner
     from pipeline.model import MembershipChange
-    from pipeline.topics import TopicRegistry, apply
+    from pipeline.settings import load_topics
+    from pipeline.topics import apply
 
-    reg = TopicRegistry.load(prefix=f"micro{free_port()}-")
+    reg = load_topics(f"micro{free_port()}-")
     apply(reg, bootstrap, out=lambda *_: None)
     spec = reg["activation.memberships"]
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})

@@ -22,12 +22,12 @@ from pipeline.connection import KafkaConnection, client_config
 from pipeline.errors import SerdeError
 from pipeline.ingest.agents import BATCH_MAX, COMMIT_INTERVAL_S, IDLE_SLEEP_S, consumer_config
 from pipeline.runtime import OutputProducer
-from pipeline.topics import TopicRegistry
+from pipeline.settings import load_topics
 
 
 async def main() -> None:
-    kafka = KafkaConnection.from_env()
-    codec = TopicRegistry.load(prefix=os.environ.get("PIPELINE_TOPIC_PREFIX", ""))["ingest.events"].codec
+    kafka = KafkaConnection.from_env(os.environ)
+    codec = load_topics()["ingest.events"].codec
     n_total = int(os.environ.get("BENCH_N", "50000"))
     result = os.environ.get("BENCH_RESULT", "/tmp/passthrough.json")
     out_topic = os.environ.get("BENCH_OUT", "bench.out")

@@ -134,9 +134,9 @@ def membership_consumer(bootstrap: str, prefix: str, stop: Any, out_q: Any) -> N
     """Reads activation.memberships; records (consume wall ms, event_time_ms, emit_time_ms, evaluation)."""
     from confluent_kafka import Consumer, TopicPartition
 
-    from pipeline.topics import TopicRegistry
+    from pipeline.settings import load_topics
 
-    reg = TopicRegistry.load(prefix=prefix)
+    reg = load_topics(prefix)
     spec = reg["activation.memberships"]
     c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-lat-{uuid.uuid4().hex[:6]}",
                   "enable.auto.commit": False, "fetch.wait.max.ms": 50})
@@ -673,7 +673,8 @@ def main(argv: list[str] | None = None) -> int:
     lag_cap = args.lag_cap or (2_000 if args.quick else 5_000)
 
     from pipeline.local.broker import SINGLE_BROKER_ENV, LocalBroker, ensure_jars, free_port
-    from pipeline.topics import TopicRegistry, apply
+    from pipeline.settings import load_topics
+    from pipeline.topics import apply
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S") + (f"-w{args.workers}" if args.workers > 1 else "") + (
@@ -699,7 +700,7 @@ def main(argv: list[str] | None = None) -> int:
         bootstrap = broker.bootstrap
         os.environ.update(SINGLE_BROKER_ENV)  # one broker: one replica (here and in the workers started below)
         prefix = f"b{uuid.uuid4().hex[:6]}-"
-        reg = TopicRegistry.load(prefix=prefix)
+        reg = load_topics(prefix)
         apply(reg, bootstrap, out=lambda *_: None)
         app_id = f"cdp-bench-{prefix.rstrip('-')}"
         cfg = write_config(tmp)

@@ -246,9 +246,9 @@ def producer_main(bootstrap: str, prefix: str, population: int, codec_encode: bo
     import psutil
     from confluent_kafka import Producer
 
-    from pipeline.topics import TopicRegistry
+    from pipeline.settings import load_topics
 
-    reg = TopicRegistry.load(prefix=prefix)
+    reg = load_topics(prefix)
     gen = Workload(reg, population=population, codec_encode=codec_encode, run_tag=prefix)
     gen.fast.self_check(Workload(reg, population=population, seed=99))
     p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "acks": "all", "enable.idempotence": True,

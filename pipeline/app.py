@@ -54,7 +54,7 @@ def build_app(settings: Settings, config: PipelineConfig | None = None,
     agents and the API."""
     config = config or PipelineConfig.load(settings.config_dir)
     auth = auth or load_authenticator(settings)
-    registry = registry or TopicRegistry.load(prefix=settings.topic_prefix)
+    registry = registry or settings.topic_registry()
     ops_partitions = registry[PROFILE_TOPIC].partitions
     (settings.data_dir / settings.worker_name).mkdir(parents=True, exist_ok=True)
     shorten_fetch_wait()

@@ -20,7 +20,7 @@ from pipeline.topics import CONTROL_SEGMENTS, PROFILE_TOPIC, TopicRegistry
 
 
 def _registry(settings: Settings) -> TopicRegistry:
-    return TopicRegistry.load(prefix=settings.topic_prefix)
+    return settings.topic_registry()
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:

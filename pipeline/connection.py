@@ -18,7 +18,6 @@ Environment (file key in brackets):
 from __future__ import annotations
 
 import logging
-import os
 import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -85,9 +84,9 @@ class KafkaConnection:
         return self.security_protocol in ("SSL", "SASL_SSL")
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> KafkaConnection:
-        """The connection from the environment, over the file named by PIPELINE_KAFKA_CONFIG if any."""
-        env = os.environ if env is None else env
+    def from_env(cls, env: Mapping[str, str]) -> KafkaConnection:
+        """The connection from the environment `env` (pipeline.settings passes os.environ), over the file
+        named by PIPELINE_KAFKA_CONFIG if any."""
         values: dict[str, Any] = {}
         source = "environment"
         path = env.get("PIPELINE_KAFKA_CONFIG")

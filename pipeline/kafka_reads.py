@@ -29,12 +29,8 @@ def read_messages(kafka: Kafka, topic: str, *, timeout_s: float = 120.0,
                   consumer_config: dict[str, Any] | None = None,
                   on_ends: Callable[[int], None] | None = None) -> Iterator[Any]:
     """Every message of `topic`, in order per partition, up to the end offsets taken at the start, with no
-    consumer group offsets committed (`on_ends` is told how many offsets that spans). In order:
-    1. take each partition's low and high watermarks (a partition with none left is done);
-    2. read from the low watermark, keeping records below the noted end;
-    3. a partition is done when the consumer's *position* reaches the end: on a compacted topic the last
-       offsets before the end may have been removed (or be transaction markers), so no record with offset
-       end - 1 ever comes, and waiting for one would hang or return partial state."""
+    consumer group offsets committed (`on_ends` is told how many offsets that spans): `read_chunks` from each
+    partition's low watermark to its high one, by a consumer of a group of its own."""
     c = Consumer(client_config(kafka, {"group.id": f"cdp-read-{uuid.uuid4().hex[:12]}",
                                        "enable.auto.commit": False, "auto.offset.reset": "earliest",
                                        **(consumer_config or {})}))
@@ -46,24 +42,53 @@ def read_messages(kafka: Kafka, topic: str, *, timeout_s: float = 120.0,
         ends: dict[int, int] = {}
         for p in meta.partitions:
             starts[p], ends[p] = c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-        todo = {p for p in ends if ends[p] > starts[p]}
         if on_ends is not None:
-            on_ends(sum(ends[p] - starts[p] for p in todo))
-        if not todo:
-            return
-        c.assign([TopicPartition(topic, p, starts[p]) for p in todo])
-        deadline = time.monotonic() + timeout_s
-        while todo:
-            if time.monotonic() > deadline:
-                raise ReadTimeout(f"reading {topic} did not reach its end in {timeout_s:.0f}s")
-            for m in c.consume(1000, 0.5):
-                part = m.partition()
-                if m.error() is not None or part is None or part not in todo:
-                    continue
-                if (m.offset() or 0) < ends[part]:
-                    yield m
-            for tp in c.position([TopicPartition(topic, p) for p in list(todo)]):
-                if tp.offset >= ends[tp.partition]:
-                    todo.discard(tp.partition)
+            on_ends(sum(ends[p] - starts[p] for p in ends if ends[p] > starts[p]))
+        for chunk in read_chunks(c, topic, starts, ends, timeout_s=timeout_s):
+            yield from chunk
     finally:
         c.close()
+
+
+def read_chunks(consumer: Consumer, topic: str, starts: dict[int, int], ends: dict[int, int], *,
+                timeout_s: float = 120.0, chunk_size: int = 1000) -> Iterator[list[Any]]:
+    """The messages of `topic` from `starts` up to (not including) `ends` per partition, in order per
+    partition, one non-empty chunk per consume, read by the caller's `consumer` (its group, its settings,
+    its commits: `read_positions` says what to commit). In order:
+    1. assign the partitions with something left (a partition with none left is done);
+    2. read from the start, keeping records below the end;
+    3. a partition is done when the consumer's *position* reaches the end: on a compacted topic the last
+       offsets before the end may have been removed (or be transaction markers), so no record with offset
+       end - 1 ever comes, and waiting for one would hang or return partial state."""
+    todo = {p for p in ends if ends[p] > starts[p]}
+    if not todo:
+        return
+    consumer.assign([TopicPartition(topic, p, starts[p]) for p in todo])
+    deadline = time.monotonic() + timeout_s
+    while todo:
+        if time.monotonic() > deadline:
+            raise ReadTimeout(f"reading {topic} did not reach its end in {timeout_s:.0f}s")
+        chunk = []
+        for m in consumer.consume(chunk_size, 0.5):
+            part = m.partition()
+            if m.error() is not None or part is None or part not in todo:
+                continue
+            if (m.offset() or 0) < ends[part]:
+                chunk.append(m)
+        if chunk:
+            yield chunk
+        for tp in consumer.position([TopicPartition(topic, p) for p in list(todo)]):
+            if tp.offset >= ends[tp.partition]:
+                todo.discard(tp.partition)
+
+
+def read_positions(consumer: Consumer, topic: str, starts: dict[int, int],
+                   ends: dict[int, int]) -> list[TopicPartition]:
+    """How far `read_chunks` has read each partition it read, never past the end taken at the start (the
+    consumer may have fetched later messages, which were not handed over): the offsets to commit."""
+    todo = [TopicPartition(topic, p) for p in ends if ends[p] > starts[p]]
+    if not todo:
+        return []
+    return [TopicPartition(topic, tp.partition,
+                           min(tp.offset, ends[tp.partition]) if tp.offset >= 0 else starts[tp.partition])
+            for tp in consumer.position(todo)]

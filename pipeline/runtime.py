@@ -59,7 +59,7 @@ OUTPUT_QUEUE_KBYTES = 64 * 1024
 # What a worker keeps in memory in front of each table's RocksDB (`PartitionedTable`): (keys, bytes of
 # values). An identity entry costs ~250 bytes; a profile entry shares its bytes with the decoded-profile cache.
 TABLE_CACHE = {"identity": (200_000, 64 << 20), "profiles": (20_000, 32 << 20)}
-# Decoded profiles (pipeline.profiles.agents.DecodedCache): (profiles, bytes). A decoded profile holds about
+# Decoded profiles (pipeline.profiles.cache.DecodedCache): (profiles, bytes). A decoded profile holds about
 # DECODED_PER_BYTE times its encoded size in Python objects (measured: 6.5x for a profile of 200 events), so
 # this bounds what a worker's caches hold at ~64 + 32 + 192 MB, whatever the size of its profiles.
 DECODED_PER_BYTE = 7

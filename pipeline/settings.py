@@ -12,8 +12,10 @@ from pipeline.errors import ConfigError
 from pipeline.identity.datasets import load_datasets_config
 from pipeline.identity.namespaces import load_identity_config
 from pipeline.profiles.config import ProfileConfig
-from pipeline.resources import EXAMPLE_CONFIG_DIR
+from pipeline.resources import EXAMPLE_CONFIG_DIR, TOPICS_FILE
 from pipeline.segments import AudienceDef, load_segments
+from pipeline.serde.registry import SchemaRegistryConnection
+from pipeline.topics import MIN_INSYNC_ENV, REPLICATION_ENV, TopicRegistry
 
 DEFAULT_CONFIG = EXAMPLE_CONFIG_DIR  # without --config or PIPELINE_CONFIG; `pipeline init DIR` copies it
 
@@ -74,6 +76,16 @@ def _whole(name: str, default: int) -> int:
     return int(value)
 
 
+def _at_least_one(name: str) -> int | None:
+    """A whole number >= 1, or None when unset."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ConfigError(f"{name} must be a whole number of at least 1, not {value!r}")
+    return int(value)
+
+
 def _cron(name: str, default: str) -> str:
     """A crontab expression (five fields, UTC), checked now rather than when the scheduler first reads it."""
     from croniter import croniter  # faust's crontab timers use it
@@ -110,8 +122,9 @@ class Settings:
     PIPELINE_WEB_HOST [127.0.0.1] and PIPELINE_WEB_PORT [6066] (the worker's API and /metrics),
     PIPELINE_DEST_METRICS_HOST [127.0.0.1] and PIPELINE_DEST_METRICS_PORT [off] (the destination runner),
     PIPELINE_STATIC_MEMBERSHIP, PIPELINE_LEAVE_GROUP_ON_STOP, PIPELINE_KAFKA_STATS_INTERVAL_MS [5000] (how often
-    consumer lag, broker round trips and queue depths are measured); replication overrides are read with topics.yaml
-    (pipeline.topics). The API (pipeline/api/server.py): PIPELINE_API_KEYS_FILE (the API keys; without it the
+    consumer lag, broker round trips and queue depths are measured), PIPELINE_REPLICATION_FACTOR and
+    PIPELINE_MIN_INSYNC_REPLICAS [topics.yaml's] (every topic's, pipeline.topics), the Schema Registry
+    (pipeline.serde.registry: SCHEMA_REGISTRY_*) [none: the embedded schemas]. The API (pipeline/api/server.py): PIPELINE_API_KEYS_FILE (the API keys; without it the
     worker does not start unless PIPELINE_API_AUTH=off [on]), PIPELINE_API_FAILED_AUTH_BURST [20] (failed
     authentications an address may make before 429, one more a second), PIPELINE_WEB_READ_TIMEOUT_S [10]
     (a client's request line and headers, and its body, must arrive within it), PIPELINE_WEB_TLS_CERT and
@@ -171,12 +184,15 @@ class Settings:
     audiences_writable: bool = False  # PUT /audiences/{id} (the console's save) may write config_dir/segments.yaml
     # about a second of a worker's work: the delay a record of a new person can gain behind the stage topics
     stage_backlog_max: int = 2000
+    replication_factor: int | None = None  # None: topics.yaml's, per topic
+    min_insync_replicas: int | None = None
+    schema_registry: SchemaRegistryConnection | None = None  # None: the embedded schemas
 
     @classmethod
     def from_env(cls, config_dir: str | Path | None = None) -> Settings:
         app_id = os.environ.get("PIPELINE_APP_ID", "cdp-pipeline")
         return cls(
-            kafka=KafkaConnection.from_env(),
+            kafka=KafkaConnection.from_env(os.environ),
             app_id=app_id,
             config_dir=Path(config_dir or os.environ.get("PIPELINE_CONFIG") or DEFAULT_CONFIG),
             data_dir=Path(os.environ.get("PIPELINE_DATA_DIR") or default_data_dir(app_id)),
@@ -210,7 +226,16 @@ class Settings:
             log_format=_choice("PIPELINE_LOG_FORMAT", ("text", "json"), "text"),
             audiences_writable=_flag("PIPELINE_AUDIENCES_WRITABLE", False),
             stage_backlog_max=_whole("PIPELINE_STAGE_BACKLOG_MAX", 2000),
+            replication_factor=_at_least_one(REPLICATION_ENV),
+            min_insync_replicas=_at_least_one(MIN_INSYNC_ENV),
+            schema_registry=SchemaRegistryConnection.from_env(os.environ),
         )
+
+    def topic_registry(self, path: Path = TOPICS_FILE) -> TopicRegistry:
+        """topics.yaml with this worker's prefix and replication overrides, its Avro codecs on the Schema
+        Registry when one is configured."""
+        return _topics(path, self.topic_prefix, self.replication_factor, self.min_insync_replicas,
+                       self.schema_registry)
 
     @property
     def advertised_url(self) -> str:
@@ -238,6 +263,23 @@ class Settings:
         if not self.static_membership:
             return None
         return "-".join(part for part in (self.app_id, self.worker_name, consumer) if part)
+
+
+def load_topics(prefix: str | None = None, path: Path = TOPICS_FILE) -> TopicRegistry:
+    """The topic registry as the environment configures it (PIPELINE_TOPIC_PREFIX unless `prefix` is given,
+    the replication overrides, the Schema Registry), for code that has no Settings (tests, benchmarks, tools)."""
+    return _topics(path, os.environ.get("PIPELINE_TOPIC_PREFIX", "") if prefix is None else prefix,
+                   _at_least_one(REPLICATION_ENV), _at_least_one(MIN_INSYNC_ENV),
+                   SchemaRegistryConnection.from_env(os.environ))
+
+
+def _topics(path: Path, prefix: str, replication_factor: int | None, min_insync_replicas: int | None,
+            schema_registry: SchemaRegistryConnection | None) -> TopicRegistry:
+    from pipeline.serde.avro import RegistryCatalog  # fastavro: only for a process that builds a registry
+
+    return TopicRegistry.load(path, prefix, replication_factor=replication_factor,
+                              min_insync_replicas=min_insync_replicas,
+                              catalog=RegistryCatalog(schema_registry) if schema_registry is not None else None)
 
 
 @dataclass(frozen=True)

@@ -6,22 +6,25 @@ Code names topics by their logical name (e.g. "ingest.events"); the physical nam
 Durability comes from topics.yaml (`replication_factor`, `min_insync_replicas`, per topic or in `defaults`),
 overridable for every topic by the environment: PIPELINE_REPLICATION_FACTOR and PIPELINE_MIN_INSYNC_REPLICAS
 (e.g. 1 and 1 on a single development broker). Faust's own topics and the runner's dead-letter topic take
-the same values.
+the same values. The environment is read by `pipeline.settings` (`Settings.topic_registry`, `load_topics`),
+which passes prefix, overrides and Schema Registry catalog to `TopicRegistry.load`.
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.connection import Kafka, check_cluster, client_config, connection
-from pipeline.errors import ConfigError, TopicPlanError, UnknownNameError
+from pipeline.errors import TopicPlanError, UnknownNameError
 from pipeline.resources import TOPICS_FILE
 from pipeline.serde.codecs import Codec, codec_from_spec
 from pipeline.yamlconf import compose_file
+
+if TYPE_CHECKING:
+    from pipeline.serde.avro import SchemaCatalog
 
 _REQUIRED = {"name", "partitions", "codec"}
 _KEYS = {"name", "partitions", "replication_factor", "min_insync_replicas", "cleanup_policy", "retention_ms",
@@ -48,10 +51,11 @@ class TopicSpec:
     codec_spec: str
     description: str
     max_compaction_lag_ms: int = DEFAULT_MAX_COMPACTION_LAG_MS
+    catalog: SchemaCatalog | None = field(default=None, compare=False, repr=False)  # None: the embedded one
 
     @cached_property
     def codec(self) -> Codec:
-        return codec_from_spec(self.codec_spec, topic=self.name)
+        return codec_from_spec(self.codec_spec, topic=self.name, catalog=self.catalog)
 
     def config(self) -> dict[str, str]:
         config = {"cleanup.policy": self.cleanup_policy, "retention.ms": str(self.retention_ms),
@@ -72,10 +76,12 @@ class TopicRegistry:
         self.min_insync_replicas = min_insync_replicas
 
     @classmethod
-    def load(cls, path: Path = TOPICS_FILE, prefix: str | None = None) -> TopicRegistry:
-        """Parse topics.yaml; ConfigError names the file, line and problem."""
-        prefix = os.environ.get("PIPELINE_TOPIC_PREFIX", "") if prefix is None else prefix
-        rf_env, isr_env = _env_int(REPLICATION_ENV), _env_int(MIN_INSYNC_ENV)
+    def load(cls, path: Path = TOPICS_FILE, prefix: str = "", *, replication_factor: int | None = None,
+             min_insync_replicas: int | None = None, catalog: SchemaCatalog | None = None) -> TopicRegistry:
+        """Parse topics.yaml; ConfigError names the file, line and problem. `replication_factor` and
+        `min_insync_replicas` override every topic's (PIPELINE_REPLICATION_FACTOR / PIPELINE_MIN_INSYNC_REPLICAS,
+        read by pipeline.settings); `catalog` resolves the Avro codecs' schemas (None: the embedded one)."""
+        rf_env, isr_env = replication_factor, min_insync_replicas
         doc, root = compose_file(path)
         top = doc.mapping(root, "topics.yaml")
         doc.check_keys(top, "topics.yaml", {"topics"}, {"defaults"}, root)
@@ -124,6 +130,7 @@ class TopicRegistry:
                 max_compaction_lag_ms=doc.integer(merged["max_compaction_lag_ms"], f"{what}: max_compaction_lag_ms",
                                                   minimum=1) if "max_compaction_lag_ms" in merged
                 else DEFAULT_MAX_COMPACTION_LAG_MS,
+                catalog=catalog,
             )
         rf_default = rf_env or (doc.integer(defaults["replication_factor"], "defaults: replication_factor", minimum=1)
                                 if "replication_factor" in defaults else KAFKA_DEFAULT_REPLICATION)
@@ -190,26 +197,6 @@ def strimzi_topics(reg: TopicRegistry, cluster: str) -> list[dict[str, Any]]:
                     "spec": {"topicName": spec.name, "partitions": spec.partitions,
                              "replicas": spec.replication_factor, "config": spec.config()}})
     return out
-
-
-def _env_int(name: str) -> int | None:
-    value = os.environ.get(name, "").strip()
-    if not value:
-        return None
-    if not value.isdigit() or int(value) < 1:
-        raise ConfigError(f"{name} must be a whole number of at least 1, not {value!r}")
-    return int(value)
-
-
-_registry: TopicRegistry | None = None
-
-
-def registry() -> TopicRegistry:
-    """The process-wide registry (topics.yaml with the prefix from the environment), loaded once."""
-    global _registry
-    if _registry is None:
-        _registry = TopicRegistry.load()
-    return _registry
 
 
 @dataclass(frozen=True)

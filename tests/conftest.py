@@ -13,6 +13,7 @@ from procs import WorkerProc, stop_all
 
 from pipeline.local.broker import SINGLE_BROKER_ENV, LocalBroker, free_port
 from pipeline.resources import EXAMPLE_CONFIG_DIR
+from pipeline.settings import load_topics
 from pipeline.topics import TopicRegistry, apply
 
 # The session broker is one node: one replica per topic, here and in every worker the tests start (tests of
@@ -52,7 +53,7 @@ def topic_prefix(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def registry(kafka_bootstrap: str, topic_prefix: str) -> TopicRegistry:
     """The topic registry with this test's prefix, topics created on the broker."""
-    reg = TopicRegistry.load(prefix=topic_prefix)
+    reg = load_topics(topic_prefix)
     apply(reg, kafka_bootstrap, out=lambda *_: None)
     return reg
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from pipeline.errors import ProcessNotReady
 from pipeline.local import procs as children
-from pipeline.topics import TopicRegistry
+from pipeline.settings import load_topics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,7 +90,7 @@ def wait_settled(workers: Iterable[WorkerProc], timeout_s: float = 60) -> int:
     tables are recovered ("ready" alone is also true of a worker the rebalance has not reached yet). Returns
     the generation."""
     workers = list(workers)
-    registry = TopicRegistry.load(prefix=workers[0].env.get("PIPELINE_TOPIC_PREFIX", ""))
+    registry = load_topics(workers[0].env.get("PIPELINE_TOPIC_PREFIX", ""))
     every = {t: list(range(registry[t].partitions)) for t in STAGE_TOPICS}
     deadline = time.monotonic() + timeout_s
     seen: dict[str, Any] = {}

@@ -20,8 +20,8 @@ from procs import ROOT, WorkerProc
 
 from pipeline.local.broker import SINGLE_BROKER_ENV, free_port
 from pipeline.resources import EXAMPLE_CONFIG_DIR, SCHEMAS_DIR, TOPICS_FILE
-from pipeline.settings import PipelineConfig, Settings
-from pipeline.topics import TopicRegistry, apply
+from pipeline.settings import PipelineConfig, Settings, load_topics
+from pipeline.topics import apply
 
 # What a wheel is built from; copied out of the checkout so the build leaves no build/ or egg-info in it.
 BUILD_INPUTS = ("pyproject.toml", "pipeline", "schemas", "topics.yaml", "config")
@@ -185,7 +185,7 @@ def test_the_installed_wheel_plans_topics_and_starts_a_worker(installed: Install
     env = {"KAFKA_BOOTSTRAP": kafka_bootstrap, "PIPELINE_TOPIC_PREFIX": prefix}
     if not (installed.home / "cfg").exists():
         assert installed.run(installed.pipeline, "init", "./cfg").returncode == 0
-    reg = TopicRegistry.load(prefix=prefix)
+    reg = load_topics(prefix)
     # When the installed command plans the topics against the broker
     dry = installed.run(installed.pipeline, "topics", "apply", "--dry-run", **env)
     # Then it prints a creation for every declared topic and creates none

@@ -10,6 +10,8 @@ import pytest
 
 from pipeline.errors import ConfigError, TopicPlanError, UnknownNameError
 from pipeline.resources import TOPICS_FILE
+from pipeline.serde.avro import EmbeddedCatalog, RegistryCatalog
+from pipeline.settings import Settings, load_topics
 from pipeline.topics import MIN_INSYNC_ENV, REPLICATION_ENV, TopicRegistry, apply
 
 
@@ -52,7 +54,7 @@ def test_bad_topics_file_names_file_line_and_problem(tmp_path, body, line, probl
 @pytest.mark.integration
 def test_apply_is_idempotent_and_refuses_to_shrink(kafka_bootstrap, topic_prefix, tmp_path):
     # Given the declared topics applied once
-    reg = TopicRegistry.load(TOPICS_FILE, prefix=topic_prefix)
+    reg = load_topics(topic_prefix)
     first = apply(reg, kafka_bootstrap, out=lambda *_: None)
     assert {i.action for i in first} == {"create"}
     # When applied again, nothing changes
@@ -61,10 +63,10 @@ def test_apply_is_idempotent_and_refuses_to_shrink(kafka_bootstrap, topic_prefix
     # And a file that asks for fewer partitions is refused with a clear message, before any change
     shrunk = write(tmp_path, TOPICS_FILE.read_text().replace("partitions: 4", "partitions: 2", 1))
     with pytest.raises(TopicPlanError, match="cannot shrink partitions"):
-        apply(TopicRegistry.load(shrunk, prefix=topic_prefix), kafka_bootstrap, out=lambda *_: None)
+        apply(load_topics(topic_prefix, shrunk), kafka_bootstrap, out=lambda *_: None)
     # And growing partitions is planned as such
     grown = write(tmp_path, TOPICS_FILE.read_text().replace("partitions: 4", "partitions: 6", 1))
-    items = apply(TopicRegistry.load(grown, prefix=topic_prefix), kafka_bootstrap, out=lambda *_: None)
+    items = apply(load_topics(topic_prefix, grown), kafka_bootstrap, out=lambda *_: None)
     assert [i.action for i in items if i.topic.logical == "ingest.events"] == ["add-partitions"]
 
 
@@ -72,7 +74,7 @@ def test_durability_comes_from_topics_yaml_with_min_insync_in_each_topic_config(
     # Given the shipped topics.yaml with no override in the environment
     env = {k: v for k, v in os.environ.items() if k not in (REPLICATION_ENV, MIN_INSYNC_ENV)}
     with mock.patch.dict(os.environ, env, clear=True):
-        reg = TopicRegistry.load(TOPICS_FILE, prefix="")
+        reg = load_topics("")
     # Then every topic has 3 replicas and needs 2 in sync, which each topic's config carries
     assert {(s.replication_factor, s.min_insync_replicas) for s in reg} == {(3, 2)}
     assert (reg.replication_factor, reg.min_insync_replicas) == (3, 2)
@@ -83,7 +85,7 @@ def test_the_environment_overrides_replication_for_every_topic(monkeypatch):
     # Given a single development broker's overrides
     monkeypatch.setenv(REPLICATION_ENV, "1")
     monkeypatch.setenv(MIN_INSYNC_ENV, "1")
-    reg = TopicRegistry.load(TOPICS_FILE, prefix="")
+    reg = load_topics("")
     # Then every topic and the defaults (Faust's own topics) take them
     assert {(s.replication_factor, s.min_insync_replicas) for s in reg} == {(1, 1)}
     assert (reg.replication_factor, reg.min_insync_replicas) == (1, 1)
@@ -98,7 +100,7 @@ def test_impossible_replication_from_the_environment_stops_loading(monkeypatch, 
     monkeypatch.setenv(REPLICATION_ENV, rf)
     monkeypatch.setenv(MIN_INSYNC_ENV, isr)
     with pytest.raises(ConfigError) as err:
-        TopicRegistry.load(TOPICS_FILE, prefix="")
+        load_topics("")
     assert problem in str(err.value)
 
 
@@ -117,7 +119,7 @@ def test_apply_refuses_more_replicas_than_brokers_and_says_what_to_set(kafka_boo
     # Given topics.yaml's production durability (3 replicas) and the one-broker test cluster
     monkeypatch.delenv(REPLICATION_ENV, raising=False)
     monkeypatch.delenv(MIN_INSYNC_ENV, raising=False)
-    reg = TopicRegistry.load(TOPICS_FILE, prefix=topic_prefix)
+    reg = load_topics(topic_prefix)
     # When applied, the plan refuses before creating anything, naming the override
     with pytest.raises(TopicPlanError) as err:
         apply(reg, kafka_bootstrap, out=lambda *_: None)
@@ -128,7 +130,7 @@ def test_apply_refuses_more_replicas_than_brokers_and_says_what_to_set(kafka_boo
 def test_compacted_topics_bound_how_long_a_superseded_record_stays_and_the_broker_takes_it(
         kafka_bootstrap, topic_prefix):
     # Given the shipped topics.yaml
-    reg = TopicRegistry.load(TOPICS_FILE, prefix=topic_prefix)
+    reg = load_topics(topic_prefix)
     compacted = {s.logical for s in reg if "compact" in s.cleanup_policy}
     # Then every compacted topic (where an erased person's old values would otherwise stay until the cleaner
     # happens to run) carries a bound of 7 days, and no delete-policy topic carries one
@@ -147,3 +149,31 @@ def test_compacted_topics_bound_how_long_a_superseded_record_stays_and_the_broke
     config = admin.describe_configs([res])[res].result()
     assert config["max.compaction.lag.ms"].value == "604800000"
     assert {i.action for i in apply(reg, kafka_bootstrap, out=lambda *_: None)} == {"ok"}
+
+
+def test_the_settings_pass_prefix_and_replication_overrides_to_the_registry(monkeypatch):
+    # Given a prefix and a single development broker's overrides in the environment
+    monkeypatch.setenv("PIPELINE_TOPIC_PREFIX", "tenant-")
+    monkeypatch.setenv(REPLICATION_ENV, "1")
+    monkeypatch.setenv(MIN_INSYNC_ENV, "1")
+    # When the settings are read and give the registry
+    settings = Settings.from_env()
+    reg = settings.topic_registry()
+    # Then the settings hold the values and every topic takes them; a registry loaded without them keeps the file's
+    assert (settings.topic_prefix, settings.replication_factor, settings.min_insync_replicas) == ("tenant-", 1, 1)
+    assert reg.name("ingest.events") == "tenant-cdp.ingest.events"
+    assert {(s.replication_factor, s.min_insync_replicas) for s in reg} == {(1, 1)}
+    assert {(s.replication_factor, s.min_insync_replicas) for s in TopicRegistry.load()} == {(3, 2)}
+
+
+def test_the_settings_give_the_avro_codecs_the_schema_registry_when_one_is_configured(monkeypatch):
+    # Given a Schema Registry in the environment
+    monkeypatch.setenv("SCHEMA_REGISTRY_URL", "mock://settings-test")
+    # When the settings' registry builds the ingest codec
+    codec = Settings.from_env().topic_registry()["ingest.events"].codec
+    # Then its schemas come from that registry; without the variable, from the embedded catalog
+    assert isinstance(codec.catalog, RegistryCatalog)  # type: ignore[attr-defined]
+    assert codec.catalog.connection.url == "mock://settings-test"  # type: ignore[attr-defined]
+    monkeypatch.delenv("SCHEMA_REGISTRY_URL")
+    assert isinstance(Settings.from_env().topic_registry()["ingest.events"].codec.catalog,  # type: ignore[attr-defined]
+                      EmbeddedCatalog)

@@ -5,7 +5,7 @@ GET /console/ and /console/{file} serve pipeline/console/static/ (no key: the fi
 the page makes sends the key its user typed). POST /audiences/validate checks a query as it is typed (line and
 column of a syntax error, evaluation kind and why) and, with `preview`, counts the stored profiles it would hold
 (this worker's profile partitions and every other worker's, `X-CDP-Route: local`). PUT /audiences/{id} writes
-the worker's segments.yaml, which the profile agent reloads (pipeline/profiles/agents.py), when
+the worker's segments.yaml, which the profile agent reloads (pipeline/profiles/timers.py), when
 PIPELINE_AUDIENCES_WRITABLE allows it. POST /identity/simulate stitches pasted records under the configured
 identity rules and under changed ones (pipeline.profiles.simulate: the stages' own handlers, nothing stored).
 """

@@ -97,7 +97,7 @@ def select(config: DestinationsConfig, names: list[str] | None) -> list[Destinat
 
 def make_runner(settings: Settings, configs: list[DestinationConfig], *, backfill: bool = True
                 ) -> DestinationRunner:
-    reg = TopicRegistry.load(prefix=settings.topic_prefix)
+    reg = settings.topic_registry()
     return DestinationRunner(configs, kafka=settings.kafka, topics=reg, decode=registry_decoder(reg),
                              backfill=Backfill() if backfill else None,
                              settings=RunnerSettings(stats_interval_ms=settings.kafka_stats_interval_ms))
@@ -304,7 +304,7 @@ async def export_now(settings: Settings, cfg: DestinationConfig) -> dict[str, An
     try:
         members: list[Payload] | None = None
         if cfg.settings.mode == "full":
-            reg = TopicRegistry.load(prefix=settings.topic_prefix)
+            reg = settings.topic_registry()
             current = await asyncio.to_thread(read_current_members, settings.kafka, reg, registry_decoder(reg))
             skips: Counter[str] = Counter()
             members = member_payloads(cfg, current, skips=skips, key_suffix="")

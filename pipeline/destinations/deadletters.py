@@ -17,8 +17,9 @@ from pipeline.destinations.base import Payload, TopicResolver
 from pipeline.destinations.lane import RunnerSettings
 from pipeline.destinations.offsets import bounds
 from pipeline.errors import DeliveryError
+from pipeline.kafka_reads import ReadTimeout, read_chunks, read_positions
 from pipeline.observability import metrics
-from pipeline.topics import TopicRegistry, registry
+from pipeline.topics import TopicRegistry
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +97,12 @@ class DeadLetters:
         topic = self.topic
         if topic in admin.list_topics(timeout=10).topics:
             return
-        declared = (self.topics if isinstance(self.topics, TopicRegistry) else registry())[
-            self.settings.dead_letter_topic]
+        if isinstance(self.topics, TopicRegistry):
+            declared = self.topics[self.settings.dead_letter_topic]
+        else:  # a resolver of the tests' own: the declaration (durability) as the environment configures it
+            from pipeline.settings import load_topics
+
+            declared = load_topics()[self.settings.dead_letter_topic]
         new = NewTopic(topic, num_partitions=declared.partitions, replication_factor=declared.replication_factor,
                        config=declared.config())
         for fut in admin.create_topics([new]).values():
@@ -124,17 +129,19 @@ class DeadLetters:
         2. Read from the redrive group's committed offsets (`cdp-dest-<name>-redrive`), keeping only
            messages whose `destination` header is `name`.
         3. `deliver` each chunk (the runner delivers and flushes it: failures come back here).
-        4. Commit the redrive group's offsets after each chunk.
+        4. Commit the redrive group's offsets after each chunk: how far the scan has read, never past the end
+           of step 1 (a dead letter written later, fetched in the same consume, is left for the next redrive).
         """
         consumer = self._redrive_consumer(name)
         try:
             count = raw_count = 0
-            async for payloads, raw in self._scan(consumer, name):
+            async for payloads, raw, read in self._scan(consumer, name):
                 raw_count += raw
                 if payloads:
                     await deliver(payloads)
                     count += len(payloads)
-                await asyncio.to_thread(consumer.commit, asynchronous=False)
+                if read:
+                    await asyncio.to_thread(consumer.commit, offsets=read, asynchronous=False)
             return count, raw_count
         finally:
             await asyncio.to_thread(consumer.close)
@@ -145,7 +152,7 @@ class DeadLetters:
         consumer = self._redrive_consumer(name)
         try:
             depth = 0
-            async for chunk, raw in self._scan(consumer, name):
+            async for chunk, raw, _ in self._scan(consumer, name):
                 depth += len(chunk) + raw
             return depth
         except Exception:
@@ -154,37 +161,31 @@ class DeadLetters:
         finally:
             await asyncio.to_thread(consumer.close)
 
-    async def _scan(self, consumer: Consumer, name: str) -> AsyncIterator[tuple[list[Payload], int]]:
+    async def _scan(self, consumer: Consumer,
+                    name: str) -> AsyncIterator[tuple[list[Payload], int, list[TopicPartition]]]:
         """Yield, per consumed chunk, `name`'s dead letters between the committed offsets and the end
-        offsets taken at the start: (decodable payloads, count of raw ones whose source did not decode).
-        A chunk may be empty when it held only other destinations' dead letters."""
+        offsets taken at the start (`kafka_reads.read_chunks`): (decodable payloads, count of raw ones whose
+        source did not decode, how far the scan has read: the offsets to commit once they are handled). A
+        chunk may be empty when it held only other destinations' dead letters; the last one always is (the
+        end, which may lie past transaction markers)."""
         topic = self.topic
         ends, starts = await asyncio.to_thread(bounds, consumer, topic)
-        todo = {p for p in ends if starts[p] < ends[p]}
-        if not todo:
-            return
-        consumer.assign([TopicPartition(topic, p, starts[p]) for p in todo])
-        deadline = time.monotonic() + 120.0
-        while todo:
-            if time.monotonic() > deadline:
-                raise DeliveryError(f"dead-letter scan of {name} did not reach the end", retryable=True)
-            msgs = await asyncio.to_thread(consumer.consume, self.settings.max_poll_records, 0.5)
-            chunk: list[Payload] = []
-            raw = 0
-            for m in msgs:
-                part, offset = m.partition() or 0, m.offset() or 0
-                if m.error() is not None or part not in todo or offset >= ends[part]:
-                    continue
-                if offset + 1 >= ends[part]:
-                    todo.discard(part)
-                if _header(m, "destination") != name:
-                    continue
-                try:
-                    chunk.append(Payload.from_dict(json.loads(m.value() or b"")))
-                except (ValueError, KeyError, TypeError):
-                    raw += 1  # a raw dead letter (its source message did not decode): nothing to re-deliver
-            if msgs:
-                yield chunk, raw
+        chunks = read_chunks(consumer, topic, starts, ends, chunk_size=self.settings.max_poll_records)
+        try:
+            while (msgs := await asyncio.to_thread(next, chunks, None)) is not None:
+                payloads: list[Payload] = []
+                raw = 0
+                for m in msgs:
+                    if _header(m, "destination") != name:
+                        continue
+                    try:
+                        payloads.append(Payload.from_dict(json.loads(m.value() or b"")))
+                    except (ValueError, KeyError, TypeError):
+                        raw += 1  # a raw dead letter (its source message did not decode): nothing to re-deliver
+                yield payloads, raw, read_positions(consumer, topic, starts, ends)
+        except ReadTimeout as exc:
+            raise DeliveryError(f"dead-letter scan of {name}: {exc}", retryable=True) from exc
+        yield [], 0, read_positions(consumer, topic, starts, ends)
 
 
 def _header(m: Message, key: str) -> str | None:

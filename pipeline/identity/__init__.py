@@ -1,1 +1,2 @@
-"""Identity stitching: namespaces, normalisers, datasets config and a reference stitching model."""
+"""Identity stitching: namespaces, normalisers, datasets config, the identity stage (its reference model, a
+test oracle, is tests/identity/reference.py)."""

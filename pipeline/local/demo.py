@@ -20,8 +20,8 @@ from pipeline.ingest.keys import KeySpec, RecordKeyer
 from pipeline.local import procs
 from pipeline.local.broker import DEFAULT_DIR, DEFAULT_PORT, SINGLE_BROKER_ENV, LocalBroker, _alive, _read_pid
 from pipeline.sample import write
-from pipeline.settings import Settings
-from pipeline.topics import INGEST_EVENTS, INGEST_PROFILES, MEMBERSHIP_TOPIC, TopicRegistry, apply
+from pipeline.settings import Settings, load_topics
+from pipeline.topics import INGEST_EVENTS, INGEST_PROFILES, MEMBERSHIP_TOPIC, apply
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "data"  # the demo's logs, sample and (unless PIPELINE_DATA_DIR says otherwise) worker state
@@ -48,7 +48,7 @@ def main() -> int:
         print(f"broker on {broker.bootstrap}", flush=True)
         for key, value in SINGLE_BROKER_ENV.items():  # here and in the worker it starts
             os.environ.setdefault(key, value)
-        reg = TopicRegistry.load(prefix="")
+        reg = load_topics(prefix="")
         apply(reg, broker.bootstrap)
         log_path = DATA / "worker.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)

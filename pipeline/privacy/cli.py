@@ -64,9 +64,8 @@ def identity_key(namespace: str, value: str, settings: Settings) -> str:
 def cmd_erase(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.clients import producer
     from pipeline.privacy.erasure import start_erasure
-    from pipeline.topics import TopicRegistry
 
-    reg = TopicRegistry.load(prefix=settings.topic_prefix)
+    reg = settings.topic_registry()
     key = identity_key(args.namespace, args.id, settings)
     request, sends = start_erasure(key, _salt(settings), suppress=args.suppress, now_ms=int(time.time() * 1000))
     p = producer(settings.kafka, partitioner="murmur2_random")  # the identity's partition, as the worker's
@@ -90,9 +89,8 @@ def cmd_erase(args: argparse.Namespace, settings: Settings) -> int:
 
 def wait_done(settings: Settings, request: str, timeout_s: float) -> dict[str, Any] | None:
     from pipeline.privacy.verify import find_request
-    from pipeline.topics import TopicRegistry
 
-    reg = TopicRegistry.load(prefix=settings.topic_prefix)
+    reg = settings.topic_registry()
     deadline = time.monotonic() + timeout_s
     while True:
         record = find_request(reg, settings.kafka, request)
@@ -105,9 +103,8 @@ def wait_done(settings: Settings, request: str, timeout_s: float) -> dict[str, A
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.privacy.verify import find_request
-    from pipeline.topics import TopicRegistry
 
-    record = find_request(TopicRegistry.load(prefix=settings.topic_prefix), settings.kafka, args.request)
+    record = find_request(settings.topic_registry(), settings.kafka, args.request)
     if record is None:
         print(f"no erasure request {args.request}", file=sys.stderr)
         return 1
@@ -117,9 +114,8 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.privacy.verify import verify_topics
-    from pipeline.topics import TopicRegistry
 
-    v = verify_topics(TopicRegistry.load(prefix=settings.topic_prefix), settings.kafka, _salt(settings),
+    v = verify_topics(settings.topic_registry(), settings.kafka, _salt(settings),
                       args.request, args.find)
     print(json.dumps(v.to_dict(), sort_keys=True) if args.json else "\n".join(v.lines()))
     return 0 if v.clean else 1

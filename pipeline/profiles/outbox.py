@@ -16,13 +16,16 @@ again still gets its messages. Copies sent twice carry the same idempotency key.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from functools import cached_property
-from typing import Any
+from typing import Any, Protocol
 
 import msgpack
 
-from pipeline.model import MembershipChange, Outbox
+from pipeline.model import MembershipChange, Outbox, ProfileState
 from pipeline.stages.messages import Send
+from pipeline.state.codec import Forward
+from pipeline.state.tables import PartitionedTable
 from pipeline.topics import MEMBERSHIP_TOPIC, PROFILE_CHANGES_TOPIC
 
 KEEP_RUNS = 32  # runs an acknowledgement record remembers; an outbox of an older run is sent again (harmless)
@@ -93,3 +96,64 @@ def encode_record(record: dict[str, int], run: str, acked_epoch: int) -> bytes:
     updated = {r: e for r, e in record.items() if r != run}
     updated[run] = acked_epoch
     return msgpack.packb(dict(list(updated.items())[-KEEP_RUNS:]))  # type: ignore[no-any-return]
+
+
+class Epochs(Protocol):
+    """The output producer's epochs (pipeline.runtime.OutputProducer): this run, the epoch an outbox written
+    now is stamped with, and how far its messages are acknowledged."""
+
+    run: str
+    acked_epoch: int
+
+    @property
+    def epoch(self) -> int: ...
+
+
+def with_outbox(entry: ProfileState | Forward, box: Outbox | None) -> ProfileState | Forward:
+    if isinstance(entry, Forward):
+        return replace(entry, outbox=box)
+    entry.outbox = box
+    return entry
+
+
+class Stamps:
+    """The profile agent's outboxes on one table: stamping an entry's outbox when it is written, and keeping
+    each partition's acknowledgement record up to date as the producer acknowledges epochs."""
+
+    def __init__(self, table: PartitionedTable, output: Epochs) -> None:
+        self.table = table
+        self.output = output
+        self.acks_written: dict[int, int] = {}  # partition -> this run's acknowledged epoch last written to its record
+        self.stamped: dict[int, int] = {}  # partition -> the latest epoch this run stamped an outbox of it with
+
+    def acks(self, partition: int) -> Acks:
+        return Acks(self.output.run, self.output.acked_epoch,
+                    lambda: self.table.get(partition, acks_key(partition)))
+
+    def stamp(self, partition: int, entry: ProfileState | Forward, previous: Outbox | None,
+              messages: list[Message]) -> ProfileState | Forward:
+        """The entry to write, with its outbox: the previous one unless delivered, plus `messages`."""
+        if previous is None and not messages:
+            return with_outbox(entry, None)
+        delivered = previous is not None and self.acks(partition).delivered(previous)
+        box = stamp(previous, messages, self.output.run, self.output.epoch, delivered)
+        if box is not None:
+            self.stamped[partition] = box.epoch
+        return with_outbox(entry, box)
+
+    def record_acks(self) -> None:
+        """For each partition this run stamped outboxes in: once its producer has acknowledged more epochs,
+        write that to the partition's acknowledgement record (so that the next owner knows those outboxes
+        are delivered and does not send them again)."""
+        table, stamped, acks_written = self.table, self.stamped, self.acks_written
+        acked, active = self.output.acked_epoch, table.active()
+        for partition, latest in list(stamped.items()):
+            if partition not in active:
+                del stamped[partition]
+            elif acked > acks_written.get(partition, 0):
+                key = acks_key(partition)
+                table.put(partition, key, encode_record(decode_record(table.get(partition, key)),
+                                                        self.output.run, acked))
+                acks_written[partition] = acked
+                if latest <= acked:
+                    del stamped[partition]

@@ -4,9 +4,9 @@ the worker that owns the partition, and summed over partitions (and workers) on 
 Why here and not from `activation.membership-state`: an exact count from the compacted topic needs every key's
 latest status (a read of the whole topic per request, or every member key held in memory by each worker), and a
 count from the change messages alone double-counts redelivered ones. The owner of a partition already reads
-every profile of it when it is assigned (`_restore_partition`): counting active memberships in the same pass is
-nearly free, and each membership change the owner publishes (a transition decided once: realized from nothing
-or exited, exited from realized or existing) moves the count by one. An outbox sent again is not a transition and
+every profile of it when it is assigned (`pipeline.profiles.walks.restore_partition`): counting active
+memberships in the same pass is nearly free, and each membership change the owner publishes (a transition decided
+once: realized from nothing or exited, exited from realized or existing) moves the count by one. An outbox sent again is not a transition and
 does not count. The count lives in memory only: a worker that dies takes it along and the next owner counts again
 from the store. A handling that fails after publishing (dead-lettered, the profile rebuilt without it) leaves its
 transitions counted until the partition is next assigned: rare, and a size is a figure, not a member list.

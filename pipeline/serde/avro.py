@@ -3,8 +3,8 @@
 Records are written and read by code compiled from each schema (`pipeline.serde.compiled`, byte-identical to
 fastavro and 2-3x faster on the hot path); fastavro parses the schemas. Two catalogs resolve schema ids:
 `EmbeddedCatalog` (schemas/*.avsc, deterministic ids from the schema's canonical form, no service needed) and
-`RegistryCatalog` (a Confluent-compatible Schema Registry, used when SCHEMA_REGISTRY_URL is set; see
-`pipeline.serde.registry`). Records written by confluent-kafka's AvroSerializer decode with either. Every
+`RegistryCatalog` (a Confluent-compatible Schema Registry, used when SCHEMA_REGISTRY_URL is set: the settings'
+topic registry passes it to its codecs; see `pipeline.serde.registry`). Records written by confluent-kafka's AvroSerializer decode with either. Every
 record is read into the pipeline's own (reader) schema, whatever version of it the writer used
 (`pipeline.serde.resolve`).
 """
@@ -165,11 +165,11 @@ _default: SchemaCatalog | None = None
 
 
 def default_catalog() -> SchemaCatalog:
-    """The registry catalog when SCHEMA_REGISTRY_URL (or its file) is set, else the embedded one (built once)."""
+    """The embedded catalog (built once), for a codec given none: a topic registry built from the settings
+    gives its codecs the Schema Registry's catalog when SCHEMA_REGISTRY_URL (or its file) is set."""
     global _default
     if _default is None:
-        connection = SchemaRegistryConnection.from_env()
-        _default = RegistryCatalog(connection) if connection is not None else EmbeddedCatalog()
+        _default = EmbeddedCatalog()
     return _default
 
 

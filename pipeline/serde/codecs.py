@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgpack
 import msgspec
 
 from pipeline.errors import SerdeError, UnknownNameError
+
+if TYPE_CHECKING:
+    from pipeline.serde.avro import SchemaCatalog
 
 
 class Codec(Protocol):
@@ -50,14 +53,15 @@ class MsgpackCodec:
             raise SerdeError("msgpack-decode-error", str(exc)) from exc
 
 
-def codec_from_spec(spec: str, topic: str | None = None) -> Codec:
+def codec_from_spec(spec: str, topic: str | None = None, catalog: SchemaCatalog | None = None) -> Codec:
     """`avro:<Record>`, `msgpack` or `raw`; an unknown codec lists the valid ones. `topic` is the (physical) topic
-    the codec writes to: a Schema Registry names the subject of an Avro codec after it."""
+    the codec writes to: a Schema Registry names the subject of an Avro codec after it. `catalog` resolves an
+    Avro codec's schemas (None: the embedded one)."""
     kind, _, arg = spec.partition(":")
     if kind == "avro":
         from pipeline.serde.avro import AvroCodec
 
-        return AvroCodec(arg, topic=topic)
+        return AvroCodec(arg, catalog, topic=topic)
     factories: dict[str, type] = {"msgpack": MsgpackCodec, "raw": RawCodec}
     if kind not in factories:
         raise UnknownNameError("codec", spec, ["avro:<Record>", *factories])

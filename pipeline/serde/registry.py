@@ -17,7 +17,6 @@ Environment (file key in brackets):
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,10 +72,10 @@ class SchemaRegistryConnection:
         return self.origins.get(key) or f"SCHEMA_REGISTRY_{key.upper()}"
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> SchemaRegistryConnection | None:
-        """The connection from the environment, over the file named by PIPELINE_SCHEMA_REGISTRY_CONFIG if any;
-        None when neither gives a URL (no registry: the embedded schemas)."""
-        env = os.environ if env is None else env
+    def from_env(cls, env: Mapping[str, str]) -> SchemaRegistryConnection | None:
+        """The connection from the environment `env` (pipeline.settings passes os.environ), over the file named
+        by PIPELINE_SCHEMA_REGISTRY_CONFIG if any; None when neither gives a URL (no registry: the embedded
+        schemas)."""
         values: dict[str, Any] = {}
         origins: dict[str, str] = {}
         path = env.get(CONFIG_FILE_ENV)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,7 @@ def test_route_header() -> None:
 
 
 def settings(**kw: object) -> Settings:
-    base: dict[str, object] = {"kafka": KafkaConnection.from_env(), "app_id": "a", "config_dir": Path("."),
+    base: dict[str, object] = {"kafka": KafkaConnection.from_env(os.environ), "app_id": "a", "config_dir": Path("."),
                                "data_dir": Path("."), "web_port": 7001, "topic_prefix": "", "worker_name": "w"}
     return Settings(**{**base, **kw})  # type: ignore[arg-type]
 

@@ -18,10 +18,10 @@ from typing import Any
 
 import psutil
 from confluent_kafka import Consumer, Producer, TopicPartition
+from identity.reference import reference_components
 from kafka_helpers import Collector
 from procs import wait_settled
 
-from pipeline.identity.reference import reference_components
 from pipeline.ingest.agents import ingest_group
 from pipeline.ingest.decode import Decoder, Rejected, Skipped
 from pipeline.model import ExperienceEvent, Identity, ProfileRecord, ProfileState
@@ -165,7 +165,7 @@ def encode(registry: TopicRegistry, recs: Iterable[Rec]) -> list[tuple[str, byte
 @dataclass
 class Expected:
     """What an undisturbed pipeline ends with, from the plain references: who is who (connected components of
-    the records' identities, pipeline/identity/reference.py) and each component's audiences (the reference
+    the records' identities, tests/identity/reference.py) and each component's audiences (the reference
     evaluator over a profile holding all its records, pipeline/segments/reference.py). Records are decoded by
     the ingest decoder and applied by the pure profile updates, as the worker does; records the decoder
     rejects are left out (`rejected`)."""

@@ -10,7 +10,6 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from stitch_sim import StitchSim
 from stitching import Rec
 
 from pipeline.errors import ConfigError
@@ -31,6 +30,8 @@ from pipeline.model import ExperienceEvent, Identity
 from pipeline.profiles.config import ProfileConfig
 from pipeline.resources import EXAMPLE_CONFIG_DIR
 from pipeline.serde.avro import AvroCodec
+
+from .stitch_sim import StitchSim
 
 NOW = 1_800_000_000_000
 NAMESPACES = """\

@@ -10,10 +10,11 @@ from hypothesis import strategies as st
 
 from pipeline.identity.datasets import parse_datasets_config
 from pipeline.identity.namespaces import parse_identity_config
-from pipeline.identity.reference import ReferenceConflict, has_unique_conflict, reference_components
 from pipeline.model import ExperienceEvent, Identity, ProfileState
 from pipeline.profiles.config import ProfileConfig
 from pipeline.profiles.merge import absorb, apply_event, unique_conflicts
+
+from .reference import ReferenceConflict, has_unique_conflict, reference_components
 
 IDENTITY = parse_identity_config("""\
 max_identities_per_graph: 1000

@@ -10,7 +10,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from msgspec import structs
-from stitch_sim import StitchSim
 from stitching import CONFIG, Person, Rec, World, check_world, generate_world
 
 from pipeline.identity.namespaces import parse_identity_config
@@ -46,6 +45,8 @@ from pipeline.stages.messages import (
 from pipeline.state.codec import Forward, decode_profile_entry, encode_forward, encode_profile
 from pipeline.state.snapshot import GraphSnapshot
 from pipeline.topics import IDENTITY_TOPIC, PROFILE_CHANGES_TOPIC, PROFILE_TOPIC
+
+from .stitch_sim import StitchSim
 
 A, B = Identity("CRMID", "A"), Identity("CRMID", "B")
 K = Identity("ECID", "household")

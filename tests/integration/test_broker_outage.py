@@ -29,6 +29,7 @@ from confluent_kafka import Producer
 from procs import WorkerProc, stop_all
 
 from pipeline.local.broker import LocalBroker, free_port
+from pipeline.settings import load_topics
 from pipeline.topics import TopicRegistry, apply
 
 pytestmark = pytest.mark.integration
@@ -161,7 +162,7 @@ def worker_on(own_broker: LocalBroker, tmp_path: Path,
               request: pytest.FixtureRequest) -> Iterator[tuple[TopicRegistry, WorkerProc]]:
     """The topics on the test's broker and one worker on them (started, ready)."""
     prefix = f"t{uuid.uuid4().hex[:8]}-"
-    registry = TopicRegistry.load(prefix=prefix)
+    registry = load_topics(prefix)
     apply(registry, own_broker.bootstrap, out=lambda *_: None)
     port = free_port()
     env = {**os.environ, "KAFKA_BOOTSTRAP": own_broker.bootstrap, "PIPELINE_TOPIC_PREFIX": prefix,

@@ -24,6 +24,7 @@ from procs import WorkerProc, stop_all
 from pipeline.connection import KafkaConnection, check_cluster, client_config
 from pipeline.local.broker import free_port
 from pipeline.local.cluster import DEFAULT_USERS, LocalCluster
+from pipeline.settings import load_topics
 from pipeline.topics import MIN_INSYNC_ENV, REPLICATION_ENV, TopicRegistry, apply
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
@@ -76,7 +77,7 @@ def durable_registry(cluster: LocalCluster, topic_prefix: str) -> TopicRegistry:
     """This test's topics, created over SASL_SSL with topics.yaml's durability (3 replicas, 2 in sync)."""
     cluster.wait_all_up(180)  # a broker killed by an earlier test has rejoined
     with mock.patch.dict(os.environ, DURABLE):
-        reg = TopicRegistry.load(prefix=topic_prefix)
+        reg = load_topics(topic_prefix)
     apply(reg, secure(cluster), out=lambda *_: None)
     return reg
 

@@ -1,6 +1,6 @@
 """Identity stitching across partitions and worker processes, on the real broker (4 partitions, 2 workers).
 
-The oracle is pipeline.identity.reference (connected components of the link graph); the state checked is
+The oracle is tests/identity/reference.py (connected components of the link graph); the state checked is
 read from the tables' changelog topics, i.e. the whole graph whichever worker owns which partition.
 """
 
@@ -15,10 +15,10 @@ import pytest
 from aiokafka.partitioner import murmur2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from identity.reference import reference_components
 from kafka_helpers import produce, wait_group_stable
 from procs import wait_settled
 
-from pipeline.identity.reference import reference_components
 from pipeline.model import Identity
 from pipeline.settings import DEFAULT_CONFIG, PipelineConfig
 from pipeline.state.snapshot import GraphSnapshot, snapshot

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pipeline.model import ProfileState, StoredEvent
-from pipeline.profiles.agents import DecodedCache
+from pipeline.profiles.cache import DecodedCache
 from pipeline.runtime import DECODED_PER_BYTE
 from pipeline.state.codec import encode_profile
 
@@ -18,7 +18,7 @@ def profile(pid: str, events: int) -> tuple[bytes, ProfileState]:
 def test_profiles_that_grow_are_dropped_oldest_first_to_stay_under_the_byte_budget() -> None:
     # Given a cache of 1,000 profiles but room for about 20 profiles of 100 events
     raw, _ = profile("p0", 100)
-    cache = DecodedCache(1000, 20 * len(raw) * DECODED_PER_BYTE)
+    cache = DecodedCache(1000, 20 * len(raw) * DECODED_PER_BYTE, DECODED_PER_BYTE)
     # When 1,000 such profiles are loaded, and the first of them is used again before the last few
     for i in range(1000):
         key = f"p{i}".encode()
@@ -38,7 +38,7 @@ def cache_raw(cache: DecodedCache, key: bytes) -> bytes | None:
 
 def test_a_changed_value_is_decoded_again() -> None:
     raw, p = profile("p1", 3)
-    cache = DecodedCache(10, 1 << 20)
+    cache = DecodedCache(10, 1 << 20, DECODED_PER_BYTE)
     cache.put(b"p1", raw, p)
     assert cache.load(b"p1", raw) is p
     newer, _ = profile("p1", 4)

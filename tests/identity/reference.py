@@ -1,4 +1,5 @@
-"""A deliberately plain reference model of identity stitching, for property tests of the real one.
+"""A deliberately plain reference model of identity stitching, for property tests of the real one (an oracle
+only the tests use, so it lives with them).
 
 `reference_components` is the connected components of the link graph in which every record links
 all of its identities. It does NOT model:

@@ -1,0 +1,1 @@
+"""Tests of pipeline.identity: namespaces, datasets, stitching (with its reference model and simulator)."""
