@@ -335,7 +335,10 @@ async def test_a_save_that_cannot_reach_the_other_workers_is_a_503(
     assert runtime.definitions is not None
     runtime.definitions.publish_timeout_s = 1.0
     # When an admin saves an audience, Then a 503 problem says it is saved on this worker only
-    r = await client.put("/audiences/x", headers=auth(keys["admin"]), json={"query": 'loyalty.tier = "gold"'})
+    try:
+        r = await client.put("/audiences/x", headers=auth(keys["admin"]), json={"query": 'loyalty.tier = "gold"'})
+    finally:
+        runtime.definitions.stop()  # (its producer)
     body = await problem_of(r, 503)
     assert body["type"].endswith(":definitions-not-shared") and "saved on this worker only" in body["detail"]
     assert "- id: x" in (runtime.settings.config_dir / "segments.yaml").read_text()
