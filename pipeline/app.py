@@ -29,6 +29,7 @@ from pipeline.runtime import (
     Runtime,
 )
 from pipeline.segments import SegmentEngine
+from pipeline.segments.follow import DefinitionsSync
 from pipeline.settings import PipelineConfig, Settings
 from pipeline.stages.backlog import StageBacklog
 from pipeline.state.faust_compat import (
@@ -110,7 +111,9 @@ def build_app(settings: Settings, config: PipelineConfig | None = None,
     salt = salt_of(settings.erasure_salt, settings.app_id)
     processor.erasure_salt = salt
     rt = Runtime(settings, config, registry, app, engine, processor, output, readiness=readiness, kafka=kafka,
-                 erasure_log=ErasureLog(salt), stage_backlog=StageBacklog(settings.stage_backlog_max))
+                 erasure_log=ErasureLog(salt), stage_backlog=StageBacklog(settings.stage_backlog_max),
+                 definitions=DefinitionsSync(settings.config_dir / "segments.yaml", settings.worker_name,
+                                             settings.audiences_writable))
     metrics.STAGE_BACKLOG.set_function(rt.stage_backlog.behind)
 
     @app.task
@@ -128,6 +131,14 @@ def build_app(settings: Settings, config: PipelineConfig | None = None,
             await asyncio.sleep(WATCH_INTERVAL_S)
             await kafka.tick()
 
+    @app.task
+    async def follow_definitions() -> None:
+        """A console save on any worker reaches this worker's segments.yaml (when writable here); the hot
+        reload (pipeline/profiles/timers.py) applies it."""
+        assert rt.definitions is not None
+        rt.definitions.follow(registry, settings.kafka, error_cb=kafka.error_cb)
+
+    app.on_before_shutdown.connect(lambda *_a, **_k: rt.definitions.stop() if rt.definitions else None)
     ready_after_recovery(app, readiness, lambda: stage_assignment(app, registry))
 
     @app.task

@@ -121,6 +121,10 @@ class DeliveryError(PipelineError):
         super().__init__(message)
 
 
+class DefinitionsNotShared(PipelineError):
+    """A saved audience definitions file could not be published on `control.audiences` for the other workers."""
+
+
 class KafkaAuthError(ConfigError):
     """The Kafka cluster refused this client's connection (credentials, TLS trust or protocol): a
     configuration problem, reported at start-up naming the listener, never retried."""

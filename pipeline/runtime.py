@@ -23,6 +23,7 @@ from pipeline.outage import KafkaWatch
 from pipeline.privacy.log import ErasureLog
 from pipeline.profiles.ops import ProfileProcessor
 from pipeline.segments import SegmentEngine
+from pipeline.segments.follow import DefinitionsSync
 from pipeline.segments.sizes import AudienceSizes
 from pipeline.serde.codecs import RawCodec
 from pipeline.settings import PipelineConfig, Settings
@@ -271,6 +272,8 @@ class Runtime:
     tally: metrics.Tally = field(default_factory=metrics.Tally)  # flushed when a local-delivery block ends
     readiness: Readiness = field(default_factory=Readiness)  # why the worker cannot work now (GET /readyz)
     erasure_log: ErasureLog | None = None  # erasure statuses and the suppression list (pipeline.privacy)
+    # this worker's segments.yaml kept equal to the last one saved on any worker (control.audiences)
+    definitions: DefinitionsSync | None = None
     kafka: KafkaWatch | None = None  # outages of the broker (`build_app` starts it; its error_cb for clients)
     audience_sizes: AudienceSizes = field(default_factory=AudienceSizes)  # per held partition (GET /audiences/{id})
     # how far behind its stage topics this worker is: ingest waits while it is too far (pipeline.stages.backlog)

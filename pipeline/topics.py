@@ -170,6 +170,7 @@ IDENTITY_CHANGELOG = "state.identity-changelog"
 PROFILES_CHANGELOG = "state.profiles-changelog"
 CONTROL_SEGMENTS = "control.segments"
 ERASURE_TOPIC = "control.erasure"
+AUDIENCES_TOPIC = "control.audiences"  # the console's saved segments.yaml, followed by every worker
 MEMBERSHIP_TOPIC = "activation.memberships"
 MEMBERSHIP_STATE_TOPIC = "activation.membership-state"
 PROFILE_CHANGES_TOPIC = "activation.profile-changes"
@@ -177,8 +178,8 @@ DEST_DLQ = "activation.dest-dlq"
 DEST_STATE = "activation.dest-state"
 DLQ_REPLAYS = "control.dlq-replays"
 LOGICAL_TOPICS = (INGEST_EVENTS, INGEST_PROFILES, INGEST_DLQ, DLQ_REPLAYS, IDENTITY_TOPIC, PROFILE_TOPIC, INTERNAL_DLQ,
-                  IDENTITY_CHANGELOG, PROFILES_CHANGELOG, CONTROL_SEGMENTS, ERASURE_TOPIC, MEMBERSHIP_TOPIC,
-                  MEMBERSHIP_STATE_TOPIC, PROFILE_CHANGES_TOPIC, DEST_DLQ, DEST_STATE)
+                  IDENTITY_CHANGELOG, PROFILES_CHANGELOG, CONTROL_SEGMENTS, ERASURE_TOPIC, AUDIENCES_TOPIC,
+                  MEMBERSHIP_TOPIC, MEMBERSHIP_STATE_TOPIC, PROFILE_CHANGES_TOPIC, DEST_DLQ, DEST_STATE)
 STAGE_TOPICS = frozenset({IDENTITY_TOPIC, PROFILE_TOPIC})  # the stitching stages' own topics
 
 STRIMZI_API_VERSION = "kafka.strimzi.io/v1beta2"

@@ -6,7 +6,8 @@ the page makes sends the key its user typed). POST /audiences/validate checks a 
 column of a syntax error, evaluation kind and why) and, with `preview`, counts the stored profiles it would hold
 (this worker's profile partitions and every other worker's, `X-CDP-Route: local`). PUT /audiences/{id} writes
 the worker's segments.yaml, which the profile agent reloads (pipeline/profiles/timers.py), when
-PIPELINE_AUDIENCES_WRITABLE allows it. POST /identity/simulate stitches pasted records under the configured
+PIPELINE_AUDIENCES_WRITABLE allows it, and publishes it on `control.audiences`, from which every other worker
+writes it into its own (pipeline.segments.follow); a failed publish is a 503. POST /identity/simulate stitches pasted records under the configured
 identity rules and under changed ones (pipeline.profiles.simulate: the stages' own handlers, nothing stored).
 """
 
@@ -15,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import json
 import mimetypes
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,10 +27,11 @@ from pipeline.api.routing import LOCAL, ROUTE_HEADER, Router, parse_route, unava
 from pipeline.api.server import problem_response
 from pipeline.api.views import MAX_BODY_BYTES, ApiError, parse_json_body
 from pipeline.console import STATIC_DIR
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, DefinitionsNotShared
 from pipeline.profiles.simulate import Rules, SimulationError, parse_records, rules_of, simulate, with_rules
 from pipeline.runtime import Runtime
 from pipeline.segments.editing import MAX_QUERY_CHARS, AudienceEdit, QueryCheck, check_query, put_audience
+from pipeline.segments.sync import write_atomically
 from pipeline.state.codec import Forward, decode_profile_entry
 
 PREVIEW_MAX_PROFILES = 20_000  # per worker: the scan runs in the event loop
@@ -51,7 +52,9 @@ def register(rt: Runtime, router: Router) -> None:
     web_app = rt.app.web.web_app  # type: ignore[attr-defined]
     files = static_files()
     profiles = rt.ptables["profiles"]
-    segments_file = rt.settings.config_dir / "segments.yaml"
+    sync = rt.definitions
+    assert sync is not None
+    segments_file = sync.segments_file
     saving = asyncio.Lock()
 
     async def serve(request: web.Request) -> web.Response:
@@ -178,15 +181,19 @@ def register(rt: Runtime, router: Router) -> None:
                 raise ApiError(422, "invalid-query", first.message + at)
             edit = AudienceEdit(audience_id, query, name, description, tuple(attributes))
             async with saving:
-                text = segments_file.read_text(encoding="utf-8") if segments_file.exists() else ""
-                try:
-                    new, saved = put_audience(text, edit, file=str(segments_file))
-                except ConfigError as exc:
-                    raise ApiError(422, "invalid-definitions", str(exc)) from None
-                created = saved.version == 1 and edit.id not in rt.engine.audiences
-                tmp = segments_file.with_name(f".{segments_file.name}.console-{os.getpid()}")
-                tmp.write_text(new, encoding="utf-8")
-                os.replace(tmp, segments_file)  # whole or not at all: the reload never reads half a file
+                with sync.lock:  # not while the reader thread writes a file another worker saved
+                    text = segments_file.read_text(encoding="utf-8") if segments_file.exists() else ""
+                    try:
+                        new, saved = put_audience(text, edit, file=str(segments_file))
+                    except ConfigError as exc:
+                        raise ApiError(422, "invalid-definitions", str(exc)) from None
+                    created = saved.version == 1 and edit.id not in rt.engine.audiences
+                    write_atomically(segments_file, new, "console")
+                try:  # every other worker writes it into its own file (pipeline.segments.follow)
+                    await asyncio.to_thread(sync.publish, rt.registry, rt.settings.kafka, new)
+                except DefinitionsNotShared as exc:
+                    raise ApiError(503, "definitions-not-shared", f"saved on this worker only: {exc}; the other "
+                                   "workers keep their definitions until it is saved again") from None
             return web.json_response({"id": saved.id, "name": saved.name, "description": saved.description,
                                       "query": saved.query, "version": saved.version,
                                       "attributes": list(saved.attributes), **{k: v for k, v in check.to_dict().items()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from pipeline.api.server import load_authenticator, openapi, operations
 from pipeline.api.views import MAX_JSON_DEPTH, ApiError, identity_key, parse_json_body
 from pipeline.app import build_app
 from pipeline.errors import ConfigError
+from pipeline.resources import EXAMPLE_CONFIG_DIR
 from pipeline.runtime import Runtime
 from pipeline.settings import PipelineConfig, Settings
 
@@ -40,7 +42,19 @@ def burst() -> int:
 
 
 @pytest.fixture
-def runtime(tmp_path: Path, keys: dict[str, str], burst: int, monkeypatch: pytest.MonkeyPatch) -> Iterator[Runtime]:
+def writable() -> bool:
+    """PIPELINE_AUDIENCES_WRITABLE, on a copy of the example configuration when on (a test parametrizes it)."""
+    return False
+
+
+@pytest.fixture
+def runtime(tmp_path: Path, keys: dict[str, str], burst: int, writable: bool,
+            monkeypatch: pytest.MonkeyPatch) -> Iterator[Runtime]:
+    if writable:
+        config = tmp_path / "config"
+        shutil.copytree(EXAMPLE_CONFIG_DIR, config)
+        monkeypatch.setenv("PIPELINE_CONFIG", str(config))
+        monkeypatch.setenv("PIPELINE_AUDIENCES_WRITABLE", "on")
     path = tmp_path / "keys.yaml"
     path.write_text("keys:\n" + "".join(entry_yaml(ApiKey(n, hash_key(keys[n]), frozenset(s)))
                                          for n, s in KEYS.items()))
@@ -312,3 +326,19 @@ async def test_saving_an_audience_is_refused_where_definitions_are_not_writable(
     r = await client.put("/audiences/x", headers=auth(keys["admin"]), json={"query": 'loyalty.tier = "gold"'})
     assert (await problem_of(r, 409))["type"].endswith(":read-only-definitions")
     assert (runtime.settings.config_dir / "segments.yaml").read_text() == before
+
+
+@pytest.mark.parametrize("writable", [True])
+async def test_a_save_that_cannot_reach_the_other_workers_is_a_503(
+        client: TestClient[Any, Any], keys: dict[str, str], runtime: Runtime) -> None:
+    # Given a worker whose definitions are writable and whose Kafka cluster does not answer
+    assert runtime.definitions is not None
+    runtime.definitions.publish_timeout_s = 1.0
+    # When an admin saves an audience, Then a 503 problem says it is saved on this worker only
+    try:
+        r = await client.put("/audiences/x", headers=auth(keys["admin"]), json={"query": 'loyalty.tier = "gold"'})
+    finally:
+        runtime.definitions.stop()  # (its producer)
+    body = await problem_of(r, 503)
+    assert body["type"].endswith(":definitions-not-shared") and "saved on this worker only" in body["detail"]
+    assert "- id: x" in (runtime.settings.config_dir / "segments.yaml").read_text()
