@@ -22,6 +22,7 @@ from pipeline.observability.logs import Throttle
 from pipeline.observability.readiness import Readiness
 from pipeline.outage import STALL_AFTER_S, KafkaWatch
 from pipeline.serde.avro import RegistryCatalog
+from pipeline.stages.backlog import StageBacklog
 
 
 class Clock:
@@ -267,7 +268,7 @@ def fake_runtime(kafka: Any = None) -> Any:
     settings = SimpleNamespace(kafka="127.0.0.1:1", app_id="a", worker_name="w", kafka_stats_interval_ms=5000,
                                group_instance_id=lambda _consumer: None)
     return SimpleNamespace(settings=settings, output=Output(), readiness=Readiness(), kafka=kafka,
-                           local_delivery=contextlib.nullcontext)
+                           local_delivery=contextlib.nullcontext, stage_backlog=StageBacklog(0))
 
 
 async def until(check: Any) -> None:
