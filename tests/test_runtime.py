@@ -11,6 +11,7 @@ from typing import Any
 
 import msgpack
 import pytest
+from faust.types import TP
 
 from pipeline.runtime import DLQ_MAX_BYTES, OutputProducer, Runtime
 from pipeline.stages import messages
@@ -234,8 +235,8 @@ def test_a_stage_value_that_is_no_stage_message_is_dead_lettered_and_the_rest_ha
     rt, out, _ = make_runtime({0, 1, 2, 3}, {0, 1, 2, 3})
     values = [messages.encode(Tick(pid="p1")), msgpack.packb({"op": "merge", "pid": "p2"}), b"\xc1",
               messages.encode(Claimed(pid="p3", claimant="p3", key="ECID:a"))]
-    events = [SimpleNamespace(message=SimpleNamespace(partition=i), key=f"p{i}".encode(), value=v)
-              for i, v in enumerate(values)]
+    events = [SimpleNamespace(message=SimpleNamespace(partition=i, offset=7, tp=TP("t", i)),
+                              key=f"p{i}".encode(), value=v) for i, v in enumerate(values)]
     # When the stage decodes them
     items = rt.decode_stage(PROFILE_TOPIC, events)
     # Then the two messages are handed on, typed, and the two others go to internal.dlq as they came
