@@ -380,21 +380,21 @@ class _Brake:
 
     def __init__(self, rt: Runtime, paused: _Paused) -> None:
         self.backlog, self.paused = rt.stage_backlog, paused
-        self.since: float | None = None  # when the current wait began (None: not waiting)
-        self.mark = 0.0  # up to when the wait is counted
+        self.waiting = False
+        self.mark = 0.0  # up to when the current wait is counted
         self.waited = 0.0  # seconds waited since the last report
         self.next_report = 0.0
 
     def holds(self) -> bool:
         now = time.monotonic()
         if not self.backlog.over():
-            if self.since is not None:
+            if self.waiting:
                 self._count(now)
-                self.since = None
+                self.waiting = False
                 self.paused.resume()
             return False
-        if self.since is None:
-            self.since = self.mark = now
+        if not self.waiting:
+            self.waiting, self.mark = True, now
         self._count(now)
         self.paused.keepalive()  # (records it still returns are held, in order, for later)
         if now >= self.next_report:
