@@ -233,13 +233,18 @@ def stage_assignment(app: faust.App, registry: TopicRegistry) -> Assignment:
 async def watch_faust_group(rt: Runtime) -> None:
     """Every statistics interval: the lag of Faust's group on this worker's stage partitions (changelog
     partitions are read by recovery, not the group), and `cdp_table_recovery_remaining`."""
+    from confluent_kafka import Consumer
     from confluent_kafka.admin import AdminClient
 
     app, settings = rt.app, rt.settings
     stage_topics = {rt.registry.name(t) for t in GROUP_TOPICS}
     lag = GroupLag(settings.app_id)
     # (its connection errors go to the outage tracker with the others', not one log line each)
-    admin = AdminClient(client_config(settings.kafka, error_cb=rt.kafka.error_cb if rt.kafka else None))
+    error_cb = rt.kafka.error_cb if rt.kafka else None
+    admin = AdminClient(client_config(settings.kafka, error_cb=error_cb))
+    # reads the group's committed offsets; never subscribes, so it never joins the group (kafka_stats.committed_lag)
+    offsets = Consumer(client_config(settings.kafka, {"group.id": settings.app_id, "enable.auto.commit": False},
+                                     error_cb=error_cb))
     while True:
         await asyncio.sleep(settings.kafka_stats_interval_ms / 1000)
         recovery = app.tables.recovery  # type: ignore[attr-defined]
@@ -248,7 +253,7 @@ async def watch_faust_group(rt: Runtime) -> None:
             continue  # an assignment in flux, or no broker to ask: the last numbers stand
         mine = [(tp.topic, tp.partition) for tp in app.consumer.assignment() if tp.topic in stage_topics]
         try:
-            lag.report(await asyncio.to_thread(committed_lag, admin, settings.app_id, mine))
+            lag.report(await asyncio.to_thread(committed_lag, admin, offsets, mine))
         except Exception as exc:  # the next interval asks again
             logging.getLogger(__name__).info("consumer lag of %s not measured: %s", settings.app_id,
                                              type(exc).__name__)

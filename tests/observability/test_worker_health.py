@@ -73,6 +73,10 @@ def test_worker_is_ready_only_after_recovery_and_shows_lag(registry: Any, kafka_
         time.sleep(0.25)
     assert max_lag > 0
     assert total(samples, "cdp_consumer_lag", group=f"{app_id}-ingest") == 0
+    # (the Faust group's lag is measured too, from its committed offsets: one series per stage partition)
+    faust_lag = {dict(ls)["partition"] for (n, ls), _ in samples.items()
+                 if n == "cdp_consumer_lag" and dict(ls).get("group") == app_id}
+    assert len(faust_lag) >= 1, sorted(k for k in samples if k[0] == "cdp_consumer_lag")
     assert total(samples, "cdp_records_ingested_total") == RECORDS
     assert total(samples, "cdp_membership_changes_total", status="realized") >= RECORDS
     # every partition of each group is this worker's, each group joined at least once
