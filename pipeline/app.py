@@ -13,7 +13,7 @@ import faust
 from pipeline.api.server import Authenticator, faust_web_settings, load_authenticator
 from pipeline.connection import KafkaConnection, client_config
 from pipeline.observability import memory, metrics
-from pipeline.observability.kafka_stats import GroupLag, LibrdkafkaStats, committed_lag
+from pipeline.observability.kafka_stats import LibrdkafkaStats
 from pipeline.observability.logs import throttle_library_loggers
 from pipeline.observability.readiness import Assignment, Readiness
 from pipeline.outage import KafkaWatch
@@ -32,6 +32,7 @@ from pipeline.segments import SegmentEngine
 from pipeline.segments.follow import DefinitionsSync
 from pipeline.settings import PipelineConfig, Settings
 from pipeline.stages.backlog import StageBacklog
+from pipeline.stages.consumer import StageConsumer
 from pipeline.state.faust_compat import (
     SharedRocksDBMemory,
     close_revoked_partitions,
@@ -139,13 +140,11 @@ def build_app(settings: Settings, config: PipelineConfig | None = None,
         rt.definitions.follow(registry, settings.kafka, error_cb=kafka.error_cb)
 
     app.on_before_shutdown.connect(lambda *_a, **_k: rt.definitions.stop() if rt.definitions else None)
-    ready_after_recovery(app, readiness, lambda: stage_assignment(app, registry))
+    ready_after_recovery(app, readiness, lambda: stage_assignment(rt))
 
     @app.task
     async def watch_group() -> None:
-        """Faust's group (aiokafka has no statistics callback): this worker's partitions, their lag from the
-        committed offsets, and the changelog records its recovery has left to replay."""
-        await watch_faust_group(rt)
+        await watch_recovery(rt)
 
     changelogs = ChangelogRouter(rt.output.produce)
     rt.output.on_flushed.append(changelogs.persist_offsets)
@@ -180,8 +179,17 @@ def build_app(settings: Settings, config: PipelineConfig | None = None,
 
     privacy_agents.register(rt)
     ingest_agents.register(rt)
-    identity_agents.register(rt)
-    profile_agents.register(rt)
+    stages = StageConsumer(rt, [identity_agents.register(rt), profile_agents.register(rt)])
+
+    @app.task
+    async def consume_stages() -> None:
+        await stages.run()
+
+    async def release_stages(*_a: Any, **_k: Any) -> None:
+        """Faust awaits this in its revocation: the stage offsets are committed before the group moves on."""
+        await stages.on_revoked()
+
+    app.on_partitions_revoked.connect(release_stages)
     api_console.register(rt, api_routes.register(rt))
     api_privacy.register(rt)
     api_destinations.register(rt)
@@ -220,43 +228,21 @@ def ready_after_recovery(app: faust.App, readiness: Readiness,
     app.on_rebalance_end = on_rebalance_end  # type: ignore[method-assign]
 
 
-def stage_assignment(app: faust.App, registry: TopicRegistry) -> Assignment:
-    """Faust's current generation and this worker's stage partitions in it, by logical topic."""
-    logical = {registry.name(t): t for t in GROUP_TOPICS}
-    partitions: dict[str, list[int]] = {t: [] for t in GROUP_TOPICS}
-    for tp in app.consumer.assignment():
-        if tp.topic in logical:
-            partitions[logical[tp.topic]].append(tp.partition)
-    return Assignment(int(app.consumer_generation_id or 0), {t: sorted(ps) for t, ps in partitions.items()})
+def stage_assignment(rt: Runtime) -> Assignment:
+    """Faust's current generation and this worker's stage partitions in it (those of its recovered tables), by
+    logical topic."""
+    partitions = {IDENTITY_TOPIC: sorted(rt.ptables["identity"].active()),
+                  PROFILE_TOPIC: sorted(rt.ptables["profiles"].active())}
+    return Assignment(int(rt.app.consumer_generation_id or 0), partitions)
 
 
-async def watch_faust_group(rt: Runtime) -> None:
-    """Every statistics interval: the lag of Faust's group on this worker's stage partitions (changelog
-    partitions are read by recovery, not the group), and `cdp_table_recovery_remaining`."""
-    from confluent_kafka import Consumer
-    from confluent_kafka.admin import AdminClient
-
-    app, settings = rt.app, rt.settings
-    stage_topics = {rt.registry.name(t) for t in GROUP_TOPICS}
-    lag = GroupLag(settings.app_id)
-    # (its connection errors go to the outage tracker with the others', not one log line each)
-    error_cb = rt.kafka.error_cb if rt.kafka else None
-    admin = AdminClient(client_config(settings.kafka, error_cb=error_cb))
-    # reads the group's committed offsets; never subscribes, so it never joins the group (kafka_stats.committed_lag)
-    offsets = Consumer(client_config(settings.kafka, {"group.id": settings.app_id, "enable.auto.commit": False},
-                                     error_cb=error_cb))
+async def watch_recovery(rt: Runtime) -> None:
+    """Every statistics interval, `cdp_table_recovery_remaining`: the changelog records recovery has left to
+    replay. (The stage partitions' lag is the stage consumer's, from its librdkafka statistics.)"""
     while True:
-        await asyncio.sleep(settings.kafka_stats_interval_ms / 1000)
-        recovery = app.tables.recovery  # type: ignore[attr-defined]
+        await asyncio.sleep(rt.settings.kafka_stats_interval_ms / 1000)
+        recovery = rt.app.tables.recovery  # type: ignore[attr-defined]
         metrics.TABLE_RECOVERY_REMAINING.set(recovery.active_remaining_total() if recovery.in_recovery else 0)
-        if app.rebalancing or (rt.kafka is not None and rt.kafka.unreachable):
-            continue  # an assignment in flux, or no broker to ask: the last numbers stand
-        mine = [(tp.topic, tp.partition) for tp in app.consumer.assignment() if tp.topic in stage_topics]
-        try:
-            lag.report(await asyncio.to_thread(committed_lag, admin, offsets, mine))
-        except Exception as exc:  # the next interval asks again
-            logging.getLogger(__name__).info("consumer lag of %s not measured: %s", settings.app_id,
-                                             type(exc).__name__)
 
 
 def _also(first: Callable[[int], None], then: Callable[[int], None]) -> Callable[[int], None]:
@@ -386,33 +372,3 @@ def _flush_output_before_commit(app: faust.App, output: OutputProducer) -> None:
         await output.flush()
 
     producer.flush = flush  # type: ignore[method-assign]
-
-
-# The topics the worker's consumer group reads (changelogs are read by Faust's recovery, not the group).
-GROUP_TOPICS = (IDENTITY_TOPIC, PROFILE_TOPIC)  # ingest topics: their own librdkafka group
-
-
-def init_group_offsets(settings: Settings, registry: TopicRegistry) -> int:
-    """A brand-new consumer group gets offset 0 committed for every partition without a commit.
-
-    Positions then always come from committed offsets, so a rebalance while the first workers start can never
-    leave a partition positioned past records produced in the meantime. Only done while the group has no
-    members (Kafka refuses to alter an active group's offsets; its members commit as they go).
-    Returns the number of partitions initialised."""
-    from confluent_kafka import ConsumerGroupTopicPartitions, KafkaException, TopicPartition
-    from confluent_kafka.admin import AdminClient
-
-    admin = AdminClient(client_config(settings.kafka))
-    group = settings.app_id
-    try:
-        if admin.describe_consumer_groups([group])[group].result().members:
-            return 0
-        wanted = [TopicPartition(registry.name(t), p) for t in GROUP_TOPICS for p in range(registry[t].partitions)]
-        current = admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group, wanted)])[group].result()
-        missing = [TopicPartition(tp.topic, tp.partition, 0) for tp in current.topic_partitions if tp.offset < 0]
-        if missing:
-            admin.alter_consumer_group_offsets([ConsumerGroupTopicPartitions(group, missing)])[group].result()
-        return len(missing)
-    except KafkaException as exc:  # another worker joined first: the group's members own the offsets now
-        logging.getLogger(__name__).info("consumer group offsets not initialised: %s", exc)
-        return 0

@@ -29,7 +29,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     import faust
     import uvloop
 
-    from pipeline.app import build_app, init_group_offsets
+    from pipeline.app import build_app
     from pipeline.observability.memory import start_tracing, tune_gc
     from pipeline.observability.metrics import watch_gc
 
@@ -43,7 +43,6 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     rt = build_app(settings, config, auth=auth)
     watch_gc()
     tune_gc()
-    init_group_offsets(settings, rt.registry)
     logging.getLogger(__name__).info("worker %s: %d audiences, config %s", settings.worker_name,
                                      len(config.audiences), settings.config_dir)
     from pipeline.observability.logformat import faust_logging_config

@@ -29,7 +29,7 @@ from pipeline.serde.codecs import RawCodec
 from pipeline.settings import PipelineConfig, Settings
 from pipeline.stages import messages
 from pipeline.stages.backlog import StageBacklog
-from pipeline.stages.delivery import LocalDelivery, LocalHandler, LocalItem, Target
+from pipeline.stages.delivery import LocalDelivery, LocalHandler, Target
 from pipeline.stages.messages import Send
 from pipeline.state.lru import BoundedCache
 from pipeline.state.tables import PartitionedTable
@@ -265,7 +265,6 @@ class Runtime:
     engine: SegmentEngine
     processor: ProfileProcessor
     output: OutputProducer
-    topics: dict[str, faust.TopicT] = field(default_factory=dict)
     tables: dict[str, Any] = field(default_factory=dict)
     ptables: dict[str, PartitionedTable] = field(default_factory=dict)
     caches: dict[str, BoundedCache[Any, Any]] = field(default_factory=dict)  # the in-memory caches, by name (GET /debug/memory)
@@ -287,15 +286,6 @@ class Runtime:
     def deliver_locally(self, topic: str, table: PartitionedTable, handler: LocalHandler) -> None:
         """Let `handler` (the stage's own) take messages to `table`'s held partitions in-process."""
         self.delivery.register(topic, Target(table.partition, table.active, handler))
-
-    def topic(self, logical: str) -> faust.TopicT:
-        """The Faust topic for a logical name (declared once in topics.yaml)."""
-        if logical not in self.topics:
-            spec = self.registry[logical]
-            self.topics[logical] = self.app.topic(spec.name, key_type=bytes, value_type=bytes,
-                                                  key_serializer="raw", value_serializer="raw",
-                                                  partitions=spec.partitions, internal=False)
-        return self.topics[logical]
 
     def send(self, send: Send, headers: dict[str, bytes] | None = None, partition: int | None = None) -> None:
         """The one path every outgoing message takes: handled in-process when local delivery is on, this
@@ -354,25 +344,6 @@ class Runtime:
                 yield
         finally:
             self.tally.flush()
-
-    def decode_stage(self, topic: str, events: list[Any]) -> list[LocalItem]:
-        """A batch of a stage topic's events as (partition, key, message); a value that is no stage message is
-        dead-lettered (as it came) and left out: one message never stops the stage."""
-        self.stage_backlog.note_events(events, self._highwater)
-        items: list[LocalItem] = []
-        for e in events:
-            try:
-                items.append((e.message.partition, e.key, messages.decode(e.value)))
-            except Exception as exc:  # noqa: BLE001 - msgspec's DecodeError / ValidationError
-                self.dead_letter_stage(topic, e.key or b"", e.value, exc)
-        return items
-
-    def _highwater(self, tp: Any) -> int | None:
-        """The Faust consumer's high watermark of a partition (None until it has fetched it)."""
-        try:
-            return self.app.consumer.highwater(tp)  # type: ignore[no-any-return]
-        except Exception:  # noqa: BLE001 - not fetched yet, or the consumer is being rebuilt: no figure
-            return None
 
     @staticmethod
     def now_ms() -> int:

@@ -9,16 +9,13 @@ from dataclasses import replace
 from types import SimpleNamespace
 from typing import Any
 
-import msgpack
 import pytest
-from faust.types import TP
 
 from pipeline.runtime import DLQ_MAX_BYTES, OutputProducer, Runtime
-from pipeline.stages import messages
 from pipeline.stages.delivery import MAX_LOCAL_ROUNDS, LocalItem, Target
 from pipeline.stages.messages import Absorb, Claim, Claimed, Link, Send, Tick, op_of
 from pipeline.state.tables import partition_for
-from pipeline.topics import IDENTITY_TOPIC, INTERNAL_DLQ, PROFILE_TOPIC, TopicRegistry
+from pipeline.topics import IDENTITY_TOPIC, PROFILE_TOPIC, TopicRegistry
 
 
 class FakeOutput:
@@ -228,17 +225,3 @@ def test_dead_letters_keep_a_null_as_null_and_a_huge_value_as_its_first_bytes() 
         (dlq, b"k3", b"x" * DLQ_MAX_BYTES, {"reason": b"record-too-large", "detail": b"2000000 bytes",
                                             "original_size": b"2000000", "truncated": b"true"}),
     ]
-
-
-def test_a_stage_value_that_is_no_stage_message_is_dead_lettered_and_the_rest_handled() -> None:
-    # Given a batch of profile-stage events: a tick, a value of an unknown op, bytes that are not msgpack, a claim
-    rt, out, _ = make_runtime({0, 1, 2, 3}, {0, 1, 2, 3})
-    values = [messages.encode(Tick(pid="p1")), msgpack.packb({"op": "merge", "pid": "p2"}), b"\xc1",
-              messages.encode(Claimed(pid="p3", claimant="p3", key="ECID:a"))]
-    events = [SimpleNamespace(message=SimpleNamespace(partition=i, offset=7, tp=TP("t", i)),
-                              key=f"p{i}".encode(), value=v) for i, v in enumerate(values)]
-    # When the stage decodes them
-    items = rt.decode_stage(PROFILE_TOPIC, events)
-    # Then the two messages are handed on, typed, and the two others go to internal.dlq as they came
-    assert items == [(0, b"p0", Tick(pid="p1")), (3, b"p3", Claimed(pid="p3", claimant="p3", key="ECID:a"))]
-    assert out.produced == [(rt.registry.name(INTERNAL_DLQ), b"p1", None), (rt.registry.name(INTERNAL_DLQ), b"p2", None)]

@@ -1,19 +1,19 @@
-"""Identity agent: applies pipeline.identity.stitch to messages keyed by identity, from Kafka (never in-process)."""
+"""Identity stage: applies pipeline.identity.stitch to messages keyed by identity, from Kafka (never in-process)."""
 
 from __future__ import annotations
-
-from typing import Any
 
 from pipeline.identity.stitch import handle_identity
 from pipeline.observability import metrics
 from pipeline.privacy.erasure import erase_at_identity
-from pipeline.runtime import BATCH_MAX, BATCH_WITHIN_S, Runtime
+from pipeline.runtime import Runtime
+from pipeline.stages.consumer import Stage
 from pipeline.stages.delivery import LocalItem
 from pipeline.stages.messages import Erase, op_of
 from pipeline.topics import IDENTITY_TOPIC
 
 
-def register(rt: Runtime) -> None:
+def register(rt: Runtime) -> Stage:
+    """The identity stage, for the stage consumer (pipeline.stages.consumer)."""
     table = rt.ptables["identity"]
 
     def handle(items: list[LocalItem]) -> None:
@@ -39,9 +39,9 @@ def register(rt: Runtime) -> None:
     # Not registered for local delivery: identity-stage messages always go through Kafka, so that a crash can be
     # recovered by handling them again in their log's order (pipeline.identity.stitch.in_process_allowed).
 
-    async def identity(stream: Any) -> None:
-        async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
-            with rt.local_delivery():
-                handle(rt.decode_stage(IDENTITY_TOPIC, events))
+    async def identity(items: list[LocalItem]) -> int:
+        with rt.local_delivery():
+            handle(items)
+        return len(items)
 
-    rt.app.agent(rt.topic(IDENTITY_TOPIC), name="identity")(identity)
+    return Stage(IDENTITY_TOPIC, table, identity)

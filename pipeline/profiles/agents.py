@@ -1,6 +1,6 @@
-"""Profile agent: applies pipeline.profiles.ops to messages keyed by profile id, emits memberships,
+"""Profile stage: applies pipeline.profiles.ops to messages keyed by profile id, emits memberships,
 and fires time-driven re-evaluations (deadlines) through the same topic, so they run in order with the
-profile's other messages. The thin agent: register, the handle loop and its write; the decoded cache is
+profile's other messages. The thin stage: register, the handle loop and its write; the decoded cache is
 `cache.py`, outbox stamping `outbox.py`, the walks over a partition `walks.py`, the timers `timers.py`."""
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from pipeline.profiles.deadlines import Deadlines
 from pipeline.profiles.ops import OpResult
 from pipeline.profiles.walk import Outcome, WalkPool
 from pipeline.profiles.walks import Walks, batch, count_members, definitions_check
-from pipeline.runtime import BATCH_MAX, BATCH_WITHIN_S, DECODED_CACHE, DECODED_PER_BYTE, Runtime
+from pipeline.runtime import DECODED_CACHE, DECODED_PER_BYTE, Runtime
+from pipeline.stages.consumer import Stage
 from pipeline.stages.delivery import LocalItem
 from pipeline.stages.messages import Batch, DefsCheck, ProfileMessage, Resume, Send, op_of
 from pipeline.state.codec import (
@@ -33,11 +34,12 @@ from pipeline.topics import MEMBERSHIP_STATE_TOPIC, MEMBERSHIP_TOPIC, PROFILE_TO
 
 log = logging.getLogger(__name__)
 
-# Batching amortises Faust's per-message cost and writes a profile once per batch, not once per message.
+# Batching writes a profile once per batch, not once per message.
 _WALKS = frozenset({Batch, DefsCheck})  # the messages that walk a whole partition, outside local delivery
 
 
-def register(rt: Runtime) -> None:
+def register(rt: Runtime) -> Stage:
+    """The profile stage, for the stage consumer (pipeline.stages.consumer); also its timers."""
     table = rt.ptables["profiles"]
     cache = DecodedCache(*DECODED_CACHE, DECODED_PER_BYTE)
     rt.caches["decoded-profiles"] = cache.entries
@@ -211,25 +213,29 @@ def register(rt: Runtime) -> None:
     if walks.pool is not None:
         rt.app.on_before_shutdown.connect(lambda *_a, **_k: walks.pool.close() if walks.pool else None)
 
-    async def profiles(stream: Any) -> None:
-        """Batches of messages; a batch/defs-check control op ends a run of data ops and runs on its own
-        (it walks a whole partition and yields to the loop, so it stays outside local delivery)."""
-        async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
-            run: list[LocalItem] = []
-            for partition, key, msg in rt.decode_stage(PROFILE_TOPIC, events):
-                if type(msg) in _WALKS:  # (a set lookup: isinstance on a Struct costs ~0.2 µs a class)
-                    with rt.local_delivery():
-                        handle(run)
-                    run = []
-                    if isinstance(msg, Batch):
-                        await batch(rt, walks, partition, msg)
-                    else:
-                        await definitions_check(rt, walks, partition)
-                    rt.tally.flush()
-                    continue
-                run.append((partition, key, msg))
-            with rt.local_delivery():
-                handle(run)
+    async def profiles(items: list[LocalItem]) -> int:
+        """A batch in order; a batch/defs-check control op ends a run of data ops and runs on its own (it
+        walks a whole partition and yields to the loop, so it stays outside local delivery). Once the worker
+        starts rebalancing during such a walk, the walk (it may have stopped early) and the rest are left for the
+        partition's next owner."""
+        run: list[LocalItem] = []
+        for i, (partition, key, msg) in enumerate(items):
+            if type(msg) in _WALKS:  # (a set lookup: isinstance on a Struct costs ~0.2 µs a class)
+                with rt.local_delivery():
+                    handle(run)
+                run = []
+                if isinstance(msg, Batch):
+                    await batch(rt, walks, partition, msg)
+                else:
+                    await definitions_check(rt, walks, partition)
+                rt.tally.flush()
+                if rt.app.rebalancing:
+                    return i
+                continue
+            run.append((partition, key, msg))
+        with rt.local_delivery():
+            handle(run)
+        return len(items)
 
-    rt.app.agent(rt.topic(PROFILE_TOPIC), name="profiles")(profiles)
     timers.register(rt, walks, deadlines, stamps)
+    return Stage(PROFILE_TOPIC, table, profiles)

@@ -1,4 +1,4 @@
-"""How far behind its stage topics a worker's agents are: what its ingest loop waits on (backpressure).
+"""How far behind its stage topics a worker is: what its ingest loop waits on (backpressure).
 
 Ingest hands a record for a person it cannot place yet (no owner of its home identity) to the identity topic, and
 moves on. Without a brake, an overloaded worker keeps taking new records, and the event loop's time goes to them
@@ -12,16 +12,15 @@ and its lag shows on the ingest topics, where producers and operators watch it.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable
 
-# An agent that has not reported for this long (its partitions revoked, Faust rebalancing) no longer counts:
+# A partition not reported for this long (its partitions revoked, Faust rebalancing) no longer counts:
 # the brake must never hold ingest on a figure no one updates.
 STALE_S = 5.0
 
 
 class StageBacklog:
-    """Per stage-topic partition this worker consumes: the messages after those its agent last handled
+    """Per stage-topic partition this worker consumes: the messages after those its stage last handled
     (the partition's high watermark, as the consumer last fetched it, minus the next offset to handle)."""
 
     def __init__(self, limit: int, stale_s: float = STALE_S, clock: Callable[[], float] = time.monotonic) -> None:
@@ -31,19 +30,12 @@ class StageBacklog:
         self._behind: dict[tuple[str, int], tuple[int, float]] = {}  # (topic, partition) -> (messages, when)
 
     def note(self, topic: str, partition: int, behind: int) -> None:
-        """Called by a stage agent after each batch, per partition in it."""
+        """Called by the stage consumer after each batch, per partition in it."""
         self._behind[(topic, partition)] = (max(0, behind), self._clock())
 
-    def note_events(self, events: Iterable[Any], highwater: Callable[[Any], int | None]) -> None:
-        """Note each partition's backlog after a batch of Faust events (its last event in the batch counts);
-        `highwater(tp)` is the consumer's, None while it has not fetched the partition yet."""
-        last: dict[Any, int] = {}
-        for e in events:
-            last[e.message.tp] = e.message.offset
-        for tp, offset in last.items():
-            high = highwater(tp)
-            if high is not None and high >= 0:
-                self.note(tp.topic, tp.partition, high - offset - 1)
+    def forget(self, topic: str, partition: int) -> None:
+        """Called when the partition is no longer consumed here (its next owner reports it)."""
+        self._behind.pop((topic, partition), None)
 
     def behind(self) -> int:
         """Messages behind, summed over the partitions reported within STALE_S."""

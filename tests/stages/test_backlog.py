@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from pipeline.stages.backlog import StageBacklog
 
 
@@ -13,23 +11,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.t
-
-
-@dataclass(frozen=True)
-class TP:
-    topic: str
-    partition: int
-
-
-@dataclass(frozen=True)
-class Message:
-    tp: TP
-    offset: int
-
-
-@dataclass(frozen=True)
-class Event:
-    message: Message
 
 
 def test_the_backlog_is_the_latest_figure_per_partition_summed() -> None:
@@ -66,14 +47,12 @@ def test_no_limit_means_no_brake() -> None:
     assert (backlog.behind(), backlog.over()) == (1_000_000, False)
 
 
-def test_a_batch_of_events_reports_each_partition_after_its_last_event() -> None:
-    # Given a batch with events of two partitions, and their high watermarks (one not fetched yet)
-    backlog = StageBacklog(1, clock=Clock())
-    a, b, c = TP("identity", 0), TP("identity", 1), TP("identity", 2)
-    events = [Event(Message(a, 10)), Event(Message(b, 4)), Event(Message(a, 11)), Event(Message(c, 7))]
-    high = {a: 50, b: 5, c: None}
-    # When the batch is noted
-    backlog.note_events(events, high.get)
-    # Then partition 0 is 50 - 12 behind, partition 1 caught up, partition 2 unknown (not counted)
-    assert backlog.behind() == 38
-    assert dict((k, v) for k, (v, _) in backlog._behind.items()) == {("identity", 0): 38, ("identity", 1): 0}
+def test_a_partition_no_longer_consumed_here_stops_counting_at_once() -> None:
+    # Given two partitions behind
+    backlog = StageBacklog(10, clock=Clock())
+    backlog.note("identity", 0, 30)
+    backlog.note("identity", 1, 5)
+    # When partition 0 moves to another worker
+    backlog.forget("identity", 0)
+    # Then only partition 1 counts (without waiting for the figure to go stale)
+    assert (backlog.behind(), backlog.over()) == (5, False)
