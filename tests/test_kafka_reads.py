@@ -146,7 +146,7 @@ def test_a_follower_of_an_empty_topic_says_it_caught_up_and_stops_promptly(
     topic = compacted_topic(kafka_bootstrap)
     f = following(kafka_bootstrap, topic)
     assert f.until(lambda seen: bool(seen), 20) == [("caught up",)]
-    # When it is stopped while it waits for a record, Then it ends within its poll's wait (0.5 s) and a close
+    # When it is stopped while it waits for a record, Then it ends within its poll's wait (0.2 s) and a close
     assert f.stop_within() < 1.5
     assert f.seen == [("caught up",)]
 
