@@ -207,11 +207,13 @@ def cmd_segments(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def last_run_start(settings: Settings) -> int:
-    from pipeline.clients import tail
+    from pipeline.kafka_reads import read_messages
     from pipeline.segments.batch import last_completed_start
 
     reg = _registry(settings)
-    progress = (m["value"] for m in tail(reg, settings.kafka, CONTROL_SEGMENTS, idle_timeout_s=2))
+    spec = reg[CONTROL_SEGMENTS]
+    # read to its end, not until 2 s without a record: that always waited 2 s, and stopped early on a slow broker
+    progress = (spec.codec.decode(m.value()) for m in read_messages(settings.kafka, spec.name) if m.value() is not None)
     return last_completed_start(progress, reg[PROFILE_TOPIC].partitions)
 
 

@@ -5,21 +5,19 @@ from __future__ import annotations
 
 import logging
 import threading
-import uuid
 from collections.abc import Callable
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka import Message
 
-from pipeline.connection import Kafka, client_config
+from pipeline.connection import Kafka
+from pipeline.kafka_reads import follow
 from pipeline.model import Identity
 from pipeline.observability import metrics
 from pipeline.privacy.erasure import ERASURE_TOPIC, hashed
 from pipeline.topics import TopicRegistry
 
 log = logging.getLogger(__name__)
-
-POLL_S = 0.2
 
 
 class ErasureLog:
@@ -30,6 +28,7 @@ class ErasureLog:
         self.salt = salt
         self.requests: dict[str, dict[str, Any]] = {}
         self.suppressed: set[str] = set()
+        self.caught_up = threading.Event()  # the topic read to the end it had when the reader started
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -47,27 +46,24 @@ class ErasureLog:
         return bool(self.suppressed) and hashed(self.salt, ident.key) in self.suppressed
 
     def follow(self, registry: TopicRegistry, kafka: Kafka, error_cb: Callable[[Any], None] | None = None) -> None:
-        """Read the topic from its beginning in a daemon thread, then keep up with it. `error_cb`: the worker's
-        (its outage tracker counts connection errors instead of logging each one)."""
+        """Read the topic from its beginning in a daemon thread (`kafka_reads.follow`), then keep up with it;
+        `caught_up` is set once it has read what the topic held when it started. `error_cb`: the worker's (its
+        outage tracker counts connection errors instead of logging each one)."""
         spec = registry[ERASURE_TOPIC]
 
-        def run() -> None:
-            c = Consumer(client_config(kafka, {"group.id": f"cdp-erasure-{uuid.uuid4().hex[:12]}",
-                                               "enable.auto.commit": False}, error_cb=error_cb))
-            try:
-                c.assign([TopicPartition(spec.name, p, OFFSET_BEGINNING) for p in range(spec.partitions)])
-                while not self._stop.is_set():
-                    m = c.poll(POLL_S)
-                    if m is None or m.error() is not None or m.value() is None:
-                        continue
-                    try:
-                        self.note(spec.codec.decode(m.value()))
-                    except Exception:  # noqa: BLE001 - a record we cannot read is not a request
-                        log.warning("control.erasure: a record at offset %s could not be decoded", m.offset())
-            finally:
-                c.close()
+        def on_messages(batch: list[Message]) -> None:
+            for m in batch:
+                if m.value() is None:
+                    continue
+                try:
+                    self.note(spec.codec.decode(m.value()))
+                except Exception:  # noqa: BLE001 - a record we cannot read is not a request
+                    log.warning("control.erasure: a record at offset %s could not be decoded", m.offset())
 
-        self._thread = threading.Thread(target=run, name="erasure-log", daemon=True)
+        self._thread = threading.Thread(
+            target=follow, args=(kafka, spec.name, on_messages),
+            kwargs={"stop": self._stop, "caught_up": self.caught_up.set, "error_cb": error_cb, "group": "cdp-erasure"},
+            name="erasure-log", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:

@@ -6,21 +6,20 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import KafkaError, Message, Producer
 
 from pipeline.connection import Kafka, client_config
 from pipeline.errors import ConfigError, DefinitionsNotShared
+from pipeline.kafka_reads import follow
 from pipeline.segments.sync import SEGMENTS_FILE, decide, read_record, shared, write_atomically
 from pipeline.topics import AUDIENCES_TOPIC, TopicRegistry
 
 log = logging.getLogger(__name__)
 
-POLL_S = 0.2
 PUBLISH_TIMEOUT_S = 10.0
 
 
@@ -91,35 +90,39 @@ class DefinitionsSync:
         return True
 
     def follow(self, registry: TopicRegistry, kafka: Kafka, error_cb: Callable[[Any], None] | None = None) -> None:
-        """Read the topic from its beginning in a daemon thread, then keep up with it; only the latest record is
-        applied once the reader has caught up (an idle poll). Nothing when the definitions are not writable here
-        (managed elsewhere, e.g. a ConfigMap)."""
+        """Read the topic from its beginning in a daemon thread (`kafka_reads.follow`), then keep up with it; only
+        the latest record is applied, once the reader has caught up and then with each batch. Nothing when the
+        definitions are not writable here (managed elsewhere, e.g. a ConfigMap)."""
         if not self.writable:
             return
         spec = registry[AUDIENCES_TOPIC]
+        latest: list[bytes] = []  # the latest record read while catching up
+        caught_up = threading.Event()
 
-        def run() -> None:
-            c = Consumer(client_config(kafka, {"group.id": f"cdp-audiences-{uuid.uuid4().hex[:12]}",
-                                               "enable.auto.commit": False}, error_cb=error_cb))
-            pending: Any = None
+        def apply_latest(value: bytes) -> None:
             try:
-                c.assign([TopicPartition(spec.name, p, OFFSET_BEGINNING) for p in range(spec.partitions)])
-                while not self._stop.is_set():
-                    m = c.poll(POLL_S)
-                    if m is None:
-                        if pending is not None:
-                            value, pending = pending, None
-                            try:
-                                self.apply(spec.codec.decode(value))
-                            except Exception:  # noqa: BLE001 - the reader must outlive one bad record or write
-                                log.exception("%s: a record could not be applied", AUDIENCES_TOPIC)
-                        continue
-                    if m.error() is None and m.value() is not None:
-                        pending = m.value()
-            finally:
-                c.close()
+                self.apply(spec.codec.decode(value))
+            except Exception:  # noqa: BLE001 - the reader must outlive one bad record or write
+                log.exception("%s: a record could not be applied", AUDIENCES_TOPIC)
 
-        self._thread = threading.Thread(target=run, name="audiences-sync", daemon=True)
+        def on_messages(batch: list[Message]) -> None:
+            values = [v for v in (m.value() for m in batch) if v is not None]
+            if not values:
+                return
+            if caught_up.is_set():
+                apply_latest(values[-1])
+            else:
+                latest[:] = values[-1:]
+
+        def on_caught_up() -> None:
+            caught_up.set()
+            if latest:
+                apply_latest(latest.pop())
+
+        self._thread = threading.Thread(
+            target=follow, args=(kafka, spec.name, on_messages),
+            kwargs={"stop": self._stop, "caught_up": on_caught_up, "error_cb": error_cb, "group": "cdp-audiences"},
+            name="audiences-sync", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
