@@ -31,8 +31,8 @@ from pipeline.runtime import (
 from pipeline.segments import SegmentEngine
 from pipeline.segments.follow import DefinitionsSync
 from pipeline.settings import PipelineConfig, Settings
+from pipeline.stages.agents import StageConsumer
 from pipeline.stages.backlog import StageBacklog
-from pipeline.stages.consumer import StageConsumer
 from pipeline.state.faust_compat import (
     SharedRocksDBMemory,
     close_revoked_partitions,

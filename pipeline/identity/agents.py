@@ -6,14 +6,14 @@ from pipeline.identity.stitch import handle_identity
 from pipeline.observability import metrics
 from pipeline.privacy.erasure import erase_at_identity
 from pipeline.runtime import Runtime
-from pipeline.stages.consumer import Stage
+from pipeline.stages.agents import Stage
 from pipeline.stages.delivery import LocalItem
 from pipeline.stages.messages import Erase, op_of
 from pipeline.topics import IDENTITY_TOPIC
 
 
 def register(rt: Runtime) -> Stage:
-    """The identity stage, for the stage consumer (pipeline.stages.consumer)."""
+    """The identity stage, for the stage consumer (pipeline.stages.agents)."""
     table = rt.ptables["identity"]
 
     def handle(items: list[LocalItem]) -> None:
@@ -44,4 +44,4 @@ def register(rt: Runtime) -> Stage:
             handle(items)
         return len(items)
 
-    return Stage(IDENTITY_TOPIC, table, identity)
+    return Stage(IDENTITY_TOPIC, table.active, identity)

@@ -20,7 +20,7 @@ from pipeline.profiles.ops import OpResult
 from pipeline.profiles.walk import Outcome, WalkPool
 from pipeline.profiles.walks import Walks, batch, count_members, definitions_check
 from pipeline.runtime import DECODED_CACHE, DECODED_PER_BYTE, Runtime
-from pipeline.stages.consumer import Stage
+from pipeline.stages.agents import Stage
 from pipeline.stages.delivery import LocalItem
 from pipeline.stages.messages import Batch, DefsCheck, ProfileMessage, Resume, Send, op_of
 from pipeline.state.codec import (
@@ -39,7 +39,7 @@ _WALKS = frozenset({Batch, DefsCheck})  # the messages that walk a whole partiti
 
 
 def register(rt: Runtime) -> Stage:
-    """The profile stage, for the stage consumer (pipeline.stages.consumer); also its timers."""
+    """The profile stage, for the stage consumer (pipeline.stages.agents); also its timers."""
     table = rt.ptables["profiles"]
     cache = DecodedCache(*DECODED_CACHE, DECODED_PER_BYTE)
     rt.caches["decoded-profiles"] = cache.entries
@@ -238,4 +238,4 @@ def register(rt: Runtime) -> Stage:
         return len(items)
 
     timers.register(rt, walks, deadlines, stamps)
-    return Stage(PROFILE_TOPIC, table, profiles)
+    return Stage(PROFILE_TOPIC, table.active, profiles)

@@ -11,8 +11,8 @@ import msgpack
 
 from pipeline.runtime import Runtime
 from pipeline.stages import messages
+from pipeline.stages.agents import Stage, StageConsumer
 from pipeline.stages.backlog import StageBacklog
-from pipeline.stages.consumer import Stage, StageConsumer
 from pipeline.stages.delivery import LocalItem
 from pipeline.stages.messages import Claimed, Tick
 from pipeline.topics import IDENTITY_TOPIC, INTERNAL_DLQ, PROFILE_TOPIC, TopicRegistry
@@ -75,8 +75,10 @@ def make_consumer(stop_after: int | None = None) -> tuple[StageConsumer, FakeOut
             return n
         return handle
 
-    table: Any = SimpleNamespace(active=lambda: frozenset({0, 1, 2, 3}))
-    sc = StageConsumer(rt, [Stage(IDENTITY_TOPIC, table, stage("identity")), Stage(PROFILE_TOPIC, table, stage("profile"))])
+    def active() -> frozenset[int]:
+        return frozenset({0, 1, 2, 3})
+
+    sc = StageConsumer(rt, [Stage(IDENTITY_TOPIC, active, stage("identity")), Stage(PROFILE_TOPIC, active, stage("profile"))])
     sc._consumer = Watermarks(high=20)
     sc.assigned = frozenset((registry.name(t), p) for t in (IDENTITY_TOPIC, PROFILE_TOPIC) for p in range(4))
     return sc, out, handled

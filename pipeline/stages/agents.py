@@ -23,7 +23,6 @@ from pipeline.observability.kafka_stats import LibrdkafkaStats
 from pipeline.runtime import BATCH_MAX, Runtime
 from pipeline.stages import messages
 from pipeline.stages.delivery import LocalItem
-from pipeline.state.tables import PartitionedTable
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +46,11 @@ def stages_group(app_id: str) -> str:
 
 @dataclass(frozen=True)
 class Stage:
-    """One stage: its logical topic, the table co-partitioned with it (whose partitions Faust assigns), its handler."""
+    """One stage: its logical topic, the partitions of the table co-partitioned with it that Faust assigned here
+    (`PartitionedTable.active`), its handler."""
 
     topic: str
-    table: PartitionedTable
+    active: Callable[[], frozenset[int]]
     handle: StageHandler
 
 
@@ -115,7 +115,7 @@ class StageConsumer:
         app = self.rt.app
         if app.rebalancing or not app.tables.recovery.completed.is_set():  # type: ignore[attr-defined]
             return frozenset()
-        return frozenset((name, p) for name, s in self.stages.items() for p in s.table.active())
+        return frozenset((name, p) for name, s in self.stages.items() for p in s.active())
 
     # -- assignment ---------------------------------------------------------------------------------------------
 
