@@ -45,6 +45,7 @@ from pipeline.topics import (
     IDENTITY_TOPIC,
     PROFILE_TOPIC,
     PROFILES_CHANGELOG,
+    RECEIPTS_TOPIC,
     TopicRegistry,
 )
 
@@ -389,7 +390,8 @@ def _flush_output_before_commit(app: faust.App, output: OutputProducer) -> None:
 
 
 # The topics the worker's consumer group reads (changelogs are read by Faust's recovery, not the group).
-GROUP_TOPICS = (IDENTITY_TOPIC, PROFILE_TOPIC)  # ingest topics: their own librdkafka group
+# ingest topics: their own librdkafka group; receipts: the profile agent's too (copartitioned with its ops)
+GROUP_TOPICS = (IDENTITY_TOPIC, PROFILE_TOPIC, RECEIPTS_TOPIC)
 
 
 def init_group_offsets(settings: Settings, registry: TopicRegistry) -> int:

@@ -15,7 +15,7 @@ import faust
 from confluent_kafka import KafkaError, KafkaException, Producer
 
 from pipeline.connection import Kafka, client_config
-from pipeline.errors import OutputRefused, PipelineError, describe, where
+from pipeline.errors import ConfigError, OutputRefused, PipelineError, describe, where
 from pipeline.identity.stitch import in_process_allowed
 from pipeline.observability import metrics
 from pipeline.observability.readiness import Readiness
@@ -288,14 +288,20 @@ class Runtime:
         """Let `handler` (the stage's own) take messages to `table`'s held partitions in-process."""
         self.delivery.register(topic, Target(table.partition, table.active, handler))
 
-    def topic(self, logical: str) -> faust.TopicT:
-        """The Faust topic for a logical name (declared once in topics.yaml)."""
-        if logical not in self.topics:
-            spec = self.registry[logical]
-            self.topics[logical] = self.app.topic(spec.name, key_type=bytes, value_type=bytes,
-                                                  key_serializer="raw", value_serializer="raw",
-                                                  partitions=spec.partitions, internal=False)
-        return self.topics[logical]
+    def topic(self, logical: str, *more: str) -> faust.TopicT:
+        """The Faust topic for a logical name (declared once in topics.yaml); with `more`, one channel over them
+        all, which must have as many partitions (Faust assigns a partition of each to the same worker)."""
+        names = (logical, *more)
+        cached = "+".join(names)
+        if cached not in self.topics:
+            specs = [self.registry[n] for n in names]
+            if len({s.partitions for s in specs}) > 1:
+                raise ConfigError(f"topics.yaml: {', '.join(names)} are consumed together and need as many "
+                                  f"partitions ({', '.join(str(s.partitions) for s in specs)})")
+            self.topics[cached] = self.app.topic(*(s.name for s in specs), key_type=bytes, value_type=bytes,
+                                                 key_serializer="raw", value_serializer="raw",
+                                                 partitions=specs[0].partitions, internal=False)
+        return self.topics[cached]
 
     def send(self, send: Send, headers: dict[str, bytes] | None = None, partition: int | None = None) -> None:
         """The one path every outgoing message takes: handled in-process when local delivery is on, this

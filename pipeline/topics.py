@@ -175,11 +175,12 @@ MEMBERSHIP_TOPIC = "activation.memberships"
 MEMBERSHIP_STATE_TOPIC = "activation.membership-state"
 PROFILE_CHANGES_TOPIC = "activation.profile-changes"
 DEST_DLQ = "activation.dest-dlq"
+RECEIPTS_TOPIC = "activation.receipts"  # destinations' acknowledgements of membership changes, keyed by profile id
 DEST_STATE = "activation.dest-state"
 DLQ_REPLAYS = "control.dlq-replays"
 LOGICAL_TOPICS = (INGEST_EVENTS, INGEST_PROFILES, INGEST_DLQ, DLQ_REPLAYS, IDENTITY_TOPIC, PROFILE_TOPIC, INTERNAL_DLQ,
                   IDENTITY_CHANGELOG, PROFILES_CHANGELOG, CONTROL_SEGMENTS, ERASURE_TOPIC, AUDIENCES_TOPIC,
-                  MEMBERSHIP_TOPIC, MEMBERSHIP_STATE_TOPIC, PROFILE_CHANGES_TOPIC, DEST_DLQ, DEST_STATE)
+                  MEMBERSHIP_TOPIC, MEMBERSHIP_STATE_TOPIC, PROFILE_CHANGES_TOPIC, DEST_DLQ, DEST_STATE, RECEIPTS_TOPIC)
 STAGE_TOPICS = frozenset({IDENTITY_TOPIC, PROFILE_TOPIC})  # the stitching stages' own topics
 
 STRIMZI_API_VERSION = "kafka.strimzi.io/v1beta2"

@@ -21,7 +21,7 @@ from pipeline.profiles.walk import Outcome, WalkPool
 from pipeline.profiles.walks import Walks, batch, count_members, definitions_check
 from pipeline.runtime import BATCH_MAX, BATCH_WITHIN_S, DECODED_CACHE, DECODED_PER_BYTE, Runtime
 from pipeline.stages.delivery import LocalItem
-from pipeline.stages.messages import Batch, DefsCheck, ProfileMessage, Resume, Send, op_of
+from pipeline.stages.messages import Batch, DefsCheck, ProfileMessage, Receipt, Resume, Send, op_of
 from pipeline.state.codec import (
     Forward,
     decode_profile,
@@ -29,7 +29,7 @@ from pipeline.state.codec import (
     encode_forward,
     encode_profile_within,
 )
-from pipeline.topics import MEMBERSHIP_STATE_TOPIC, MEMBERSHIP_TOPIC, PROFILE_TOPIC
+from pipeline.topics import MEMBERSHIP_STATE_TOPIC, MEMBERSHIP_TOPIC, PROFILE_TOPIC, RECEIPTS_TOPIC
 
 log = logging.getLogger(__name__)
 
@@ -211,11 +211,32 @@ def register(rt: Runtime) -> None:
     if walks.pool is not None:
         rt.app.on_before_shutdown.connect(lambda *_a, **_k: walks.pool.close() if walks.pool else None)
 
+    receipts_topic = rt.registry.name(RECEIPTS_TOPIC)
+
+    def receipts(events: list[Any]) -> list[LocalItem]:
+        """The receipts of a batch (activation.receipts, from the destination runner): anything else there is
+        dead-lettered; a receipt on another partition than its profile's (a producer that did not key it by
+        profile id with murmur2) is sent on to the profile's partition of the ops topic."""
+        items: list[LocalItem] = []
+        for partition, _key, msg in rt.decode_stage(RECEIPTS_TOPIC, events):
+            key = msg.pid.encode() if isinstance(msg, Receipt) else _key
+            if not isinstance(msg, Receipt):
+                rt.dead_letter_stage(RECEIPTS_TOPIC, key, msg, ValueError(f"not a receipt: {op_of(msg)}"))
+            elif table.partition(key) != partition:
+                rt.send(Send(PROFILE_TOPIC, msg.pid, msg))
+            else:
+                items.append((partition, key, msg))
+        return items
+
     async def profiles(stream: Any) -> None:
         """Batches of messages; a batch/defs-check control op ends a run of data ops and runs on its own
-        (it walks a whole partition and yields to the loop, so it stays outside local delivery)."""
+        (it walks a whole partition and yields to the loop, so it stays outside local delivery). Receipts come
+        from their own topic, consumed with the ops (copartitioned), and are handled with the batch's last run."""
         async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
             run: list[LocalItem] = []
+            noted = [e for e in events if e.message.topic == receipts_topic]
+            if noted:
+                events = [e for e in events if e.message.topic != receipts_topic]
             for partition, key, msg in rt.decode_stage(PROFILE_TOPIC, events):
                 if type(msg) in _WALKS:  # (a set lookup: isinstance on a Struct costs ~0.2 µs a class)
                     with rt.local_delivery():
@@ -228,8 +249,10 @@ def register(rt: Runtime) -> None:
                     rt.tally.flush()
                     continue
                 run.append((partition, key, msg))
+            if noted:
+                run += receipts(noted)
             with rt.local_delivery():
                 handle(run)
 
-    rt.app.agent(rt.topic(PROFILE_TOPIC), name="profiles")(profiles)
+    rt.app.agent(rt.topic(PROFILE_TOPIC, RECEIPTS_TOPIC), name="profiles")(profiles)
     timers.register(rt, walks, deadlines, stamps)
