@@ -179,7 +179,7 @@ def build_app(settings: Settings, config: PipelineConfig | None = None,
 
     privacy_agents.register(rt)
     ingest_agents.register(rt)
-    stages = StageConsumer(rt, [identity_agents.register(rt), profile_agents.register(rt)])
+    stages = StageConsumer(rt, [identity_agents.register(rt), *profile_agents.register(rt)])
 
     @app.task
     async def consume_stages() -> None:

@@ -14,6 +14,7 @@ from typing import Any, Literal
 Scalar = None | bool | int | float | str
 
 MembershipStatus = Literal["realized", "existing", "exited"]
+DeliveredStatus = Literal["entered", "exited"]  # what a destination last acknowledged of a membership
 EvaluationKind = Literal["streaming", "batch", "edge", "deadline", "merge", "definition", "erasure"]
 
 
@@ -84,15 +85,30 @@ class StoredEvent:
 
 
 @dataclass(slots=True)
+class Delivery:
+    """What one destination last acknowledged of a membership (a receipt from the destination runner)."""
+
+    status: DeliveredStatus
+    delivered_ms: int
+    event_ms: int  # the delivered message's event time: an older receipt never overwrites a newer one
+
+
+MAX_DELIVERIES = 32  # destinations remembered per membership (one entry each; the least recent goes first)
+
+
+@dataclass(slots=True)
 class Membership:
     """A profile's membership in one audience."""
 
     audience_id: str
     status: MembershipStatus
-    since_ms: int  # qualification time (or exit time for exited)
+    since_ms: int  # qualification time (or exit time for exited); the event time of its last message
     version: int  # audience definition version that decided it
     reason: str
     changed_ms: int
+    # destination name -> what it last acknowledged; kept across the membership's transitions, so an exit not
+    # yet delivered shows as the destination's last "entered"
+    deliveries: dict[str, Delivery] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -130,6 +146,10 @@ class ProfileState:
     # handled: a redelivered `refused` sends them again (a crash may have kept the state and lost them)
     thawed: tuple[str, list[list[Any]]] | None = None
     outbox: Outbox | None = None  # output of recent handlings not known to be delivered
+    # identity key -> the dataset of the record that first put it here (listed or pending claim), kept apart
+    # from `identities` so the per-event path and the guardrail read what they did; missing: not known (an
+    # identity stored before datasets were kept, or linked by the protocol itself)
+    identity_sources: dict[str, str] = field(default_factory=dict)
 
     def absorbed_ids(self) -> list[str]:
         """The ids of the profiles merged into this one: `merged` keeps the tokens of their attempts

@@ -94,6 +94,7 @@ class TopicRegistry:
                                     vnode)
                 defaults[key] = vnode
         specs: dict[str, TopicSpec] = {}
+        partition_nodes: dict[str, Any] = {}
         for logical, (knode, body) in doc.mapping(top["topics"][1], "topics").items():
             what = f"topic {logical!r}"
             fields = doc.mapping(body, what)
@@ -115,6 +116,7 @@ class TopicRegistry:
                            + (f" ({REPLICATION_ENV}/{MIN_INSYNC_ENV} from the environment)"
                               if rf_env or isr_env else ""))
                 raise doc.error(message, where)
+            partition_nodes[logical] = fields["partitions"][1]
             specs[logical] = TopicSpec(
                 logical=logical,
                 name=prefix + doc.string(fields["name"][1], f"{what}: name"),
@@ -137,6 +139,12 @@ class TopicRegistry:
         isr_default = isr_env or (doc.integer(defaults["min_insync_replicas"], "defaults: min_insync_replicas",
                                               minimum=1) if "min_insync_replicas" in defaults
                                   else KAFKA_DEFAULT_MIN_INSYNC)
+        for group in COPARTITIONED:  # a stage topic's partition p is consumed where its table's partition p is held
+            present = [t for t in group if t in specs]
+            if len({specs[t].partitions for t in present}) > 1:
+                first, odd = present[0], next(t for t in present if specs[t].partitions != specs[present[0]].partitions)
+                raise doc.error(f"topic {odd!r}: partitions must equal {first!r}'s ({specs[first].partitions}): "
+                                f"{', '.join(present)} are co-partitioned", partition_nodes[odd])
         return cls(specs, rf_default, min(isr_default, rf_default))
 
     def __getitem__(self, logical: str) -> TopicSpec:
@@ -175,11 +183,15 @@ MEMBERSHIP_TOPIC = "activation.memberships"
 MEMBERSHIP_STATE_TOPIC = "activation.membership-state"
 PROFILE_CHANGES_TOPIC = "activation.profile-changes"
 DEST_DLQ = "activation.dest-dlq"
+RECEIPTS_TOPIC = "activation.receipts"  # destinations' acknowledgements of membership changes, keyed by profile id
 DEST_STATE = "activation.dest-state"
 DLQ_REPLAYS = "control.dlq-replays"
 LOGICAL_TOPICS = (INGEST_EVENTS, INGEST_PROFILES, INGEST_DLQ, DLQ_REPLAYS, IDENTITY_TOPIC, PROFILE_TOPIC, INTERNAL_DLQ,
                   IDENTITY_CHANGELOG, PROFILES_CHANGELOG, CONTROL_SEGMENTS, ERASURE_TOPIC, AUDIENCES_TOPIC,
-                  MEMBERSHIP_TOPIC, MEMBERSHIP_STATE_TOPIC, PROFILE_CHANGES_TOPIC, DEST_DLQ, DEST_STATE)
+                  MEMBERSHIP_TOPIC, MEMBERSHIP_STATE_TOPIC, PROFILE_CHANGES_TOPIC, DEST_DLQ, DEST_STATE, RECEIPTS_TOPIC)
+# Topics whose partition p is read where a table's partition p is held (pipeline.stages.agents): as many
+# partitions each.
+COPARTITIONED = ((IDENTITY_TOPIC, IDENTITY_CHANGELOG), (PROFILE_TOPIC, PROFILES_CHANGELOG, RECEIPTS_TOPIC))
 STAGE_TOPICS = frozenset({IDENTITY_TOPIC, PROFILE_TOPIC})  # the stitching stages' own topics
 
 STRIMZI_API_VERSION = "kafka.strimzi.io/v1beta2"

@@ -114,6 +114,21 @@ def test_min_insync_above_replication_in_the_file_names_its_line(tmp_path, monke
     assert err.value.line == 7 and "min_insync_replicas 2 is more than its replication_factor 1" in str(err.value)
 
 
+def test_a_stage_topic_with_other_partitions_than_its_table_names_its_line(tmp_path):
+    # Given receipts with 8 partitions where the profile ops and the profiles changelog have 4
+    path = write(tmp_path, "topics:\n"
+                           "  internal.profile-ops:\n    name: ops\n    partitions: 4\n    codec: raw\n"
+                           "  state.profiles-changelog:\n    name: cl\n    partitions: 4\n    codec: raw\n"
+                           "  activation.receipts:\n    name: r\n    partitions: 8\n    codec: raw\n")
+    # When the file is loaded
+    with pytest.raises(ConfigError) as err:
+        TopicRegistry.load(path, prefix="")
+    # Then it stops, at the receipts' partitions line, saying which topics must agree
+    assert err.value.line == 12
+    assert ("topic 'activation.receipts': partitions must equal 'internal.profile-ops''s (4): internal.profile-ops, "
+            "state.profiles-changelog, activation.receipts are co-partitioned") in str(err.value)
+
+
 @pytest.mark.integration
 def test_apply_refuses_more_replicas_than_brokers_and_says_what_to_set(kafka_bootstrap, topic_prefix, monkeypatch):
     # Given topics.yaml's production durability (3 replicas) and the one-broker test cluster

@@ -111,17 +111,23 @@ def render_profile(p: ProfileState, recent: int = 20, merge_policy: dict[str, An
         a = defs.get(aid)
         return membership_evidence(a, p, now_ms) if a is not None else []
 
+    sources = p.identity_sources
     return {
         "profile_id": p.profile_id,
         "created_ms": p.created_ms,
         "identities": {ns: sorted(ids) for ns, ids in sorted(p.identities.items())},
-        # when each identity was first seen on this profile (the dataset that linked it is not kept)
-        "identity_links": {ns: dict(sorted(ids.items())) for ns, ids in sorted(p.identities.items())},
+        # when each identity was first seen on this profile, and the dataset of the record that put it here (null:
+        # not known, e.g. stored before datasets were kept)
+        "identity_links": {ns: {i: {"linked_ms": ts, "dataset": sources.get(f"{ns}:{i}")} for i, ts in sorted(ids.items())}
+                           for ns, ids in sorted(p.identities.items())},
         "merged_profiles": list(p.merged),
         "attributes": {k: {"value": v.value, "dataset": v.dataset, "ts_ms": v.ts_ms}
                        for k, v in sorted(p.attributes.items()) if v.value is not None},
         "memberships": {a: {"status": m.status, "since_ms": m.since_ms, "version": m.version, "reason": m.reason,
-                            "evidence": evidence(a)}
+                            "evidence": evidence(a),
+                            # what each destination acknowledged last (receipts of the destination runner)
+                            "destinations": [{"name": name, "status": d.status, "delivered_ms": d.delivered_ms}
+                                             for name, d in sorted(m.deliveries.items())]}
                         for a, m in sorted(p.memberships.items())},
         "event_count": len(p.events),
         "recent_events": [{"event_id": e.event_id, "event_type": e.event_type, "ts_ms": e.ts_ms,

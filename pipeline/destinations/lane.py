@@ -14,7 +14,7 @@ from confluent_kafka import Consumer
 from pipeline.destinations.base import Destination, Payload
 from pipeline.destinations.config import DestinationConfig
 from pipeline.observability.kafka_stats import STATS_INTERVAL_MS
-from pipeline.topics import DEST_DLQ, MEMBERSHIP_TOPIC, PROFILE_CHANGES_TOPIC
+from pipeline.topics import DEST_DLQ, MEMBERSHIP_TOPIC, PROFILE_CHANGES_TOPIC, RECEIPTS_TOPIC
 
 # (logical topic name, message value bytes) -> the message as a dict. The CLI wires the registry's codecs in
 # (`registry_decoder`); `json_decoder` is the stand-in for tests and JSON topics.
@@ -50,6 +50,8 @@ class RunnerSettings:
     # Logical dead-letter topic shared by every destination; the `destination` header says whose.
     dead_letter_topic: str = DEST_DLQ
     create_dead_letter_topic: bool = True
+    # Logical topic of the receipts of delivered membership changes (receipts.py); None: none published.
+    receipts_topic: str | None = RECEIPTS_TOPIC
     max_poll_records: int = 500
     poll_timeout_s: float = 0.2
     commit_interval_ms: int = 1000

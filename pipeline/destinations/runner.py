@@ -31,6 +31,7 @@ from pipeline.destinations.config import DestinationConfig
 from pipeline.destinations.deadletters import DeadLetters
 from pipeline.destinations.lane import Decoder, Lane, LogicalTopics, RunnerSettings, group_id, json_decoder
 from pipeline.destinations.mapping import SKIP_CONSENT_UNKNOWN, Skip, map_message
+from pipeline.destinations.receipts import Receipts
 from pipeline.destinations.status import DestinationStatus
 from pipeline.errors import DeliveryError, UnknownNameError
 from pipeline.observability import metrics
@@ -59,6 +60,7 @@ class DestinationRunner:
         self._configs = list(destinations)
         self._lanes: dict[str, Lane] = {}
         self.dead_letters = DeadLetters(kafka, self.topics, self.settings)
+        self.receipts = Receipts(kafka, self.topics, self.settings)
         self._stopping = asyncio.Event()
         self._logical = {
             self.topics.name(self.settings.membership_topic): self.settings.membership_topic,
@@ -68,13 +70,15 @@ class DestinationRunner:
     # -- lifecycle -------------------------------------------------------------------------------
 
     async def start(self, *, consume: bool = True) -> None:
-        """1. Create the dead-letter producer (and topics). 2. Build and start every destination.
+        """1. Create the dead-letter and receipt producers (and the dead-letter topic). 2. Build and start every
+        destination.
         3. Backfill newly mapped audiences (if a Backfill is given), before any streaming, so the
            stream's later changes arrive after the backfilled state.
         4. Subscribe one consumer per destination and start its loop.
 
         `consume=False` stops after step 2: destinations usable for `redrive()` or exports only."""
         await self.dead_letters.start()
+        await self.receipts.start()
         for cfg in self._configs:
             ctx = DestinationContext(dead_letter=self._dead_letter_sink(cfg.name),
                                      kafka=self.kafka, topics=self.topics)
@@ -100,7 +104,7 @@ class DestinationRunner:
 
     async def stop(self) -> None:
         """1. Stop the loops. 2. Final flush + commit per destination. 3. Close destinations,
-        consumers and the dead-letter producer."""
+        consumers and the dead-letter and receipt producers."""
         self._stopping.set()
         for lane in self._lanes.values():
             if lane.task is not None:
@@ -120,6 +124,7 @@ class DestinationRunner:
             if lane.consumer is not None:
                 await asyncio.to_thread(lane.consumer.close)
         await self.dead_letters.close()
+        await self.receipts.close()
 
     @staticmethod
     def _on_assign(lane: Lane) -> Callable[[Any, list[TopicPartition]], None]:
@@ -240,7 +245,9 @@ class DestinationRunner:
            On a retryable error re-deliver the uncommitted payloads and flush again (duplicates are
            fine, they carry idempotency keys); when attempts run out or it is not retryable,
            dead-letter the uncommitted payloads.
-        2. Flush the dead-letter producer, so dead-lettered payloads are acknowledged by Kafka.
+        2. Publish the receipts of the delivered membership payloads (receipts.py) and flush the dead-letter
+           producer, so dead-lettered payloads are acknowledged by Kafka; wait a while for the receipts, never
+           failing for them.
         3. Commit the consumer's positions synchronously.
         """
         attempt = 0
@@ -258,7 +265,10 @@ class DestinationRunner:
                 await asyncio.sleep(self._backoff(attempt, err.retry_after_s))
                 with contextlib.suppress(DeliveryError):
                     await lane.destination.deliver(list(lane.uncommitted))
+        published = self.receipts.publish(lane.config.name, lane.uncommitted)
         await self.dead_letters.flush()
+        if published:
+            await self.receipts.flush()
         if lane.dirty and lane.consumer is not None:
             try:
                 with metrics.COMMIT_SECONDS.labels(group_id(lane.config.name)).time():

@@ -65,6 +65,11 @@ DESTINATION_BREAKER_OPEN = Gauge("cdp_destination_breaker_open",
                                  "1 while a destination's circuit breaker is open (deliveries paused)", ["destination"])
 DESTINATION_DEAD_LETTERS = Counter("cdp_destination_dead_letters_total",
                                    "Payloads sent to the destination dead-letter topic", ["destination"])
+DESTINATION_RECEIPTS = Counter("cdp_destination_receipts_total",
+                               "Receipts of delivered membership changes published on activation.receipts",
+                               ["destination"])
+DESTINATION_RECEIPTS_FAILED = Counter("cdp_destination_receipts_failed_total",
+                                      "Receipts Kafka refused (they are not retried: the console's view stays older)")
 GC_PAUSE_SECONDS = Histogram("cdp_gc_pause_seconds", "Python garbage-collector pauses (the event loop stops)",
                              ["generation"], buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2))
 ERASURES = Counter("cdp_erasures_total", "Erasure requests handled by the profile stage, by outcome (pipeline.privacy)",

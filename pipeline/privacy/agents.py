@@ -32,7 +32,8 @@ def profile_tokens(raw: bytes) -> dict[str, Any]:
         return {"into": entry.into, "ids": list(entry.repointed)}
     return {"profile_id": entry.profile_id,
             "identities": {ns: list(ids) for ns, ids in entry.identities.items()},
-            "ids": [*entry.absorbed_ids(), *entry.claims]}
+            # (the identity sources' keys are identities too: one left behind would be found)
+            "ids": [*entry.absorbed_ids(), *entry.claims, *entry.identity_sources]}
 
 
 def _rows(table: PartitionedTable, partition: int, profiles: bool) -> Iterator[tuple[bytes, Any, bytes | None]]:

@@ -22,7 +22,7 @@ from pipeline.profiles.walks import Walks, batch, count_members, definitions_che
 from pipeline.runtime import DECODED_CACHE, DECODED_PER_BYTE, Runtime
 from pipeline.stages.agents import Stage
 from pipeline.stages.delivery import LocalItem
-from pipeline.stages.messages import Batch, DefsCheck, ProfileMessage, Resume, Send, op_of
+from pipeline.stages.messages import Batch, DefsCheck, ProfileMessage, Receipt, Resume, Send, op_of
 from pipeline.state.codec import (
     Forward,
     decode_profile,
@@ -30,7 +30,7 @@ from pipeline.state.codec import (
     encode_forward,
     encode_profile_within,
 )
-from pipeline.topics import MEMBERSHIP_STATE_TOPIC, MEMBERSHIP_TOPIC, PROFILE_TOPIC
+from pipeline.topics import MEMBERSHIP_STATE_TOPIC, MEMBERSHIP_TOPIC, PROFILE_TOPIC, RECEIPTS_TOPIC
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +38,8 @@ log = logging.getLogger(__name__)
 _WALKS = frozenset({Batch, DefsCheck})  # the messages that walk a whole partition, outside local delivery
 
 
-def register(rt: Runtime) -> Stage:
-    """The profile stage, for the stage consumer (pipeline.stages.agents); also its timers."""
+def register(rt: Runtime) -> list[Stage]:
+    """The profile stage and its receipts, for the stage consumer (pipeline.stages.agents); also its timers."""
     table = rt.ptables["profiles"]
     cache = DecodedCache(*DECODED_CACHE, DECODED_PER_BYTE)
     rt.caches["decoded-profiles"] = cache.entries
@@ -237,5 +237,21 @@ def register(rt: Runtime) -> Stage:
             handle(run)
         return len(items)
 
+    async def receipts(items: list[LocalItem]) -> int:
+        """Receipts (activation.receipts, from the destination runner; keyed by profile id, so on the profile's
+        partition): anything else there is dead-lettered; a receipt on another partition than its profile's
+        (a producer that did not key it by profile id with murmur2) is sent on to the profile's partition."""
+        run: list[LocalItem] = []
+        for partition, key, msg in items:
+            if not isinstance(msg, Receipt):
+                rt.dead_letter_stage(RECEIPTS_TOPIC, key, msg, ValueError(f"not a receipt: {op_of(msg)}"))
+            elif table.partition(msg.pid.encode()) != partition:
+                rt.send(Send(PROFILE_TOPIC, msg.pid, msg))
+            else:
+                run.append((partition, msg.pid.encode(), msg))
+        with rt.local_delivery():
+            handle(run)
+        return len(items)
+
     timers.register(rt, walks, deadlines, stamps)
-    return Stage(PROFILE_TOPIC, table.active, profiles)
+    return [Stage(PROFILE_TOPIC, table.active, profiles), Stage(RECEIPTS_TOPIC, table.active, receipts)]

@@ -67,8 +67,10 @@ def live_attributes(profile: ProfileState) -> dict[str, Scalar]:
 
 
 def _add_identities(store: dict[str, dict[str, int]], identities: Iterable[Identity], ts: int,
-                    added: list[Identity]) -> bool:
-    """Add identities with first-seen `ts` (an earlier sighting lowers first-seen); True if changed."""
+                    added: list[Identity], sources: dict[str, str], dataset: str | None) -> bool:
+    """Add identities with first-seen `ts` (an earlier sighting lowers first-seen); True if changed. The
+    dataset (when known) of the sighting that sets first-seen goes to `sources`: only for a new or earlier
+    identity, so a known identity seen again costs nothing more than before."""
     changed = False
     for ident in identities:
         ids = store.get(ident.namespace)
@@ -76,22 +78,27 @@ def _add_identities(store: dict[str, dict[str, int]], identities: Iterable[Ident
             store[ident.namespace] = {ident.id: ts}
             added.append(ident)
             changed = True
-            continue
-        seen = ids.get(ident.id)
-        if seen is None:
-            ids[ident.id] = ts
-            added.append(ident)
-            changed = True
-        elif ts < seen:
-            ids[ident.id] = ts
-            changed = True
+        else:
+            seen = ids.get(ident.id)
+            if seen is None:
+                ids[ident.id] = ts
+                added.append(ident)
+                changed = True
+            elif ts < seen:
+                ids[ident.id] = ts
+                changed = True
+            else:
+                continue
+        if dataset is not None:
+            sources[ident.key] = dataset
     return changed
 
 
-def add_identity(profile: ProfileState, ident: Identity, ts: int) -> ChangeSummary:
-    """List one identity (first seen at `ts`); a confirmed claim or a new profile's home identity."""
+def add_identity(profile: ProfileState, ident: Identity, ts: int, dataset: str | None = None) -> ChangeSummary:
+    """List one identity (first seen at `ts`); a confirmed claim or a new profile's home identity. `dataset`:
+    the record's that linked it (None: keep what its claim noted, or unknown)."""
     added: list[Identity] = []
-    if not _add_identities(profile.identities, (ident,), ts, added):
+    if not _add_identities(profile.identities, (ident,), ts, added, profile.identity_sources, dataset):
         return NO_CHANGE
     profile.seq += 1
     return ChangeSummary(changed=True, identities_added=tuple(added))
@@ -118,7 +125,8 @@ def apply_event(profile: ProfileState, event: ExperienceEvent, config: ProfileCo
     """Add the event's identities and store the event in the bounded, ordered history."""
     ts = event.timestamp_ms
     added: list[Identity] = []
-    ids_changed = _add_identities(profile.identities, event.identities, ts, added)
+    ids_changed = _add_identities(profile.identities, event.identities, ts, added, profile.identity_sources,
+                                  event.dataset)
     history = config.datasets.event_history
     events = profile.events
     n = len(events)
@@ -167,7 +175,7 @@ def apply_record(profile: ProfileState, record: ProfileRecord, config: ProfileCo
     ts = record.timestamp_ms
     ds = record.dataset
     added: list[Identity] = []
-    changed = _add_identities(profile.identities, record.identities, ts, added)
+    changed = _add_identities(profile.identities, record.identities, ts, added, profile.identity_sources, ds)
     beats = config.datasets.merge_policy.beats
     attrs = profile.attributes
     paths: set[str] = set()
@@ -199,22 +207,27 @@ def absorb(survivor: ProfileState, merged_away: ProfileState, config: ProfileCon
     changed = False
     added: list[Identity] = []
     store = survivor.identities
+    # each identity keeps its earliest (first-seen, dataset); a dataset not known on the earlier side keeps the other's
+    theirs, mine_src = merged_away.identity_sources, survivor.identity_sources
     for ns, ids in merged_away.identities.items():
         mine = store.get(ns)
         if mine is None:
-            store[ns] = dict(ids)
-            added.extend(Identity(ns, i) for i in ids)
-            changed = changed or bool(ids)
-            continue
+            mine = store[ns] = {}
         for i, ts in ids.items():
             seen = mine.get(i)
+            if seen is not None and ts >= seen:
+                continue
+            mine[i] = ts
+            changed = True
             if seen is None:
-                mine[i] = ts
                 added.append(Identity(ns, i))
-                changed = True
-            elif ts < seen:
-                mine[i] = ts
-                changed = True
+            if (src := theirs.get(key := f"{ns}:{i}")) is not None:
+                mine_src[key] = src
+        if not mine:
+            del store[ns]
+    for key in merged_away.claims:  # its pending claims move here too (the caller merges them)
+        if key in theirs:
+            mine_src.setdefault(key, theirs[key])
 
     beats = config.datasets.merge_policy.beats
     attrs = survivor.attributes
@@ -342,12 +355,16 @@ def enforce_identity_limit(profile: ProfileState, config: ProfileConfig) -> list
         candidates.extend((rank, prio, ts, ns, i) for i, ts in ids.items())
     candidates.sort()
     removed: list[Identity] = []
+    sources = profile.identity_sources
     for _rank, _prio, _ts, ns, i in candidates[: total - limit]:
         ids = store[ns]
         del ids[i]
         if not ids:
             del store[ns]
-        removed.append(Identity(ns, i))
+        ident = Identity(ns, i)
+        if ident.key not in profile.claims:  # (a claim of it pending again keeps its dataset)
+            sources.pop(ident.key, None)
+        removed.append(ident)
     profile.seq += 1
     removed.sort()
     return removed

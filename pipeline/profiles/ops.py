@@ -33,7 +33,15 @@ from typing import Any
 
 from pipeline.errors import ProfileOverBudget
 from pipeline.identity.stitch import claim_msg, release_msg, repoint_msg, start_resolve
-from pipeline.model import ExperienceEvent, Identity, MembershipChange, ProfileState, Scalar
+from pipeline.model import (
+    MAX_DELIVERIES,
+    Delivery,
+    ExperienceEvent,
+    Identity,
+    MembershipChange,
+    ProfileState,
+    Scalar,
+)
 from pipeline.privacy.erasure import REASON as ERASURE_REASON
 from pipeline.privacy.erasure import done_record, hashed
 from pipeline.profiles.config import ProfileConfig
@@ -58,6 +66,7 @@ from pipeline.stages.messages import (
     Evaluate,
     Link,
     ProfileMessage,
+    Receipt,
     Refused,
     Resume,
     Send,
@@ -73,8 +82,10 @@ log = logging.getLogger(__name__)
 
 Entry = ProfileState | Forward | None
 MERGED_KEEP = 64  # tokens of absorbed merge attempts a profile remembers, to recognise a redelivered absorb
-_NOT_HELD = Accepted | Refused | Resume  # handled even while merging: the answers end the wait
-_DROPPED_AT_FORWARD = Accepted | Refused | Resume | Tick  # a finished attempt's answer, a deadline re-checked there
+# handled even while merging: the answers end the wait; a receipt only notes a delivery (it is not passed on)
+_NOT_HELD = Accepted | Refused | Resume | Receipt
+# a finished attempt's answer, a deadline re-checked there, a receipt of the merged-away profile's own memberships
+_DROPPED_AT_FORWARD = Accepted | Refused | Resume | Tick | Receipt
 
 
 @dataclass
@@ -131,7 +142,7 @@ class ProfileProcessor:
         self._handlers: dict[type[ProfileMessage], Callable[[str, ProfileState | None, Any], OpResult]] = {
             Apply: self._apply, Claimed: self._claimed, Taken: self._taken, Link: self._link, Absorb: self._absorb,
             Accepted: self._accepted, Refused: self._refused, Resume: self._resume, Erase: self._erase,
-            EraseForward: self._erase_forward, Tick: self._tick, Evaluate: self._evaluate_op,
+            EraseForward: self._erase_forward, Tick: self._tick, Evaluate: self._evaluate_op, Receipt: self._receipt,
         }
         self.erasure_salt = b""  # the key of the hashes in erasure status records (set by the app)
 
@@ -197,7 +208,8 @@ class ProfileProcessor:
             # the home hop has just read this profile as the owner, yet it does not hold the home: its write
             # of the home was lost in a crash (or the guardrail dropped it meanwhile). Claim it again rather
             # than resolving in a loop.
-            self._claim(profile, home, msg.rec.timestamp_ms if msg.rec else now, res)
+            self._claim(profile, home, msg.rec.timestamp_ms if msg.rec else now, res,
+                        msg.rec.dataset if msg.rec else None)
             res.count("home_reclaimed")
         if msg.rec is None:  # an adopted lone identity
             if entry is None:
@@ -223,7 +235,7 @@ class ProfileProcessor:
                 res.count("links_refused")
                 res.sends.append(start_resolve(None, ident.key, now))
             else:
-                self._claim(profile, ident, rec.timestamp_ms, res)
+                self._claim(profile, ident, rec.timestamp_ms, res, rec.dataset)
         if len(listed) != len(rec.identities):  # (`listed` keeps the record's order: same length, same tuple)
             rec = replace(rec, identities=tuple(listed))
         consent_before = self._consent_values(profile)
@@ -251,11 +263,14 @@ class ProfileProcessor:
         res.write = profile
         return res
 
-    def _claim(self, profile: ProfileState, ident: Identity, ts: int, res: OpResult) -> None:
+    def _claim(self, profile: ProfileState, ident: Identity, ts: int, res: OpResult, dataset: str | None) -> None:
         pid = profile.profile_id
-        pending = profile.claims.setdefault(ident.key, {})
+        key = ident.key
+        pending = profile.claims.setdefault(key, {})
         pending[pid] = min(ts, pending.get(pid, ts))
-        res.sends.append(claim_msg(ident.key, pid, ts))
+        if dataset is not None:  # the dataset that asks first is the one that links it, once granted
+            profile.identity_sources.setdefault(key, dataset)
+        res.sends.append(claim_msg(key, pid, ts))
 
     # -- answers of the identity table --------------------------------------------------------------
     def _claimed(self, pid: str, entry: ProfileState | None, msg: Claimed | Taken) -> OpResult:
@@ -336,13 +351,17 @@ class ProfileProcessor:
             res.count("stale")
             return res
         pending = entry.claims.get(key)
+        adopt = owner in entry.absorbed_ids()
         if pending is not None and msg.claimant in pending:
             del pending[msg.claimant]
             if not pending:
                 del entry.claims[key]
+                if not adopt and ident.id not in entry.identities.get(ident.namespace, ()):
+                    # another profile's: a merge brings it back with its own dataset
+                    entry.identity_sources.pop(key, None)
             entry.seq += 1
             res.write = entry
-        if owner in entry.absorbed_ids():
+        if adopt:
             # owned by a profile merged into this one: its repoint here has not reached the identity yet, or it
             # has and a replayed record's resolve gave the freed identity its old candidate id again. A link would
             # only come back here through its forward: move it here (`claimed` answers; listed or released then)
@@ -569,6 +588,31 @@ class ProfileProcessor:
         self._evaluate(entry, ChangeSummary(), res, now=now, event_time=now, cause=None,
                        kind=msg.kind, audience_ids=audiences, all_=audiences is None)
         res.write = entry
+        return res
+
+    # -- activation receipts (pipeline.destinations.receipts) ----------------------------------------
+    @staticmethod
+    def _receipt(_pid: str, entry: ProfileState | None, msg: Receipt) -> OpResult:
+        """A destination acknowledged a membership message: note, on the membership, what that destination last
+        got and when (one entry per destination, the least recent dropped past MAX_DELIVERIES). Ignored (and
+        counted): no such profile or membership, or a message older than the membership's current transition
+        (its event time is before the membership's `since_ms`, which every membership message carries as its
+        event time) or than what the destination's entry already says (a receipt redelivered late)."""
+        res = OpResult()
+        m = entry.memberships.get(msg.audience) if entry is not None else None
+        if m is None:
+            res.count("receipts_unknown")
+            return res
+        current = m.deliveries.get(msg.destination)
+        if msg.event_ms < m.since_ms or current is not None and (
+                (msg.event_ms, msg.delivered_ms) < (current.event_ms, current.delivered_ms)):
+            res.count("receipts_stale")
+            return res
+        if current is None and len(m.deliveries) >= MAX_DELIVERIES:
+            del m.deliveries[min(m.deliveries, key=lambda d: m.deliveries[d].delivered_ms)]
+        m.deliveries[msg.destination] = Delivery(msg.status, msg.delivered_ms, msg.event_ms)
+        res.write = entry
+        res.count("receipts")
         return res
 
     # -- definition changes -------------------------------------------------------------------------

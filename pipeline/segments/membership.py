@@ -91,9 +91,10 @@ def apply_decisions(profile: ProfileState, decisions: Sequence[Decision], engine
             continue
         status: MembershipStatus = "realized" if d.qualified else "exited"
         previous = prev.status if prev is not None else None
+        # (what the destinations last got is kept: until they acknowledge this change, it is the previous one)
         profile.memberships[d.audience_id] = Membership(
             audience_id=d.audience_id, status=status, since_ms=event_time_ms, version=audience.version,
-            reason=d.reason, changed_ms=now_ms)
+            reason=d.reason, changed_ms=now_ms, deliveries=prev.deliveries if prev is not None else {})
         if idents is None:
             idents = grouped_identities(profile)
         out.append(_change(profile, d.audience_id, audience.version, status, previous, event_time_ms,
@@ -117,7 +118,7 @@ def exit_all(profile: ProfileState, engine: SegmentEngine, *, now_ms: int, kind:
         attrs = carried_paths(engine, audience.attributes if audience is not None else ())
         previous = m.status
         profile.memberships[aid] = Membership(audience_id=aid, status="exited", since_ms=now_ms, version=version,
-                                              reason=reason, changed_ms=now_ms)
+                                              reason=reason, changed_ms=now_ms, deliveries=m.deliveries)
         out.append(_change(profile, aid, version, "exited", previous, now_ms, attrs, idents, reason, None, ek,
                            now_ms, now_ms))
     return out

@@ -11,7 +11,7 @@ get defaults, so adding a field stays compatible both ways.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 import msgspec.structs
@@ -200,6 +200,19 @@ class Evaluate(Message, tag="evaluate", kw_only=True, frozen=True, gc=False):
     kind: str = "batch"
 
 
+class Receipt(Message, tag="receipt", kw_only=True, frozen=True, gc=False):
+    """Destination `destination` acknowledged a membership message of profile `pid` (from the destination runner,
+    on activation.receipts). No identity: a profile id, names and times only."""
+
+    pid: str
+    audience: str = msgspec.field(name="aud")
+    destination: str = msgspec.field(name="dest")
+    status: Literal["entered", "exited"]
+    delivered_ms: int = msgspec.field(name="at")
+    event_ms: int = msgspec.field(name="ev")  # the message's event time: its membership's since_ms
+    key: str  # the message's idempotency key
+
+
 class Batch(Message, tag="batch", kw_only=True, frozen=True, gc=False):
     """A batch run over one partition (explicit partition); empty `audiences`: every audience."""
 
@@ -232,7 +245,7 @@ class Progress(Message, tag="progress", kw_only=True, frozen=True, gc=False):
 
 IdentityMessage = Resolve | Claim | Repoint | Release | Erase
 ProfileMessage = (Apply | Claimed | Taken | Link | Absorb | Accepted | Refused | Resume | Erase | EraseForward
-                  | Tick | Evaluate | Batch | DefsCheck)
+                  | Tick | Evaluate | Receipt | Batch | DefsCheck)
 StageMessage = IdentityMessage | ProfileMessage | Progress
 
 

@@ -12,7 +12,11 @@ A profile body is one array:
                   changed_ms, ...]  (flat),
      (only while stitching is in flight, else None when an outbox follows) [claims, merging, held, merged(, thawed)]
        (stage messages in their wire map, pipeline.stages.messages.to_stored),
-     (only while output may be undelivered) [run, epoch, [[topic, key, value], ...]]]
+     (only while output may be undelivered, else None when provenance follows) [run, epoch, [[topic, key, value], ...]],
+     (only when known) [identity sources [identity key, string_index, ...] (flat),
+                        deliveries [audience, destination, delivered_code, delivered_ms, event_ms, ...] (flat)]]
+
+A body of 9 to 11 fields (written before provenance was kept) decodes with no identity sources and no deliveries.
 
 Interning dataset and type names and delta-coding event timestamps keeps the value small (RocksDB
 and the changelog topic hold one per profile); flat arrays avoid one msgpack array header per item.
@@ -28,16 +32,27 @@ import msgpack
 import msgspec
 
 from pipeline.errors import SerdeError
-from pipeline.model import AttributeValue, Membership, MembershipStatus, Outbox, ProfileState, StoredEvent
+from pipeline.model import (
+    AttributeValue,
+    DeliveredStatus,
+    Delivery,
+    Membership,
+    MembershipStatus,
+    Outbox,
+    ProfileState,
+    StoredEvent,
+)
 from pipeline.stages.messages import from_stored, to_stored
 
 FORMAT_VERSION = 1
-_BODY_LENGTHS = (9, 10, 11)  # without stitching state and outbox, with stitching state, with an outbox too
+# without stitching state and outbox, with stitching state, with an outbox too, with provenance too
+_BODY_LENGTHS = (9, 10, 11, 12)
 _PROFILE = b"P"[0]
 _FORWARD = b"F"[0]
 _STATUS: tuple[MembershipStatus, ...] = ("realized", "existing", "exited")
 STATUS_CODES: dict[str, int] = {s: i for i, s in enumerate(_STATUS)}  # membership status -> its code in a body
 _EXITED = STATUS_CODES["exited"]
+_DELIVERED: tuple[DeliveredStatus, ...] = ("entered", "exited")
 
 
 @dataclass(frozen=True)
@@ -77,10 +92,17 @@ def encode_profile(profile: ProfileState) -> bytes:
                    intern(e.dataset, len(strings)), e.fields)
         prev = e.ts_ms
     members: list[Any] = []
+    deliveries: list[Any] = []
     for aud, m in profile.memberships.items():
         # The key is the audience id; store the field only in the (invalid but encodable) odd case.
         members += (aud, None if m.audience_id == aud else m.audience_id, STATUS_CODES[m.status],
                     m.since_ms, m.version, m.reason, m.changed_ms)
+        if m.deliveries:
+            for dest, d in m.deliveries.items():
+                deliveries += (aud, dest, 1 if d.status == "exited" else 0, d.delivered_ms, d.event_ms)
+    sources: list[Any] = []
+    for key, dataset in profile.identity_sources.items():
+        sources += (key, intern(dataset, len(strings)))
     body = [profile.profile_id, profile.created_ms, profile.next_deadline_ms, profile.seq,
             profile.identities, list(strings), attrs, events, members]
     stitching: list[Any] | None = None
@@ -89,10 +111,13 @@ def encode_profile(profile: ProfileState) -> bytes:
         if profile.thawed:
             token, sent = profile.thawed
             stitching.append([token, [[t, k, to_stored(v)] for t, k, v in sent]])
-    if stitching is not None or profile.outbox is not None:
+    provenance = sources or deliveries
+    if stitching is not None or profile.outbox is not None or provenance:
         body.append(stitching)
-    if profile.outbox is not None:
-        body.append(_outbox_body(profile.outbox))
+    if profile.outbox is not None or provenance:
+        body.append(_outbox_body(profile.outbox) if profile.outbox is not None else None)
+    if provenance:
+        body.append([sources, deliveries])
     return bytes((FORMAT_VERSION, _PROFILE)) + _pack(body)
 
 
@@ -179,6 +204,8 @@ def _profile_from_body(body: Any) -> ProfileState:
     profile = ProfileState(pid, created, identities, attributes, stored, memberships, deadline, seq)
     if len(body) > 10:
         profile.outbox = _outbox_from_body(body[10])
+    if len(body) > 11:
+        _provenance_from_body(profile, strings, body[11])
     if stitching is not None:
         try:
             claims, merging, held, merged = stitching[:4]
@@ -190,6 +217,23 @@ def _profile_from_body(body: Any) -> ProfileState:
         except (ValueError, TypeError, IndexError, msgspec.ValidationError) as exc:
             raise SerdeError("profile_decode", f"malformed stitching state: {exc}") from exc
     return profile
+
+
+def _provenance_from_body(profile: ProfileState, strings: list[str], body: Any) -> None:
+    """The identities' datasets and the memberships' deliveries (the body's last field)."""
+    try:
+        sources, deliveries = body
+        if len(sources) % 2 or len(deliveries) % 5:
+            raise ValueError("truncated identity source or delivery array")
+        profile.identity_sources = dict(zip(sources[0::2], map(strings.__getitem__, sources[1::2]), strict=True))
+        members = profile.memberships
+        for i in range(0, len(deliveries), 5):
+            aud, dest, code, at, ev = deliveries[i:i + 5]
+            if type(at) is not int or type(ev) is not int:
+                raise TypeError("delivery time of the wrong type")
+            members[aud].deliveries[dest] = Delivery(_DELIVERED[code], at, ev)
+    except (ValueError, TypeError, IndexError, KeyError) as exc:
+        raise SerdeError("profile_decode", f"malformed provenance: {exc}") from exc
 
 
 def decode_profile_entry(data: bytes) -> ProfileState | Forward:
@@ -247,10 +291,14 @@ def peek_entry(data: bytes) -> Peeked:
         if fields > 9:  # then the stitching state and the outbox
             stitching = unpacker.unpack()  # small: [claims, merging, held, merged(, thawed)] or None
             in_flight = stitching is not None and (bool(stitching[0]) or stitching[1] is not None)
-            if fields > 10:
+            if fields == 11:  # an outbox is there (the provenance field that may follow is not read)
                 if unpacker.read_array_header() != 3:
                     raise ValueError("malformed outbox")
                 stamp = (unpacker.unpack(), unpacker.unpack())
+            elif fields > 11 and (box := unpacker.unpack()) is not None:  # an outbox or None, then provenance
+                if not (isinstance(box, list) and len(box) == 3):
+                    raise ValueError("malformed outbox")
+                stamp = (box[0], box[1])
     except (ValueError, TypeError, msgpack.UnpackException, msgpack.OutOfData) as exc:
         raise SerdeError("profile_decode", f"malformed profile body: {exc}") from exc
     if not isinstance(pid, str) or not (deadline is None or type(deadline) is int):

@@ -124,6 +124,14 @@ def test_the_console_looks_up_edits_an_audience_and_erases(registry: Any, kafka_
     assert page.inner_text("#merge-policy") == ("Merge policy: dataset_precedence (crm > loyalty > orders > app-events > "
                                                  "web-events): the source dataset shown won.")
     assert page.locator("svg.graph g.identity").count() == sum(len(v) for v in profile["identities"].values())
+    # and each identity with the dataset that linked it: the cookie by the web views, the rest by the CRM record
+    linked_by = {ns: {i: link["dataset"] for i, link in ids.items()} for ns, ids in profile["identity_links"].items()}
+    assert linked_by == {ns: {i: "web-events" if ns == "ECID" else "crm" for i in ids}
+                         for ns, ids in profile["identities"].items()}
+    identities_text = page.inner_text("section[aria-labelledby='identities-title']")
+    assert "web-events" in identities_text and "crm" in identities_text and "not recorded" not in identities_text
+    # and no destination has acknowledged a membership (no runner runs)
+    assert page.locator("ul.delivered").count() == 0 and "none acknowledged" in main
     assert page.evaluate("document.activeElement.id") == "profile-title"  # focus moves to the result
     # (the agent's key cannot read the destinations: the page says so where they would be)
     page.wait_for_selector("span.destinations[data-audience='shoe-lovers']:text-is('not shown: this key lacks "

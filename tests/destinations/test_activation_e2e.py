@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from kafka_helpers import Collector, produce
 from procs import PipelineProc, stop_all
@@ -293,7 +294,7 @@ async def test_consent_is_checked_on_every_message_and_withdrawal_exits_that_des
         'query: loyalty.tier = "gold"\n    attributes: [loyalty.tier]'))
     write_destinations(config_dir, http_dest("crm", receiver.base_url + "/crm", "[gold]"),
                        http_dest("open", receiver.base_url + "/open", "[gold]", consent=None))
-    start_worker(config_dir=config_dir)
+    worker = start_worker(config_dir=config_dir)
     runner = make_runner(settings_for(kafka_bootstrap, topic_prefix, config_dir, tmp_path),
                          list(load_destinations(config_dir / "destinations.yaml")))
     await runner.start()
@@ -332,6 +333,20 @@ async def test_consent_is_checked_on_every_message_and_withdrawal_exits_that_des
             ("realized", None, {"loyalty.tier": "gold", "consents.email": "yes"})]
         assert [(s, r, a) for s, r, a, _ in records("/open", "attributes")] == [
             ("updated", None, {"loyalty.tier": "gold", "consents.email": c}) for c in ("yes", "yes", "no", "yes")]
+
+        # And the customer's lookup shows, on the gold membership, what each destination acknowledged last (the
+        # runner's receipts, applied by the worker): crm the enter of the consent grant, open the first enter
+        shown: list[list[dict[str, Any]]] = [[]]
+
+        def lookup() -> None:
+            r = httpx.get(f"{worker.url}/profiles", params={"namespace": "CRMID", "id": "C-7"}, timeout=10)
+            shown[0] = r.json()["memberships"]["gold"]["destinations"] if r.status_code == 200 else []
+
+        await until(lambda: [(d["name"], d["status"]) for d in shown[0]] == [("crm", "entered"), ("open", "entered")],
+                    20, "the receipts of both destinations", poll=lookup)
+        assert shown[0] == [{"name": name, "status": "entered", "delivered_ms": d["delivered_ms"]}
+                            for name, d in zip(("crm", "open"), shown[0], strict=True)]
+        assert all(now <= d["delivered_ms"] <= time.time() * 1000 for d in shown[0])
     finally:
         await runner.stop()
 

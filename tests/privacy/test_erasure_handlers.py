@@ -16,6 +16,7 @@ from pipeline.identity.namespaces import Dropped, load_identity_config
 from pipeline.identity.stitch import handle_identity
 from pipeline.ingest.decode import Decoder, Skipped
 from pipeline.model import AttributeValue, ExperienceEvent, Identity, Membership, ProfileState
+from pipeline.privacy.agents import profile_tokens
 from pipeline.privacy.erasure import (
     ERASURE_TOPIC,
     Verification,
@@ -33,7 +34,7 @@ from pipeline.segments import AudienceDef, SegmentEngine, parse_query
 from pipeline.serde.avro import AvroCodec
 from pipeline.settings import DEFAULT_CONFIG, PipelineConfig
 from pipeline.stages.messages import Erase, EraseForward, Refused, Release, Repoint, Send
-from pipeline.state.codec import Forward
+from pipeline.state.codec import Forward, encode_profile
 from pipeline.topics import IDENTITY_TOPIC, MEMBERSHIP_STATE_TOPIC, PROFILE_TOPIC
 
 SALT = salt_of("test-salt", "app")
@@ -252,3 +253,15 @@ def test_a_verification_finds_hashed_and_plain_traces() -> None:
     clean = Verification("er-1")
     scan(clean, "store s", rows[1:2], wanted, SALT)
     assert clean.clean and clean.lines() == ["erasure er-1: scanned store s (1 records)", "erasure er-1: no trace left"]
+
+
+def test_verification_finds_an_identity_left_only_in_a_profiles_identity_datasets() -> None:
+    # Given a stored profile that no longer lists the e-mail but still names it as an identity's dataset key
+    stored = ProfileState("p2", created_ms=1, identities={"ECID": {"c1": 1}},
+                          identity_sources={"ECID:c1": "web-events", "Email:ann@example.com": "crm"})
+    raw = encode_profile(stored)
+    # When the stores are searched for the erased e-mail's hash
+    v = Verification("er-1")
+    scan(v, "store profiles[0]", [(b"p2", profile_tokens(raw), raw)], {hashed(SALT, "Email:ann@example.com")}, SALT)
+    # Then it is found there: an identity's dataset entry is removed with the identity, or verification says so
+    assert [(t.where, t.place) for t in v.traces] == [("store profiles[0]", "value")]

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.errors import SerdeError
-from pipeline.model import AttributeValue, Membership, Outbox, ProfileState, StoredEvent
+from pipeline.model import AttributeValue, Delivery, Membership, Outbox, ProfileState, StoredEvent
 from pipeline.stages.messages import Absorb, Apply, EventWire, Tick
 from pipeline.state.codec import (
     FORMAT_VERSION,
@@ -42,7 +42,9 @@ profiles = st.builds(
     attributes=st.dictionaries(text, st.builds(AttributeValue, scalars, text, ints), max_size=5),
     events=st.lists(stored_events, max_size=6).map(lambda es: sorted(es, key=lambda e: (e.ts_ms, e.event_id))),
     memberships=st.dictionaries(text, st.builds(Membership, text, st.sampled_from(["realized", "existing", "exited"]),
-                                                ints, ints, text, ints), max_size=3),
+                                                ints, ints, text, ints, st.dictionaries(text, st.builds(
+                                                    Delivery, st.sampled_from(["entered", "exited"]), ints, ints),
+                                                    max_size=2)), max_size=3),
     next_deadline_ms=st.one_of(st.none(), ints),
     seq=st.integers(0, 2**40),
     # stitching state in flight: pending claims, a merge attempt with held messages, absorbed ids
@@ -54,6 +56,8 @@ profiles = st.builds(
     # output that may be undelivered: membership changes with their topic and key
     outbox=st.one_of(st.none(), st.builds(Outbox, text, st.integers(0, 2**40), st.lists(
         st.tuples(text, text, st.dictionaries(text, scalars, max_size=3)).map(list), max_size=3))),
+    # the dataset that linked each identity (or pending claim)
+    identity_sources=st.dictionaries(text, text, max_size=3),
 )
 
 
@@ -174,3 +178,57 @@ def test_a_profile_over_its_byte_budget_drops_its_oldest_events_first() -> None:
     assert decode_profile(raw) == profile
     # And a profile within budget is untouched
     assert encode_profile_within(profile, 100_000) == (raw, 0)
+
+
+def _old_body(with_outbox: bool) -> bytes:
+    """A profile as the codec wrote it before identity sources and deliveries were kept (9 or 11 fields)."""
+    body: list[object] = ["p1", 5, None, 3, {"ECID": {"c1": 5}, "Email": {"ann@example.com": 7}}, ["crm"],
+                          ["tier", "gold", 0, 7], [], ["gold", None, 0, 7, 1, "tier", 8]]
+    if with_outbox:
+        body += [None, ["run1", 2, [["activation.memberships", "p1", {"status": "realized"}]]]]
+    return bytes((FORMAT_VERSION, ord("P"))) + msgpack.packb(body)
+
+
+def test_a_profile_stored_before_provenance_decodes_with_none_known() -> None:
+    # Given profiles encoded the old way, without and with an outbox
+    for with_outbox in (False, True):
+        # When they are decoded
+        decoded = decode_profile(_old_body(with_outbox))
+        # Then everything reads as before, with no identity's dataset and no delivery known
+        assert decoded == ProfileState(
+            "p1", 5, {"ECID": {"c1": 5}, "Email": {"ann@example.com": 7}}, {"tier": AttributeValue("gold", "crm", 7)},
+            [], {"gold": Membership("gold", "realized", 7, 1, "tier", 8)}, None, 3,
+            outbox=Outbox("run1", 2, [["activation.memberships", "p1", {"status": "realized"}]]) if with_outbox else None)
+        assert decoded.identity_sources == {}
+        assert decoded.memberships["gold"].deliveries == {}
+        assert peek_entry(_old_body(with_outbox)) == Peeked("p1", None, ("run1", 2) if with_outbox else None, False,
+                                                            ("gold",))
+
+
+def test_identity_sources_and_deliveries_are_stored_after_the_old_fields() -> None:
+    # Given a profile whose identities know their dataset and whose membership reached a destination, no outbox
+    profile = ProfileState("p1", 5, {"ECID": {"c1": 5}}, {"tier": AttributeValue("gold", "crm", 7)}, [],
+                           {"gold": Membership("gold", "realized", 7, 1, "tier", 8,
+                                               {"crm-webhook": Delivery("entered", 9, 7)})},
+                           identity_sources={"ECID:c1": "crm"})
+    # When it is encoded
+    data = encode_profile(profile)
+    # Then the old nine fields are as before, no stitching state nor outbox, then the provenance (interned names)
+    body = msgpack.unpackb(data[2:])
+    assert body[:9] == ["p1", 5, None, 0, {"ECID": {"c1": 5}}, ["crm"], ["tier", "gold", 0, 7], [],
+                        ["gold", None, 0, 7, 1, "tier", 8]]
+    assert body[9:] == [None, None, [["ECID:c1", 0], ["gold", "crm-webhook", 0, 9, 7]]]
+    assert decode_profile(data) == profile
+    assert peek_entry(data) == Peeked("p1", None, None, False, ("gold",))
+    # and with an outbox, peek reads its stamp past the provenance's place
+    profile.outbox = Outbox("run1", 2, [])
+    assert peek_entry(encode_profile(profile)) == Peeked("p1", None, ("run1", 2), False, ("gold",))
+    assert decode_profile(encode_profile(profile)) == profile
+
+
+def test_malformed_provenance_is_a_decode_error() -> None:
+    base = ["p1", 5, None, 3, {}, ["crm"], [], [], ["gold", None, 0, 7, 1, "tier", 8], None, None]
+    for provenance in ([["ECID:c1"], []], [[], ["nogold", "d", 0, 1, 1]], [[], ["gold", "d", 0, "x", 1]], 7):
+        with pytest.raises(SerdeError) as info:
+            decode_profile(bytes((FORMAT_VERSION, ord("P"))) + msgpack.packb([*base, provenance]))
+        assert info.value.reason == "profile_decode", provenance

@@ -40,8 +40,11 @@ function profileView(p) {
   const identities = h("section", { "aria-labelledby": "identities-title" },
     h("h3", { id: "identities-title" }, "Identities"),
     Object.keys(p.identities).map((ns) => h("div", { class: "namespace" }, h("h4", {}, ns),
-      table(["Identity", "Linked", "Dataset"], p.identities[ns].map((i) => [
-        h("span", { class: "mono" }, i), when((links[ns] || {})[i]), h("span", { class: "muted" }, "not recorded")])))));
+      table(["Identity", "Linked", "Dataset"], p.identities[ns].map((i) => {
+        const link = (links[ns] || {})[i] || {};
+        return [h("span", { class: "mono" }, i), when(link.linked_ms),
+          link.dataset ? link.dataset : h("span", { class: "muted" }, "not recorded")];
+      })))));
   const policy = p.merge_policy ? h("p", { class: "muted", id: "merge-policy" }, `Merge policy: ${p.merge_policy.type}`,
     p.merge_policy.order ? ` (${p.merge_policy.order.join(" > ")})` : "", ": the source dataset shown won.") : null;
   const attributes = h("section", {}, h("h3", {}, "Attributes"), policy,
@@ -49,10 +52,11 @@ function profileView(p) {
       h("span", { class: "mono" }, k), String(a.value), a.dataset, when(a.ts_ms)])));
   const memberships = h("section", {}, h("h3", {}, "Audience memberships"),
     Object.keys(p.memberships).length
-      ? table(["Audience", "Status", "Since", "Reason", "Version", "Destinations (configured)"],
+      ? table(["Audience", "Status", "Since", "Reason", "Version", "Delivered to", "Destinations (configured)"],
         Object.entries(p.memberships).map(([a, m]) => [
           h("a", { href: `#/audiences/edit?id=${encodeURIComponent(a)}` }, a), m.status, when(m.since_ms), reasonView(a, m),
-          String(m.version), h("span", { class: "destinations muted", "data-audience": a }, "…")]))
+          String(m.version), deliveredView(a, m),
+          h("span", { class: "destinations muted", "data-audience": a }, "…")]))
       : h("p", { class: "muted" }, "in no audience"));
   const events = h("section", {}, h("h3", {}, `Recent events (${p.recent_events.length} of ${p.event_count})`),
     table(["Time", "Type", "Dataset", "Fields"], p.recent_events.map((e) => [when(e.ts_ms), e.event_type, e.dataset,
@@ -74,6 +78,14 @@ function reasonView(audience, m) {
   return h("div", {}, m.reason, evidence.length
     ? h("ul", { class: "evidence", "aria-label": `Why in ${audience}` }, evidence.map((line) => h("li", {}, line)))
     : null);
+}
+
+// What each destination acknowledged last of a membership (the runner's receipts), and when.
+function deliveredView(audience, m) {
+  const rows = m.destinations || [];
+  if (!rows.length) return h("span", { class: "muted" }, "none acknowledged");
+  return h("ul", { class: "delivered", "aria-label": `Destinations ${audience} reached` },
+    rows.map((d) => h("li", {}, `${d.name}: ${d.status} `, when(d.delivered_ms))));
 }
 
 // Which destinations each membership is sent to, as destinations.yaml says (not a delivery record).
