@@ -103,8 +103,9 @@ class StageConsumer:
                 "group.id": self.group, "client.id": f"{self.rt.settings.worker_name}-stages",
                 "enable.auto.commit": False, "enable.auto.offset.store": False,
                 "auto.offset.reset": "earliest", "enable.partition.eof": False,
-                # a stage message is on the path from an event to its membership: fetched as soon as it is there
-                "fetch.wait.max.ms": 10,
+                # a fetch is answered as soon as any of its partitions has a message (fetch.min.bytes 1), so a
+                # long wait costs no latency and spares the broker requests while the stages are idle
+                "fetch.wait.max.ms": 100,
                 "queued.max.messages.kbytes": PREFETCH_KBYTES, "queued.min.messages": PREFETCH_RECORDS,
                 **self._stats.config(self.rt.settings.kafka_stats_interval_ms), "on_commit": self._committed,
             }, error_cb=self.rt.kafka.error_cb if self.rt.kafka else None))
