@@ -81,7 +81,8 @@ def test_worker_is_ready_only_after_recovery_and_shows_lag(registry: Any, kafka_
     assert total(samples, "cdp_membership_changes_total", status="realized") >= RECORDS
     # every partition of each group is this worker's, each group joined at least once
     ingest_partitions = registry["ingest.events"].partitions + registry["ingest.profiles"].partitions
-    stage_partitions = registry["internal.identity"].partitions + registry["internal.profile-ops"].partitions
+    stage_partitions = sum(registry[t].partitions for t in ("internal.identity", "internal.profile-ops",
+                                                            "activation.receipts"))
     assert total(samples, "cdp_partitions_assigned", group=f"{app_id}-ingest") == ingest_partitions
     assert total(samples, "cdp_partitions_assigned", group=f"{app_id}-stages") == stage_partitions
     assert total(samples, "cdp_rebalances_total", group=f"{app_id}-ingest") >= 1
