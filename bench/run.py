@@ -39,6 +39,7 @@ import psutil
 from pipeline.ingest.agents import ingest_group
 from pipeline.local import procs as children
 from pipeline.resources import EXAMPLE_CONFIG_DIR
+from pipeline.stages.agents import stages_group
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -739,7 +740,7 @@ def main(argv: list[str] | None = None) -> int:
         lat_proc = mpctx.Process(target=membership_consumer, args=(bootstrap, prefix, lat_stop, lat_q), daemon=True)
         lat_proc.start()
         procs.add("latency-consumer", lat_proc.pid)  # type: ignore[arg-type]
-        sampler = Sampler(LagProbe(bootstrap, app_id, reg, ["internal.identity", "internal.profile-ops"],
+        sampler = Sampler(LagProbe(bootstrap, stages_group(app_id), reg, ["internal.identity", "internal.profile-ops"],
                                    ingest=LagProbe(bootstrap, ingest_group(app_id), reg,
                                                    ["ingest.events", "ingest.profiles"])),
                           ctx["ports"], procs, t_start)
