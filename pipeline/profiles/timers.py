@@ -37,7 +37,6 @@ def register(rt: Runtime, walks: Walks, deadlines: Deadlines, stamps: Stamps) ->
         for part in range(rt.registry[PROFILE_TOPIC].partitions):
             rt.send(Send(PROFILE_TOPIC, run, batch_request(run, [], 0)), partition=part)
 
-    ops_topic = rt.registry.name(PROFILE_TOPIC)
     checked: set[int] = set()
     segments_file = rt.settings.config_dir / "segments.yaml"
     seen_mtime = [segments_file.stat().st_mtime if segments_file.exists() else 0.0]
@@ -86,9 +85,13 @@ def register(rt: Runtime, walks: Walks, deadlines: Deadlines, stamps: Stamps) ->
     async def fire_deadlines() -> None:
         # each newly assigned partition checks the audience definitions once (through its own stream,
         # so it runs in order with that partition's other messages)
-        for tp in rt.app.assignor.assigned_actives():
-            if tp.topic == ops_topic and tp.partition not in checked:
-                checked.add(tp.partition)
-                rt.send(Send(PROFILE_TOPIC, "defs-check", DefsCheck()), partition=tp.partition)
+        # (the profile table's partitions: the stage consumer reads those of the ops topic; once recovered. A
+        # partition that leaves is checked again if it comes back: its pending deadlines are restored then.)
+        if not rt.app.rebalancing and rt.app.tables.recovery.completed.is_set():  # type: ignore[attr-defined]
+            held = walks.table.active()
+            checked.intersection_update(held)
+            for partition in sorted(held - checked):
+                checked.add(partition)
+                rt.send(Send(PROFILE_TOPIC, "defs-check", DefsCheck()), partition=partition)
         for pid in deadlines.due(rt.now_ms()):
             rt.send(Send(PROFILE_TOPIC, pid, Tick(pid=pid)))
