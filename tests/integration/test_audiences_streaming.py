@@ -9,8 +9,8 @@ import uuid
 from collections import defaultdict
 from typing import Any
 
-import httpx
 import pytest
+from http_client import HTTP
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kafka_helpers import Collector, produce
@@ -235,10 +235,10 @@ def test_batch_run_and_edge_evaluation(make_config, registry, kafka_bootstrap, s
     # And an incremental run starts from that completed run
     assert cli.last_run_start(settings_) >= before_run
     # And the edge endpoint evaluates a profile's edge audiences on request
-    r = httpx.post(f"{w.url}/edge/evaluate", json={"namespace": "Email", "id": f"{tag}.1@example.com"}, timeout=10)
+    r = HTTP.post(f"{w.url}/edge/evaluate", json={"namespace": "Email", "id": f"{tag}.1@example.com"}, timeout=10)
     assert r.status_code == 200, r.text
     assert r.json()["audiences"] == {"gold": True, "silver": False}
-    r = httpx.post(f"{w.url}/edge/evaluate", content=b"{not json", timeout=10)
+    r = HTTP.post(f"{w.url}/edge/evaluate", content=b"{not json", timeout=10)
     assert r.status_code == 400 and r.json()["type"].endswith(":invalid-json")
     memberships.close()
 

@@ -17,6 +17,7 @@ from typing import Any
 import fastavro
 import httpx
 import pytest
+from http_client import HTTP
 from kafka_helpers import Collector, produce
 from schema_registry_fake import FakeSchemaRegistry
 
@@ -54,7 +55,7 @@ def event(eid: str, cookie: str, **extra: Any) -> dict[str, Any]:
 
 def get(url: str, path: str, **params: str) -> httpx.Response | None:
     try:
-        return httpx.get(f"{url}{path}", params=params, timeout=5)
+        return HTTP.get(f"{url}{path}", params=params, timeout=5)
     except httpx.HTTPError:  # the event loop did not answer in time (a registry client sleeping on it)
         return None
 

@@ -26,6 +26,7 @@ import httpx
 import pytest
 from confluent_kafka import ConsumerGroupState
 from confluent_kafka.admin import AdminClient
+from http_client import HTTP
 from kafka_helpers import produce
 
 from pipeline.ingest.agents import ingest_group
@@ -59,7 +60,7 @@ def serves(w: Any, cookies: list[str]) -> Callable[[], bool]:
     def check() -> bool:
         for cookie in cookies:
             try:
-                r = httpx.get(f"{w.url}/profiles", params={"namespace": "ECID", "id": cookie}, timeout=5)
+                r = HTTP.get(f"{w.url}/profiles", params={"namespace": "ECID", "id": cookie}, timeout=5)
             except httpx.HTTPError:
                 return False
             if r.status_code != 200 or r.json()["event_count"] != 1:
