@@ -38,7 +38,8 @@ pytestmark = pytest.mark.integration
 FAUST_SESSION_S = 60.0  # faust's broker_session_timeout default (not overridden by the worker)
 INGEST_SESSION_S = 45.0  # librdkafka's session.timeout.ms default (not overridden by consumer_config)
 # Nothing but a static rejoin can beat a session timeout after a SIGKILL: the dead member is dropped at
-# (last heartbeat + session timeout), at least `session - heartbeat interval (3 s)` after the kill.
+# (last heartbeat + session timeout), at least `session - heartbeat interval (1 s in the tests, 3 s by
+# default)` after the kill.
 WELL_INSIDE = 0.75
 
 
