@@ -22,6 +22,15 @@ for _key, _value in SINGLE_BROKER_ENV.items():
     os.environ.setdefault(_key, _value)
 
 
+# Workers heartbeat their consumer groups every second instead of every 3 s (Faust's and librdkafka's
+# defaults): a member learns of a rebalance at its next heartbeat, and a worker joining takes three such
+# waits (Faust's group, then the ingest group's two cooperative rounds), so two workers started together were
+# ready after ~10 s instead of ~4 s. Sessions, timeouts and the protocol are the defaults. (librdkafka's
+# producers and admin clients in the worker log once that the consumer property does not apply to them.)
+HEARTBEAT_S = "1"
+HEARTBEATS_KAFKA_CONFIG = "librdkafka:\n  heartbeat.interval.ms: 1000\n"
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: Any, call: Any) -> Iterator[None]:
     outcome = yield
@@ -80,6 +89,8 @@ def start_worker(kafka_bootstrap: str, topic_prefix: str, registry: TopicRegistr
     and their logs are printed when the test failed."""
     workers: list[WorkerProc] = []
     app_id = f"cdp-{topic_prefix.rstrip('-')}"
+    kafka_config = tmp_path / "kafka-heartbeats.yaml"
+    kafka_config.write_text(HEARTBEATS_KAFKA_CONFIG)
 
     def start(name: str = "w1", config_dir: Path | None = None, wait: bool = True,
               data_dir: Path | None = None, extra_env: dict[str, str] | None = None) -> WorkerProc:
@@ -87,7 +98,9 @@ def start_worker(kafka_bootstrap: str, topic_prefix: str, registry: TopicRegistr
         env = {**os.environ, "KAFKA_BOOTSTRAP": kafka_bootstrap, "PIPELINE_TOPIC_PREFIX": topic_prefix,
                "PIPELINE_APP_ID": app_id, "PIPELINE_DATA_DIR": str(data_dir or tmp_path / "data"),
                "PIPELINE_WEB_PORT": str(port), "PIPELINE_WORKER_NAME": name,
-               "PIPELINE_CONFIG": str(config_dir or EXAMPLE_CONFIG_DIR), **(extra_env or {})}
+               "PIPELINE_CONFIG": str(config_dir or EXAMPLE_CONFIG_DIR),
+               "BROKER_HEARTBEAT_INTERVAL": HEARTBEAT_S, "PIPELINE_KAFKA_CONFIG": str(kafka_config),
+               **(extra_env or {})}
         # (a worker restarted on its old port, from extra_env, is reached there)
         w = WorkerProc(name, env, tmp_path / f"{name}-{len(workers)}.log", int(env["PIPELINE_WEB_PORT"]))
         workers.append(w)

@@ -117,8 +117,7 @@ def probe(url: str, timeout_s: float = 5) -> tuple[int, dict[str, Any]]:
 def stop_all(procs: Iterable[PipelineProc], request: Any, tail: int = 8000) -> None:
     """Fixture teardown: stop every process, then print their logs if the test failed."""
     procs = list(procs)
-    for p in procs:
-        p.stop()
+    children.stop_all([p.proc for p in procs])  # SIGTERM to all first: their shutdowns overlap
     rep = getattr(request.node, "rep_call", None)
     if rep is not None and rep.failed:
         for p in procs:

@@ -13,8 +13,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
+from http_client import HTTP
 from kafka_helpers import Collector, produce
 from procs import PipelineProc, stop_all
 
@@ -339,7 +339,7 @@ async def test_consent_is_checked_on_every_message_and_withdrawal_exits_that_des
         shown: list[list[dict[str, Any]]] = [[]]
 
         def lookup() -> None:
-            r = httpx.get(f"{worker.url}/profiles", params={"namespace": "CRMID", "id": "C-7"}, timeout=10)
+            r = HTTP.get(f"{worker.url}/profiles", params={"namespace": "CRMID", "id": "C-7"}, timeout=10)
             shown[0] = r.json()["memberships"]["gold"]["destinations"] if r.status_code == 200 else []
 
         await until(lambda: [(d["name"], d["status"]) for d in shown[0]] == [("crm", "entered"), ("open", "entered")],

@@ -28,6 +28,7 @@ from pipeline.model import ExperienceEvent, Identity, ProfileRecord, ProfileStat
 from pipeline.profiles.merge import apply_event, apply_record
 from pipeline.segments.reference import reference_evaluate
 from pipeline.settings import PipelineConfig
+from pipeline.stages.agents import stages_group
 from pipeline.state.snapshot import GraphSnapshot, snapshot
 from pipeline.topics import TopicRegistry
 
@@ -460,15 +461,16 @@ class Feed:
 
 
 class Lag:
-    """Consumer lag of a worker deployment's two groups: the ingest group on the ingest topics, Faust's group
-    on the stage topics (committed offset vs end offset, summed)."""
+    """Consumer lag of a worker deployment's two groups: the ingest group on the ingest topics, the stage
+    consumers' group (`<app id>-stages`, not Faust's: Faust no longer consumes the stage topics) on the stage
+    topics (committed offset vs end offset, summed)."""
 
     TOPICS = {"ingest": ("ingest.events", "ingest.profiles"), "stages": ("internal.identity", "internal.profile-ops")}
 
     def __init__(self, bootstrap: str, registry: TopicRegistry, app_id: str) -> None:
         self.consumers = {g: Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False,
                                        **QUIET})
-                          for g, group in (("ingest", ingest_group(app_id)), ("stages", app_id))}
+                          for g, group in (("ingest", ingest_group(app_id)), ("stages", stages_group(app_id)))}
         self.tps = {g: [TopicPartition(registry.name(t), p) for t in ts for p in range(registry[t].partitions)]
                     for g, ts in self.TOPICS.items()}
         self.samples: list[tuple[float, int | None]] = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -21,6 +22,8 @@ def test_three_sigkills_with_restarts_end_as_the_reference(scenario) -> None:
     # Then the final memberships, the stored profiles and the records equal the undisturbed reference
     s.finish(quiesce_s=120, converge_s=30)
     s.check()
+    # And after each fault both groups' lag came back down
+    assert math.inf not in s.report.caught_up_s, s.report.line()
 
 
 def test_a_1_2_1_rebalance_while_events_flow_ends_as_the_reference(scenario) -> None:
@@ -34,3 +37,5 @@ def test_a_1_2_1_rebalance_while_events_flow_ends_as_the_reference(scenario) -> 
     # Then the result is the reference's
     s.finish(quiesce_s=120, converge_s=30)
     s.check()
+    # And after each fault both groups' lag came back down
+    assert math.inf not in s.report.caught_up_s, s.report.line()

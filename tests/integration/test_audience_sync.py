@@ -6,8 +6,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import httpx
 import pytest
+from http_client import HTTP
 
 from pipeline.segments import load_segments_text
 
@@ -28,12 +28,12 @@ def test_an_audience_saved_on_one_worker_reaches_the_other(start_worker: Any, ma
     w1.wait_ready()
     w2.wait_ready()
     # When an audience is saved through worker 1
-    r = httpx.put(f"{w1.url}/audiences/vip", json={"query": "loyalty.points > 10000", "name": "VIP"}, timeout=20)
+    r = HTTP.put(f"{w1.url}/audiences/vip", json={"query": "loyalty.points > 10000", "name": "VIP"}, timeout=20)
     assert r.status_code == 201, r.text
     # Then worker 2's file holds worker 1's whole file, and worker 2 lists the new audience once it reloaded it
     deadline, listed = time.monotonic() + 30, list[str]()
     while time.monotonic() < deadline:
-        listed = [a["id"] for a in httpx.get(f"{w2.url}/audiences", timeout=5).json()]
+        listed = [a["id"] for a in HTTP.get(f"{w2.url}/audiences", timeout=5).json()]
         if (config2 / "segments.yaml").read_text() == (config1 / "segments.yaml").read_text() and "vip" in listed:
             break
         time.sleep(0.2)

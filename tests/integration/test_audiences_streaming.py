@@ -9,8 +9,8 @@ import uuid
 from collections import defaultdict
 from typing import Any
 
-import httpx
 import pytest
+from http_client import HTTP
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kafka_helpers import Collector, produce
@@ -25,16 +25,25 @@ from pipeline.state.snapshot import snapshot
 
 pytestmark = pytest.mark.integration
 
-SEGMENTS = """
+
+def segments(visit_s: int, abandon_s: int) -> str:
+    """Audiences of every kind; `visit_s` and `abandon_s` are the two short, clock-driven windows."""
+    return f"""
 audiences:
-  - {id: shoes-2, name: s, description: d, query: 'count(event productView where product.category = "shoes" within 1d) >= 2'}
-  - {id: just-visited, name: s, description: d, query: 'event pageView within 20s'}
-  - {id: gold, name: s, description: d, query: 'loyalty.tier = "gold"'}
-  - {id: big, name: s, description: d, query: 'sum(commerce.order.total of event purchase within 30d) > 500'}
-  - {id: vip, name: s, description: d, query: 'inSegment("gold") and inSegment("big")'}
-  - {id: abandoner, name: s, description: d, query: 'event cartAdd within 1d not followed by purchase within 8s'}
-  - {id: not-gold-shoes, name: s, description: d, query: 'not inSegment("gold") and event productView where product.category = "shoes" within 30d'}
+  - {{id: shoes-2, name: s, description: d, query: 'count(event productView where product.category = "shoes" within 1d) >= 2'}}
+  - {{id: just-visited, name: s, description: d, query: 'event pageView within {visit_s}s'}}
+  - {{id: gold, name: s, description: d, query: 'loyalty.tier = "gold"'}}
+  - {{id: big, name: s, description: d, query: 'sum(commerce.order.total of event purchase within 30d) > 500'}}
+  - {{id: vip, name: s, description: d, query: 'inSegment("gold") and inSegment("big")'}}
+  - {{id: abandoner, name: s, description: d, query: 'event cartAdd within 1d not followed by purchase within {abandon_s}s'}}
+  - {{id: not-gold-shoes, name: s, description: d, query: 'not inSegment("gold") and event productView where product.category = "shoes" within 30d'}}
 """
+
+
+SEGMENTS = segments(visit_s=20, abandon_s=8)  # the restart test: the 8 s deadline outlasts a worker's restart
+# The streaming test waits out its short windows in every example, so they are short: events come 0-2 s
+# before sending, so a 10 s visit and a 5 s abandonment still open inside their window; then a margin.
+VISIT_S, ABANDON_S, PAST_EDGES_S = 10, 5, 4
 
 
 def world_strategy(tag: str, send_ms: int) -> st.SearchStrategy[dict[str, Any]]:
@@ -88,10 +97,11 @@ def expected_profile(cfg: Any, events: list[dict[str, Any]], records: list[dict[
 
 def test_streaming_memberships_match_the_reference(make_config, registry, kafka_bootstrap, start_worker, tmp_path):
     # Given a worker with audiences of every kind (attributes, counts, sums, absence, segment-of-segments)
-    config_dir = make_config(SEGMENTS)
+    streaming_segments = segments(VISIT_S, ABANDON_S)
+    config_dir = make_config(streaming_segments)
     start_worker(config_dir=config_dir)
     cfg = PipelineConfig.load(config_dir)
-    audiences = load_segments_text(SEGMENTS)
+    audiences = load_segments_text(streaming_segments)
     memberships = Collector(registry, kafka_bootstrap, "activation.memberships")
 
     @settings(max_examples=2, deadline=None, suppress_health_check=list(HealthCheck))
@@ -106,8 +116,8 @@ def test_streaming_memberships_match_the_reference(make_config, registry, kafka_
         random.Random(data.draw(st.integers(0, 1000))).shuffle(events)
         produce(registry, kafka_bootstrap, "ingest.profiles", [r for p in people for r in p["records"]])
         produce(registry, kafka_bootstrap, "ingest.events", events)
-        # ... and the clock passes every short edge (20 s visits, 8 s abandonment) without new data
-        check_ms = send_ms + 32_000
+        # ... and the clock passes every short edge (visits, abandonment) without new data
+        check_ms = send_ms + (max(VISIT_S, ABANDON_S) + PAST_EDGES_S) * 1000
         while time.time() * 1000 < check_ms:
             memberships.poll(0.5)
         # Then each person's final memberships equal the reference evaluator's over their whole input
@@ -225,10 +235,10 @@ def test_batch_run_and_edge_evaluation(make_config, registry, kafka_bootstrap, s
     # And an incremental run starts from that completed run
     assert cli.last_run_start(settings_) >= before_run
     # And the edge endpoint evaluates a profile's edge audiences on request
-    r = httpx.post(f"{w.url}/edge/evaluate", json={"namespace": "Email", "id": f"{tag}.1@example.com"}, timeout=10)
+    r = HTTP.post(f"{w.url}/edge/evaluate", json={"namespace": "Email", "id": f"{tag}.1@example.com"}, timeout=10)
     assert r.status_code == 200, r.text
     assert r.json()["audiences"] == {"gold": True, "silver": False}
-    r = httpx.post(f"{w.url}/edge/evaluate", content=b"{not json", timeout=10)
+    r = HTTP.post(f"{w.url}/edge/evaluate", content=b"{not json", timeout=10)
     assert r.status_code == 400 and r.json()["type"].endswith(":invalid-json")
     memberships.close()
 

@@ -7,8 +7,8 @@ import re
 import time
 from typing import Any
 
-import httpx
 import pytest
+from http_client import HTTP
 from kafka_helpers import produce
 
 pytestmark = pytest.mark.integration
@@ -17,7 +17,7 @@ PEOPLE = 3000
 
 
 def metric(url: str, name: str, labels: str = "") -> float:
-    text = httpx.get(f"{url}/metrics", timeout=10).text
+    text = HTTP.get(f"{url}/metrics", timeout=10).text
     return sum(float(v) for v in re.findall(rf"^{name}{re.escape(labels)} (\S+)$", text, re.M))
 
 

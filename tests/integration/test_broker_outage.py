@@ -26,6 +26,7 @@ import httpx
 import psutil
 import pytest
 from confluent_kafka import Producer
+from http_client import HTTP
 from procs import WorkerProc, stop_all
 
 from pipeline.local.broker import LocalBroker, free_port
@@ -110,7 +111,7 @@ def produce_records(registry: TopicRegistry, bootstrap: str, records: list[dict[
 
 def get(url: str, path: str, **params: str) -> httpx.Response | None:
     try:
-        return httpx.get(f"{url}{path}", params=params, timeout=5)
+        return HTTP.get(f"{url}{path}", params=params, timeout=5)
     except httpx.HTTPError:  # the web server is part of the event loop: a stall shows as a timeout
         return None
 

@@ -7,8 +7,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
+from http_client import HTTP
 from kafka_helpers import Collector, produce
 
 from pipeline.profiles.outbox import acks_key, decode_record
@@ -133,7 +133,7 @@ def test_a_graceful_restart_sends_no_membership_again(registry, kafka_bootstrap,
 
 
 def duplicates_seen(url: str) -> float:
-    text = httpx.get(f"{url}/metrics", timeout=10).text
+    text = HTTP.get(f"{url}/metrics", timeout=10).text
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line.startswith('cdp_profile_events_total{what="duplicates"}'))
 

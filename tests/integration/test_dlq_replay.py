@@ -7,8 +7,8 @@ import time
 import uuid
 from pathlib import Path
 
-import httpx
 import pytest
+from http_client import HTTP
 from kafka_helpers import Collector, produce
 from procs import PipelineProc
 
@@ -27,7 +27,7 @@ def page_view(eid: str, ts: int, ids: dict[str, list[str]]) -> dict[str, object]
 
 
 def events_of(url: str, namespace: str, value: str) -> list[str]:
-    r = httpx.get(f"{url}/profiles", params={"namespace": namespace, "id": value}, timeout=10)
+    r = HTTP.get(f"{url}/profiles", params={"namespace": namespace, "id": value}, timeout=10)
     return sorted(e["event_id"] for e in r.json()["recent_events"]) if r.status_code == 200 else []
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from http_client import HTTP
 from kafka_helpers import Collector, produce
 
 pytestmark = pytest.mark.integration
@@ -34,7 +35,7 @@ def page_view(eid: str, ts: int, ids: dict[str, list[str]]) -> dict[str, object]
 
 
 def profile(url: str, namespace: str, value: str) -> httpx.Response:
-    return httpx.get(f"{url}/profiles", params={"namespace": namespace, "id": value}, timeout=10)
+    return HTTP.get(f"{url}/profiles", params={"namespace": namespace, "id": value}, timeout=10)
 
 
 def test_placeholder_ids_do_not_merge_two_people_and_an_all_placeholder_record_is_dead_lettered(
@@ -73,7 +74,7 @@ def test_placeholder_ids_do_not_merge_two_people_and_an_all_placeholder_record_i
     assert profile(worker.url, "ECID", "undefined").json() == {
         "type": "urn:cdp-pipeline:problem:invalid-identity", "title": "Bad Request", "status": 400,
         "detail": "blocked ECID value: a placeholder on the blocked_values list"}
-    text = httpx.get(f"{worker.url}/metrics", timeout=10).text
+    text = HTTP.get(f"{worker.url}/metrics", timeout=10).text
     counted = {(m[0], m[1]): float(m[2]) for m in re.findall(
         r'^cdp_identities_dropped_total\{namespace="([^"]+)",reason="([^"]+)"\} (\S+)$', text, re.M)}
     assert counted == {("ECID", "blocked-value"): 3.0, ("CRMID", "blocked-value"): 2.0,

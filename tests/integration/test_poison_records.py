@@ -7,8 +7,8 @@ import base64
 import time
 from pathlib import Path
 
-import httpx
 import pytest
+from http_client import HTTP
 from kafka_helpers import Collector, produce
 
 pytestmark = pytest.mark.integration
@@ -33,7 +33,7 @@ def page_view(eid: str, ts: int, cookie: str, **fields: object) -> dict[str, obj
 
 
 def events_of(url: str, cookie: str) -> list[str]:
-    r = httpx.get(f"{url}/profiles", params={"namespace": "ECID", "id": cookie}, timeout=10)
+    r = HTTP.get(f"{url}/profiles", params={"namespace": "ECID", "id": cookie}, timeout=10)
     return sorted(e["event_id"] for e in r.json()["recent_events"]) if r.status_code == 200 else []
 
 
@@ -103,7 +103,7 @@ def test_a_profile_whose_attributes_outgrow_its_budget_refuses_the_records_and_s
     deadline = time.monotonic() + 60
     profile: dict[str, object] = {}
     while time.monotonic() < deadline:
-        r = httpx.get(f"{worker.url}/profiles", params={"namespace": "CRMID", "id": "C-HUGE"}, timeout=10)
+        r = HTTP.get(f"{worker.url}/profiles", params={"namespace": "CRMID", "id": "C-HUGE"}, timeout=10)
         profile = r.json() if r.status_code == 200 else {}
         if profile.get("attributes", {}).get("a0.0", {}).get("value") == "updated":
             break

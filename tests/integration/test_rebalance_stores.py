@@ -16,10 +16,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from confluent_kafka import ConsumerGroupState
 from confluent_kafka.admin import AdminClient
+from http_client import HTTP
 from kafka_helpers import produce
 from procs import wait_settled
 
@@ -92,7 +92,7 @@ def serves(w: Any, people: list[Person]) -> Callable[[], bool]:
     """True when the worker's API serves every person from its own stores: one profile with both events."""
     def check() -> bool:
         for cookie, _ in people:
-            r = httpx.get(f"{w.url}/profiles", params={"namespace": "ECID", "id": cookie}, timeout=5)
+            r = HTTP.get(f"{w.url}/profiles", params={"namespace": "ECID", "id": cookie}, timeout=5)
             if r.status_code != 200 or r.json()["event_count"] != 2:
                 return False
         return True

@@ -23,6 +23,7 @@ from confluent_kafka import SerializingProducer
 from confluent_kafka.schema_registry import SchemaRegistryClient
 from confluent_kafka.schema_registry.avro import AvroSerializer
 from confluent_kafka.serialization import StringSerializer
+from http_client import HTTP
 from kafka_helpers import Collector
 from schema_registry_fake import FakeSchemaRegistry
 
@@ -65,7 +66,7 @@ def publish(bootstrap: str, client: SchemaRegistryClient, schema: dict[str, Any]
 def recent_events(url: str, cookie: str) -> list[tuple[str, str]]:
     """(event id, dataset) of the profile's recent events; [] until it exists."""
     try:
-        r = httpx.get(f"{url}/profiles", params={"namespace": "ECID", "id": cookie}, timeout=5)
+        r = HTTP.get(f"{url}/profiles", params={"namespace": "ECID", "id": cookie}, timeout=5)
     except httpx.HTTPError:
         return []
     return sorted((e["event_id"], e["dataset"]) for e in r.json()["recent_events"]) if r.status_code == 200 else []

@@ -18,6 +18,7 @@ from unittest import mock
 import httpx
 import pytest
 from confluent_kafka import Producer
+from http_client import HTTP
 from kafka_helpers import Collector, produce
 from procs import WorkerProc, stop_all
 
@@ -146,9 +147,9 @@ def test_the_pipeline_runs_end_to_end_over_sasl_ssl_with_replicated_topics(clust
     faust_own = set(made) - declared
     assert faust_own and {made[name][0] for name in faust_own} == {3}, made
     # And its API answers on the address it was given, and only there
-    assert httpx.get(f"http://127.0.0.2:{worker.web_port}/healthz", timeout=5).status_code == 200
+    assert HTTP.get(f"http://127.0.0.2:{worker.web_port}/healthz", timeout=5).status_code == 200
     with pytest.raises(httpx.ConnectError):
-        httpx.get(f"http://127.0.0.1:{worker.web_port}/healthz", timeout=5)
+        HTTP.get(f"http://127.0.0.1:{worker.web_port}/healthz", timeout=5)
     # And it is still ready, and its log, from its first line on, never has the password
     assert worker.readyz()[0] == 200
     log = worker.log()

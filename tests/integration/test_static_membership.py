@@ -26,6 +26,7 @@ import httpx
 import pytest
 from confluent_kafka import ConsumerGroupState
 from confluent_kafka.admin import AdminClient
+from http_client import HTTP
 from kafka_helpers import produce
 
 from pipeline.ingest.agents import ingest_group
@@ -37,7 +38,8 @@ pytestmark = pytest.mark.integration
 FAUST_SESSION_S = 60.0  # faust's broker_session_timeout default (not overridden by the worker)
 INGEST_SESSION_S = 45.0  # librdkafka's session.timeout.ms default (not overridden by consumer_config)
 # Nothing but a static rejoin can beat a session timeout after a SIGKILL: the dead member is dropped at
-# (last heartbeat + session timeout), at least `session - heartbeat interval (3 s)` after the kill.
+# (last heartbeat + session timeout), at least `session - heartbeat interval (1 s in the tests, 3 s by
+# default)` after the kill.
 WELL_INSIDE = 0.75
 
 
@@ -59,7 +61,7 @@ def serves(w: Any, cookies: list[str]) -> Callable[[], bool]:
     def check() -> bool:
         for cookie in cookies:
             try:
-                r = httpx.get(f"{w.url}/profiles", params={"namespace": "ECID", "id": cookie}, timeout=5)
+                r = HTTP.get(f"{w.url}/profiles", params={"namespace": "ECID", "id": cookie}, timeout=5)
             except httpx.HTTPError:
                 return False
             if r.status_code != 200 or r.json()["event_count"] != 1:

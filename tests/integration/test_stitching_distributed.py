@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from aiokafka.partitioner import murmur2
+from http_client import HTTP
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from identity.reference import reference_components
@@ -194,10 +195,9 @@ def test_state_survives_a_restart_from_the_changelogs(registry, kafka_bootstrap,
     # Then the same profile holds all four events, and the API serves it from the recovered table
     snap = wait_graph(registry, kafka_bootstrap, [[cookie, email]], {f"{tag}-{i}" for i in range(1, 5)})
     assert snap.owner(Identity(*email).key) == pid
-    import httpx
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        r = httpx.get(f"{w2.url}/profiles", params={"namespace": "ECID", "id": cookie[1]}, timeout=5)
+        r = HTTP.get(f"{w2.url}/profiles", params={"namespace": "ECID", "id": cookie[1]}, timeout=5)
         if r.status_code == 200 and r.json()["event_count"] == 4:
             break
         time.sleep(0.5)

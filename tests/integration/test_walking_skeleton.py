@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import httpx
 import pytest
+from http_client import HTTP
 from kafka_helpers import Collector, produce
 
 pytestmark = pytest.mark.integration
@@ -88,13 +88,13 @@ def test_events_and_records_become_membership_changes(registry, kafka_bootstrap,
     assert len({v["idempotency_key"] for v in values}) == len(values)
     # And the merged profile is served by the API under any of its identities
     for ns, ident in (("ECID", "cookie-1"), ("CRMID", "C-1"), ("Email", "ANA@example.com")):
-        r = httpx.get(f"{worker.url}/profiles", params={"namespace": ns, "id": ident}, timeout=10)
+        r = HTTP.get(f"{worker.url}/profiles", params={"namespace": ns, "id": ident}, timeout=10)
         assert r.status_code == 200, r.text
         body = r.json()
         assert body["profile_id"] == survivor
         assert [e["event_id"] for e in body["recent_events"]] == ["e2", "e1"]
         assert body["attributes"]["loyalty.tier"]["value"] == "gold"
-    r = httpx.get(f"{worker.url}/profiles", params={"namespace": "Nope", "id": "x"}, timeout=10)
+    r = HTTP.get(f"{worker.url}/profiles", params={"namespace": "Nope", "id": "x"}, timeout=10)
     assert r.status_code == 400 and r.json()["type"].endswith(":unknown-namespace")
     memberships.close()
 

@@ -8,8 +8,8 @@ import time
 import uuid
 from typing import Any
 
-import httpx
 import pytest
+from http_client import HTTP
 from kafka_helpers import produce
 
 pytestmark = pytest.mark.integration
@@ -24,7 +24,7 @@ def crm_record(tag: str, n: int, now: int) -> dict[str, Any]:
 
 
 def profile_of(url: str, crm_id: str) -> dict[str, Any] | None:
-    r = httpx.get(f"{url}/profiles", params={"namespace": "CRMID", "id": crm_id}, timeout=10)
+    r = HTTP.get(f"{url}/profiles", params={"namespace": "CRMID", "id": crm_id}, timeout=10)
     return r.json() if r.status_code == 200 else None
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
+from http_client import HTTP
 from kafka_helpers import produce
 from procs import probe
 from prometheus_client.parser import text_string_to_metric_families
@@ -21,7 +22,7 @@ RECORDS = 3000
 def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """GET /metrics as {(sample name, sorted labels): value}; {} while nothing answers."""
     try:
-        text = httpx.get(f"{url}/metrics", timeout=5).text
+        text = HTTP.get(f"{url}/metrics", timeout=5).text
     except httpx.HTTPError:
         return {}
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
