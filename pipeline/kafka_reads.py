@@ -89,11 +89,13 @@ def read_chunks(consumer: Consumer, topic: str, starts: dict[int, int], ends: di
         return
     consumer.assign([TopicPartition(topic, p, starts[p]) for p in todo])
     deadline = time.monotonic() + timeout_s
+    left = sum(ends[p] - starts[p] for p in todo)  # offsets still to pass (records, or gaps on a compacted topic)
     while todo:
         if time.monotonic() > deadline:
             raise ReadTimeout(f"reading {topic} did not reach its end in {timeout_s:.0f}s")
         chunk = []
-        for m in consumer.consume(chunk_size, 0.5):
+        # (consume waits its whole timeout unless it gets as many as asked: never ask for more than is left)
+        for m in consumer.consume(max(1, min(chunk_size, left)), 0.5):
             part = m.partition()
             if m.error() is not None or part is None or part not in todo:
                 continue
@@ -101,9 +103,12 @@ def read_chunks(consumer: Consumer, topic: str, starts: dict[int, int], ends: di
                 chunk.append(m)
         if chunk:
             yield chunk
+        left = 0
         for tp in consumer.position([TopicPartition(topic, p) for p in list(todo)]):
             if tp.offset >= ends[tp.partition]:
                 todo.discard(tp.partition)
+            else:
+                left += ends[tp.partition] - max(tp.offset, starts[tp.partition])
 
 
 def read_positions(consumer: Consumer, topic: str, starts: dict[int, int],

@@ -85,13 +85,11 @@ def register(rt: Runtime, walks: Walks, deadlines: Deadlines, stamps: Stamps) ->
     async def fire_deadlines() -> None:
         # each newly assigned partition checks the audience definitions once (through its own stream,
         # so it runs in order with that partition's other messages)
-        # (the profile table's partitions: the stage consumer reads those of the ops topic; once recovered. A
-        # partition that leaves is checked again if it comes back: its pending deadlines are restored then.)
-        if not rt.app.rebalancing and rt.app.tables.recovery.completed.is_set():  # type: ignore[attr-defined]
-            held = walks.table.active()
-            checked.intersection_update(held)
-            for partition in sorted(held - checked):
-                checked.add(partition)
-                rt.send(Send(PROFILE_TOPIC, "defs-check", DefsCheck()), partition=partition)
+        # (the profile table's partitions: the stage consumer reads those of the ops topic. Sent as soon as
+        # Faust assigns them, recovered or not: the check then comes before what the replayed stage messages
+        # send to the partition, and its resumption of interrupted merges first.)
+        for partition in sorted(walks.table.active() - checked):
+            checked.add(partition)
+            rt.send(Send(PROFILE_TOPIC, "defs-check", DefsCheck()), partition=partition)
         for pid in deadlines.due(rt.now_ms()):
             rt.send(Send(PROFILE_TOPIC, pid, Tick(pid=pid)))
