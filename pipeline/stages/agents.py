@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 StageHandler = Callable[[list[LocalItem]], Awaitable[int]]
 
 COMMIT_INTERVAL_S = 1.0
+# A release (Faust's revocation waits for it) commits nothing if the output is not acknowledged by then: the
+# partitions' next owner handles those messages again rather than the whole group waiting on this worker.
+RELEASE_FLUSH_S = 60.0
 IDLE_SLEEP_S = 0.005
 # fetched ahead outside Python, per partition: a worker behind holds this much (counted in its memory bound)
 PREFETCH_KBYTES = 16 * 1024
@@ -58,8 +61,9 @@ class StageConsumer:
     """Consumes the stage topics with one librdkafka consumer, outside Faust's.
 
     Why: a stage message that crosses workers (or, for identity messages, any: they always go through Kafka)
-    cost ~0.2 ms of worker CPU in Faust's consumer (aiokafka's fetcher in Python, a thread hand-off, an event and
-    an ack per message); librdkafka fetches and decodes record batches in C, as it does for ingest.
+    cost ~0.6 ms of worker CPU through Faust's consumer (aiokafka's fetcher in Python, a thread hand-off, an
+    event and an ack per message), ~0.2 ms through this one (measured: bench/README.md, 2026-12-07 evening);
+    librdkafka fetches and decompresses record batches in its own threads, as it does for ingest.
 
     Which partitions: partition p of a stage topic is consumed here while partition p of its table is actively
     assigned here and recovered. Faust still owns the assignment: its group holds the tables' changelogs, which
@@ -128,8 +132,8 @@ class StageConsumer:
         starts = await asyncio.to_thread(self._starting_offsets, tps)
         self.consumer().incremental_assign(starts)
         self.assigned |= new
-        log.info("stage partitions assigned: %s", ", ".join(f"{t}[{tp.partition}]@{tp.offset}" for tp in starts
-                                                             for t in [self.stages[tp.topic].topic]))
+        log.info("stage partitions assigned: %s",
+                 ", ".join(f"{self.stages[tp.topic].topic}[{tp.partition}]@{tp.offset}" for tp in starts))
 
     def _starting_offsets(self, tps: list[Any]) -> list[Any]:
         """The offsets committed by the stages group. A partition it has never committed starts where Faust's
@@ -187,7 +191,7 @@ class StageConsumer:
             log.warning("stage offsets not committed (Kafka is unreachable): those messages are handled again")
             return
         try:
-            await self.rt.output.flush(timeout_s=60.0)
+            await self.rt.output.flush(timeout_s=RELEASE_FLUSH_S)
         except PipelineError as exc:
             log.warning("stage offsets not committed (%s): those messages are handled again", exc)
             return
