@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -121,32 +121,3 @@ class LibrdkafkaStats:
             metrics.KAFKA_BROKER_RTT.labels(self.client, broker).set(seconds)
         self._brokers = set(stats.rtt_s)
         metrics.KAFKA_CLIENT_QUEUE.labels(self.client).set(stats.queued)
-
-
-def committed_lag(admin: Any, offsets: Any, partitions: Iterable[tuple[str, int]]) -> dict[tuple[str, int], int]:
-    """Lag of a group on `partitions` from what the cluster holds (as kafka-consumer-groups.sh computes it): the
-    group's committed offsets, read by `offsets` (a consumer of that group that never subscribes), and the
-    partitions' watermarks (ListOffsets). Blocking: run it in a thread.
-
-    Not the admin client's ListConsumerGroupOffsets: in librdkafka 2.16 a coordinator-targeted admin request that
-    fails to send (the coordinator's broker just went away) frees its state twice and aborts the whole process
-    (`rd_kafka_enq_once_del_source_return: Assertion eonce->refcnt > 0`, librdkafka PR #5397, not released):
-    seen once when a broker of the 3-node test cluster was killed."""
-    from confluent_kafka import TopicPartition
-    from confluent_kafka.admin import OffsetSpec
-
-    tps = [TopicPartition(t, p) for t, p in partitions]
-    if not tps:
-        return {}
-    committed = offsets.committed(tps, timeout=10)
-    ends = admin.list_offsets({tp: OffsetSpec.latest() for tp in tps}, request_timeout=10)
-    starts = admin.list_offsets({tp: OffsetSpec.earliest() for tp in tps}, request_timeout=10)
-    high = {(tp.topic, tp.partition): f.result().offset for tp, f in ends.items()}
-    low = {(tp.topic, tp.partition): f.result().offset for tp, f in starts.items()}
-    out: dict[tuple[str, int], int] = {}
-    for tp in committed:
-        k = (tp.topic, tp.partition)
-        n = partition_lag(high.get(k, -1), tp.offset, low.get(k, -1))
-        if n is not None:
-            out[k] = n
-    return out
